@@ -1,0 +1,51 @@
+"""HTTP API: one flask-smorest blueprint per resource."""
+
+from __future__ import annotations
+
+import hmac
+
+from flask import current_app, request
+from flask_smorest import abort
+from werkzeug.routing import IntegerConverter
+
+from ..ids import MAX_ID
+from . import root, tasks, users
+
+# Paths readable without a token: they describe the API and hold no data.
+PUBLIC_ENDPOINTS = {"root.Root", "api-docs.openapi_json", "api-docs.openapi_swagger_ui", "static"}
+
+
+class IdConverter(IntegerConverter):
+    """A positive 64-bit ID in a path; anything else is simply not found."""
+
+    def __init__(self, map, *args, **kwargs):
+        super().__init__(map, min=1, max=MAX_ID)
+
+
+def init_app(app, api) -> None:
+    app.url_map.converters["id"] = IdConverter
+    api.register_blueprint(root.blp)
+    api.register_blueprint(users.blp)
+    api.register_blueprint(tasks.blp)
+    if app.config.get("API_TOKEN"):
+        app.before_request(_require_token)
+
+
+def _require_token() -> None:
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return
+    expected = current_app.config["API_TOKEN"]
+    if not hmac.compare_digest(_presented_token().encode(), expected.encode()):
+        abort(
+            401,
+            message="a valid API token is required: 'Authorization: Bearer <API_TOKEN>'",
+            # Basic with the token as password lets a browser open /rq and /docs.
+            headers={"WWW-Authenticate": 'Basic realm="slotted"'},
+        )
+
+
+def _presented_token() -> str:
+    auth = request.authorization
+    if auth is None:
+        return ""
+    return (auth.password if auth.type == "basic" else auth.token) or ""

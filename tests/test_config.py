@@ -1,0 +1,38 @@
+import pytest
+
+from service.config import Config, ConfigError
+
+REQUIRED = {"DATABASE_URL": "postgresql://db/x", "REDIS_URL": "redis://r/0"}
+
+
+def test_defaults_apply_when_only_the_servers_are_given():
+    config = Config.from_env(REQUIRED)
+    assert (config.RPM, config.PLAN_LEAD_SECONDS, config.MAX_ATTEMPTS) == (120, 2.0, 3)
+    assert (config.SLOT_SECONDS, config.WINDOW_SLOTS) == (60, 15)
+    assert config.API_TOKEN is None
+
+
+def test_values_are_converted_to_their_types():
+    config = Config.from_env({**REQUIRED, "RPM": "5", "PLAN_LEAD_SECONDS": "0.5"})
+    assert config.RPM == 5
+    assert config.PLAN_LEAD_SECONDS == 0.5
+
+
+def test_the_driver_is_named_for_sqlalchemy():
+    settings = Config.from_env(REQUIRED).flask_settings()
+    assert settings["SQLALCHEMY_DATABASE_URI"] == "postgresql+psycopg://db/x"
+
+
+@pytest.mark.parametrize(
+    ("environ", "complaint"),
+    [
+        ({"REDIS_URL": "redis://r/0"}, "DATABASE_URL is required"),
+        ({**REQUIRED, "RPM": "many"}, "RPM must be a number"),
+        ({**REQUIRED, "RPM": "0"}, "RPM must be at least 1"),
+        ({**REQUIRED, "PLAN_LEAD_SECONDS": "-1"}, "must not be negative"),
+        ({**REQUIRED, "ID_PROCESSOR": "no_colon"}, "module:function"),
+    ],
+)
+def test_a_bad_setting_stops_the_start(environ, complaint):
+    with pytest.raises(ConfigError, match=complaint):
+        Config.from_env(environ)

@@ -1,0 +1,32 @@
+def test_root_links_every_collection_and_the_docs(client):
+    links = client.get("/").json
+    assert links["users"].endswith("/users/")
+    assert links["celery_ids_tasks"].endswith("/celery_ids_tasks/")
+    assert links["docs"].endswith("/docs")
+    assert links["openapi"].endswith("/openapi.json")
+    assert links["rq"].endswith("/rq/")
+
+
+def test_openapi_documents_every_resource(client):
+    spec = client.get("/openapi.json").json
+    assert {
+        "/users/",
+        "/users/{user_id}/",
+        "/celery_ids_tasks/",
+        "/celery_ids_tasks/{task_id}/",
+        "/celery_ids_tasks/{task_id}/ids/",
+    } <= set(spec["paths"])
+    post = spec["paths"]["/celery_ids_tasks/"]["post"]
+    assert "202" in post["responses"]
+
+
+def test_swagger_ui_is_served(client):
+    answer = client.get("/docs")
+    assert answer.status_code == 200
+    assert b"swagger" in answer.data.lower()
+
+
+def test_rq_dashboard_is_mounted(client):
+    assert client.get("/rq/").status_code == 200
+    queues = client.get("/rq/0/data/queues.json").json["queues"]
+    assert isinstance(queues, list)

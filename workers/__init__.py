@@ -1,0 +1,1 @@
+"""RQ job functions. Each takes plain arguments and runs inside an app context."""
