@@ -1,0 +1,147 @@
+"""The planner: which minute slot each ID goes to. Pure Python, no Flask, no database.
+
+Two rules, applied to IDs in submission order over the open slots of a window:
+
+1. fill: each ID goes to the earliest slot whose load is below RPM;
+2. spread: once every slot is at or above RPM, each ID goes to the slot with the lowest
+   load, the earliest one on a tie, so loads never differ by more than one.
+
+`distribute` applies both (overflow "spread"); `fill` applies only the first and stops
+when the window is full, leaving the remaining IDs for the next window (overflow "defer").
+Both are lazy: one ID is taken from the input per pair yielded, and nothing is held but
+the window's loads, so ten million IDs plan in the memory of ten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from itertools import islice
+from typing import TypeVar
+
+T = TypeVar("T")
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def distribute(ids: Iterable[T], loads: list[int], rpm: int) -> Iterator[tuple[T, int]]:
+    """Yield one `(id, index)` per ID: fill the slots up to `rpm`, then spread the rest.
+
+    `loads` are the current loads of the window's open slots, oldest first; `index`
+    points into it. The caller's list is not changed.
+    """
+    _check(loads, rpm)
+    return _fill_then_spread(iter(ids), list(loads), rpm)
+
+
+def fill(ids: Iterator[T], loads: list[int], rpm: int) -> Iterator[tuple[T, int]]:
+    """Yield `(id, index)` pairs while a slot is below `rpm`; never beyond it.
+
+    Takes an iterator and stops without taking another ID once every slot is full, so
+    the caller can continue with the same iterator in the next window.
+    """
+    _check(loads, rpm)
+    return _fill(ids, list(loads), rpm)
+
+
+def _check(loads: list[int], rpm: int) -> None:
+    if rpm < 1:
+        raise ValueError(f"rpm must be at least 1, got {rpm}")
+    if not loads:
+        raise ValueError("there is no open slot to plan into")
+
+
+def _fill_then_spread(ids: Iterator[T], loads: list[int], rpm: int) -> Iterator[tuple[T, int]]:
+    yield from _fill(ids, loads, rpm)
+    yield from _spread(ids, loads)
+
+
+def _fill(ids: Iterator[T], loads: list[int], rpm: int) -> Iterator[tuple[T, int]]:
+    """Fill in slot order. Loads only grow, so no earlier slot regains room."""
+    for index, load in enumerate(loads):
+        room = rpm - load
+        if room <= 0:
+            continue
+        taken = 0
+        # islice takes at most `room` IDs, so no ID is drawn without a slot for it.
+        for taken, user_id in enumerate(islice(ids, room), start=1):  # noqa: B007
+            yield user_id, index
+        loads[index] += taken
+        if taken < room:
+            return  # the IDs ran out
+
+
+def _spread(ids: Iterator[T], loads: list[int]) -> Iterator[tuple[T, int]]:
+    """Round after round, one ID to each slot of the lowest load, in slot order.
+
+    Serving every lowest slot in order is the same as choosing, ID by ID, the lowest
+    slot with the earliest on a tie: each served slot rises above the ones still waiting.
+    """
+    while True:
+        lowest = min(loads)
+        round_slots = [index for index, load in enumerate(loads) if load == lowest]
+        served = 0
+        # zip draws from round_slots first: when the round is over, no ID is drawn.
+        for served, (index, user_id) in enumerate(zip(round_slots, ids), start=1):  # noqa: B007
+            yield user_id, index
+        for index in round_slots[:served]:
+            loads[index] += 1
+        if served < len(round_slots):
+            return
+
+
+@dataclass(frozen=True)
+class SlotGrid:
+    """Time arithmetic of slots and windows, in aware UTC datetimes.
+
+    Slots are `slot_seconds` long; windows are `window_slots` slots long and aligned to
+    multiples of their length since the Unix epoch (with the defaults: the hour's four
+    quarters). A slot is open while its start is more than `lead_seconds` ahead.
+    """
+
+    slot_seconds: int = 60
+    window_slots: int = 15
+    lead_seconds: float = 2.0
+
+    @property
+    def slot_length(self) -> timedelta:
+        return timedelta(seconds=self.slot_seconds)
+
+    @property
+    def window_length(self) -> timedelta:
+        return self.slot_length * self.window_slots
+
+    def slot_of(self, moment: datetime) -> datetime:
+        return _floor(moment, self.slot_length)
+
+    def window_of(self, moment: datetime) -> datetime:
+        return _floor(moment, self.window_length)
+
+    def next_window(self, window: datetime) -> datetime:
+        return self.window_of(window) + self.window_length
+
+    def slots_of_window(self, window: datetime) -> list[datetime]:
+        start = self.window_of(window)
+        return [start + i * self.slot_length for i in range(self.window_slots)]
+
+    def is_open(self, slot: datetime, now: datetime) -> bool:
+        return (slot - _utc(now)).total_seconds() > self.lead_seconds
+
+    def open_slots(self, window: datetime, now: datetime) -> list[datetime]:
+        return [slot for slot in self.slots_of_window(window) if self.is_open(slot, now)]
+
+    def target_window(self, now: datetime) -> datetime:
+        """The window containing `now` if it still has an open slot, else the next one."""
+        window = self.window_of(now)
+        return window if self.open_slots(window, now) else self.next_window(window)
+
+
+def _utc(moment: datetime) -> datetime:
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime: the planner works in aware UTC times only")
+    return moment.astimezone(UTC)
+
+
+def _floor(moment: datetime, length: timedelta) -> datetime:
+    return EPOCH + ((_utc(moment) - EPOCH) // length) * length
