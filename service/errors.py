@@ -12,8 +12,11 @@ from werkzeug.exceptions import (
     Conflict,
     HTTPException,
     NotFound,
+    UnprocessableEntity,
     UnsupportedMediaType,
 )
+
+from .ids import InvalidIds
 
 
 class ServiceApi(Api):
@@ -80,6 +83,15 @@ def init_app(app, api: ServiceApi) -> None:
     def data_error(error: DataError):
         return api.handle_http_exception(BadRequest("a value in the request is out of range"))
 
+    def invalid_ids(error: InvalidIds):
+        # Raised while a text body streams into the database, after parsing began.
+        return api.handle_http_exception(
+            _with_errors(
+                UnprocessableEntity("some IDs in the body are invalid"),
+                {"body": {str(index): [message] for index, message in error.errors.items()}},
+            )
+        )
+
     def dashboard_instance_missing(error: LookupError):
         # rq-dashboard raises LookupError for a Redis instance number it does not have.
         if request.blueprint != "rq_dashboard":
@@ -88,4 +100,10 @@ def init_app(app, api: ServiceApi) -> None:
 
     app.register_error_handler(IntegrityError, integrity_error)
     app.register_error_handler(DataError, data_error)
+    app.register_error_handler(InvalidIds, invalid_ids)
     app.register_error_handler(LookupError, dashboard_instance_missing)
+
+
+def _with_errors(error: HTTPException, errors: dict) -> HTTPException:
+    error.data = {"message": error.description, "errors": errors}
+    return error

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 MAX_ID = 2**63 - 1
 _MAX_DIGITS = len(str(MAX_ID))
@@ -74,3 +75,65 @@ def parse_payload(payload: str) -> list[int]:
 
 def parse_json_ids(values: list) -> list[int]:
     return validated(values, id_from_json)
+
+
+_BYTE_SEPARATORS = re.compile(rb"[,\s]+")
+_MAX_ID_BYTES = str(MAX_ID).encode()
+# Past this, a token cannot be an ID, however many leading zeros it has.
+_MAX_TOKEN_BYTES = 4096
+
+
+def stream_ids(stream: BinaryIO, read_size: int = 1 << 16) -> Iterator[int]:
+    """Yield the IDs of a text body read block by block, never holding all of it.
+
+    IDs are separated by commas and/or whitespace. Bad tokens are collected with their
+    index; once the body ends (or enough errors are seen) InvalidIds is raised, so a
+    consumer writing to the database inside a transaction stores nothing.
+    """
+    errors: dict[int, str] = {}
+    index = 0
+    tail = b""
+    while True:
+        block = stream.read(read_size)
+        tokens = _BYTE_SEPARATORS.split(tail + block)
+        # A block may end inside a token: keep the last piece for the next block.
+        tail = tokens.pop() if block else b""
+        if len(tail) > _MAX_TOKEN_BYTES:
+            errors[index + sum(1 for token in tokens if token)] = (
+                f"a token longer than {_MAX_TOKEN_BYTES} bytes"
+            )
+            raise InvalidIds(errors)
+        for token in tokens:
+            if not token:
+                continue
+            if _is_valid_id(token):
+                yield int(token)
+            else:
+                errors[index] = f"ID at index {index}: {_token_error(token)}"
+                if len(errors) >= MAX_REPORTED_ERRORS:
+                    raise InvalidIds(errors)
+            index += 1
+        if not block:
+            break
+    if errors:
+        raise InvalidIds(errors)
+
+
+def _is_valid_id(token: bytes) -> bool:
+    if not token.isdigit():  # bytes.isdigit accepts ASCII digits only
+        return False
+    digits = token.lstrip(b"0")
+    if not digits:
+        return False
+    return len(digits) < len(_MAX_ID_BYTES) or (
+        len(digits) == len(_MAX_ID_BYTES) and digits <= _MAX_ID_BYTES
+    )
+
+
+def _token_error(token: bytes) -> str:
+    text = token.decode("ascii", errors="replace")
+    try:
+        id_from_token(text)
+    except ValueError as exc:
+        return str(exc)
+    return f"{text[:40]!r} is not a valid ID"

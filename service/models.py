@@ -12,11 +12,13 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    SmallInteger,
     String,
     Text,
-    UniqueConstraint,
     func,
+    text,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .extensions import db
@@ -101,14 +103,66 @@ class IdTask(db.Model):
         return self.total - self.done - self.failed
 
 
-class TaskId(db.Model):
-    """One distinct user ID of a task, in submission order."""
+class AssignmentStatus:
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
-    __tablename__ = "task_ids"
-    __table_args__ = (UniqueConstraint("task_id", "user_id"),)
+    ALL = (PENDING, RUNNING, DONE, FAILED, CANCELLED)
+
+
+class TaskIdChunk(db.Model):
+    """The distinct IDs of a task, in submission order, stored as arrays of IDS_PER_CHUNK.
+
+    A million IDs are a hundred rows: written with one COPY and read back in a fraction
+    of a second, which a row per ID would take several seconds to do.
+    """
+
+    __tablename__ = "task_id_chunks"
 
     task_id: Mapped[int] = mapped_column(
         BigInteger, ForeignKey("id_tasks.id", ondelete="CASCADE"), primary_key=True
     )
+    chunk_no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
+
+
+class Slot(db.Model):
+    """One slot of the plan; `load` counts its IDs that are not cancelled."""
+
+    __tablename__ = "slots"
+
+    slot_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    load: Mapped[int] = mapped_column(Integer, server_default="0")
+    done: Mapped[int] = mapped_column(Integer, server_default="0")
+    failed: Mapped[int] = mapped_column(Integer, server_default="0")
+
+
+class Assignment(db.Model):
+    """One ID of a task planned into a slot, with its outcome.
+
+    No foreign key to id_tasks: rows arrive by the million through COPY, where a key
+    check per row would cost more than the rest of the write; only the planner, holding
+    the task's row lock, writes here.
+    """
+
+    __tablename__ = "assignments"
+    __table_args__ = (
+        CheckConstraint(_in("status", AssignmentStatus.ALL), name="status"),
+        Index(
+            "ix_assignments_pending_by_slot",
+            "slot_start",
+            postgresql_where=text("status = 'pending'"),
+        ),
+    )
+
+    task_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(BigInteger)
+    slot_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    status: Mapped[str] = mapped_column(String(16), default=AssignmentStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -1,7 +1,173 @@
-"""Planning a stored task into slots (the PostgreSQL side of the planner)."""
+"""Planning a stored task into slots: the PostgreSQL side of the planner.
+
+One transaction per task. It holds the task's row lock, and an advisory lock per window
+while planning into it, so any number of planners in any number of processes stay
+correct: two never read the same slot's load at once. Killed half way, it leaves
+nothing behind, and the job re-run plans the task from the start.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from datetime import UTC, datetime
 
-def plan_stored_task(task_id: int) -> str:
-    return f"task {task_id}: planning not implemented yet"
+from flask import current_app
+from sqlalchemy import update
+
+from .extensions import db
+from .models import IdTask, Overflow, TaskStatus
+from .planner import SlotGrid, distribute, fill
+from .tasks import IDS_PER_CHUNK, batches, get_task, raw_connection
+
+# Rows written per COPY statement; between two, the next chunk of IDs is read.
+COPY_BATCH = IDS_PER_CHUNK
+# First key of the two-key advisory locks, so they cannot meet another lock user's.
+WINDOW_LOCK_NAMESPACE = 0x5107
+PLANNABLE = (TaskStatus.RECEIVED, TaskStatus.PLANNING)
+
+
+def slot_grid() -> SlotGrid:
+    config = current_app.config
+    return SlotGrid(config["SLOT_SECONDS"], config["WINDOW_SLOTS"], config["PLAN_LEAD_SECONDS"])
+
+
+def plan_stored_task(task_id: int, now: datetime | None = None) -> str:
+    """Plan every ID of a received task; a task planned already is left as it is.
+
+    `now` fixes the planning time (tests); by default the database's clock is read
+    after each window lock is taken, so time spent waiting for it is accounted for.
+    """
+    if not _mark_planning(task_id):
+        return f"task {task_id}: nothing to plan"
+    task = get_task(task_id, lock=True)
+    if task.status not in PLANNABLE:
+        db.session.rollback()
+        return f"task {task_id}: {task.status}, nothing to plan"
+    planner = _TaskPlanner(task, slot_grid(), current_app.config["RPM"], now)
+    planner.run()
+    task.planned = planner.planned
+    task.first_slot, task.last_slot = planner.first_slot, planner.last_slot
+    task.status = TaskStatus.SCHEDULED
+    db.session.commit()
+    span = f"{planner.first_slot:%Y-%m-%d %H:%M:%S}..{planner.last_slot:%H:%M:%S}"
+    return f"task {task_id}: {planner.planned} IDs planned into {span}"
+
+
+def _mark_planning(task_id: int) -> bool:
+    """Show `planning` at once, in a commit of its own; False if the task is gone."""
+    db.session.execute(
+        update(IdTask)
+        .where(IdTask.id == task_id, IdTask.status == TaskStatus.RECEIVED)
+        .values(status=TaskStatus.PLANNING)
+    )
+    db.session.commit()
+    return db.session.get(IdTask, task_id) is not None
+
+
+class _TaskPlanner:
+    """Streams one task's IDs through the generator into `assignments`, window by window."""
+
+    def __init__(self, task: IdTask, grid: SlotGrid, rpm: int, now: datetime | None):
+        self.task, self.grid, self.rpm, self.fixed_now = task, grid, rpm, now
+        self.conn = raw_connection()
+        self.planned = 0
+        self.first_slot: datetime | None = None
+        self.last_slot: datetime | None = None
+
+    def run(self) -> None:
+        ids = _Remaining(self._read_ids())
+        window = self.grid.target_window(self._now())
+        while ids.any_left():
+            slots = self._lock_window(window)
+            if slots:
+                loads = self._loads(slots)
+                if self.task.overflow == Overflow.DEFER:
+                    pairs = fill(ids, loads, self.rpm)
+                else:
+                    pairs = distribute(ids, loads, self.rpm)
+                self._write(pairs, slots)
+            window = self.grid.next_window(window)
+
+    def _now(self) -> datetime:
+        if self.fixed_now is not None:
+            return self.fixed_now
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT clock_timestamp()")
+            return cur.fetchone()[0].astimezone(UTC)
+
+    def _lock_window(self, window: datetime) -> list[datetime]:
+        """Lock the window; return its slots still open once the lock is held."""
+        number = (window - datetime(1970, 1, 1, tzinfo=UTC)) // self.grid.window_length
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT pg_advisory_xact_lock(%s, %s)",
+                (WINDOW_LOCK_NAMESPACE, number % 2**31),
+            )
+        return self.grid.open_slots(window, self._now())
+
+    def _loads(self, slots: list[datetime]) -> list[int]:
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT slot_start, load FROM slots WHERE slot_start = ANY(%s)", (slots,))
+            known = dict(cur.fetchall())
+        return [known.get(slot, 0) for slot in slots]
+
+    def _read_ids(self) -> Iterator[tuple[int, int]]:
+        """(position, user_id) in submission order, one chunk in memory at a time."""
+        for chunk_no in range(0, (self.task.total + IDS_PER_CHUNK - 1) // IDS_PER_CHUNK):
+            with self.conn.cursor() as cur:
+                cur.execute(
+                    "SELECT ids FROM task_id_chunks WHERE task_id = %s AND chunk_no = %s",
+                    (self.task.id, chunk_no),
+                )
+                (ids,) = cur.fetchone()
+            yield from enumerate(ids, start=chunk_no * IDS_PER_CHUNK)
+
+    def _write(self, pairs, slots: list[datetime]) -> None:
+        """COPY the assignments batch by batch, then add the window's new loads."""
+        counts = [0] * len(slots)
+        slot_texts = [slot.isoformat() for slot in slots]
+        with self.conn.cursor() as cur:
+            # Each batch is drawn before its COPY opens: drawing may read the next chunk.
+            for batch in batches(pairs, COPY_BATCH):
+                with cur.copy(
+                    "COPY assignments (task_id, position, user_id, slot_start, status) FROM STDIN"
+                ) as copy:
+                    for (position, user_id), index in batch:
+                        copy.write_row(
+                            (self.task.id, position, user_id, slot_texts[index], "pending")
+                        )
+                        counts[index] += 1
+            used = [(slot, n) for slot, n in zip(slots, counts) if n]
+            if not used:
+                return
+            cur.execute(
+                "INSERT INTO slots (slot_start, load) "
+                "SELECT * FROM unnest(%s::timestamptz[], %s::int[]) "
+                "ON CONFLICT (slot_start) DO UPDATE SET load = slots.load + EXCLUDED.load",
+                ([slot for slot, _ in used], [n for _, n in used]),
+            )
+        self.planned += sum(counts)
+        self.first_slot = self.first_slot or used[0][0]
+        self.last_slot = used[-1][0]
+
+
+class _Remaining(Iterator):
+    """An iterator that can tell whether anything is left, without losing it."""
+
+    def __init__(self, source: Iterator):
+        self._source = source
+        self._head = _END
+
+    def any_left(self) -> bool:
+        if self._head is _END:
+            self._head = next(self._source, _END)
+        return self._head is not _END
+
+    def __next__(self):
+        if self._head is _END:
+            return next(self._source)
+        head, self._head = self._head, _END
+        return head
+
+
+_END = object()

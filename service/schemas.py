@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC
+
 from flask import url_for
 from marshmallow import Schema, ValidationError, fields, validates_schema
 from marshmallow.validate import Length, OneOf
 
 from .ids import InvalidIds, id_from_json, parse_json_ids, parse_payload
-from .models import Overflow, TaskStatus
+from .models import AssignmentStatus, Overflow, TaskStatus
 
 
 class _UserId(fields.Integer):
@@ -113,3 +115,58 @@ class TaskIdSchema(Schema):
     attempts = fields.Integer()
     error = fields.String(allow_none=True)
     finished_at = fields.DateTime(allow_none=True)
+
+
+class TextSubmitQuerySchema(Schema):
+    """Query of a POST whose body is IDs as text (text/csv or text/plain)."""
+
+    task_name = fields.String(required=True, validate=Length(min=1, max=255))
+    overflow = fields.String(validate=OneOf(Overflow.ALL))
+
+
+ID_STATUSES = ("received", *AssignmentStatus.ALL)
+
+
+class TaskIdsQuerySchema(Schema):
+    status = fields.String(validate=OneOf(ID_STATUSES))
+    slot = fields.AwareDateTime(
+        default_timezone=UTC, metadata={"description": "only the IDs of the slot starting then"}
+    )
+
+
+class SlotsQuerySchema(Schema):
+    start = fields.AwareDateTime(
+        data_key="from",
+        default_timezone=UTC,
+        metadata={"description": "first moment shown (default: the current window's start)"},
+    )
+    end = fields.AwareDateTime(
+        data_key="to",
+        default_timezone=UTC,
+        metadata={"description": "end, exclusive (default: four windows after the start)"},
+    )
+
+
+class SlotSchema(Schema):
+    start = fields.AwareDateTime()
+    load = fields.Integer()
+    capacity = fields.Integer()
+    done = fields.Integer()
+    failed = fields.Integer()
+    open = fields.Boolean(metadata={"description": "still taking new IDs"})
+
+
+class WindowSchema(Schema):
+    start = fields.AwareDateTime()
+    end = fields.AwareDateTime()
+    load = fields.Integer()
+    capacity = fields.Integer()
+    slots = fields.List(fields.Nested(SlotSchema))
+
+
+class PlanSchema(Schema):
+    rpm = fields.Integer()
+    slot_seconds = fields.Integer()
+    window_slots = fields.Integer()
+    now = fields.AwareDateTime()
+    windows = fields.List(fields.Nested(WindowSchema))

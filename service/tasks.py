@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from itertools import islice
 
 from flask import current_app
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from werkzeug.exceptions import Conflict, RequestEntityTooLarge
 
 from .errors import not_found
 from .extensions import db
-from .models import IdTask, Overflow, TaskId, TaskStatus
+from .models import (
+    Assignment,
+    AssignmentStatus,
+    IdTask,
+    Overflow,
+    TaskIdChunk,
+    TaskStatus,
+)
 from .queues import enqueue_planning
 
+IDS_PER_CHUNK = 10_000
 # Tasks up to this many IDs echo them in `payload`, as the original API did;
 # larger ones are read page by page from /ids/ so that lists stay small.
 PAYLOAD_ECHO_MAX_IDS = 1000
@@ -28,7 +38,7 @@ def raw_connection():
 def list_tasks(offset: int, limit: int) -> tuple[list[IdTask], int]:
     query = select(IdTask).order_by(IdTask.date_created.desc(), IdTask.id.desc())
     tasks = db.session.scalars(query.offset(offset).limit(limit)).all()
-    return tasks, db.session.scalar(text("SELECT count(*) FROM id_tasks"))
+    return tasks, db.session.scalar(select(func.count()).select_from(IdTask))
 
 
 def get_task(task_id: int, *, lock: bool = False) -> IdTask:
@@ -57,14 +67,18 @@ def update_task(task_id: int, changes: dict) -> IdTask:
     task = get_task(task_id, lock=True)
     if "task_name" in changes:
         task.task_name = changes["task_name"]
-    replan = "ids" in changes or ("overflow" in changes and changes["overflow"] != task.overflow)
+    replan = "ids" in changes or changes.get("overflow", task.overflow) != task.overflow
     if replan:
-        _require_replannable(task)
+        if task.status not in REPLANNABLE:
+            raise Conflict(
+                f"task {task.id} is {task.status}: its IDs can change only before any has run"
+            )
+        _release_plan(task)
         task.overflow = changes.get("overflow", task.overflow)
         if "ids" in changes:
-            db.session.execute(TaskId.__table__.delete().where(TaskId.task_id == task.id))
+            db.session.execute(TaskIdChunk.__table__.delete().where(TaskIdChunk.task_id == task.id))
             _store_ids(task, changes["ids"])
-        _reset_plan(task)
+        task.status = TaskStatus.RECEIVED
     db.session.commit()
     if replan:
         enqueue_planning(task.id)
@@ -72,31 +86,81 @@ def update_task(task_id: int, changes: dict) -> IdTask:
 
 
 def cancel_task(task_id: int) -> None:
+    """Cancel a task: its pending IDs leave the plan and their capacity is freed."""
     task = get_task(task_id, lock=True)
     if task.status == TaskStatus.CANCELLED:
         return
     if task.status in TaskStatus.FINISHED:
         raise Conflict(f"task {task_id} has already finished ({task.status})")
+    _release_pending(task, AssignmentStatus.CANCELLED)
     task.status = TaskStatus.CANCELLED
     db.session.commit()
 
 
-def list_task_ids(task_id: int, offset: int, limit: int) -> tuple[list[dict], int]:
+def list_task_ids(
+    task_id: int, offset: int, limit: int, status: str | None = None, slot: datetime | None = None
+) -> tuple[list[dict], int]:
+    """A page of the task's IDs in submission order, with slot and outcome."""
     task = get_task(task_id)
+    if task.planned:
+        return _planned_ids(task, offset, limit, status, slot)
+    return _received_ids(task, offset, limit, status, slot)
+
+
+def _planned_ids(task, offset, limit, status, slot):
+    filters = [Assignment.task_id == task.id]
+    if status:
+        filters.append(Assignment.status == status)
+    if slot:
+        filters.append(Assignment.slot_start == slot)
+    rows = db.session.scalars(
+        select(Assignment).where(*filters).order_by(Assignment.position).offset(offset).limit(limit)
+    ).all()
+    items = [
+        {
+            "position": row.position,
+            "user_id": row.user_id,
+            "slot": row.slot_start,
+            "status": row.status,
+            "attempts": row.attempts,
+            "error": row.error,
+            "finished_at": row.finished_at,
+        }
+        for row in rows
+    ]
+    if len(filters) == 1:
+        return items, task.total
+    return items, db.session.scalar(select(func.count()).select_from(Assignment).where(*filters))
+
+
+def _received_ids(task, offset, limit, status, slot):
+    """Before planning the IDs exist only in the task's chunks."""
+    unplanned = "cancelled" if task.status == TaskStatus.CANCELLED else "received"
+    if slot or (status and status != unplanned):
+        return [], 0
+    first_chunk, last_chunk = offset // IDS_PER_CHUNK, (offset + limit - 1) // IDS_PER_CHUNK
     rows = db.session.execute(
-        select(TaskId.position, TaskId.user_id)
-        .where(TaskId.task_id == task_id)
-        .order_by(TaskId.position)
-        .offset(offset)
-        .limit(limit)
+        text(
+            "SELECT c.chunk_no * :per_chunk + u.ordinal - 1 AS position, u.user_id "
+            "FROM task_id_chunks c, unnest(c.ids) WITH ORDINALITY AS u(user_id, ordinal) "
+            "WHERE c.task_id = :task AND c.chunk_no BETWEEN :first AND :last "
+            "ORDER BY position OFFSET :skip LIMIT :limit"
+        ),
+        {
+            "per_chunk": IDS_PER_CHUNK,
+            "task": task.id,
+            "first": first_chunk,
+            "last": last_chunk,
+            "skip": offset - first_chunk * IDS_PER_CHUNK,
+            "limit": limit,
+        },
     )
-    status = "cancelled" if task.status == TaskStatus.CANCELLED else "received"
     items = [
         {
             "position": position,
             "user_id": user_id,
             "slot": None,
-            "status": status,
+            "status": unplanned,
             "attempts": 0,
             "error": None,
             "finished_at": None,
@@ -106,55 +170,94 @@ def list_task_ids(task_id: int, offset: int, limit: int) -> tuple[list[dict], in
     return items, task.total
 
 
-def _require_replannable(task: IdTask) -> None:
-    if task.status not in REPLANNABLE:
-        raise Conflict(
-            f"task {task.id} is {task.status}: its IDs can change only before any has run"
+def _release_pending(task: IdTask, new_status: str | None) -> None:
+    """Take the task's pending IDs out of their slots' load; mark or delete them."""
+    if not task.planned:
+        return
+    if new_status is None:
+        change = "DELETE FROM assignments WHERE task_id = :task AND status = 'pending'"
+    else:
+        change = (
+            "UPDATE assignments SET status = :new_status "
+            "WHERE task_id = :task AND status = 'pending'"
         )
+    db.session.execute(
+        text(
+            f"WITH released AS ({change} RETURNING slot_start) "
+            "UPDATE slots SET load = slots.load - r.n "
+            "FROM (SELECT slot_start, count(*) AS n FROM released GROUP BY slot_start) AS r "
+            "WHERE slots.slot_start = r.slot_start"
+        ),
+        {"task": task.id, "new_status": new_status},
+    )
 
 
-def _reset_plan(task: IdTask) -> None:
-    task.status = TaskStatus.RECEIVED
+def _release_plan(task: IdTask) -> None:
+    _release_pending(task, None)
     task.planned = task.done = task.failed = 0
     task.first_slot = task.last_slot = None
 
 
+def batches(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
 def _store_ids(task: IdTask, ids: Iterable[int]) -> None:
-    """COPY the IDs into a staging table, then keep the first occurrence of each.
+    """COPY the IDs as arrays of IDS_PER_CHUNK, then drop repeats if there are any.
 
     PostgreSQL does the de-duplication, so memory stays flat however many IDs come.
     """
     limit = current_app.config["MAX_IDS_PER_TASK"]
-    conn = raw_connection()
-    with conn.cursor() as cur:
-        cur.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS staged_ids (position bigint, user_id bigint) "
-            "ON COMMIT DELETE ROWS"
-        )
-        submitted = 0
-        with cur.copy("COPY staged_ids (position, user_id) FROM STDIN") as copy:
-            for submitted, user_id in enumerate(ids, start=1):
+    submitted = 0
+    with raw_connection().cursor() as cur:
+        with cur.copy("COPY task_id_chunks (task_id, chunk_no, ids) FROM STDIN") as copy:
+            for chunk_no, chunk in enumerate(batches(ids, IDS_PER_CHUNK)):
+                submitted += len(chunk)
                 if submitted > limit:
                     raise RequestEntityTooLarge(
                         f"a task takes at most {limit} IDs (MAX_IDS_PER_TASK)"
                     )
-                copy.write_row((submitted, user_id))
+                copy.write_row((task.id, chunk_no, "{" + ",".join(map(str, chunk)) + "}"))
         cur.execute(
-            "INSERT INTO task_ids (task_id, position, user_id) "
-            "SELECT %s, row_number() OVER (ORDER BY first_position) - 1, user_id "
-            "FROM (SELECT user_id, min(position) AS first_position "
-            "      FROM staged_ids GROUP BY user_id) AS firsts",
+            "SELECT count(DISTINCT u) FROM task_id_chunks c, unnest(c.ids) AS u "
+            "WHERE c.task_id = %s",
             (task.id,),
         )
-        distinct = cur.rowcount
+        distinct = cur.fetchone()[0]
+        if distinct < submitted:
+            _rewrite_without_repeats(cur, task.id)
         payload = None
         if distinct <= PAYLOAD_ECHO_MAX_IDS:
             cur.execute(
-                "SELECT string_agg(user_id::text, ',' ORDER BY position) "
-                "FROM task_ids WHERE task_id = %s",
+                "SELECT array_to_string(ids, ',') FROM task_id_chunks "
+                "WHERE task_id = %s AND chunk_no = 0",
                 (task.id,),
             )
             payload = cur.fetchone()[0]
     task.total = distinct
     task.duplicates = submitted - distinct
     task.payload = payload
+
+
+def _rewrite_without_repeats(cur, task_id: int) -> None:
+    """Keep the first occurrence of each ID, renumbered densely in submission order."""
+    params = {"task": task_id, "per_chunk": IDS_PER_CHUNK}
+    cur.execute(
+        "CREATE TEMP TABLE first_seen ON COMMIT DROP AS "
+        "SELECT u.user_id, min(c.chunk_no::bigint * %(per_chunk)s + u.ordinal) AS first "
+        "FROM task_id_chunks c, unnest(c.ids) WITH ORDINALITY AS u(user_id, ordinal) "
+        "WHERE c.task_id = %(task)s GROUP BY u.user_id",
+        params,
+    )
+    cur.execute("DELETE FROM task_id_chunks WHERE task_id = %(task)s", params)
+    cur.execute(
+        "INSERT INTO task_id_chunks (task_id, chunk_no, ids) "
+        "SELECT %(task)s, rank / %(per_chunk)s, array_agg(user_id ORDER BY rank) "
+        "FROM (SELECT user_id, row_number() OVER (ORDER BY first) - 1 AS rank "
+        "      FROM first_seen) AS ranked "
+        "GROUP BY rank / %(per_chunk)s",
+        params,
+    )
+    cur.execute("DROP TABLE first_seen")

@@ -9,7 +9,7 @@ from flask_smorest import abort
 from werkzeug.routing import IntegerConverter
 
 from ..ids import MAX_ID
-from . import root, tasks, users
+from . import root, slots, tasks, users
 
 # Paths readable without a token: they describe the API and hold no data.
 PUBLIC_ENDPOINTS = {"root.Root", "api-docs.openapi_json", "api-docs.openapi_swagger_ui", "static"}
@@ -27,6 +27,7 @@ def init_app(app, api) -> None:
     api.register_blueprint(root.blp)
     api.register_blueprint(users.blp)
     api.register_blueprint(tasks.blp)
+    api.register_blueprint(slots.blp)
     if app.config.get("API_TOKEN"):
         app.before_request(_require_token)
 

@@ -1,23 +1,78 @@
 """/celery_ids_tasks/: submit IDs, follow a task, change or cancel it."""
 
+from flask import current_app, request
 from flask.views import MethodView
 
 from .. import tasks
 from ..errors import ServiceBlueprint, require_content_type
-from ..schemas import TaskAcceptedSchema, TaskIdSchema, TaskSchema, TaskSubmitSchema
+from ..ids import stream_ids
+from ..schemas import (
+    TaskAcceptedSchema,
+    TaskIdSchema,
+    TaskIdsQuerySchema,
+    TaskSchema,
+    TaskSubmitSchema,
+    TextSubmitQuerySchema,
+)
 
 blp = ServiceBlueprint("tasks", __name__, url_prefix="/celery_ids_tasks", description="ID tasks")
 
+JSON = "application/json"
+TEXT_TYPES = ("text/csv", "text/plain")
+# A text body may hold this many bytes per allowed ID: 19 digits and a separator or two.
+TEXT_BYTES_PER_ID = 21
+
+TEXT_BODY = {
+    "schema": {"type": "string", "example": "1,2,3\n4 5 6"},
+}
+SUBMISSION_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            JSON: {"schema": {"$ref": "#/components/schemas/TaskSubmit"}},
+            "text/csv": TEXT_BODY,
+            "text/plain": TEXT_BODY,
+        },
+    },
+    "parameters": [
+        {
+            "in": "query",
+            "name": "task_name",
+            "schema": {"type": "string"},
+            "description": "required with a text body",
+        },
+        {
+            "in": "query",
+            "name": "overflow",
+            "schema": {"type": "string", "enum": ["spread", "defer"]},
+            "description": "with a text body",
+        },
+    ],
+}
+
 
 @blp.before_request
-def _json_bodies_only():
-    require_content_type("application/json")
+def _known_body_types():
+    if request.endpoint == "tasks.Tasks":
+        require_content_type(JSON, *TEXT_TYPES)
+    else:
+        require_content_type(JSON)
 
 
 def _changes(fields: dict) -> dict:
-    # Both ID forms arrive as one list of integers.
+    # Both JSON forms of the IDs arrive as one list of integers.
     ids = fields.pop("payload", None) or fields.pop("ids", None)
     return fields if ids is None else {**fields, "ids": ids}
+
+
+def _submission() -> dict:
+    """A JSON body, or IDs as text streamed from the body with the rest in the query."""
+    parser = blp.ARGUMENTS_PARSER
+    if request.mimetype in TEXT_TYPES:
+        fields = parser.parse(TextSubmitQuerySchema(), location="query")
+        request.max_content_length = current_app.config["MAX_IDS_PER_TASK"] * TEXT_BYTES_PER_ID
+        return {**fields, "ids": stream_ids(request.stream)}
+    return _changes(parser.parse(TaskSubmitSchema(), location="json"))
 
 
 @blp.route("/")
@@ -31,12 +86,14 @@ class Tasks(MethodView):
         )
         return page
 
-    @blp.arguments(TaskSubmitSchema)
+    @blp.doc(**SUBMISSION_DOC)
     @blp.response(202, TaskAcceptedSchema)
     @blp.alt_response(413, response="DEFAULT_ERROR")
-    def post(self, fields):
-        """Submit IDs; planning runs on a worker"""
-        return tasks.submit_task(**_changes(fields))
+    @blp.alt_response(415, response="DEFAULT_ERROR")
+    @blp.alt_response(422, response="DEFAULT_ERROR")
+    def post(self):
+        """Submit IDs as JSON, or as a text/csv body; planning runs on a worker"""
+        return tasks.submit_task(**_submission())
 
 
 @blp.route("/<id:task_id>/")
@@ -64,17 +121,18 @@ class TaskById(MethodView):
     @blp.response(204)
     @blp.alt_response(409, response="DEFAULT_ERROR")
     def delete(self, task_id):
-        """Cancel a task: its pending IDs are released"""
+        """Cancel a task: its pending IDs leave the plan"""
         tasks.cancel_task(task_id)
 
 
 @blp.route("/<id:task_id>/ids/")
 class TaskIds(MethodView):
+    @blp.arguments(TaskIdsQuerySchema, location="query")
     @blp.response(200, TaskIdSchema(many=True))
     @blp.paginate()
-    def get(self, task_id, pagination_parameters):
+    def get(self, query, task_id, pagination_parameters):
         """The task's IDs in submission order, with slot, status and outcome"""
         page, pagination_parameters.item_count = tasks.list_task_ids(
-            task_id, pagination_parameters.first_item, pagination_parameters.page_size
+            task_id, pagination_parameters.first_item, pagination_parameters.page_size, **query
         )
         return page

@@ -1,0 +1,71 @@
+"""Reading the plan: the load of each slot, grouped by window."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from flask import current_app
+from sqlalchemy import select
+from werkzeug.exceptions import UnprocessableEntity
+
+from .extensions import db
+from .models import Slot
+from .planning import slot_grid
+
+# One answer shows at most a day of one-minute slots.
+MAX_SLOTS_PER_ANSWER = 1440
+DEFAULT_WINDOWS_SHOWN = 4
+
+
+def plan_between(start: datetime | None, end: datetime | None) -> dict:
+    grid = slot_grid()
+    now = datetime.now(UTC)
+    start = grid.window_of(start or now)
+    end = end or start + DEFAULT_WINDOWS_SHOWN * grid.window_length
+    if end <= start:
+        raise UnprocessableEntity("'to' must be later than 'from'")
+    if (end - start) / grid.slot_length > MAX_SLOTS_PER_ANSWER:
+        raise UnprocessableEntity(f"a range shows at most {MAX_SLOTS_PER_ANSWER} slots")
+    rpm = current_app.config["RPM"]
+    stored = {
+        slot.slot_start: slot
+        for slot in db.session.scalars(
+            select(Slot).where(Slot.slot_start >= start, Slot.slot_start < end)
+        )
+    }
+    windows = []
+    window = start
+    while window < end:
+        slots = [
+            _slot(moment, stored.get(moment), rpm, grid.is_open(moment, now))
+            for moment in grid.slots_of_window(window)
+            if moment < end
+        ]
+        windows.append(
+            {
+                "start": window,
+                "end": grid.next_window(window),
+                "load": sum(slot["load"] for slot in slots),
+                "capacity": rpm * len(slots),
+                "slots": slots,
+            }
+        )
+        window = grid.next_window(window)
+    return {
+        "rpm": rpm,
+        "slot_seconds": grid.slot_seconds,
+        "window_slots": grid.window_slots,
+        "now": now,
+        "windows": windows,
+    }
+
+
+def _slot(moment: datetime, stored: Slot | None, rpm: int, is_open: bool) -> dict:
+    return {
+        "start": moment,
+        "load": stored.load if stored else 0,
+        "capacity": rpm,
+        "done": stored.done if stored else 0,
+        "failed": stored.failed if stored else 0,
+        "open": is_open,
+    }
