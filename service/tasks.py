@@ -8,7 +8,7 @@ from itertools import islice
 
 from flask import current_app
 from sqlalchemy import func, select, text
-from werkzeug.exceptions import Conflict, RequestEntityTooLarge
+from werkzeug.exceptions import Conflict, RequestEntityTooLarge, UnprocessableEntity
 
 from .errors import not_found
 from .extensions import db
@@ -220,6 +220,8 @@ def _store_ids(task: IdTask, ids: Iterable[int]) -> None:
                         f"a task takes at most {limit} IDs (MAX_IDS_PER_TASK)"
                     )
                 copy.write_row((task.id, chunk_no, "{" + ",".join(map(str, chunk)) + "}"))
+        if not submitted:
+            raise UnprocessableEntity("no IDs given: the body holds none")
         cur.execute(
             "SELECT count(DISTINCT u) FROM task_id_chunks c, unnest(c.ids) AS u "
             "WHERE c.task_id = %s",

@@ -1,0 +1,41 @@
+"""Helpers shared by the planning tests."""
+
+from datetime import UTC, datetime
+
+from sqlalchemy import text
+
+from service.extensions import db
+from service.tasks import submit_task
+
+
+def at(moment: str) -> datetime:
+    return datetime.fromisoformat(moment).replace(tzinfo=UTC)
+
+
+def submit(ids, overflow=None, name="t") -> int:
+    return submit_task(name, ids, overflow).id
+
+
+def slots_by_id(task_id: int) -> dict[int, datetime]:
+    rows = db.session.execute(
+        text("SELECT user_id, slot_start FROM assignments WHERE task_id = :t"), {"t": task_id}
+    )
+    return dict(rows.all())
+
+
+def loads(start: datetime, end: datetime) -> dict[datetime, int]:
+    rows = db.session.execute(
+        text(
+            "SELECT slot_start, load FROM slots WHERE slot_start >= :s AND slot_start < :e "
+            "ORDER BY slot_start"
+        ),
+        {"s": start, "e": end},
+    )
+    return dict(rows.all())
+
+
+def set_load(slot: datetime, load: int) -> None:
+    db.session.execute(
+        text("INSERT INTO slots (slot_start, load) VALUES (:s, :l)"), {"s": slot, "l": load}
+    )
+    db.session.commit()

@@ -1,0 +1,174 @@
+"""Planning stored tasks into slots, on real PostgreSQL."""
+
+import json
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import text
+
+from service.extensions import db
+from service.models import IdTask
+from service.planning import plan_stored_task
+from service.tasks import IDS_PER_CHUNK
+
+from .planning_helpers import at, loads, set_load, slots_by_id, submit
+
+NOW = at("2030-01-07 10:07:20")
+WINDOW = at("2030-01-07 10:00")
+NEXT_WINDOW = at("2030-01-07 10:15")
+
+
+@pytest.fixture
+def rpm5(make_app):
+    app = make_app(RPM=5)
+    with app.app_context():
+        yield app
+
+
+def minute(m: int):
+    return at("2030-01-07 10:00") + timedelta(minutes=m)
+
+
+def test_live_window_example_of_the_design(rpm5):
+    set_load(minute(8), 5)
+    set_load(minute(9), 3)
+    task_a = submit(range(1, 21))
+    plan_stored_task(task_a, now=NOW)
+    planned_a = slots_by_id(task_a)
+    assert [planned_a[i] for i in (1, 2)] == [minute(9)] * 2
+    assert [planned_a[i] for i in range(3, 8)] == [minute(10)] * 5
+    assert [planned_a[i] for i in range(18, 21)] == [minute(13)] * 3
+
+    task_b = submit(range(101, 121))
+    plan_stored_task(task_b, now=NOW)
+    planned_b = slots_by_id(task_b)
+    assert [planned_b[i] for i in (101, 102)] == [minute(13)] * 2
+    assert [planned_b[i] for i in range(103, 108)] == [minute(14)] * 5
+    assert [planned_b[i] for i in range(108, 115)] == [minute(m) for m in range(8, 15)]
+    assert list(loads(WINDOW, NEXT_WINDOW).values()) == [7, 7, 7, 7, 7, 7, 6]
+
+
+def test_defer_fills_later_windows_instead_of_passing_rpm(rpm5):
+    set_load(minute(8), 5)
+    set_load(minute(9), 3)
+    plan_stored_task(submit(range(1, 21)), now=NOW)
+    task_b = submit(range(101, 121), overflow="defer")
+    plan_stored_task(task_b, now=NOW)
+    planned_b = slots_by_id(task_b)
+    assert [planned_b[i] for i in range(103, 108)] == [minute(14)] * 5
+    assert [planned_b[i] for i in range(108, 113)] == [minute(15)] * 5
+    assert [planned_b[i] for i in range(118, 121)] == [minute(17)] * 3
+    assert max(loads(WINDOW, at("2030-01-07 11:00")).values()) == 5
+
+
+def test_a_closed_window_sends_ids_to_the_next(rpm5):
+    task = submit([1, 2])
+    plan_stored_task(task, now=at("2030-01-07 10:14:30"))
+    assert set(slots_by_id(task).values()) == {NEXT_WINDOW}
+
+
+def test_planning_marks_the_task_scheduled_with_its_span(rpm5):
+    task_id = submit(range(1, 13))
+    message = plan_stored_task(task_id, now=NOW)
+    assert "12 IDs planned" in message
+    task = db.session.get(IdTask, task_id)
+    assert (task.status, task.planned, task.pending) == ("scheduled", 12, 12)
+    assert (task.first_slot, task.last_slot) == (minute(8), minute(10))
+
+
+def test_planning_twice_plans_once(rpm5):
+    task_id = submit(range(1, 13))
+    plan_stored_task(task_id, now=NOW)
+    assert "nothing to plan" in plan_stored_task(task_id, now=NOW)
+    assert len(slots_by_id(task_id)) == 12
+    assert sum(loads(WINDOW, NEXT_WINDOW).values()) == 12
+
+
+def test_a_task_across_several_chunks_keeps_submission_order(rpm5):
+    count = IDS_PER_CHUNK * 2 + 7
+    task_id = submit(range(1, count + 1))
+    plan_stored_task(task_id, now=NOW)
+    rows = db.session.execute(
+        text("SELECT position, user_id FROM assignments WHERE task_id = :t ORDER BY position"),
+        {"t": task_id},
+    ).all()
+    assert [row.user_id for row in rows] == list(range(1, count + 1))
+    assert [row.position for row in rows] == list(range(count))
+    window_loads = list(loads(WINDOW, NEXT_WINDOW).values())
+    assert max(window_loads) - min(window_loads) <= 1
+
+
+def test_cancel_frees_the_capacity_of_pending_ids(rpm5):
+    task_id = submit(range(1, 9))
+    plan_stored_task(task_id, now=NOW)
+    client = rpm5.test_client()
+    assert client.delete(f"/celery_ids_tasks/{task_id}/").status_code == 204
+    assert set(loads(WINDOW, NEXT_WINDOW).values()) == {0}
+    ids = client.get(f"/celery_ids_tasks/{task_id}/ids/").json
+    assert {item["status"] for item in ids} == {"cancelled"}
+    assert all(item["slot"] for item in ids)
+
+
+def test_new_ids_release_the_old_plan_and_replan(rpm5):
+    task_id = submit(range(1, 9))
+    plan_stored_task(task_id, now=NOW)
+    answer = rpm5.test_client().patch(f"/celery_ids_tasks/{task_id}/", json={"ids": [50, 51]})
+    assert answer.status_code == 200
+    assert (answer.json["status"], answer.json["planned"]) == ("received", 0)
+    assert sum(loads(WINDOW, NEXT_WINDOW).values()) == 0
+    plan_stored_task(task_id, now=NOW)
+    assert slots_by_id(task_id) == {50: minute(8), 51: minute(8)}
+
+
+def test_ids_cannot_change_once_the_task_runs(rpm5):
+    task_id = submit([1, 2])
+    plan_stored_task(task_id, now=NOW)
+    db.session.execute(text("UPDATE id_tasks SET status = 'running' WHERE id = :t"), {"t": task_id})
+    db.session.commit()
+    client = rpm5.test_client()
+    answer = client.put(f"/celery_ids_tasks/{task_id}/", json={"task_name": "x", "ids": [3]})
+    assert answer.status_code == 409
+    assert client.patch(f"/celery_ids_tasks/{task_id}/", json={"task_name": "y"}).status_code == 200
+    assert slots_by_id(task_id) == {1: minute(8), 2: minute(8)}
+
+
+def test_ids_list_filters_by_status_and_slot(rpm5):
+    task_id = submit(range(1, 13))
+    plan_stored_task(task_id, now=NOW)
+    client = rpm5.test_client()
+    by_slot = client.get(f"/celery_ids_tasks/{task_id}/ids/?slot=2030-01-07T10:09:00Z")
+    assert [item["id"] for item in by_slot.json] == [6, 7, 8, 9, 10]
+    assert json.loads(by_slot.headers["X-Pagination"])["total"] == 5
+    assert client.get(f"/celery_ids_tasks/{task_id}/ids/?status=failed").json == []
+    pending = client.get(f"/celery_ids_tasks/{task_id}/ids/?status=pending&page_size=100").json
+    assert len(pending) == 12
+    assert client.get(f"/celery_ids_tasks/{task_id}/ids/?status=bogus").status_code == 422
+
+
+def test_slots_shows_the_plan_grouped_by_window(rpm5):
+    plan_stored_task(submit(range(1, 13)), now=NOW)
+    answer = rpm5.test_client().get("/slots/?from=2030-01-07T10:00:00Z&to=2030-01-07T10:30:00Z")
+    assert answer.status_code == 200
+    plan = answer.json
+    assert plan["rpm"] == 5
+    assert [w["start"] for w in plan["windows"]] == [
+        "2030-01-07T10:00:00+00:00",
+        "2030-01-07T10:15:00+00:00",
+    ]
+    first = plan["windows"][0]
+    assert (first["load"], first["capacity"], len(first["slots"])) == (12, 75, 15)
+    assert [s["load"] for s in first["slots"][8:11]] == [5, 5, 2]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "from=2030-01-07T10:00:00Z&to=2030-01-07T09:00:00Z",
+        "from=2030-01-07T00:00:00Z&to=2030-01-09T00:00:00Z",
+        "from=yesterday",
+    ],
+)
+def test_slots_refuses_a_bad_range(client, query):
+    answer = client.get(f"/slots/?{query}")
+    assert answer.status_code == 422
+    assert answer.json["message"]

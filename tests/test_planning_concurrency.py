@@ -1,0 +1,135 @@
+"""Planners in parallel processes, and a planner killed half way."""
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from sqlalchemy import text
+
+from service import create_app
+from service.extensions import db
+from service.models import IdTask
+from service.planning import plan_stored_task
+
+from .planning_helpers import at, loads, submit
+
+pytestmark = pytest.mark.slow
+
+NOW = at("2030-01-07 10:59:50")
+WINDOW = at("2030-01-07 11:00")
+NEXT_WINDOW = at("2030-01-07 11:15")
+RPM = 50
+PLANNERS = 8
+
+
+def _plan_in_process(task_id, barrier):
+    os.environ["RPM"] = str(RPM)
+    app = create_app()
+    with app.app_context():
+        barrier.wait(timeout=60)
+        plan_stored_task(task_id, now=NOW)
+
+
+def plan_in_parallel(task_ids):
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(len(task_ids))
+    processes = [context.Process(target=_plan_in_process, args=(t, barrier)) for t in task_ids]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+        assert process.exitcode == 0
+
+
+@pytest.fixture
+def planning_app(make_app):
+    app = make_app(RPM=RPM)
+    with app.app_context():
+        yield app
+
+
+def assigned_per_slot():
+    rows = db.session.execute(
+        text(
+            "SELECT slot_start, count(*) FROM assignments WHERE status = 'pending' "
+            "GROUP BY slot_start ORDER BY slot_start"
+        )
+    )
+    return dict(rows.all())
+
+
+def test_parallel_planners_fill_in_order_then_spread_evenly(planning_app):
+    # Phase 1: 8 x 50 IDs fit below RPM: exactly the first 8 slots are full.
+    plan_in_parallel([submit(range(t * 1000, t * 1000 + 50)) for t in range(PLANNERS)])
+    window = loads(WINDOW, NEXT_WINDOW)
+    assert sum(window.values()) == PLANNERS * 50
+    assert list(window.values()) == [RPM] * PLANNERS
+    assert assigned_per_slot() == window
+
+    # Phase 2: 8 x 100 more overflow the window: every slot at RPM, then within one.
+    plan_in_parallel([submit(range(t * 1000 + 100, t * 1000 + 200)) for t in range(PLANNERS)])
+    window = loads(WINDOW, NEXT_WINDOW)
+    assert len(window) == 15
+    assert sum(window.values()) == PLANNERS * 150
+    assert min(window.values()) >= RPM
+    assert max(window.values()) - min(window.values()) <= 1
+    assert assigned_per_slot() == window
+    statuses = db.session.execute(text("SELECT DISTINCT status FROM id_tasks")).scalars().all()
+    assert statuses == ["scheduled"]
+
+
+KILLABLE_PLANNER = """
+import os
+from datetime import datetime
+from service import create_app
+from service.planning import plan_stored_task
+app = create_app()
+with app.app_context():
+    plan_stored_task({task_id}, now=datetime.fromisoformat("{now}"))
+"""
+
+
+def wait_for_copy(deadline: float) -> None:
+    while time.monotonic() < deadline:
+        with db.engine.connect() as conn:
+            copying = conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE query LIKE 'COPY assignments%' AND state = 'active'"
+                )
+            ).scalar()
+        if copying:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the planner never started writing")
+
+
+def test_a_planner_killed_half_way_leaves_a_task_the_rerun_completes(planning_app):
+    total = 300_000
+    task_id = submit(range(1, total + 1))
+    script = KILLABLE_PLANNER.format(task_id=task_id, now=NOW.isoformat())
+    planner = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "RPM": str(RPM)})
+    try:
+        wait_for_copy(time.monotonic() + 60)
+    finally:
+        planner.send_signal(signal.SIGKILL)
+        planner.wait()
+    db.session.remove()
+    assert db.session.execute(text("SELECT count(*) FROM assignments")).scalar() == 0
+    assert db.session.get(IdTask, task_id).status == "planning"
+
+    plan_stored_task(task_id, now=NOW)
+    counts = db.session.execute(
+        text(
+            "SELECT count(*), count(DISTINCT position), count(DISTINCT user_id) "
+            "FROM assignments WHERE task_id = :t"
+        ),
+        {"t": task_id},
+    ).one()
+    assert tuple(counts) == (total, total, total)
+    assert sum(loads(WINDOW, NEXT_WINDOW).values()) == total
+    assert db.session.get(IdTask, task_id).status == "scheduled"
