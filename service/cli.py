@@ -1,14 +1,22 @@
-"""Operator commands: `flask worker`, `flask scheduler` (and `flask db` from Flask-Migrate)."""
+"""Operator commands: `flask worker`, `flask scheduler`, `flask plan show`,
+`flask tasks submit` (and `flask db` from Flask-Migrate)."""
 
 from __future__ import annotations
 
+import sys
+from datetime import UTC, datetime
+
 import click
-from flask.cli import with_appcontext
+from flask.cli import AppGroup, with_appcontext
 from rq import Queue, Worker
 from rq_scheduler import Scheduler
 
 from .extensions import get_redis
+from .ids import InvalidIds, stream_ids
+from .models import Overflow
 from .queues import ALL_QUEUES, SLOTS_QUEUE
+from .slots import ids_by_slot, plan_between
+from .tasks import submit_task
 
 # rq-scheduler polls every 60 s by default, which would start slots up to a minute late.
 SCHEDULER_INTERVAL_SECONDS = 1
@@ -44,6 +52,118 @@ def scheduler_command(burst: bool) -> None:
     scheduler.run(burst=burst)
 
 
+MOMENT_FORMATS = [
+    "%Y-%m-%d %H:%M:%S",
+    "%Y-%m-%d %H:%M",
+    "%Y-%m-%dT%H:%M:%S",
+    "%Y-%m-%dT%H:%M",
+    "%Y-%m-%d",
+]
+
+plan_group = AppGroup("plan", help="Read the plan.")
+tasks_group = AppGroup("tasks", help="Submit and follow ID tasks.")
+
+
+@plan_group.command("show")
+@click.option(
+    "--at",
+    "moment",
+    type=click.DateTime(MOMENT_FORMATS),
+    help="A moment of the first window shown, UTC (default: now).",
+)
+@click.option("--windows", default=1, show_default=True, type=click.IntRange(1, 96))
+@click.option(
+    "--rows",
+    default=12,
+    show_default=True,
+    type=click.IntRange(0, 1000),
+    help="IDs listed under each slot; beyond that, only counts.",
+)
+def plan_show(moment: datetime | None, windows: int, rows: int) -> None:
+    """Print the windows as a grid: a column per slot, its IDs under it, RPM marked."""
+    start = moment.replace(tzinfo=UTC) if moment else None
+    plan = plan_between(start, None, windows=windows)
+    for window in plan["windows"]:
+        listed = ids_by_slot(window["start"], window["end"], rows)
+        click.echo(render_window(window, plan["rpm"], listed, rows))
+        click.echo()
+
+
+def render_window(window: dict, rpm: int, listed: dict, rows: int) -> str:
+    """A window as text: headers, the IDs of each slot top-down, a rule after row RPM."""
+    slots = window["slots"]
+    labels = [_label(slot["start"]) for slot in slots]
+    width = max(len(label) for label in labels)
+    width = max(width, *(len(str(i)) for ids in listed.values() for i in ids), 1)
+
+    def cell(value) -> str:
+        return str(value).rjust(width)
+
+    lines = [
+        f"window {_label(window['start'])}-{_label(window['end'])} UTC: "
+        f"{window['load']} IDs planned, capacity {window['capacity']} (RPM {rpm})",
+        " ".join(cell(label) for label in labels),
+    ]
+    depth = min(rows, max((slot["load"] for slot in slots), default=0))
+    for row in range(depth):
+        if row == rpm:
+            lines.append(" ".join("-" * width for _ in slots) + f"  RPM {rpm}")
+        values = [listed.get(slot["start"], []) for slot in slots]
+        lines.append(" ".join(cell(ids[row]) if row < len(ids) else cell("") for ids in values))
+    if any(slot["load"] > depth for slot in slots):
+        lines.append(" ".join(cell(":") if slot["load"] > depth else cell("") for slot in slots))
+    lines.append(" ".join(cell(slot["load"]) for slot in slots) + "  load")
+    lines.append(" ".join(cell("open" if slot["open"] else "") for slot in slots).rstrip())
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _label(moment: datetime) -> str:
+    return f"{moment:%H:%M}" if moment.second == 0 else f"{moment:%H:%M:%S}"
+
+
+@tasks_group.command("submit")
+@click.argument("source", type=click.File("rb"))
+@click.option("--name", "task_name", required=True, help="The task's name.")
+@click.option(
+    "--overflow", type=click.Choice(Overflow.ALL), default=Overflow.SPREAD, show_default=True
+)
+def tasks_submit(source, task_name: str, overflow: str) -> None:
+    """Submit the IDs of SOURCE (a file, or - for stdin), streamed, with a progress bar."""
+    size = _size_of(source)
+    with click.progressbar(length=size, label="sending IDs", file=sys.stderr) as bar:
+        try:
+            task = submit_task(task_name, stream_ids(_Progress(source, bar)), overflow)
+        except InvalidIds as invalid:
+            for message in invalid.errors.values():
+                click.echo(message, err=True)
+            raise click.exceptions.Exit(1) from None
+    click.echo(
+        f"task {task.id}: {task.total} IDs ({task.duplicates} duplicates dropped), "
+        f"queued for planning"
+    )
+
+
+class _Progress:
+    """A binary stream that advances a progress bar as it is read."""
+
+    def __init__(self, stream, bar):
+        self._stream, self._bar = stream, bar
+
+    def read(self, size: int = -1) -> bytes:
+        block = self._stream.read(size)
+        self._bar.update(len(block))
+        return block
+
+
+def _size_of(source) -> int | None:
+    try:
+        return source.seek(0, 2) - source.seek(0)
+    except (OSError, ValueError):
+        return None  # a pipe: the bar counts without a total
+
+
 def init_app(app) -> None:
     app.cli.add_command(worker_command)
     app.cli.add_command(scheduler_command)
+    app.cli.add_command(plan_group)
+    app.cli.add_command(tasks_group)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from flask import current_app
-from sqlalchemy import select
+from sqlalchemy import select, text
 from werkzeug.exceptions import UnprocessableEntity
 
 from .extensions import db
@@ -17,11 +17,14 @@ MAX_SLOTS_PER_ANSWER = 1440
 DEFAULT_WINDOWS_SHOWN = 4
 
 
-def plan_between(start: datetime | None, end: datetime | None) -> dict:
+def plan_between(
+    start: datetime | None, end: datetime | None, windows: int = DEFAULT_WINDOWS_SHOWN
+) -> dict:
+    """The slots from `start`'s window to `end` (default: `windows` windows later)."""
     grid = slot_grid()
     now = datetime.now(UTC)
     start = grid.window_of(start or now)
-    end = end or start + DEFAULT_WINDOWS_SHOWN * grid.window_length
+    end = end or start + windows * grid.window_length
     if end <= start:
         raise UnprocessableEntity("'to' must be later than 'from'")
     if (end - start) / grid.slot_length > MAX_SLOTS_PER_ANSWER:
@@ -69,3 +72,22 @@ def _slot(moment: datetime, stored: Slot | None, rpm: int, is_open: bool) -> dic
         "failed": stored.failed if stored else 0,
         "open": is_open,
     }
+
+
+def ids_by_slot(start: datetime, end: datetime, per_slot: int) -> dict[datetime, list[int]]:
+    """The first `per_slot` IDs planned into each slot of [start, end), in plan order."""
+    rows = db.session.execute(
+        text(
+            "SELECT slot_start, user_id FROM ("
+            "  SELECT slot_start, user_id, row_number() OVER ("
+            "    PARTITION BY slot_start ORDER BY task_id, position) AS rank"
+            "  FROM assignments"
+            "  WHERE slot_start >= :start AND slot_start < :end AND status <> 'cancelled'"
+            ") AS ranked WHERE rank <= :per_slot ORDER BY slot_start, rank"
+        ),
+        {"start": start, "end": end, "per_slot": per_slot},
+    )
+    listed: dict[datetime, list[int]] = {}
+    for slot_start, user_id in rows:
+        listed.setdefault(slot_start, []).append(user_id)
+    return listed

@@ -44,3 +44,43 @@ def test_db_upgrade_is_idempotent_and_leaves_the_schema_at_head(app, runner):
         ).get_heads()
         version = db.session.execute(text("SELECT version_num FROM alembic_version")).scalar()
     assert [version] == heads
+
+
+def test_plan_show_prints_the_window_as_a_grid_with_rpm_marked(make_app):
+    from service.planning import plan_stored_task
+    from service.tasks import submit_task
+
+    app = make_app(RPM=2)
+    with app.app_context():
+        task = submit_task("t", range(1001, 1036))
+        plan_stored_task(task.id, now=datetime(2030, 1, 7, 9, 59, 50, tzinfo=UTC))
+    result = app.test_cli_runner().invoke(args=["plan", "show", "--at", "2030-01-07 10:00:00"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("window 10:00-10:15 UTC: 35 IDs planned, capacity 30 (RPM 2)")
+    assert lines[1].split() == [f"10:{m:02d}" for m in range(15)]
+    assert lines[2].split()[:3] == ["1001", "1003", "1005"]
+    assert lines[3].split()[:3] == ["1002", "1004", "1006"]
+    assert "RPM 2" in lines[4] and set(lines[4].split()[0]) == {"-"}
+    assert lines[5].split() == [str(i) for i in range(1031, 1036)]
+    assert lines[6].split() == ["3"] * 5 + ["2"] * 10 + ["load"]
+
+
+def test_tasks_submit_streams_a_file_and_prints_the_task(app, runner, tmp_path):
+    source = tmp_path / "ids.csv"
+    source.write_text("\n".join(str(i) for i in range(1, 5001)) + "\n7\n")
+    result = runner.invoke(args=["tasks", "submit", str(source), "--name", "from file"])
+    assert result.exit_code == 0, result.output
+    assert "5000 IDs (1 duplicates dropped), queued for planning" in result.output
+    with app.app_context():
+        assert Queue(PLANNING_QUEUE, connection=get_redis()).count == 1
+
+
+def test_tasks_submit_refuses_a_file_with_bad_ids(app, runner, tmp_path):
+    source = tmp_path / "ids.csv"
+    source.write_text("1,2,three")
+    result = runner.invoke(args=["tasks", "submit", str(source), "--name", "bad"])
+    assert result.exit_code == 1
+    assert "'three'" in result.output
+    with app.app_context():
+        assert db.session.execute(text("SELECT count(*) FROM id_tasks")).scalar() == 0
