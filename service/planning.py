@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from flask import current_app
+from psycopg.copy import QueuedLibpqWriter
 from sqlalchemy import update
 
 from .extensions import db
@@ -75,17 +76,19 @@ class _TaskPlanner:
         self.last_slot: datetime | None = None
 
     def run(self) -> None:
-        ids = _Remaining(self._read_ids())
+        ids = self._read_ids()
         window = self.grid.target_window(self._now())
-        while ids.any_left():
+        while True:
             slots = self._lock_window(window)
             if slots:
                 loads = self._loads(slots)
-                if self.task.overflow == Overflow.DEFER:
-                    pairs = fill(ids, loads, self.rpm)
-                else:
-                    pairs = distribute(ids, loads, self.rpm)
-                self._write(pairs, slots)
+                if self.task.overflow != Overflow.DEFER:
+                    self._write(distribute(ids, loads, self.rpm), slots)
+                    return
+                room = sum(max(0, self.rpm - load) for load in loads)
+                # fill stops at a full window or at the last ID; fewer than room: the last.
+                if self._write(fill(ids, loads, self.rpm), slots) < room:
+                    return
             window = self.grid.next_window(window)
 
     def _now(self) -> datetime:
@@ -122,52 +125,33 @@ class _TaskPlanner:
                 (ids,) = cur.fetchone()
             yield from enumerate(ids, start=chunk_no * IDS_PER_CHUNK)
 
-    def _write(self, pairs, slots: list[datetime]) -> None:
-        """COPY the assignments batch by batch, then add the window's new loads."""
+    def _write(self, pairs, slots: list[datetime]) -> int:
+        """COPY the assignments batch by batch, add the new loads; return how many."""
+        task_id = self.task.id
         counts = [0] * len(slots)
         slot_texts = [slot.isoformat() for slot in slots]
         with self.conn.cursor() as cur:
             # Each batch is drawn before its COPY opens: drawing may read the next chunk.
             for batch in batches(pairs, COPY_BATCH):
                 with cur.copy(
-                    "COPY assignments (task_id, position, user_id, slot_start, status) FROM STDIN"
+                    "COPY assignments (task_id, position, user_id, slot_start, status) FROM STDIN",
+                    writer=QueuedLibpqWriter(cur),
                 ) as copy:
+                    write_row = copy.write_row
                     for (position, user_id), index in batch:
-                        copy.write_row(
-                            (self.task.id, position, user_id, slot_texts[index], "pending")
-                        )
+                        write_row((task_id, position, user_id, slot_texts[index], "pending"))
                         counts[index] += 1
             used = [(slot, n) for slot, n in zip(slots, counts) if n]
             if not used:
-                return
+                return 0
             cur.execute(
                 "INSERT INTO slots (slot_start, load) "
                 "SELECT * FROM unnest(%s::timestamptz[], %s::int[]) "
                 "ON CONFLICT (slot_start) DO UPDATE SET load = slots.load + EXCLUDED.load",
                 ([slot for slot, _ in used], [n for _, n in used]),
             )
-        self.planned += sum(counts)
+        written = sum(counts)
+        self.planned += written
         self.first_slot = self.first_slot or used[0][0]
         self.last_slot = used[-1][0]
-
-
-class _Remaining(Iterator):
-    """An iterator that can tell whether anything is left, without losing it."""
-
-    def __init__(self, source: Iterator):
-        self._source = source
-        self._head = _END
-
-    def any_left(self) -> bool:
-        if self._head is _END:
-            self._head = next(self._source, _END)
-        return self._head is not _END
-
-    def __next__(self):
-        if self._head is _END:
-            return next(self._source)
-        head, self._head = self._head, _END
-        return head
-
-
-_END = object()
+        return written

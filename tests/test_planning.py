@@ -172,3 +172,10 @@ def test_slots_refuses_a_bad_range(client, query):
     answer = client.get(f"/slots/?{query}")
     assert answer.status_code == 422
     assert answer.json["message"]
+
+
+def test_defer_ending_exactly_at_a_full_window_stops_there(rpm5):
+    task_id = submit(range(1, 36), overflow="defer")  # 7 open slots x RPM 5
+    plan_stored_task(task_id, now=NOW)
+    assert set(slots_by_id(task_id).values()) == {minute(m) for m in range(8, 15)}
+    assert db.session.get(IdTask, task_id).last_slot == minute(14)

@@ -1,0 +1,150 @@
+"""Planning benchmark, run by hand: `DATABASE_URL=... REDIS_URL=... python bench/plan.py`.
+
+Prints:
+- a 1M-ID task from the POSTed text body to the committed plan, against a bare COPY of
+  the same number of rows into the same assignments table in the same run (the ratio);
+- the peak RSS of a planning process for 100k and for 10M IDs (and their ratio);
+- the generator alone, in IDs per second.
+
+It empties the tables of the database it is given: point it at a database of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import deque
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import flask_migrate  # noqa: E402
+from sqlalchemy import text  # noqa: E402
+
+from service import create_app  # noqa: E402
+from service.extensions import db  # noqa: E402
+from service.planner import distribute  # noqa: E402
+from service.planning import plan_stored_task  # noqa: E402
+from service.tasks import raw_connection, submit_task  # noqa: E402
+
+# Far enough ahead that every slot of the window is open whatever the clock says.
+PLAN_AT = datetime(2030, 1, 7, 9, 59, 50, tzinfo=UTC)
+SLOT = datetime(2030, 1, 7, 10, 0, tzinfo=UTC)
+
+
+def empty_tables() -> None:
+    db.session.execute(text("TRUNCATE users, id_tasks, task_id_chunks, assignments, slots"))
+    db.session.commit()
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE assignments"))
+        conn.execute(text("CHECKPOINT"))
+
+
+def text_body(count: int) -> bytes:
+    return "\n".join(str(1_000_000_000 + i) for i in range(count)).encode()
+
+
+def pipeline_seconds(app, body: bytes) -> float:
+    """POST the body through the app, then plan it: until the plan is committed."""
+    client = app.test_client()
+    started = time.perf_counter()
+    answer = client.post("/celery_ids_tasks/?task_name=bench", data=body, content_type="text/csv")
+    assert answer.status_code == 202, answer.get_data(as_text=True)
+    plan_stored_task(answer.json["id"], now=PLAN_AT)
+    return time.perf_counter() - started
+
+
+def bare_copy_seconds(count: int) -> float:
+    """The same rows COPYed straight into assignments, as the planner writes them."""
+    slot = SLOT.isoformat()
+    started = time.perf_counter()
+    with (
+        raw_connection().cursor() as cur,
+        cur.copy(
+            "COPY assignments (task_id, position, user_id, slot_start, status) FROM STDIN"
+        ) as copy,
+    ):
+        for position in range(count):
+            copy.write_row((1, position, 1_000_000_000 + position, slot, "pending"))
+    db.session.commit()
+    return time.perf_counter() - started
+
+
+PLANNER_CHILD = """
+import resource, sys
+from datetime import datetime
+from service import create_app
+from service.planning import plan_stored_task
+app = create_app()
+with app.app_context():
+    plan_stored_task(int(sys.argv[1]), now=datetime.fromisoformat(sys.argv[2]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def planner_peak_rss_mib(count: int) -> float:
+    """Peak RSS of a fresh process planning a stored task of `count` IDs."""
+    empty_tables()
+    ids = (1_000_000_000 + i for i in range(count))
+    task_id = submit_task("rss", ids).id
+    done = subprocess.run(
+        [sys.executable, "-c", PLANNER_CHILD, str(task_id), PLAN_AT.isoformat()],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(done.stdout.split()[-1]) / 1024
+
+
+def generator_ids_per_second(count: int) -> float:
+    started = time.perf_counter()
+    deque(distribute(range(count), [0] * 15, 120), maxlen=0)
+    return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ids", type=int, default=1_000_000, help="IDs in the timed task")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rss-small", type=int, default=100_000)
+    parser.add_argument("--rss-large", type=int, default=10_000_000)
+    args = parser.parse_args()
+
+    os.environ.setdefault("RPM", "120")
+    app = create_app()
+    with app.app_context():
+        flask_migrate.upgrade(directory=str(ROOT / "migrations"))
+        body = text_body(args.ids)
+        pipelines, copies = [], []
+        for _ in range(args.runs):
+            empty_tables()
+            copies.append(bare_copy_seconds(args.ids))
+            empty_tables()
+            pipelines.append(pipeline_seconds(app, body))
+        pipeline, copy = statistics.median(pipelines), statistics.median(copies)
+        print(f"{args.ids:,} IDs, median of {args.runs} runs")
+        print(f"  POSTed text body to committed plan: {pipeline:6.2f} s")
+        print(f"  bare COPY of as many assignments:   {copy:6.2f} s")
+        print(f"  ratio (bare COPY / whole pipeline): {copy / pipeline:6.2f}  (aim: 0.5 or more)")
+
+        small = planner_peak_rss_mib(args.rss_small)
+        large = planner_peak_rss_mib(args.rss_large)
+        print("peak RSS of the planning process")
+        print(f"  {args.rss_small:>11,} IDs: {small:7.1f} MiB")
+        print(f"  {args.rss_large:>11,} IDs: {large:7.1f} MiB")
+        print(f"  ratio: {large / small:.2f}  (aim: 1.2 or less)")
+        empty_tables()
+
+    rate = generator_ids_per_second(5_000_000)
+    print(f"generator alone: {rate:,.0f} IDs/s")
+
+
+if __name__ == "__main__":
+    main()
