@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from flask import current_app
-from psycopg.copy import QueuedLibpqWriter
 from sqlalchemy import update
 
 from .extensions import db
@@ -134,8 +133,7 @@ class _TaskPlanner:
             # Each batch is drawn before its COPY opens: drawing may read the next chunk.
             for batch in batches(pairs, COPY_BATCH):
                 with cur.copy(
-                    "COPY assignments (task_id, position, user_id, slot_start, status) FROM STDIN",
-                    writer=QueuedLibpqWriter(cur),
+                    "COPY assignments (task_id, position, user_id, slot_start, status) FROM STDIN"
                 ) as copy:
                     write_row = copy.write_row
                     for (position, user_id), index in batch:
