@@ -63,12 +63,12 @@ def _fill(ids: Iterator[T], loads: list[int], rpm: int) -> Iterator[tuple[T, int
         room = rpm - load
         if room <= 0:
             continue
-        taken = 0
+        placed = 0
         # islice takes at most `room` IDs, so no ID is drawn without a slot for it.
-        for taken, user_id in enumerate(islice(ids, room), start=1):  # noqa: B007
+        for placed, user_id in enumerate(islice(ids, room), start=1):  # noqa: B007
             yield user_id, index
-        loads[index] += taken
-        if taken < room:
+        loads[index] += placed
+        if placed < room:
             return  # the IDs ran out
 
 
@@ -81,12 +81,13 @@ def _spread(ids: Iterator[T], loads: list[int]) -> Iterator[tuple[T, int]]:
     while True:
         lowest = min(loads)
         round_slots = [index for index, load in enumerate(loads) if load == lowest]
-        served = 0
+        index = None
         # zip draws from round_slots first: when the round is over, no ID is drawn.
-        for served, (index, user_id) in enumerate(zip(round_slots, ids), start=1):  # noqa: B007
+        for index, user_id in zip(round_slots, ids):
             yield user_id, index
-        for index in round_slots[:served]:
-            loads[index] += 1
+        served = 0 if index is None else round_slots.index(index) + 1
+        for served_index in round_slots[:served]:
+            loads[served_index] += 1
         if served < len(round_slots):
             return
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from itertools import chain
 
 from flask import current_app
 from sqlalchemy import update
@@ -17,10 +18,8 @@ from sqlalchemy import update
 from .extensions import db
 from .models import IdTask, Overflow, TaskStatus
 from .planner import SlotGrid, distribute, fill
-from .tasks import IDS_PER_CHUNK, batches, get_task, raw_connection
+from .tasks import IDS_PER_CHUNK, get_task, raw_connection
 
-# Rows written per COPY statement; between two, the next chunk of IDs is read.
-COPY_BATCH = IDS_PER_CHUNK
 # First key of the two-key advisory locks, so they cannot meet another lock user's.
 WINDOW_LOCK_NAMESPACE = 0x5107
 PLANNABLE = (TaskStatus.RECEIVED, TaskStatus.PLANNING)
@@ -75,20 +74,28 @@ class _TaskPlanner:
         self.last_slot: datetime | None = None
 
     def run(self) -> None:
-        ids = self._read_ids()
-        window = self.grid.target_window(self._now())
-        while True:
-            slots = self._lock_window(window)
-            if slots:
-                loads = self._loads(slots)
-                if self.task.overflow != Overflow.DEFER:
-                    self._write(distribute(ids, loads, self.rpm), slots)
-                    return
-                room = sum(max(0, self.rpm - load) for load in loads)
-                # fill stops at a full window or at the last ID; fewer than room: the last.
-                if self._write(fill(ids, loads, self.rpm), slots) < room:
-                    return
-            window = self.grid.next_window(window)
+        # The IDs stream from a connection of their own, so that each window's rows go
+        # out in one COPY that PostgreSQL ingests while Python computes the next ones.
+        # They are committed and cannot change meanwhile: changing them takes the task
+        # row lock, which this transaction holds.
+        with db.engine.connect() as reader:
+            ids = self._read_ids(reader.connection.driver_connection)
+            window = self.grid.target_window(self._now())
+            while not self._plan_window(ids, window):
+                window = self.grid.next_window(window)
+
+    def _plan_window(self, ids: Iterator[tuple[int, int]], window: datetime) -> bool:
+        """Plan into one window; True once no ID is left for the next."""
+        slots = self._lock_window(window)
+        if not slots:
+            return False
+        loads = self._loads(slots)
+        if self.task.overflow != Overflow.DEFER:
+            self._write(distribute(ids, loads, self.rpm), slots)
+            return True
+        room = sum(max(0, self.rpm - load) for load in loads)
+        # fill stops at a full window or at the last ID; fewer than room: the last.
+        return self._write(fill(ids, loads, self.rpm), slots) < room
 
     def _now(self) -> datetime:
         if self.fixed_now is not None:
@@ -113,32 +120,31 @@ class _TaskPlanner:
             known = dict(cur.fetchall())
         return [known.get(slot, 0) for slot in slots]
 
-    def _read_ids(self) -> Iterator[tuple[int, int]]:
-        """(position, user_id) in submission order, one chunk in memory at a time."""
-        for chunk_no in range(0, (self.task.total + IDS_PER_CHUNK - 1) // IDS_PER_CHUNK):
-            with self.conn.cursor() as cur:
-                cur.execute(
-                    "SELECT ids FROM task_id_chunks WHERE task_id = %s AND chunk_no = %s",
-                    (self.task.id, chunk_no),
-                )
-                (ids,) = cur.fetchone()
-            yield from enumerate(ids, start=chunk_no * IDS_PER_CHUNK)
+    def _read_ids(self, reader) -> Iterator[tuple[int, int]]:
+        """(position, user_id) in submission order, a few chunks in memory at a time."""
+        cursor = reader.cursor(name=f"task_{self.task.id}_ids")
+        cursor.itersize = 2
+        cursor.execute(
+            "SELECT chunk_no, ids FROM task_id_chunks WHERE task_id = %s ORDER BY chunk_no",
+            (self.task.id,),
+        )
+        return chain.from_iterable(
+            enumerate(ids, start=chunk_no * IDS_PER_CHUNK) for chunk_no, ids in cursor
+        )
 
     def _write(self, pairs, slots: list[datetime]) -> int:
-        """COPY the assignments batch by batch, add the new loads; return how many."""
+        """COPY the window's assignments, add its new loads; return how many."""
         task_id = self.task.id
         counts = [0] * len(slots)
         slot_texts = [slot.isoformat() for slot in slots]
         with self.conn.cursor() as cur:
-            # Each batch is drawn before its COPY opens: drawing may read the next chunk.
-            for batch in batches(pairs, COPY_BATCH):
-                with cur.copy(
-                    "COPY assignments (task_id, position, user_id, slot_start, status) FROM STDIN"
-                ) as copy:
-                    write_row = copy.write_row
-                    for (position, user_id), index in batch:
-                        write_row((task_id, position, user_id, slot_texts[index], "pending"))
-                        counts[index] += 1
+            with cur.copy(
+                "COPY assignments (task_id, position, user_id, slot_start, status) FROM STDIN"
+            ) as copy:
+                write_row = copy.write_row
+                for (position, user_id), index in pairs:
+                    write_row((task_id, position, user_id, slot_texts[index], "pending"))
+                    counts[index] += 1
             used = [(slot, n) for slot, n in zip(slots, counts) if n]
             if not used:
                 return 0
