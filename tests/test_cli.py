@@ -21,6 +21,9 @@ def test_worker_burst_runs_the_queued_planning_job(app, client, runner):
         job = Job.fetch(f"plan-{task_id}", connection=get_redis())
         assert job.is_finished
         assert Queue(PLANNING_QUEUE, connection=get_redis()).count == 0
+    task = client.get(f"/celery_ids_tasks/{task_id}/").json
+    assert (task["status"], task["planned"]) == ("scheduled", 1)
+    assert client.get(f"/celery_ids_tasks/{task_id}/ids/").json[0]["slot"] == task["first_slot"]
 
 
 def test_scheduler_burst_moves_due_jobs_to_their_queue(app, runner):
