@@ -11,10 +11,12 @@ from flask.cli import AppGroup, with_appcontext
 from rq import Queue, Worker
 from rq_scheduler import Scheduler
 
+from .dispatch import reconcile
 from .extensions import get_redis
 from .ids import InvalidIds, stream_ids
 from .models import Overflow
 from .queues import ALL_QUEUES, SLOTS_QUEUE
+from .scheduling import register_periodic_jobs
 from .slots import ids_by_slot, plan_between
 from .tasks import submit_task
 
@@ -49,6 +51,8 @@ def scheduler_command(burst: bool) -> None:
     scheduler = Scheduler(
         queue_name=SLOTS_QUEUE, connection=get_redis(), interval=SCHEDULER_INTERVAL_SECONDS
     )
+    for job_id in register_periodic_jobs(scheduler):
+        click.echo(f"registered periodic job {job_id}")
     scheduler.run(burst=burst)
 
 
@@ -87,6 +91,14 @@ def plan_show(moment: datetime | None, windows: int, rows: int) -> None:
         listed = ids_by_slot(window["start"], window["end"], rows)
         click.echo(render_window(window, plan["rpm"], listed, rows))
         click.echo()
+
+
+@plan_group.command("reconcile")
+def plan_reconcile() -> None:
+    """Rebuild the schedule from PostgreSQL: jobs for slots with pending IDs, late slots
+    run at once, stale claims released, lost planning jobs queued again."""
+    for what, count in reconcile().items():
+        click.echo(f"{what}: {count}")
 
 
 def render_window(window: dict, rpm: int, listed: dict, rows: int) -> str:

@@ -30,7 +30,13 @@ class Config:
     SLOT_SECONDS: int = 60
     WINDOW_SLOTS: int = 15
     MAX_ATTEMPTS: int = 3
+    RETRY_BACKOFF_SECONDS: float = 60.0
+    PACING: bool = True
+    CLAIM_TIMEOUT_SECONDS: int = 300
     ID_PROCESSOR: str = "workers.processors:record_user"
+    PROCESSOR_HTTP_URL: str | None = None
+    PROCESSOR_HTTP_METHOD: str = "POST"
+    PROCESSOR_HTTP_TIMEOUT: float = 10.0
     API_TOKEN: str | None = None
     MAX_IDS_PER_TASK: int = 10_000_000
     MAX_CONTENT_LENGTH: int = 16 * 1024 * 1024
@@ -60,8 +66,11 @@ class Config:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.PLAN_LEAD_SECONDS < 0:
-            raise ConfigError("PLAN_LEAD_SECONDS must not be negative")
+        for name in ("PLAN_LEAD_SECONDS", "RETRY_BACKOFF_SECONDS"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative")
+        if self.PROCESSOR_HTTP_URL and "{id}" not in self.PROCESSOR_HTTP_URL:
+            raise ConfigError("PROCESSOR_HTTP_URL must hold {id}, where each user ID goes")
         if ":" not in self.ID_PROCESSOR:
             raise ConfigError("ID_PROCESSOR must be a 'module:function' path")
 
@@ -71,8 +80,24 @@ class Config:
         return settings
 
 
+_BOOLEANS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
+
+
 def _convert(name: str, raw: str, type_name: str):
     kind = type_name.split("|")[0].strip()
+    if kind == "bool":
+        if raw.lower() not in _BOOLEANS:
+            raise ConfigError(f"{name} must be true or false, got {raw!r}")
+        return _BOOLEANS[raw.lower()]
     try:
         if kind == "int":
             return int(raw)

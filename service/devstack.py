@@ -116,7 +116,10 @@ def _services(host: str, port: str) -> dict[str, list[str]]:
             "4",
             "wsgi:app",
         ],
-        "worker": [python, "-m", "flask", "--app", "wsgi", "worker"],
+        # A slot job holds its worker for its whole slot: a second worker starts the next
+        # slot on time while the first finishes, and takes the planning jobs.
+        "worker-1": [python, "-m", "flask", "--app", "wsgi", "worker"],
+        "worker-2": [python, "-m", "flask", "--app", "wsgi", "worker"],
         "scheduler": [python, "-m", "flask", "--app", "wsgi", "scheduler"],
     }
 

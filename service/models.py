@@ -6,6 +6,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -138,6 +139,10 @@ class Slot(db.Model):
     load: Mapped[int] = mapped_column(Integer, server_default="0")
     done: Mapped[int] = mapped_column(Integer, server_default="0")
     failed: Mapped[int] = mapped_column(Integer, server_default="0")
+    # IDs handed to workers so far: each claim's place in the slot, for pacing.
+    claimed: Mapped[int] = mapped_column(Integer, server_default="0")
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    late: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
 
 class Assignment(db.Model):
@@ -156,6 +161,11 @@ class Assignment(db.Model):
             "slot_start",
             postgresql_where=text("status = 'pending'"),
         ),
+        Index(
+            "ix_assignments_running_since",
+            "claimed_at",
+            postgresql_where=text("status = 'running'"),
+        ),
     )
 
     task_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -166,3 +176,4 @@ class Assignment(db.Model):
     attempts: Mapped[int] = mapped_column(SmallInteger, server_default="0")
     error: Mapped[str | None] = mapped_column(Text)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

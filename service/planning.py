@@ -1,14 +1,15 @@
-"""Planning a stored task into slots: the PostgreSQL side of the planner.
+"""Planning IDs into slots: the PostgreSQL side of the planner.
 
 One transaction per task. It holds the task's row lock, and an advisory lock per window
 while planning into it, so any number of planners in any number of processes stay
 correct: two never read the same slot's load at once. Killed half way, it leaves
-nothing behind, and the job re-run plans the task from the start.
+nothing behind, and the job re-run plans the task from the start. Retries of failed IDs
+go through the same windows, locks and rules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from itertools import chain
 
@@ -17,12 +18,16 @@ from sqlalchemy import update
 
 from .extensions import db
 from .models import IdTask, Overflow, TaskStatus
-from .planner import SlotGrid, distribute, fill
+from .planner import EPOCH, SlotGrid, distribute, fill
+from .scheduling import schedule_slots
 from .tasks import IDS_PER_CHUNK, get_task, raw_connection
 
 # First key of the two-key advisory locks, so they cannot meet another lock user's.
 WINDOW_LOCK_NAMESPACE = 0x5107
 PLANNABLE = (TaskStatus.RECEIVED, TaskStatus.PLANNING)
+
+# ((position, user_id), slot index) pairs and the window's open slots -> rows written.
+Writer = Callable[[Iterator, list[datetime]], list[int]]
 
 
 def slot_grid() -> SlotGrid:
@@ -31,10 +36,11 @@ def slot_grid() -> SlotGrid:
 
 
 def plan_stored_task(task_id: int, now: datetime | None = None) -> str:
-    """Plan every ID of a received task; a task planned already is left as it is.
+    """Plan every ID of a received task, then schedule its slots' jobs.
 
-    `now` fixes the planning time (tests); by default the database's clock is read
-    after each window lock is taken, so time spent waiting for it is accounted for.
+    A task planned already is left as it is. `now` fixes the planning time (tests); by
+    default the database's clock is read after each window lock is taken, so time spent
+    waiting for a lock never plans into a slot that has started meanwhile.
     """
     if not _mark_planning(task_id):
         return f"task {task_id}: nothing to plan"
@@ -42,13 +48,19 @@ def plan_stored_task(task_id: int, now: datetime | None = None) -> str:
     if task.status not in PLANNABLE:
         db.session.rollback()
         return f"task {task_id}: {task.status}, nothing to plan"
-    planner = _TaskPlanner(task, slot_grid(), current_app.config["RPM"], now)
-    planner.run()
+    planner = WindowPlanner(task.overflow, now)
+    # The IDs stream from a connection of their own, so that each window's rows go out
+    # in one COPY that PostgreSQL ingests while Python computes the next ones. They are
+    # committed and cannot change meanwhile: changing them takes the task row lock.
+    with db.engine.connect() as reader:
+        ids = _read_ids(reader.connection.driver_connection, task)
+        planner.plan(ids, _copy_writer(task.id))
     task.planned = planner.planned
-    task.first_slot, task.last_slot = planner.first_slot, planner.last_slot
+    task.first_slot, task.last_slot = min(planner.used_slots), max(planner.used_slots)
     task.status = TaskStatus.SCHEDULED
     db.session.commit()
-    span = f"{planner.first_slot:%Y-%m-%d %H:%M:%S}..{planner.last_slot:%H:%M:%S}"
+    schedule_slots(planner.used_slots)
+    span = f"{task.first_slot:%Y-%m-%d %H:%M:%S}..{task.last_slot:%H:%M:%S}"
     return f"task {task_id}: {planner.planned} IDs planned into {span}"
 
 
@@ -63,51 +75,107 @@ def _mark_planning(task_id: int) -> bool:
     return db.session.get(IdTask, task_id) is not None
 
 
-class _TaskPlanner:
-    """Streams one task's IDs through the generator into `assignments`, window by window."""
+def _read_ids(reader, task: IdTask) -> Iterator[tuple[int, int]]:
+    """(position, user_id) in submission order, a few chunks in memory at a time."""
+    cursor = reader.cursor(name=f"task_{task.id}_ids")
+    cursor.itersize = 2
+    cursor.execute(
+        "SELECT chunk_no, ids FROM task_id_chunks WHERE task_id = %s ORDER BY chunk_no",
+        (task.id,),
+    )
+    return chain.from_iterable(
+        enumerate(ids, start=chunk_no * IDS_PER_CHUNK) for chunk_no, ids in cursor
+    )
 
-    def __init__(self, task: IdTask, grid: SlotGrid, rpm: int, now: datetime | None):
-        self.task, self.grid, self.rpm, self.fixed_now = task, grid, rpm, now
-        self.conn = raw_connection()
+
+def _copy_writer(task_id: int) -> Writer:
+    """New assignments, one COPY per window."""
+
+    def write(pairs: Iterator, slots: list[datetime]) -> list[int]:
+        counts = [0] * len(slots)
+        slot_texts = [slot.isoformat() for slot in slots]
+        with (
+            raw_connection().cursor() as cur,
+            cur.copy(
+                "COPY assignments (task_id, position, user_id, slot_start, status) FROM STDIN"
+            ) as copy,
+        ):
+            write_row = copy.write_row
+            for (position, user_id), index in pairs:
+                write_row((task_id, position, user_id, slot_texts[index], "pending"))
+                counts[index] += 1
+        return counts
+
+    return write
+
+
+def replan_retries(
+    task_id: int, overflow: str, positions: Iterable[tuple[int, int]], not_before: datetime
+) -> set[datetime]:
+    """Move failed IDs of a task, still in their rows, to slots from `not_before` on.
+
+    Called inside the transaction that records their failure, after the task's row
+    is locked; returns the slots used, to be scheduled once it commits.
+    """
+
+    def write(pairs: Iterator, slots: list[datetime]) -> list[int]:
+        counts = [0] * len(slots)
+        moves = []
+        for (position, _user_id), index in pairs:
+            moves.append((slots[index], task_id, position))
+            counts[index] += 1
+        with raw_connection().cursor() as cur:
+            cur.executemany(
+                "UPDATE assignments SET slot_start = %s, status = 'pending', claimed_at = NULL "
+                "WHERE task_id = %s AND position = %s",
+                moves,
+            )
+        return counts
+
+    planner = WindowPlanner(overflow, not_before)
+    planner.plan(iter(positions), write)
+    return planner.used_slots
+
+
+class WindowPlanner:
+    """Runs IDs through the generator window by window, from the target window on."""
+
+    def __init__(self, overflow: str, now: datetime | None):
+        self.grid = slot_grid()
+        self.rpm = current_app.config["RPM"]
+        self.overflow, self.fixed_now = overflow, now
         self.planned = 0
-        self.first_slot: datetime | None = None
-        self.last_slot: datetime | None = None
+        self.used_slots: set[datetime] = set()
 
-    def run(self) -> None:
-        # The IDs stream from a connection of their own, so that each window's rows go
-        # out in one COPY that PostgreSQL ingests while Python computes the next ones.
-        # They are committed and cannot change meanwhile: changing them takes the task
-        # row lock, which this transaction holds.
-        with db.engine.connect() as reader:
-            ids = self._read_ids(reader.connection.driver_connection)
-            window = self.grid.target_window(self._now())
-            while not self._plan_window(ids, window):
-                window = self.grid.next_window(window)
+    def plan(self, ids: Iterator, write: Writer) -> None:
+        window = self.grid.target_window(self._now())
+        while not self._plan_window(ids, window, write):
+            window = self.grid.next_window(window)
 
-    def _plan_window(self, ids: Iterator[tuple[int, int]], window: datetime) -> bool:
+    def _plan_window(self, ids: Iterator, window: datetime, write: Writer) -> bool:
         """Plan into one window; True once no ID is left for the next."""
         slots = self._lock_window(window)
         if not slots:
             return False
         loads = self._loads(slots)
-        if self.task.overflow != Overflow.DEFER:
-            self._write(distribute(ids, loads, self.rpm), slots)
+        if self.overflow != Overflow.DEFER:
+            self._add_loads(slots, write(distribute(ids, loads, self.rpm), slots))
             return True
         room = sum(max(0, self.rpm - load) for load in loads)
         # fill stops at a full window or at the last ID; fewer than room: the last.
-        return self._write(fill(ids, loads, self.rpm), slots) < room
+        return self._add_loads(slots, write(fill(ids, loads, self.rpm), slots)) < room
 
     def _now(self) -> datetime:
         if self.fixed_now is not None:
             return self.fixed_now
-        with self.conn.cursor() as cur:
+        with raw_connection().cursor() as cur:
             cur.execute("SELECT clock_timestamp()")
             return cur.fetchone()[0].astimezone(UTC)
 
     def _lock_window(self, window: datetime) -> list[datetime]:
         """Lock the window; return its slots still open once the lock is held."""
-        number = (window - datetime(1970, 1, 1, tzinfo=UTC)) // self.grid.window_length
-        with self.conn.cursor() as cur:
+        number = (window - EPOCH) // self.grid.window_length
+        with raw_connection().cursor() as cur:
             cur.execute(
                 "SELECT pg_advisory_xact_lock(%s, %s)",
                 (WINDOW_LOCK_NAMESPACE, number % 2**31),
@@ -115,47 +183,22 @@ class _TaskPlanner:
         return self.grid.open_slots(window, self._now())
 
     def _loads(self, slots: list[datetime]) -> list[int]:
-        with self.conn.cursor() as cur:
+        with raw_connection().cursor() as cur:
             cur.execute("SELECT slot_start, load FROM slots WHERE slot_start = ANY(%s)", (slots,))
             known = dict(cur.fetchall())
         return [known.get(slot, 0) for slot in slots]
 
-    def _read_ids(self, reader) -> Iterator[tuple[int, int]]:
-        """(position, user_id) in submission order, a few chunks in memory at a time."""
-        cursor = reader.cursor(name=f"task_{self.task.id}_ids")
-        cursor.itersize = 2
-        cursor.execute(
-            "SELECT chunk_no, ids FROM task_id_chunks WHERE task_id = %s ORDER BY chunk_no",
-            (self.task.id,),
-        )
-        return chain.from_iterable(
-            enumerate(ids, start=chunk_no * IDS_PER_CHUNK) for chunk_no, ids in cursor
-        )
-
-    def _write(self, pairs, slots: list[datetime]) -> int:
-        """COPY the window's assignments, add its new loads; return how many."""
-        task_id = self.task.id
-        counts = [0] * len(slots)
-        slot_texts = [slot.isoformat() for slot in slots]
-        with self.conn.cursor() as cur:
-            with cur.copy(
-                "COPY assignments (task_id, position, user_id, slot_start, status) FROM STDIN"
-            ) as copy:
-                write_row = copy.write_row
-                for (position, user_id), index in pairs:
-                    write_row((task_id, position, user_id, slot_texts[index], "pending"))
-                    counts[index] += 1
-            used = [(slot, n) for slot, n in zip(slots, counts) if n]
-            if not used:
-                return 0
-            cur.execute(
-                "INSERT INTO slots (slot_start, load) "
-                "SELECT * FROM unnest(%s::timestamptz[], %s::int[]) "
-                "ON CONFLICT (slot_start) DO UPDATE SET load = slots.load + EXCLUDED.load",
-                ([slot for slot, _ in used], [n for _, n in used]),
-            )
+    def _add_loads(self, slots: list[datetime], counts: list[int]) -> int:
+        used = [(slot, n) for slot, n in zip(slots, counts) if n]
+        if used:
+            with raw_connection().cursor() as cur:
+                cur.execute(
+                    "INSERT INTO slots (slot_start, load) "
+                    "SELECT * FROM unnest(%s::timestamptz[], %s::int[]) "
+                    "ON CONFLICT (slot_start) DO UPDATE SET load = slots.load + EXCLUDED.load",
+                    ([slot for slot, _ in used], [n for _, n in used]),
+                )
         written = sum(counts)
         self.planned += written
-        self.first_slot = self.first_slot or used[0][0]
-        self.last_slot = used[-1][0]
+        self.used_slots.update(slot for slot, _ in used)
         return written

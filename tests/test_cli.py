@@ -30,12 +30,24 @@ def test_scheduler_burst_moves_due_jobs_to_their_queue(app, runner):
     with app.app_context():
         scheduler = Scheduler(queue_name=SLOTS_QUEUE, connection=get_redis())
         scheduler.enqueue_at(datetime.now(UTC) - timedelta(seconds=1), print, "due")
-        scheduler.enqueue_at(datetime.now(UTC) + timedelta(hours=1), print, "later")
+        later = scheduler.enqueue_at(datetime.now(UTC) + timedelta(hours=1), print, "later")
     result = runner.invoke(args=["scheduler", "--burst"])
     assert result.exit_code == 0, result.output
+    assert "registered periodic job reconcile" in result.output
     with app.app_context():
         assert Queue(SLOTS_QUEUE, connection=get_redis()).count == 1
-        assert len(list(Scheduler(connection=get_redis()).get_jobs())) == 1
+        waiting = {job.id for job in Scheduler(connection=get_redis()).get_jobs()}
+        assert waiting == {later.id, "reconcile"}
+
+
+def test_a_restarted_scheduler_keeps_one_periodic_reconcile(app, runner):
+    for _ in range(3):
+        assert runner.invoke(args=["scheduler", "--burst"]).exit_code == 0
+    with app.app_context():
+        waiting = [job.id for job in Scheduler(connection=get_redis()).get_jobs()]
+        assert waiting == ["reconcile"]
+        queued = Queue(PLANNING_QUEUE, connection=get_redis()).job_ids
+        assert queued == ["reconcile"]  # due once at the first start, then every minute
 
 
 def test_db_upgrade_is_idempotent_and_leaves_the_schema_at_head(app, runner):

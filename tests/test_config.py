@@ -13,9 +13,10 @@ def test_defaults_apply_when_only_the_servers_are_given():
 
 
 def test_values_are_converted_to_their_types():
-    config = Config.from_env({**REQUIRED, "RPM": "5", "PLAN_LEAD_SECONDS": "0.5"})
+    config = Config.from_env({**REQUIRED, "RPM": "5", "PLAN_LEAD_SECONDS": "0.5", "PACING": "off"})
     assert config.RPM == 5
     assert config.PLAN_LEAD_SECONDS == 0.5
+    assert config.PACING is False
 
 
 def test_the_driver_is_named_for_sqlalchemy():
@@ -31,6 +32,8 @@ def test_the_driver_is_named_for_sqlalchemy():
         ({**REQUIRED, "RPM": "0"}, "RPM must be at least 1"),
         ({**REQUIRED, "PLAN_LEAD_SECONDS": "-1"}, "must not be negative"),
         ({**REQUIRED, "ID_PROCESSOR": "no_colon"}, "module:function"),
+        ({**REQUIRED, "PACING": "maybe"}, "true or false"),
+        ({**REQUIRED, "PROCESSOR_HTTP_URL": "http://x/"}, "must hold {id}"),
     ],
 )
 def test_a_bad_setting_stops_the_start(environ, complaint):

@@ -1,0 +1,337 @@
+"""Running slots: claim a slot's IDs, process them paced through the slot, record each
+outcome, retry failures in later slots; and reconcile Redis with PostgreSQL.
+
+PostgreSQL is the guard against running an ID twice: a claim moves rows from `pending`
+to `running` with FOR UPDATE SKIP LOCKED, so any number of workers (or duplicate jobs
+for one slot) share a slot's IDs without overlap. Processing and recording an ID's
+outcome commit together, so an ID whose worker dies before the commit is processed
+again, once, after its claim times out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from importlib import import_module
+
+from flask import current_app
+from sqlalchemy import text
+
+from .extensions import db
+from .models import IdTask
+from .planning import replan_retries
+from .queues import enqueue_planning
+from .scheduling import ensure_slot_job, get_scheduler, planning_is_queued, schedule_slots
+
+log = logging.getLogger(__name__)
+
+# IDs claimed at once when not pacing.
+CLAIM_BATCH = 500
+# With pacing on, a claim takes about this many seconds' worth of IDs.
+CLAIM_AHEAD_SECONDS = 1.0
+# IDs whose turns fall within this many seconds go to the processor together.
+PACING_TICK_SECONDS = 0.05
+# Pacing spreads a slot's IDs over this share of it, leaving the rest as a margin.
+PACE_SHARE = 0.9
+# A slot whose first claim comes later than this after its start is marked late.
+LATE_AFTER_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A processor's verdict on one ID; `retry` False means no further attempt."""
+
+    message: str
+    retry: bool = True
+
+
+@dataclass(frozen=True)
+class Claim:
+    task_id: int
+    position: int
+    user_id: int
+    attempts: int  # before this one
+
+
+def load_processor(path: str):
+    module_name, _, function = path.partition(":")
+    return getattr(import_module(module_name), function)
+
+
+def run_slot(slot: datetime) -> str:
+    """Process every pending ID of the slot: wait for its start, then claim, pace, record."""
+    config = current_app.config
+    processor = load_processor(config["ID_PROCESSOR"])
+    _sleep_until(slot)
+    handled = 0
+    pace = _Pace(slot, config["SLOT_SECONDS"]) if config["PACING"] else None
+    while True:
+        claims, first_turn = claim(slot, pace.batch_size() if pace else CLAIM_BATCH)
+        if not claims:
+            break
+        mark_tasks_running({c.task_id for c in claims})
+        groups = pace.groups(claims, first_turn) if pace else [claims]
+        for group in groups:
+            record_outcomes(slot, group, process(processor, group))
+            handled += len(group)
+    return f"slot {slot:%Y-%m-%d %H:%M:%S}: {handled} IDs processed"
+
+
+def claim(slot: datetime, limit: int) -> tuple[list[Claim], int]:
+    """Take up to `limit` pending IDs of the slot; return them and the first one's turn."""
+    rows = db.session.execute(
+        text(
+            "WITH picked AS ("
+            "  SELECT task_id, position FROM assignments"
+            "  WHERE slot_start = :slot AND status = 'pending'"
+            "  LIMIT :limit FOR UPDATE SKIP LOCKED) "
+            "UPDATE assignments AS a SET status = 'running', claimed_at = clock_timestamp() "
+            "FROM picked WHERE a.task_id = picked.task_id AND a.position = picked.position "
+            "RETURNING a.task_id, a.position, a.user_id, a.attempts"
+        ),
+        {"slot": slot, "limit": limit},
+    ).all()
+    if not rows:
+        db.session.commit()
+        return [], 0
+    first_turn = db.session.execute(
+        text(
+            "UPDATE slots SET claimed = claimed + :n, "
+            "  started_at = coalesce(started_at, clock_timestamp()), "
+            "  late = late OR (started_at IS NULL AND clock_timestamp() > slot_start + :late) "
+            "WHERE slot_start = :slot RETURNING claimed - :n"
+        ),
+        {"n": len(rows), "slot": slot, "late": timedelta(seconds=LATE_AFTER_SECONDS)},
+    ).scalar()
+    db.session.commit()
+    return [Claim(*row) for row in rows], first_turn or 0
+
+
+def mark_tasks_running(task_ids: set[int]) -> None:
+    """scheduled -> running, in a commit apart from the claim: a claim never waits for a
+    task's row lock, which a replan or cancel holds while it waits for claimed rows."""
+    db.session.execute(
+        text(
+            "UPDATE id_tasks SET status = 'running' WHERE id = ANY(:ids) AND status = 'scheduled'"
+        ),
+        {"ids": sorted(task_ids)},
+    )
+    db.session.commit()
+
+
+def process(processor, group: list[Claim]) -> dict[int, Failure]:
+    """Call the processor inside a savepoint: what it writes commits with the outcomes."""
+    user_ids = [c.user_id for c in group]
+    try:
+        with db.session.begin_nested():
+            verdicts = processor(user_ids) or {}
+    except Exception as exc:  # a processor's bug fails its IDs, not the slot
+        log.exception("processor failed on %d IDs", len(user_ids))
+        return {user_id: Failure(f"{type(exc).__name__}: {exc}") for user_id in user_ids}
+    return {
+        user_id: verdict if isinstance(verdict, Failure) else Failure(str(verdict))
+        for user_id, verdict in verdicts.items()
+    }
+
+
+def record_outcomes(slot: datetime, group: list[Claim], failures: Mapping[int, Failure]) -> None:
+    """Done, failed for good, or planned again in a later slot; counters follow."""
+    max_attempts = current_app.config["MAX_ATTEMPTS"]
+    done, final, retry = [], [], []
+    for item in group:
+        failure = failures.get(item.user_id)
+        if failure is None:
+            done.append(item)
+        elif failure.retry and item.attempts + 1 < max_attempts:
+            retry.append(item)
+        else:
+            final.append(item)
+    # Task rows first, in id order, as every other writer of several tasks takes them.
+    db.session.execute(
+        text("SELECT id FROM id_tasks WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"),
+        {"ids": sorted({item.task_id for item in group})},
+    )
+    _set_outcome(done, "done", None)
+    for item in final:
+        _set_outcome([item], "failed", failures[item.user_id].message)
+    for item in retry:
+        _note_failed_attempt(item, failures[item.user_id].message)
+    db.session.execute(
+        text("UPDATE slots SET done = done + :d, failed = failed + :f WHERE slot_start = :s"),
+        {"d": len(done), "f": len(final) + len(retry), "s": slot},
+    )
+    _count_on_tasks(done, final)
+    new_slots = _plan_retries(retry)
+    db.session.commit()
+    schedule_slots(new_slots)
+
+
+def _set_outcome(items: list[Claim], status: str, error: str | None) -> None:
+    if not items:
+        return
+    db.session.execute(
+        text(
+            "UPDATE assignments SET status = :status, attempts = attempts + 1, error = :error, "
+            "  finished_at = clock_timestamp(), claimed_at = NULL "
+            "FROM unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[])) AS k(t, p) "
+            "WHERE task_id = k.t AND position = k.p"
+        ),
+        {
+            "status": status,
+            "error": error,
+            "tasks": [i.task_id for i in items],
+            "positions": [i.position for i in items],
+        },
+    )
+
+
+def _note_failed_attempt(item: Claim, error: str) -> None:
+    db.session.execute(
+        text(
+            "UPDATE assignments SET attempts = attempts + 1, error = :error "
+            "WHERE task_id = :t AND position = :p"
+        ),
+        {"error": error, "t": item.task_id, "p": item.position},
+    )
+
+
+def _count_on_tasks(done: list[Claim], final: list[Claim]) -> None:
+    """Add the outcomes to their tasks; one whose IDs have all finished becomes done, or
+    failed if any failed."""
+    counts: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for item in done:
+        counts[item.task_id][0] += 1
+    for item in final:
+        counts[item.task_id][1] += 1
+    for task_id in sorted(counts):
+        n_done, n_failed = counts[task_id]
+        db.session.execute(
+            text(
+                "UPDATE id_tasks SET done = done + :d, failed = failed + :f, "
+                "  status = CASE WHEN status = 'cancelled' THEN status "
+                "    WHEN done + :d + failed + :f < total THEN 'running' "
+                "    WHEN failed + :f > 0 THEN 'failed' ELSE 'done' END "
+                "WHERE id = :t"
+            ),
+            {"d": n_done, "f": n_failed, "t": task_id},
+        )
+
+
+def _plan_retries(retry: list[Claim]) -> set[datetime]:
+    """A retry is a request too: it is planned like any ID, after a backoff."""
+    base = current_app.config["RETRY_BACKOFF_SECONDS"]
+    by_task: dict[int, list[Claim]] = defaultdict(list)
+    for item in retry:
+        by_task[item.task_id].append(item)
+    new_slots: set[datetime] = set()
+    now = datetime.now(UTC)
+    for task_id in sorted(by_task):
+        items = by_task[task_id]
+        task = db.session.get(IdTask, task_id)
+        # The longest backoff of the group: exponential in the attempts made so far.
+        backoff = base * 2 ** max(item.attempts for item in items)
+        new_slots |= replan_retries(
+            task_id,
+            task.overflow,
+            [(i.position, i.user_id) for i in items],
+            now + timedelta(seconds=backoff),
+        )
+    return new_slots
+
+
+class _Pace:
+    """Spreads a slot's IDs evenly over it: the k-th claimed ID is due at its k-th turn."""
+
+    def __init__(self, slot: datetime, slot_seconds: int):
+        self.slot = slot
+        self.span = slot_seconds * PACE_SHARE
+        self.load = max(
+            1,
+            db.session.execute(
+                text("SELECT load FROM slots WHERE slot_start = :s"), {"s": slot}
+            ).scalar()
+            or 1,
+        )
+        self.step = self.span / self.load
+
+    def batch_size(self) -> int:
+        return max(1, min(CLAIM_BATCH, math.ceil(CLAIM_AHEAD_SECONDS / self.step)))
+
+    def groups(self, claims: list[Claim], first_turn: int) -> Iterator[list[Claim]]:
+        """Yield the claims in groups, each when its first member's turn has come."""
+        start = self.slot.timestamp()
+        group: list[Claim] = []
+        for turn, item in enumerate(claims, start=first_turn):
+            wait = start + turn * self.step - time.time()
+            if wait > PACING_TICK_SECONDS and group:
+                yield group
+                group = []
+                wait = start + turn * self.step - time.time()
+            if wait > 0:
+                time.sleep(wait)
+            group.append(item)
+        if group:
+            yield group
+
+
+def _sleep_until(moment: datetime) -> None:
+    wait = moment.timestamp() - time.time()
+    if wait > 0:
+        time.sleep(wait)
+
+
+def reconcile() -> dict[str, int]:
+    """Rebuild the schedule from PostgreSQL; Redis may have lost any part of it.
+
+    - IDs claimed longer ago than CLAIM_TIMEOUT_SECONDS (their worker died) go back to
+      pending;
+    - every slot with pending IDs gets its job if it has none; one whose time has passed
+      runs at once and is marked late;
+    - tasks still received or planning get their planning job back if it is gone.
+    """
+    timeout = timedelta(seconds=current_app.config["CLAIM_TIMEOUT_SECONDS"])
+    released = db.session.execute(
+        text(
+            "UPDATE assignments SET status = 'pending', claimed_at = NULL "
+            "WHERE status = 'running' AND claimed_at < clock_timestamp() - :timeout"
+        ),
+        {"timeout": timeout},
+    ).rowcount
+    db.session.commit()
+    now = datetime.now(UTC)
+    pending_slots = (
+        db.session.execute(
+            text("SELECT slot_start FROM slots WHERE load > done + failed ORDER BY slot_start")
+        )
+        .scalars()
+        .all()
+    )
+    scheduler = get_scheduler()
+    added = [slot for slot in pending_slots if ensure_slot_job(scheduler, slot, now)]
+    late = [slot for slot in added if slot <= now]
+    if late:
+        db.session.execute(
+            text("UPDATE slots SET late = true WHERE slot_start = ANY(:late)"), {"late": late}
+        )
+        db.session.commit()
+    waiting = (
+        db.session.execute(
+            text("SELECT id FROM id_tasks WHERE status IN ('received', 'planning') ORDER BY id")
+        )
+        .scalars()
+        .all()
+    )
+    requeued = [task_id for task_id in waiting if not planning_is_queued(task_id)]
+    for task_id in requeued:
+        enqueue_planning(task_id)
+    return {
+        "claims released": released,
+        "slot jobs added": len(added),
+        "late slots": len(late),
+        "planning jobs added": len(requeued),
+    }

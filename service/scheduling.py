@@ -1,0 +1,130 @@
+"""The Redis side of dispatch: one rq-scheduler job per slot, and the planning jobs.
+
+Redis holds only what can be rebuilt: every function here may be called again for the
+same slot or task and adds nothing that is already there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from flask import current_app
+from redis.exceptions import RedisError
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq_scheduler import Scheduler
+
+from .extensions import get_redis
+from .queues import PLANNING_QUEUE, SLOTS_QUEUE, get_queue, planning_job_id
+
+log = logging.getLogger(__name__)
+
+SLOT_JOB = "workers.slots.run_slot"
+# rq-scheduler moves due jobs once a second: a slot job due this much before its slot
+# reaches a worker in time, and waits inside itself for the exact start.
+EARLY_SECONDS = 1.5
+# Results of finished slot jobs are kept this long, for the dashboard.
+RESULT_TTL_SECONDS = 3600
+LIVE_STATUSES = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
+
+
+@dataclass(frozen=True)
+class PeriodicJob:
+    id: str
+    func: str
+    interval_seconds: int
+    queue: str
+
+
+# Declared as data with fixed ids: the scheduler registers each one when it starts, and
+# a restart finds it already there instead of adding a second one.
+PERIODIC_JOBS = (PeriodicJob("reconcile", "workers.maintenance.reconcile", 60, PLANNING_QUEUE),)
+
+
+def register_periodic_jobs(scheduler: Scheduler) -> list[str]:
+    """Register the periodic jobs that the scheduler does not hold yet."""
+    added = []
+    for job in PERIODIC_JOBS:
+        if job.id in scheduler:
+            continue
+        scheduler.schedule(
+            scheduled_time=datetime.now(UTC),
+            func=job.func,
+            interval=job.interval_seconds,
+            repeat=None,
+            id=job.id,
+            queue_name=job.queue,
+            result_ttl=RESULT_TTL_SECONDS,
+        )
+        added.append(job.id)
+    return added
+
+
+def slot_job_id(slot: datetime) -> str:
+    return f"slot-{slot.astimezone(UTC):%Y%m%dT%H%M%S}"
+
+
+def get_scheduler() -> Scheduler:
+    return Scheduler(queue_name=SLOTS_QUEUE, connection=get_redis())
+
+
+def schedule_slots(slots: Iterable[datetime]) -> int:
+    """Give each slot its job, due just before its start; return how many were added.
+    When Redis cannot be reached the plan is still
+       in PostgreSQL, and reconciling schedules it later.
+    """
+    try:
+        scheduler = get_scheduler()
+        return sum(ensure_slot_job(scheduler, slot) for slot in sorted(slots))
+    except RedisError:
+        log.warning("could not schedule slot jobs; reconciling will")
+        return 0
+
+
+def ensure_slot_job(scheduler: Scheduler, slot: datetime, now: datetime | None = None) -> bool:
+    """Schedule the slot's job unless one is waiting or running; True if one was added.
+
+    A slot whose time is near or past goes straight onto the queue.
+    """
+    job_id = slot_job_id(slot)
+    if job_id in scheduler or _job_is_live(job_id):
+        return False
+    now = now or datetime.now(UTC)
+    due = slot - timedelta(seconds=EARLY_SECONDS)
+    options = {
+        "job_id": job_id,
+        "timeout": _slot_job_timeout(),
+        "result_ttl": RESULT_TTL_SECONDS,
+    }
+    if due > now:
+        # Aware UTC only: rq-scheduler reads a naive time as UTC, RQ as local time.
+        scheduler.enqueue_at(due, SLOT_JOB, slot.isoformat(), **options)
+    else:
+        get_queue(SLOTS_QUEUE).enqueue(
+            SLOT_JOB,
+            slot.isoformat(),
+            job_id=job_id,
+            job_timeout=options["timeout"],
+            result_ttl=RESULT_TTL_SECONDS,
+        )
+    return True
+
+
+def _job_is_live(job_id: str) -> bool:
+    try:
+        job = Job.fetch(job_id, connection=get_redis())
+    except NoSuchJobError:
+        return False
+    return job.get_status(refresh=False) in LIVE_STATUSES
+
+
+def planning_is_queued(task_id: int) -> bool:
+    return _job_is_live(planning_job_id(task_id))
+
+
+def _slot_job_timeout() -> int:
+    # A slot job paces through its slot, then may meet slow processors: allow plenty.
+    return current_app.config["SLOT_SECONDS"] * 3 + 300
