@@ -103,6 +103,7 @@ def claim(slot: datetime, limit: int) -> tuple[list[Claim], int]:
         text(
             "UPDATE slots SET claimed = claimed + :n, "
             "  started_at = coalesce(started_at, clock_timestamp()), "
+            "  last_claim_at = clock_timestamp(), "
             "  late = late OR (started_at IS NULL AND clock_timestamp() > slot_start + :late) "
             "WHERE slot_start = :slot RETURNING claimed - :n"
         ),
@@ -304,15 +305,22 @@ def reconcile() -> dict[str, int]:
     ).rowcount
     db.session.commit()
     now = datetime.now(UTC)
-    pending_slots = (
-        db.session.execute(
-            text("SELECT slot_start FROM slots WHERE load > done + failed ORDER BY slot_start")
-        )
-        .scalars()
-        .all()
-    )
+    # A slot job claims IDs every second or so while it runs: one that Redis calls
+    # started but that has claimed nothing for CLAIM_TIMEOUT_SECONDS died with its worker.
+    pending_slots = db.session.execute(
+        text(
+            "SELECT slot_start, clock_timestamp() - coalesce(last_claim_at, slot_start) "
+            "  < :timeout AS active "
+            "FROM slots WHERE load > done + failed ORDER BY slot_start"
+        ),
+        {"timeout": timeout},
+    ).all()
     scheduler = get_scheduler()
-    added = [slot for slot in pending_slots if ensure_slot_job(scheduler, slot, now)]
+    added = [
+        slot
+        for slot, active in pending_slots
+        if ensure_slot_job(scheduler, slot, now, trust_started=active)
+    ]
     late = [slot for slot in added if slot <= now]
     if late:
         db.session.execute(

@@ -142,6 +142,7 @@ class Slot(db.Model):
     # IDs handed to workers so far: each claim's place in the slot, for pacing.
     claimed: Mapped[int] = mapped_column(Integer, server_default="0")
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_claim_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     late: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
 

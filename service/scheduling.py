@@ -28,7 +28,7 @@ SLOT_JOB = "workers.slots.run_slot"
 EARLY_SECONDS = 1.5
 # Results of finished slot jobs are kept this long, for the dashboard.
 RESULT_TTL_SECONDS = 3600
-LIVE_STATUSES = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
+WAITING_STATUSES = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
 
 
 @dataclass(frozen=True)
@@ -84,45 +84,55 @@ def schedule_slots(slots: Iterable[datetime]) -> int:
         return 0
 
 
-def ensure_slot_job(scheduler: Scheduler, slot: datetime, now: datetime | None = None) -> bool:
+def ensure_slot_job(
+    scheduler: Scheduler, slot: datetime, now: datetime | None = None, *, trust_started=True
+) -> bool:
     """Schedule the slot's job unless one is waiting or running; True if one was added.
 
-    A slot whose time is near or past goes straight onto the queue.
+    A slot whose time is near or past goes straight onto the queue. With
+    `trust_started` False, a job that Redis says is running is taken for dead (its
+    worker was killed) and replaced.
     """
     job_id = slot_job_id(slot)
-    if job_id in scheduler or _job_is_live(job_id):
+    if job_id in scheduler:
+        return False
+    status = _job_status(job_id)
+    if status in WAITING_STATUSES or (status == JobStatus.STARTED and trust_started):
         return False
     now = now or datetime.now(UTC)
     due = slot - timedelta(seconds=EARLY_SECONDS)
-    options = {
-        "job_id": job_id,
-        "timeout": _slot_job_timeout(),
-        "result_ttl": RESULT_TTL_SECONDS,
-    }
+    timeout = _slot_job_timeout()
     if due > now:
         # Aware UTC only: rq-scheduler reads a naive time as UTC, RQ as local time.
-        scheduler.enqueue_at(due, SLOT_JOB, slot.isoformat(), **options)
+        scheduler.enqueue_at(
+            due,
+            SLOT_JOB,
+            slot.isoformat(),
+            job_id=job_id,
+            timeout=timeout,
+            job_result_ttl=RESULT_TTL_SECONDS,
+        )
     else:
         get_queue(SLOTS_QUEUE).enqueue(
             SLOT_JOB,
             slot.isoformat(),
             job_id=job_id,
-            job_timeout=options["timeout"],
+            job_timeout=timeout,
             result_ttl=RESULT_TTL_SECONDS,
         )
     return True
 
 
-def _job_is_live(job_id: str) -> bool:
+def _job_status(job_id: str) -> JobStatus | None:
     try:
-        job = Job.fetch(job_id, connection=get_redis())
+        return Job.fetch(job_id, connection=get_redis()).get_status(refresh=False)
     except NoSuchJobError:
-        return False
-    return job.get_status(refresh=False) in LIVE_STATUSES
+        return None
 
 
 def planning_is_queued(task_id: int) -> bool:
-    return _job_is_live(planning_job_id(task_id))
+    status = _job_status(planning_job_id(task_id))
+    return status in WAITING_STATUSES or status == JobStatus.STARTED
 
 
 def _slot_job_timeout() -> int:

@@ -16,6 +16,7 @@ depends_on = None
 def upgrade():
     op.add_column("slots", sa.Column("claimed", sa.Integer(), server_default="0", nullable=False))
     op.add_column("slots", sa.Column("started_at", sa.DateTime(timezone=True), nullable=True))
+    op.add_column("slots", sa.Column("last_claim_at", sa.DateTime(timezone=True), nullable=True))
     op.add_column(
         "slots", sa.Column("late", sa.Boolean(), server_default=sa.text("false"), nullable=False)
     )
@@ -32,5 +33,6 @@ def downgrade():
     op.drop_index("ix_assignments_running_since", table_name="assignments")
     op.drop_column("assignments", "claimed_at")
     op.drop_column("slots", "late")
+    op.drop_column("slots", "last_claim_at")
     op.drop_column("slots", "started_at")
     op.drop_column("slots", "claimed")

@@ -1,0 +1,17 @@
+"""Processors for the tests, named in ID_PROCESSOR like the built-in ones."""
+
+from service.dispatch import Failure
+from workers.processors import record_user
+
+
+def fail_all(user_ids):
+    return {user_id: "downstream said no" for user_id in user_ids}
+
+
+def fail_for_good(user_ids):
+    return {user_id: Failure("no such user downstream", retry=False) for user_id in user_ids}
+
+
+def record_then_crash(user_ids):
+    record_user(user_ids)
+    raise RuntimeError("crashed after writing")

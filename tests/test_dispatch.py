@@ -1,0 +1,219 @@
+"""Dispatch in one process: scheduling, slot jobs, outcomes, retries, reconcile."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from rq import Queue
+from sqlalchemy import text
+
+from service.dispatch import reconcile, run_slot
+from service.extensions import db, get_redis
+from service.models import IdTask
+from service.planning import plan_stored_task
+from service.queues import PLANNING_QUEUE, SLOTS_QUEUE
+from service.scheduling import EARLY_SECONDS, get_scheduler, schedule_slots, slot_job_id
+
+from .planning_helpers import at, submit
+
+PAST = at("2026-01-05 08:59:50")  # planning "then" puts every slot in the past
+FIRST_SLOT = at("2026-01-05 09:00")
+
+
+def assignment_rows(task_id):
+    return db.session.execute(
+        text(
+            "SELECT user_id, status, attempts, error, slot_start FROM assignments "
+            "WHERE task_id = :t ORDER BY position"
+        ),
+        {"t": task_id},
+    ).all()
+
+
+def times_processed():
+    return dict(db.session.execute(text("SELECT id, times_processed FROM users")).all())
+
+
+@pytest.fixture
+def rpm3(make_app):
+    app = make_app(RPM=3, PACING=False, RETRY_BACKOFF_SECONDS=0)
+    with app.app_context():
+        yield app
+
+
+def test_planning_schedules_one_job_per_slot_due_just_before_it(rpm3):
+    future = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=2)
+    task_id = submit(range(1, 8))
+    plan_stored_task(task_id, now=future)
+    task = db.session.get(IdTask, task_id)
+    scheduler = get_scheduler()
+    jobs = {job.id: when for job, when in scheduler.get_jobs(with_times=True)}
+    slots = [task.first_slot + timedelta(minutes=m) for m in range(3)]
+    assert set(jobs) == {slot_job_id(slot) for slot in slots}
+    due = jobs[slot_job_id(slots[0])].replace(tzinfo=UTC)
+    assert slots[0] - due == timedelta(seconds=EARLY_SECONDS // 1 + 1)  # whole seconds kept
+    assert schedule_slots(slots) == 0  # scheduling again adds nothing
+    assert len(list(scheduler.get_jobs())) == 3
+
+
+def test_a_slot_job_processes_its_ids_and_records_users(rpm3):
+    task_id = submit(range(1, 8))
+    plan_stored_task(task_id, now=PAST)
+    assert "3 IDs processed" in run_slot(FIRST_SLOT)
+    assert times_processed() == {1: 1, 2: 1, 3: 1}
+    assert db.session.get(IdTask, task_id).status == "running"
+    for minute in (1, 2):
+        run_slot(FIRST_SLOT + timedelta(minutes=minute))
+    task = db.session.get(IdTask, task_id)
+    db.session.refresh(task)
+    assert (task.status, task.done, task.pending, task.task_status) == ("done", 7, 0, True)
+    assert {row.status for row in assignment_rows(task_id)} == {"done"}
+    assert times_processed() == dict.fromkeys(range(1, 8), 1)
+    slot = db.session.execute(
+        text("SELECT load, done, failed, late FROM slots WHERE slot_start = :s"), {"s": FIRST_SLOT}
+    ).one()
+    assert tuple(slot) == (3, 3, 0, True)  # it ran long after its start
+
+
+def test_users_received_by_ids_are_listed(rpm3):
+    plan_stored_task(submit([41, 42]), now=PAST)
+    run_slot(FIRST_SLOT)
+    listed = rpm3.test_client().get("/users/").json
+    assert {user["id"] for user in listed} == {41, 42}
+    assert all(user["times_processed"] == 1 and user["last_processed_at"] for user in listed)
+
+
+def test_running_a_slot_twice_processes_each_id_once(rpm3):
+    plan_stored_task(submit(range(1, 4)), now=PAST)
+    run_slot(FIRST_SLOT)
+    assert "0 IDs processed" in run_slot(FIRST_SLOT)
+    assert times_processed() == {1: 1, 2: 1, 3: 1}
+
+
+def test_a_failing_id_is_retried_in_a_later_slot_then_stays_failed(make_app):
+    app = make_app(
+        RPM=3,
+        PACING=False,
+        RETRY_BACKOFF_SECONDS=0,
+        MAX_ATTEMPTS=2,
+        SLOT_SECONDS=1,
+        WINDOW_SLOTS=5,
+        PLAN_LEAD_SECONDS=0.2,
+        ID_PROCESSOR="tests.processors:fail_all",
+    )
+    first_slot = at("2026-01-05 08:59:51")  # the first open one-second slot at PAST
+    with app.app_context():
+        task_id = submit([5])
+        plan_stored_task(task_id, now=PAST)
+        run_slot(first_slot)
+        (row,) = assignment_rows(task_id)
+        assert (row.status, row.attempts, row.error) == ("pending", 1, "downstream said no")
+        assert row.slot_start > datetime.now(UTC)  # planned again, like any ID
+        retry_job = slot_job_id(row.slot_start)
+        assert (
+            retry_job in get_scheduler()
+            or retry_job in Queue(SLOTS_QUEUE, connection=get_redis()).job_ids
+        )
+        run_slot(row.slot_start)
+        (row,) = assignment_rows(task_id)
+        assert (row.status, row.attempts) == ("failed", 2)
+        task = db.session.get(IdTask, task_id)
+        assert (task.status, task.failed, task.task_status) == ("failed", 1, True)
+    failed = app.test_client().get(f"/celery_ids_tasks/{task_id}/ids/?status=failed").json
+    assert [(item["id"], item["attempts"], item["error"]) for item in failed] == [
+        (5, 2, "downstream said no")
+    ]
+
+
+def test_a_failure_marked_final_is_not_retried(make_app):
+    app = make_app(PACING=False, ID_PROCESSOR="tests.processors:fail_for_good")
+    with app.app_context():
+        task_id = submit([5])
+        plan_stored_task(task_id, now=PAST)
+        run_slot(FIRST_SLOT)
+        (row,) = assignment_rows(task_id)
+        assert (row.status, row.attempts, row.error) == ("failed", 1, "no such user downstream")
+
+
+def test_a_processor_that_crashes_leaves_nothing_it_wrote(make_app):
+    app = make_app(PACING=False, MAX_ATTEMPTS=1, ID_PROCESSOR="tests.processors:record_then_crash")
+    with app.app_context():
+        task_id = submit([5, 6])
+        plan_stored_task(task_id, now=PAST)
+        run_slot(FIRST_SLOT)
+        assert times_processed() == {}
+        assert {row.error for row in assignment_rows(task_id)} == {
+            "RuntimeError: crashed after writing"
+        }
+
+
+def test_cancel_before_the_slot_runs_releases_the_ids(rpm3):
+    task_id = submit(range(1, 4))
+    plan_stored_task(task_id, now=PAST)
+    rpm3.test_client().delete(f"/celery_ids_tasks/{task_id}/")
+    assert "0 IDs processed" in run_slot(FIRST_SLOT)
+    assert times_processed() == {}
+
+
+def test_reconcile_rebuilds_what_redis_lost(rpm3):
+    future = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=2)
+    planned = submit(range(1, 7))
+    plan_stored_task(planned, now=future)
+    past = submit([9])
+    plan_stored_task(past, now=PAST)
+    waiting = submit([10])  # never planned: its planning job is lost too
+    get_redis().flushall()
+
+    outcome = reconcile()
+    assert outcome == {
+        "claims released": 0,
+        "slot jobs added": 3,
+        "late slots": 1,
+        "planning jobs added": 1,
+    }
+    assert len(list(get_scheduler().get_jobs())) == 2
+    assert Queue(SLOTS_QUEUE, connection=get_redis()).job_ids == [slot_job_id(FIRST_SLOT)]
+    assert Queue(PLANNING_QUEUE, connection=get_redis()).job_ids == [f"plan-{waiting}"]
+    assert db.session.execute(
+        text("SELECT late FROM slots WHERE slot_start = :s"), {"s": FIRST_SLOT}
+    ).scalar()
+    assert reconcile()["slot jobs added"] == 0  # nothing twice
+
+
+def test_reconcile_releases_claims_of_a_dead_worker(make_app):
+    app = make_app(RPM=3, PACING=False, CLAIM_TIMEOUT_SECONDS=1)
+    with app.app_context():
+        task_id = submit(range(1, 4))
+        plan_stored_task(task_id, now=PAST)
+        db.session.execute(
+            text(
+                "UPDATE assignments SET status = 'running', claimed_at = now() - interval '1 hour'"
+            )
+        )
+        db.session.commit()
+        assert "0 IDs processed" in run_slot(FIRST_SLOT)  # claimed by someone (dead)
+        assert reconcile()["claims released"] == 3
+        run_slot(FIRST_SLOT)
+        assert times_processed() == {1: 1, 2: 1, 3: 1}
+
+
+def test_reconcile_command_prints_what_it_did(rpm3):
+    plan_stored_task(submit([1]), now=PAST)
+    get_redis().flushall()
+    result = rpm3.test_cli_runner().invoke(args=["plan", "reconcile"])
+    assert result.exit_code == 0, result.output
+    assert "slot jobs added: 1" in result.output
+    assert "late slots: 1" in result.output
+
+
+def test_a_scheduled_slot_job_runs_with_the_slot_as_only_argument(rpm3):
+    future = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=2)
+    task_id = submit([1])
+    plan_stored_task(task_id, now=future)
+    (job,) = get_scheduler().get_jobs()
+    slot = db.session.get(IdTask, task_id).first_slot
+    assert (job.func_name, job.args, job.kwargs) == (
+        "workers.slots.run_slot",
+        (slot.isoformat(),),
+        {},
+    )
+    assert job.result_ttl == 3600

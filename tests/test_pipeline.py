@@ -1,0 +1,191 @@
+"""The whole pipeline with real worker and scheduler processes, and its faults."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+import pytest
+from rq import Queue, SimpleWorker
+from sqlalchemy import text
+
+from service.extensions import db, get_redis
+from service.models import IdTask
+from service.planning import plan_stored_task
+from service.queues import ALL_QUEUES
+
+from .planning_helpers import submit
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG = open("/tmp/pipeline.log", "a")  # noqa: SIM115
+pytestmark = pytest.mark.slow
+
+# One-second slots in windows of five: the pipeline runs in seconds.
+FAST = {"SLOT_SECONDS": 1, "WINDOW_SLOTS": 5, "PLAN_LEAD_SECONDS": 0.3}
+
+
+def start(command: list[str], settings: dict) -> subprocess.Popen:
+    env = {**os.environ, **{name: str(value) for name, value in settings.items()}}
+    return subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "wsgi", *command],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=LOG,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def kill_hard(process: subprocess.Popen) -> None:
+    """kill -9 the process and the work horse it forked, as a machine failure would."""
+    family = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(True))]
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+
+
+def stop(processes) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            kill_hard(process)
+
+
+def wait_until(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        db.session.remove()
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def task_status(task_id: int) -> str:
+    return db.session.get(IdTask, task_id).status
+
+
+def times_processed() -> dict[int, int]:
+    return dict(db.session.execute(text("SELECT id, times_processed FROM users")).all())
+
+
+def test_post_plan_schedule_run_record(make_app):
+    settings = {**FAST, "RPM": 3}
+    app = make_app(**settings)
+    processes = [
+        start(["worker"], settings),
+        start(["worker"], settings),
+        start(["scheduler"], settings),
+    ]
+    try:
+        client = app.test_client()
+        task_id = client.post(
+            "/celery_ids_tasks/", json={"task_name": "e2e", "payload": "1,2,3,4,5,6,7,8"}
+        ).json["id"]
+        with app.app_context():
+            wait_until(lambda: task_status(task_id) == "done", 60, "the task to be done")
+            assert times_processed() == dict.fromkeys(range(1, 9), 1)
+            slots = db.session.execute(text("SELECT load, done, started_at FROM slots")).all()
+            assert sum(slot.load for slot in slots) == sum(slot.done for slot in slots) == 8
+            assert all(slot.started_at for slot in slots)
+    finally:
+        stop(processes)
+    task = client.get(f"/celery_ids_tasks/{task_id}/").json
+    assert (task["status"], task["done"], task["task_status"]) == ("done", 8, True)
+    assert {user["id"] for user in client.get("/users/").json} == set(range(1, 9))
+
+
+def test_a_worker_killed_mid_slot_loses_nothing_and_repeats_nothing(make_app):
+    settings = {
+        "SLOT_SECONDS": 4,
+        "WINDOW_SLOTS": 2,
+        "PLAN_LEAD_SECONDS": 0.3,
+        "RPM": 60,
+        "CLAIM_TIMEOUT_SECONDS": 1,
+    }
+    app = make_app(**settings)
+    with app.app_context():
+        task_id = submit(range(1, 41))
+        plan_stored_task(task_id)  # one slot a few seconds ahead, paced through it
+        scheduler, worker = start(["scheduler"], settings), start(["worker"], settings)
+        try:
+            wait_until(lambda: len(times_processed()) >= 8, 30, "the slot to be under way")
+        finally:
+            kill_hard(worker)
+            stop([scheduler])
+        db.session.remove()
+        assert len(times_processed()) < 40
+        time.sleep(1.2)  # past the claim timeout
+        runner = app.test_cli_runner()
+        assert runner.invoke(args=["plan", "reconcile"]).exit_code == 0
+        queues = [Queue(name, connection=get_redis()) for name in ALL_QUEUES]
+        SimpleWorker(queues, connection=get_redis()).work(burst=True)
+        db.session.remove()
+        assert times_processed() == dict.fromkeys(range(1, 41), 1)
+        assert task_status(task_id) == "done"
+
+
+def test_redis_losing_everything_loses_no_id(make_app):
+    settings = {**FAST, "RPM": 2}
+    app = make_app(**settings)
+    with app.app_context():
+        task_id = submit(range(1, 7))
+        plan_stored_task(task_id)
+        get_redis().flushall()
+        assert app.test_cli_runner().invoke(args=["plan", "reconcile"]).exit_code == 0
+        processes = [start(["worker"], settings), start(["scheduler"], settings)]
+        try:
+            wait_until(lambda: task_status(task_id) == "done", 60, "the task to be done")
+        finally:
+            stop(processes)
+        assert times_processed() == dict.fromkeys(range(1, 7), 1)
+
+
+SLOT_RUNNER = """
+import sys, time
+from datetime import datetime
+from service import create_app
+from service.dispatch import run_slot
+app = create_app()
+with app.app_context():
+    time.sleep(max(0, float(sys.argv[2]) - time.time()))  # both start together
+    print(run_slot(datetime.fromisoformat(sys.argv[1])).split(": ")[1].split()[0])
+"""
+
+
+def test_two_workers_share_one_big_slot_without_overlap(make_app):
+    settings = {"RPM": "4000", "PACING": "false"}
+    app = make_app(RPM=4000, PACING=False)
+    with app.app_context():
+        task_id = submit(range(1, 8001))
+        plan_stored_task(task_id, now=datetime(2026, 1, 5, 8, 59, 50, tzinfo=UTC))
+        slot = db.session.get(IdTask, task_id).first_slot
+        env = {**os.environ, **settings}
+        together = str(time.time() + 3)
+        runners = [
+            subprocess.Popen(
+                [sys.executable, "-c", SLOT_RUNNER, slot.isoformat(), together],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        counts = [int(runner.communicate(timeout=120)[0].split()[-1]) for runner in runners]
+        db.session.remove()
+        assert sum(counts) == 4000
+        assert all(count > 0 for count in counts), counts
+        assert set(times_processed().values()) == {1}
+        assert len(times_processed()) == 4000
