@@ -40,9 +40,27 @@ def wait_for_root(base: str, make: subprocess.Popen, timeout: float = 120) -> di
     raise AssertionError("the API did not answer in time")
 
 
+def wait_for_status(url: str, status: str, timeout: float = 60) -> int:
+    """Poll a task until it reaches `status`; return its done count."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        task = request(url)
+        if task["status"] == status:
+            return task["done"]
+        time.sleep(0.3)
+    raise AssertionError(f"the task stayed {task['status']}")
+
+
 def start(var_dir: Path, port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
-    env.update(VAR_DIR=str(var_dir), PORT=str(port))
+    # Two-second slots, so that a task runs through within the test.
+    env.update(
+        VAR_DIR=str(var_dir),
+        PORT=str(port),
+        SLOT_SECONDS="2",
+        WINDOW_SLOTS="5",
+        PLAN_LEAD_SECONDS="0.5",
+    )
     return subprocess.Popen(["make", "--no-print-directory", "run"], cwd=ROOT, env=env)
 
 
@@ -63,6 +81,11 @@ def test_make_run_serves_the_stack_on_embedded_servers_and_stops_it_all(tmp_path
         root = wait_for_root(base, make)
         assert root["users"] == base + "/users/"
         request(base + "/users/", {"id": 5, "name": "kept"})
+        task = request(base + "/celery_ids_tasks/", {"task_name": "run", "payload": "7,8,9"})
+        assert task["message"] == "Task added to queue"
+        assert wait_for_status(base + f"/celery_ids_tasks/{task['task_id']}/", "done") == 3
+        users = {user["id"]: user for user in request(base + "/users/")}
+        assert all(users[i]["times_processed"] == 1 for i in (7, 8, 9))
         started = stop(make)
     finally:
         if make.poll() is None:
