@@ -154,6 +154,10 @@ class SlotSchema(Schema):
     done = fields.Integer()
     failed = fields.Integer()
     open = fields.Boolean(metadata={"description": "still taking new IDs"})
+    started_at = fields.AwareDateTime(
+        allow_none=True, metadata={"description": "when its first ID was claimed"}
+    )
+    late = fields.Boolean(metadata={"description": "it ran after its time"})
 
 
 class WindowSchema(Schema):

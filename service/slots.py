@@ -71,6 +71,8 @@ def _slot(moment: datetime, stored: Slot | None, rpm: int, is_open: bool) -> dic
         "done": stored.done if stored else 0,
         "failed": stored.failed if stored else 0,
         "open": is_open,
+        "started_at": stored.started_at if stored else None,
+        "late": stored.late if stored else False,
     }
 
 
