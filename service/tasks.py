@@ -69,10 +69,6 @@ def update_task(task_id: int, changes: dict) -> IdTask:
         task.task_name = changes["task_name"]
     replan = "ids" in changes or changes.get("overflow", task.overflow) != task.overflow
     if replan:
-        if task.status not in REPLANNABLE:
-            raise Conflict(
-                f"task {task.id} is {task.status}: its IDs can change only before any has run"
-            )
         _release_plan(task)
         task.overflow = changes.get("overflow", task.overflow)
         if "ids" in changes:
@@ -193,7 +189,22 @@ def _release_pending(task: IdTask, new_status: str | None) -> None:
 
 
 def _release_plan(task: IdTask) -> None:
+    """Drop the task's plan, refusing (409) once any of its IDs has been handed out.
+
+    A slot job's claim does not wait for the task's row lock; deleting the pending rows
+    waits for any claim in flight instead, so the check after it sees every claim.
+    """
+    started = Conflict(
+        f"task {task.id} is {task.status}: its IDs can change only before any has run"
+    )
+    if task.status not in REPLANNABLE:
+        raise started
     _release_pending(task, None)
+    handed_out = db.session.execute(
+        text("SELECT EXISTS (SELECT 1 FROM assignments WHERE task_id = :t)"), {"t": task.id}
+    ).scalar()
+    if handed_out:
+        raise started
     task.planned = task.done = task.failed = 0
     task.first_slot = task.last_slot = None
 

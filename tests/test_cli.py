@@ -99,3 +99,12 @@ def test_tasks_submit_refuses_a_file_with_bad_ids(app, runner, tmp_path):
     assert "'three'" in result.output
     with app.app_context():
         assert db.session.execute(text("SELECT count(*) FROM id_tasks")).scalar() == 0
+
+
+def test_the_models_match_the_migrations(app):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    with app.app_context(), db.engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), db.metadata)
+    assert differences == []

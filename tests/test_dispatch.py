@@ -217,3 +217,15 @@ def test_a_scheduled_slot_job_runs_with_the_slot_as_only_argument(rpm3):
         {},
     )
     assert job.result_ttl == 3600
+
+
+def test_new_ids_are_refused_once_a_claim_took_some(rpm3):
+    task_id = submit(range(1, 7))
+    plan_stored_task(task_id, now=PAST)
+    db.session.execute(text("UPDATE assignments SET status = 'running' WHERE position = 0"))
+    db.session.commit()  # a slot job claimed one; the task is still "scheduled"
+    answer = rpm3.test_client().patch(f"/celery_ids_tasks/{task_id}/", json={"ids": [99]})
+    assert answer.status_code == 409
+    db.session.remove()
+    assert len(assignment_rows(task_id)) == 6
+    assert db.session.get(IdTask, task_id).planned == 6
