@@ -23,18 +23,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import flask_migrate  # noqa: E402
-from rq import Queue, SimpleWorker  # noqa: E402
-from sqlalchemy import text  # noqa: E402
+import flask_migrate
+from rq import Queue, SimpleWorker
+from sqlalchemy import text
 
-from service import create_app  # noqa: E402
-from service.dispatch import run_slot  # noqa: E402
-from service.extensions import db, get_redis  # noqa: E402
-from service.planning import plan_stored_task  # noqa: E402
-from service.scheduling import get_scheduler  # noqa: E402
-from service.tasks import submit_task  # noqa: E402
-from workers.context import job_context  # noqa: E402
-from workers.processors import record_user  # noqa: E402
+from service import create_app
+from service.dispatch import run_slot
+from service.extensions import db, get_redis
+from service.planning import plan_stored_task
+from service.scheduling import get_scheduler
+from service.tasks import submit_task
+from workers.context import job_context
+from workers.processors import record_user
 
 PROBE_KEY = "bench:probe-delays"
 NAIVE_QUEUE = "bench-naive"

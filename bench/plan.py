@@ -24,14 +24,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import flask_migrate  # noqa: E402
-from sqlalchemy import text  # noqa: E402
+import flask_migrate
+from sqlalchemy import text
 
-from service import create_app  # noqa: E402
-from service.extensions import db  # noqa: E402
-from service.planner import distribute  # noqa: E402
-from service.planning import plan_stored_task  # noqa: E402
-from service.tasks import raw_connection, submit_task  # noqa: E402
+from service import create_app
+from service.extensions import db, raw_connection
+from service.planner import distribute
+from service.planning import plan_stored_task
+from service.tasks import submit_task
 
 # Far enough ahead that every slot of the window is open whatever the clock says.
 PLAN_AT = datetime(2030, 1, 7, 9, 59, 50, tzinfo=UTC)

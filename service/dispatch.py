@@ -20,13 +20,15 @@ from datetime import UTC, datetime, timedelta
 from importlib import import_module
 
 from flask import current_app
+from rq.timeouts import JobTimeoutException
 from sqlalchemy import text
 
 from .extensions import db
-from .models import IdTask
+from .models import AssignmentStatus, IdTask, TaskStatus
 from .planning import replan_retries
 from .queues import enqueue_planning
 from .scheduling import ensure_slot_job, get_scheduler, planning_is_queued, schedule_slots
+from .tasks import subtract_loads
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class Claim:
     position: int
     user_id: int
     attempts: int  # before this one
+    claimed_at: datetime  # tells this claim from a later one of the same ID
 
 
 def load_processor(path: str):
@@ -92,7 +95,7 @@ def claim(slot: datetime, limit: int) -> tuple[list[Claim], int]:
             "  LIMIT :limit FOR UPDATE SKIP LOCKED) "
             "UPDATE assignments AS a SET status = 'running', claimed_at = clock_timestamp() "
             "FROM picked WHERE a.task_id = picked.task_id AND a.position = picked.position "
-            "RETURNING a.task_id, a.position, a.user_id, a.attempts"
+            "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.claimed_at"
         ),
         {"slot": slot, "limit": limit},
     ).all()
@@ -131,6 +134,8 @@ def process(processor, group: list[Claim]) -> dict[int, Failure]:
     try:
         with db.session.begin_nested():
             verdicts = processor(user_ids) or {}
+    except JobTimeoutException:
+        raise  # the job's own time is up: not the processor's failure
     except Exception as exc:  # a processor's bug fails its IDs, not the slot
         log.exception("processor failed on %d IDs", len(user_ids))
         return {user_id: Failure(f"{type(exc).__name__}: {exc}") for user_id in user_ids}
@@ -141,74 +146,84 @@ def process(processor, group: list[Claim]) -> dict[int, Failure]:
 
 
 def record_outcomes(slot: datetime, group: list[Claim], failures: Mapping[int, Failure]) -> None:
-    """Done, failed for good, or planned again in a later slot; counters follow."""
-    max_attempts = current_app.config["MAX_ATTEMPTS"]
-    done, final, retry = [], [], []
-    for item in group:
-        failure = failures.get(item.user_id)
-        if failure is None:
-            done.append(item)
-        elif failure.retry and item.attempts + 1 < max_attempts:
-            retry.append(item)
-        else:
-            final.append(item)
-    # Task rows first, in id order, as every other writer of several tasks takes them.
-    db.session.execute(
-        text("SELECT id FROM id_tasks WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"),
-        {"ids": sorted({item.task_id for item in group})},
+    """Done, failed for good, or planned again in a later slot; counters follow.
+
+    Only rows still held by this claim are written: if the claim timed out and the IDs
+    went to another worker meanwhile, that worker's outcome is the one that counts.
+    """
+    task_ids = sorted({item.task_id for item in group})
+    # Task rows first, in id order, as every writer of several tasks takes them.
+    statuses = dict(
+        db.session.execute(
+            text("SELECT id, status FROM id_tasks WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"),
+            {"ids": task_ids},
+        ).all()
     )
-    _set_outcome(done, "done", None)
-    for item in final:
-        _set_outcome([item], "failed", failures[item.user_id].message)
-    for item in retry:
-        _note_failed_attempt(item, failures[item.user_id].message)
+    max_attempts = current_app.config["MAX_ATTEMPTS"]
+    verdicts = [
+        _verdict(item, failures.get(item.user_id), statuses.get(item.task_id), max_attempts)
+        for item in group
+    ]
+    written = _write_outcomes(group, verdicts)
+    succeeded = [row for row in written if row.status == AssignmentStatus.DONE]
     db.session.execute(
         text("UPDATE slots SET done = done + :d, failed = failed + :f WHERE slot_start = :s"),
-        {"d": len(done), "f": len(final) + len(retry), "s": slot},
+        {"d": len(succeeded), "f": len(written) - len(succeeded), "s": slot},
     )
-    _count_on_tasks(done, final)
-    new_slots = _plan_retries(retry)
+    _count_on_tasks(written)
+    new_slots = _plan_retries(
+        [row for row in written if row.status == AssignmentStatus.PENDING], group
+    )
     db.session.commit()
     schedule_slots(new_slots)
 
 
-def _set_outcome(items: list[Claim], status: str, error: str | None) -> None:
-    if not items:
-        return
-    db.session.execute(
+def _verdict(item: Claim, failure: Failure | None, task_status: str | None, max_attempts: int):
+    """(new status, error) of one claimed ID."""
+    if failure is None:
+        return AssignmentStatus.DONE, None
+    if not failure.retry or item.attempts + 1 >= max_attempts:
+        return AssignmentStatus.FAILED, failure.message
+    if task_status == TaskStatus.CANCELLED:
+        return AssignmentStatus.CANCELLED, failure.message  # no retry for a cancelled task
+    return AssignmentStatus.PENDING, failure.message
+
+
+def _write_outcomes(group: list[Claim], verdicts: list[tuple[str, str | None]]) -> list:
+    """One statement for the whole group; returns the rows that were still ours."""
+    return db.session.execute(
         text(
-            "UPDATE assignments SET status = :status, attempts = attempts + 1, error = :error, "
-            "  finished_at = clock_timestamp(), claimed_at = NULL "
-            "FROM unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[])) AS k(t, p) "
-            "WHERE task_id = k.t AND position = k.p"
+            "UPDATE assignments AS a SET status = k.status, attempts = a.attempts + 1, "
+            "  error = k.error, claimed_at = NULL, "
+            "  finished_at = CASE WHEN k.status = 'pending' THEN NULL "
+            "                ELSE clock_timestamp() END "
+            "FROM unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
+            "            CAST(:claimed AS timestamptz[]), CAST(:statuses AS text[]), "
+            "            CAST(:errors AS text[])) "
+            "  AS k(task_id, position, claimed_at, status, error) "
+            "WHERE a.task_id = k.task_id AND a.position = k.position "
+            "  AND a.status = 'running' AND a.claimed_at = k.claimed_at "
+            "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.status"
         ),
         {
-            "status": status,
-            "error": error,
-            "tasks": [i.task_id for i in items],
-            "positions": [i.position for i in items],
+            "tasks": [item.task_id for item in group],
+            "positions": [item.position for item in group],
+            "claimed": [item.claimed_at for item in group],
+            "statuses": [status for status, _ in verdicts],
+            "errors": [error for _, error in verdicts],
         },
-    )
+    ).all()
 
 
-def _note_failed_attempt(item: Claim, error: str) -> None:
-    db.session.execute(
-        text(
-            "UPDATE assignments SET attempts = attempts + 1, error = :error "
-            "WHERE task_id = :t AND position = :p"
-        ),
-        {"error": error, "t": item.task_id, "p": item.position},
-    )
-
-
-def _count_on_tasks(done: list[Claim], final: list[Claim]) -> None:
+def _count_on_tasks(written: list) -> None:
     """Add the outcomes to their tasks; one whose IDs have all finished becomes done, or
     failed if any failed."""
     counts: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-    for item in done:
-        counts[item.task_id][0] += 1
-    for item in final:
-        counts[item.task_id][1] += 1
+    for row in written:
+        if row.status == AssignmentStatus.DONE:
+            counts[row.task_id][0] += 1
+        elif row.status == AssignmentStatus.FAILED:
+            counts[row.task_id][1] += 1
     for task_id in sorted(counts):
         n_done, n_failed = counts[task_id]
         db.session.execute(
@@ -223,25 +238,27 @@ def _count_on_tasks(done: list[Claim], final: list[Claim]) -> None:
         )
 
 
-def _plan_retries(retry: list[Claim]) -> set[datetime]:
-    """A retry is a request too: it is planned like any ID, after a backoff."""
+def _plan_retries(retried: list, group: list[Claim]) -> set[datetime]:
+    """A retry is a request too: it is planned like any ID, after a backoff.
+
+    One moment for the whole group, exponential in the most attempts among it, so that
+    every task's retries take the window locks in the same, rising order.
+    """
+    if not retried:
+        return set()
     base = current_app.config["RETRY_BACKOFF_SECONDS"]
-    by_task: dict[int, list[Claim]] = defaultdict(list)
-    for item in retry:
-        by_task[item.task_id].append(item)
+    not_before = datetime.now(UTC) + timedelta(
+        seconds=base * 2 ** (max(row.attempts for row in retried) - 1)
+    )
+    by_task: dict[int, list] = defaultdict(list)
+    for row in retried:
+        by_task[row.task_id].append((row.position, row.user_id))
     new_slots: set[datetime] = set()
-    now = datetime.now(UTC)
     for task_id in sorted(by_task):
-        items = by_task[task_id]
         task = db.session.get(IdTask, task_id)
-        # The longest backoff of the group: exponential in the attempts made so far.
-        backoff = base * 2 ** max(item.attempts for item in items)
-        new_slots |= replan_retries(
-            task_id,
-            task.overflow,
-            [(i.position, i.user_id) for i in items],
-            now + timedelta(seconds=backoff),
-        )
+        used = replan_retries(task_id, task.overflow, by_task[task_id], not_before)
+        task.last_slot = max([task.last_slot, *used]) if task.last_slot else max(used)
+        new_slots |= used
     return new_slots
 
 
@@ -251,13 +268,10 @@ class _Pace:
     def __init__(self, slot: datetime, slot_seconds: int):
         self.slot = slot
         self.span = slot_seconds * PACE_SHARE
-        self.load = max(
-            1,
-            db.session.execute(
-                text("SELECT load FROM slots WHERE slot_start = :s"), {"s": slot}
-            ).scalar()
-            or 1,
-        )
+        load = db.session.execute(
+            text("SELECT load FROM slots WHERE slot_start = :s"), {"s": slot}
+        ).scalar()
+        self.load = max(1, load or 0)
         self.step = self.span / self.load
 
     def batch_size(self) -> int:
@@ -290,35 +304,18 @@ def reconcile() -> dict[str, int]:
     """Rebuild the schedule from PostgreSQL; Redis may have lost any part of it.
 
     - IDs claimed longer ago than CLAIM_TIMEOUT_SECONDS (their worker died) go back to
-      pending;
+      pending, or to cancelled if their task was cancelled meanwhile;
     - every slot with pending IDs gets its job if it has none; one whose time has passed
       runs at once and is marked late;
     - tasks still received or planning get their planning job back if it is gone.
     """
     timeout = timedelta(seconds=current_app.config["CLAIM_TIMEOUT_SECONDS"])
-    released = db.session.execute(
-        text(
-            "UPDATE assignments SET status = 'pending', claimed_at = NULL "
-            "WHERE status = 'running' AND claimed_at < clock_timestamp() - :timeout"
-        ),
-        {"timeout": timeout},
-    ).rowcount
-    db.session.commit()
+    released = _release_stale_claims(timeout)
     now = datetime.now(UTC)
-    # A slot job claims IDs every second or so while it runs: one that Redis calls
-    # started but that has claimed nothing for CLAIM_TIMEOUT_SECONDS died with its worker.
-    pending_slots = db.session.execute(
-        text(
-            "SELECT slot_start, clock_timestamp() - coalesce(last_claim_at, slot_start) "
-            "  < :timeout AS active "
-            "FROM slots WHERE load > done + failed ORDER BY slot_start"
-        ),
-        {"timeout": timeout},
-    ).all()
     scheduler = get_scheduler()
     added = [
         slot
-        for slot, active in pending_slots
+        for slot, active in _slots_with_pending_ids(timeout)
         if ensure_slot_job(scheduler, slot, now, trust_started=active)
     ]
     late = [slot for slot in added if slot <= now]
@@ -343,3 +340,51 @@ def reconcile() -> dict[str, int]:
         "late slots": len(late),
         "planning jobs added": len(requeued),
     }
+
+
+def _release_stale_claims(timeout: timedelta) -> int:
+    rows = db.session.execute(
+        text(
+            "WITH released AS ("
+            "  UPDATE assignments AS a SET claimed_at = NULL, status = CASE "
+            "    WHEN t.status = 'cancelled' THEN 'cancelled' ELSE 'pending' END "
+            "  FROM id_tasks AS t WHERE t.id = a.task_id "
+            "    AND a.status = 'running' AND a.claimed_at < clock_timestamp() - :timeout "
+            "  RETURNING a.slot_start, a.status) "
+            "SELECT slot_start, status, count(*) AS n FROM released GROUP BY slot_start, status"
+        ),
+        {"timeout": timeout},
+    ).all()
+    subtract_loads({row.slot_start: row.n for row in rows if row.status == "cancelled"})
+    db.session.commit()
+    return sum(row.n for row in rows)
+
+
+def _slots_with_pending_ids(timeout: timedelta) -> list[tuple[datetime, bool]]:
+    """Each slot holding pending IDs, and whether its job claimed within the timeout.
+
+    The slots are found from the pending rows themselves, one index probe per slot
+    (a loose index scan), so no counter can hide one. A slot job claims IDs every
+    second or so while it runs: one that Redis calls started but that has claimed
+    nothing for CLAIM_TIMEOUT_SECONDS died with its worker.
+    """
+    return [
+        (row.slot_start, row.active)
+        for row in db.session.execute(
+            text(
+                "WITH RECURSIVE pending(slot_start) AS ("
+                "  (SELECT slot_start FROM assignments WHERE status = 'pending' "
+                "   ORDER BY slot_start LIMIT 1) "
+                "  UNION ALL "
+                "  SELECT (SELECT a.slot_start FROM assignments AS a "
+                "          WHERE a.status = 'pending' AND a.slot_start > pending.slot_start "
+                "          ORDER BY a.slot_start LIMIT 1) "
+                "  FROM pending WHERE pending.slot_start IS NOT NULL) "
+                "SELECT p.slot_start, clock_timestamp() "
+                "  - coalesce(s.last_claim_at, p.slot_start) < :timeout AS active "
+                "FROM pending AS p LEFT JOIN slots AS s ON s.slot_start = p.slot_start "
+                "WHERE p.slot_start IS NOT NULL ORDER BY p.slot_start"
+            ),
+            {"timeout": timeout},
+        )
+    ]

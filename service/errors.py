@@ -5,13 +5,15 @@ from __future__ import annotations
 from apispec.ext.marshmallow.common import resolve_schema_cls
 from flask import request
 from flask_smorest import Api, Blueprint
-from sqlalchemy.exc import DataError, IntegrityError
+from psycopg.errors import DeadlockDetected, SerializationFailure
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from webargs.flaskparser import FlaskParser
 from werkzeug.exceptions import (
     BadRequest,
     Conflict,
     HTTPException,
     NotFound,
+    ServiceUnavailable,
     UnprocessableEntity,
     UnsupportedMediaType,
 )
@@ -83,6 +85,14 @@ def init_app(app, api: ServiceApi) -> None:
     def data_error(error: DataError):
         return api.handle_http_exception(BadRequest("a value in the request is out of range"))
 
+    def busy(error: OperationalError):
+        # PostgreSQL broke a lock cycle (or lost a serialization race) by aborting this
+        # request; nothing of it was stored, and the same request can simply be sent again.
+        if not isinstance(error.orig, DeadlockDetected | SerializationFailure):
+            raise error
+        response = ServiceUnavailable("the database was busy with a conflicting change; retry")
+        return api.handle_http_exception(_with_errors(response, {}, headers={"Retry-After": "1"}))
+
     def invalid_ids(error: InvalidIds):
         # Raised while a text body streams into the database, after parsing began.
         return api.handle_http_exception(
@@ -100,10 +110,13 @@ def init_app(app, api: ServiceApi) -> None:
 
     app.register_error_handler(IntegrityError, integrity_error)
     app.register_error_handler(DataError, data_error)
+    app.register_error_handler(OperationalError, busy)
     app.register_error_handler(InvalidIds, invalid_ids)
     app.register_error_handler(LookupError, dashboard_instance_missing)
 
 
-def _with_errors(error: HTTPException, errors: dict) -> HTTPException:
-    error.data = {"message": error.description, "errors": errors}
+def _with_errors(error: HTTPException, errors: dict, headers: dict | None = None):
+    error.data = {"message": error.description, "headers": headers or {}}
+    if errors:
+        error.data["errors"] = errors
     return error

@@ -29,3 +29,8 @@ def init_redis(app) -> None:
 
 def get_redis() -> Redis:
     return current_app.extensions["redis"]
+
+
+def raw_connection():
+    """The psycopg connection under the session, in the session's transaction (for COPY)."""
+    return db.session.connection().connection.driver_connection

@@ -15,12 +15,13 @@ from itertools import chain
 
 from flask import current_app
 from sqlalchemy import update
+from werkzeug.exceptions import NotFound
 
-from .extensions import db
+from .extensions import db, raw_connection
 from .models import IdTask, Overflow, TaskStatus
 from .planner import EPOCH, SlotGrid, distribute, fill
 from .scheduling import schedule_slots
-from .tasks import IDS_PER_CHUNK, get_task, raw_connection
+from .tasks import IDS_PER_CHUNK, get_task
 
 # First key of the two-key advisory locks, so they cannot meet another lock user's.
 WINDOW_LOCK_NAMESPACE = 0x5107
@@ -42,9 +43,11 @@ def plan_stored_task(task_id: int, now: datetime | None = None) -> str:
     default the database's clock is read after each window lock is taken, so time spent
     waiting for a lock never plans into a slot that has started meanwhile.
     """
-    if not _mark_planning(task_id):
-        return f"task {task_id}: nothing to plan"
-    task = get_task(task_id, lock=True)
+    _mark_planning(task_id)
+    try:
+        task = get_task(task_id, lock=True)
+    except NotFound:
+        return f"task {task_id}: gone, nothing to plan"
     if task.status not in PLANNABLE:
         db.session.rollback()
         return f"task {task_id}: {task.status}, nothing to plan"
@@ -64,15 +67,14 @@ def plan_stored_task(task_id: int, now: datetime | None = None) -> str:
     return f"task {task_id}: {planner.planned} IDs planned into {span}"
 
 
-def _mark_planning(task_id: int) -> bool:
-    """Show `planning` at once, in a commit of its own; False if the task is gone."""
+def _mark_planning(task_id: int) -> None:
+    """Show `planning` at once, in a commit of its own."""
     db.session.execute(
         update(IdTask)
         .where(IdTask.id == task_id, IdTask.status == TaskStatus.RECEIVED)
         .values(status=TaskStatus.PLANNING)
     )
     db.session.commit()
-    return db.session.get(IdTask, task_id) is not None
 
 
 def _read_ids(reader, task: IdTask) -> Iterator[tuple[int, int]]:

@@ -127,24 +127,30 @@ class TextSubmitQuerySchema(Schema):
 ID_STATUSES = ("received", *AssignmentStatus.ALL)
 
 
+def _moment(description: str, **kwargs) -> fields.AwareDateTime:
+    """A moment in a query: ISO 8601, UTC when it names no zone, in a sane range of years
+    (near year 1 or 9999 the arithmetic of windows would leave what datetime can hold)."""
+    return fields.AwareDateTime(
+        default_timezone=UTC,
+        validate=_plausible_year,
+        metadata={"description": description},
+        **kwargs,
+    )
+
+
+def _plausible_year(moment) -> None:
+    if not 1970 <= moment.year <= 9000:
+        raise ValidationError("must fall between the years 1970 and 9000")
+
+
 class TaskIdsQuerySchema(Schema):
     status = fields.String(validate=OneOf(ID_STATUSES))
-    slot = fields.AwareDateTime(
-        default_timezone=UTC, metadata={"description": "only the IDs of the slot starting then"}
-    )
+    slot = _moment("only the IDs of the slot starting then")
 
 
 class SlotsQuerySchema(Schema):
-    start = fields.AwareDateTime(
-        data_key="from",
-        default_timezone=UTC,
-        metadata={"description": "first moment shown (default: the current window's start)"},
-    )
-    end = fields.AwareDateTime(
-        data_key="to",
-        default_timezone=UTC,
-        metadata={"description": "end, exclusive (default: four windows after the start)"},
-    )
+    start = _moment("first moment shown (default: the current window's start)", data_key="from")
+    end = _moment("end, exclusive (default: four windows after the start)", data_key="to")
 
 
 class SlotSchema(Schema):

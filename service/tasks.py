@@ -11,7 +11,7 @@ from sqlalchemy import func, select, text
 from werkzeug.exceptions import Conflict, RequestEntityTooLarge, UnprocessableEntity
 
 from .errors import not_found
-from .extensions import db
+from .extensions import db, raw_connection
 from .models import (
     Assignment,
     AssignmentStatus,
@@ -30,11 +30,6 @@ PAYLOAD_ECHO_MAX_IDS = 1000
 REPLANNABLE = (TaskStatus.RECEIVED, TaskStatus.PLANNING, TaskStatus.SCHEDULED)
 
 
-def raw_connection():
-    """The psycopg connection under the session, in the session's transaction."""
-    return db.session.connection().connection.driver_connection
-
-
 def list_tasks(offset: int, limit: int) -> tuple[list[IdTask], int]:
     query = select(IdTask).order_by(IdTask.date_created.desc(), IdTask.id.desc())
     tasks = db.session.scalars(query.offset(offset).limit(limit)).all()
@@ -43,7 +38,10 @@ def list_tasks(offset: int, limit: int) -> tuple[list[IdTask], int]:
 
 def get_task(task_id: int, *, lock: bool = False) -> IdTask:
     query = select(IdTask).where(IdTask.id == task_id)
-    task = db.session.scalar(query.with_for_update() if lock else query)
+    if lock:
+        # Refresh from the locked row: the session may hold a copy read before the lock.
+        query = query.with_for_update().execution_options(populate_existing=True)
+    task = db.session.scalar(query)
     if task is None:
         raise not_found("task", task_id)
     return task
@@ -177,14 +175,33 @@ def _release_pending(task: IdTask, new_status: str | None) -> None:
             "UPDATE assignments SET status = :new_status "
             "WHERE task_id = :task AND status = 'pending'"
         )
-    db.session.execute(
+    released = db.session.execute(
         text(
             f"WITH released AS ({change} RETURNING slot_start) "
-            "UPDATE slots SET load = slots.load - r.n "
-            "FROM (SELECT slot_start, count(*) AS n FROM released GROUP BY slot_start) AS r "
-            "WHERE slots.slot_start = r.slot_start"
+            "SELECT slot_start, count(*) FROM released GROUP BY slot_start"
         ),
         {"task": task.id, "new_status": new_status},
+    ).all()
+    subtract_loads(dict(released))
+
+
+def subtract_loads(released: dict[datetime, int]) -> None:
+    """Lower slots' loads, locking their rows in time order as planners add to them,
+    so that the two never wait on each other in a circle."""
+    if not released:
+        return
+    slots = sorted(released)
+    db.session.execute(
+        text("SELECT 1 FROM slots WHERE slot_start = ANY(:slots) ORDER BY slot_start FOR UPDATE"),
+        {"slots": slots},
+    )
+    db.session.execute(
+        text(
+            "UPDATE slots SET load = slots.load - r.n "
+            "FROM unnest(CAST(:slots AS timestamptz[]), CAST(:counts AS int[])) AS r(slot, n) "
+            "WHERE slots.slot_start = r.slot"
+        ),
+        {"slots": slots, "counts": [released[slot] for slot in slots]},
     )
 
 
@@ -273,4 +290,3 @@ def _rewrite_without_repeats(cur, task_id: int) -> None:
         "GROUP BY rank / %(per_chunk)s",
         params,
     )
-    cur.execute("DROP TABLE first_seen")

@@ -27,7 +27,7 @@ def create_user(fields: dict) -> User:
     db.session.add(user)
     db.session.flush()
     if "id" in fields:
-        _advance_id_sequence()
+        advance_id_sequence()
     db.session.commit()
     return user
 
@@ -45,13 +45,16 @@ def delete_user(user_id: int) -> None:
     db.session.commit()
 
 
-def _advance_id_sequence() -> None:
-    # Users also get explicit IDs (from tasks, or from the client); keep the identity
-    # sequence past them so that a later user created without an ID does not collide.
+def advance_id_sequence() -> None:
+    """Keep the id sequence past every existing user, only ever forward.
+
+    Users also get explicit IDs (by hand, or received in tasks); without this, a later
+    user created without an ID could be handed one that is taken.
+    """
     db.session.execute(
         text(
-            "SELECT setval(pg_get_serial_sequence('users', 'id'), "
-            "GREATEST((SELECT max(id) FROM users), "
-            "(SELECT last_value FROM users_id_seq)))"
+            "SELECT setval('users_id_seq', highest) "
+            "FROM (SELECT max(id) AS highest FROM users) AS m "
+            "WHERE highest > (SELECT last_value FROM users_id_seq)"
         )
     )

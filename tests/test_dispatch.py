@@ -6,7 +6,7 @@ import pytest
 from rq import Queue
 from sqlalchemy import text
 
-from service.dispatch import reconcile, run_slot
+from service.dispatch import Failure, claim, reconcile, record_outcomes, run_slot
 from service.extensions import db, get_redis
 from service.models import IdTask
 from service.planning import plan_stored_task
@@ -245,3 +245,40 @@ def test_pacing_spreads_a_slots_ids_through_it(make_app):
     # Turn k of 6 is due at k * 0.9 * 2 s / 6 = 0.3 k s after the start.
     for turn, offset in enumerate(offsets):
         assert 0.3 * turn <= offset < 0.3 * turn + 0.4, offsets
+
+
+def test_a_user_created_by_hand_after_processing_gets_a_free_id(rpm3):
+    plan_stored_task(submit([41, 42]), now=PAST)
+    run_slot(FIRST_SLOT)
+    created = rpm3.test_client().post("/users/", json={"name": "by hand"})
+    assert (created.status_code, created.json["id"]) == (201, 43)
+
+
+def test_an_outcome_from_a_claim_that_timed_out_is_ignored(rpm3):
+    task_id = submit([1, 2])
+    plan_stored_task(task_id, now=PAST)
+    stale, _ = claim(FIRST_SLOT, 10)
+    # The claim timed out; reconcile gave the IDs back and another worker took them.
+    db.session.execute(text("UPDATE assignments SET status = 'pending', claimed_at = NULL"))
+    db.session.commit()
+    fresh, _ = claim(FIRST_SLOT, 10)
+    record_outcomes(FIRST_SLOT, stale, {})
+    assert {row.status for row in assignment_rows(task_id)} == {"running"}
+    record_outcomes(FIRST_SLOT, fresh, {})
+    assert {row.status for row in assignment_rows(task_id)} == {"done"}
+    task = db.session.get(IdTask, task_id)
+    db.session.refresh(task)
+    assert (task.done, task.status) == (2, "done")
+
+
+def test_a_cancelled_tasks_failed_ids_are_not_retried(make_app):
+    app = make_app(RPM=3, PACING=False, MAX_ATTEMPTS=3)
+    with app.app_context():
+        task_id = submit([1, 2])
+        plan_stored_task(task_id, now=PAST)
+        claims, _ = claim(FIRST_SLOT, 10)
+        app.test_client().delete(f"/celery_ids_tasks/{task_id}/")  # while they run
+        record_outcomes(FIRST_SLOT, claims, {1: Failure("busy"), 2: Failure("busy")})
+        rows = assignment_rows(task_id)
+        assert {(row.status, row.error) for row in rows} == {("cancelled", "busy")}
+        assert list(get_scheduler().get_jobs()) == []

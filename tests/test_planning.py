@@ -166,6 +166,8 @@ def test_slots_shows_the_plan_grouped_by_window(rpm5):
         "from=2030-01-07T10:00:00Z&to=2030-01-07T09:00:00Z",
         "from=2030-01-07T00:00:00Z&to=2030-01-09T00:00:00Z",
         "from=yesterday",
+        "from=9999-12-31T23:50:00",
+        "from=0001-01-01T00:00:00%2B14:00",
     ],
 )
 def test_slots_refuses_a_bad_range(client, query):

@@ -17,6 +17,7 @@ from sqlalchemy import text
 
 from service.dispatch import Failure
 from service.extensions import db
+from service.users import advance_id_sequence
 
 # Answers worth another attempt: the resource is busy or broken, not the request.
 RETRYABLE_HTTP = {408, 425, 429}
@@ -25,6 +26,7 @@ RETRYABLE_HTTP = {408, 425, 429}
 def record_user(user_ids: list[int]) -> dict[int, Failure]:
     """Create each user if absent; stamp last_processed_at and count the time."""
     times = Counter(user_ids)
+    ids = sorted(times)  # rows locked in one order, so two workers never deadlock on them
     db.session.execute(
         text(
             "INSERT INTO users (id, last_processed_at, times_processed) "
@@ -33,15 +35,9 @@ def record_user(user_ids: list[int]) -> dict[int, Failure]:
             "ON CONFLICT (id) DO UPDATE SET last_processed_at = EXCLUDED.last_processed_at, "
             "  times_processed = users.times_processed + EXCLUDED.times_processed"
         ),
-        {"ids": list(times), "times": list(times.values())},
+        {"ids": ids, "times": [times[user_id] for user_id in ids]},
     )
-    # Keep users created by hand without an id from colliding with received ones.
-    db.session.execute(
-        text(
-            "SELECT setval(pg_get_serial_sequence('users', 'id'), "
-            "GREATEST((SELECT max(id) FROM users), 1))"
-        )
-    )
+    advance_id_sequence()
     return {}
 
 
