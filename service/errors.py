@@ -6,6 +6,8 @@ from apispec.ext.marshmallow.common import resolve_schema_cls
 from flask import request
 from flask_smorest import Api, Blueprint
 from psycopg.errors import DeadlockDetected, SerializationFailure
+from redis.exceptions import ResponseError
+from rq.exceptions import NoSuchJobError
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from webargs.flaskparser import FlaskParser
 from werkzeug.exceptions import (
@@ -102,17 +104,21 @@ def init_app(app, api: ServiceApi) -> None:
             )
         )
 
-    def dashboard_instance_missing(error: LookupError):
-        # rq-dashboard raises LookupError for a Redis instance number it does not have.
+    def dashboard_refusal(error: Exception):
+        # rq-dashboard lets a wrong instance number, job id or page size raise (the last
+        # one from Redis itself); there they are the client's mistakes. Anywhere else
+        # they are bugs, and stay 500s.
         if request.blueprint != "rq_dashboard":
             raise error
-        return api.handle_http_exception(NotFound(str(error)))
+        missing = isinstance(error, LookupError | NoSuchJobError)
+        return api.handle_http_exception((NotFound if missing else BadRequest)(str(error)))
 
     app.register_error_handler(IntegrityError, integrity_error)
     app.register_error_handler(DataError, data_error)
     app.register_error_handler(OperationalError, busy)
     app.register_error_handler(InvalidIds, invalid_ids)
-    app.register_error_handler(LookupError, dashboard_instance_missing)
+    for kind in (LookupError, NoSuchJobError, ValueError, ResponseError):
+        app.register_error_handler(kind, dashboard_refusal)
 
 
 def _with_errors(error: HTTPException, errors: dict, headers: dict | None = None):

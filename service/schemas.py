@@ -12,6 +12,24 @@ from .ids import InvalidIds, id_from_json, parse_json_ids, parse_payload
 from .models import AssignmentStatus, Overflow, TaskStatus
 
 
+class _Text(fields.String):
+    """Text that PostgreSQL can store: no NUL character, no lone UTF-16 surrogate."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in text:
+            raise ValidationError("must not contain a NUL character")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError("must be valid Unicode (it holds a lone surrogate)") from None
+        return text
+
+
+def _name() -> _Text:
+    return _Text(required=True, validate=Length(min=1, max=255))
+
+
 class _UserId(fields.Integer):
     """One user ID: a JSON integer from 1 to 2**63 - 1, never a bool, float or string."""
 
@@ -47,9 +65,9 @@ class _Payload(fields.String):
 
 class UserSchema(Schema):
     id = _UserId()
-    name = fields.String(required=True, validate=Length(min=1, max=255))
+    name = _name()
     date_created = fields.DateTime(dump_only=True)
-    last_processed_at = fields.DateTime(dump_only=True)
+    last_processed_at = fields.DateTime(dump_only=True, allow_none=True)
     times_processed = fields.Integer(dump_only=True)
 
 
@@ -61,7 +79,7 @@ class UserUpdateSchema(UserSchema):
 class TaskSubmitSchema(Schema):
     """A task's IDs come as `payload` (a string) or `ids` (a list), never both."""
 
-    task_name = fields.String(required=True, validate=Length(min=1, max=255))
+    task_name = _name()
     payload = _Payload(metadata={"description": "IDs as a string: '1,2,3'"})
     ids = _IdList(metadata={"description": "IDs as a list: [1, 2, 3]"})
     overflow = fields.String(validate=OneOf(Overflow.ALL))
@@ -120,7 +138,7 @@ class TaskIdSchema(Schema):
 class TextSubmitQuerySchema(Schema):
     """Query of a POST whose body is IDs as text (text/csv or text/plain)."""
 
-    task_name = fields.String(required=True, validate=Length(min=1, max=255))
+    task_name = _name()
     overflow = fields.String(validate=OneOf(Overflow.ALL))
 
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from werkzeug.exceptions import Conflict
 
 from .errors import not_found
 from .extensions import db
+from .ids import MAX_ID
 from .models import User
+
+# Tries at the next free id before a create without an id gives up with 409.
+NEXT_ID_ATTEMPTS = 5
 
 
 def list_users(offset: int, limit: int) -> tuple[list[User], int]:
@@ -23,13 +29,31 @@ def get_user(user_id: int) -> User:
 
 
 def create_user(fields: dict) -> User:
+    """Create a user; one without an id takes the next above the largest."""
+    if "id" not in fields:
+        return _create_with_next_free_id(fields)
     user = User(**fields)
     db.session.add(user)
-    db.session.flush()
-    if "id" in fields:
-        advance_id_sequence()
-    db.session.commit()
+    db.session.commit()  # a taken id is refused by PostgreSQL and answered 409
     return user
+
+
+def _create_with_next_free_id(fields: dict) -> User:
+    # IDs also come from tasks and from clients, far apart, so a sequence would walk into
+    # them; the next one above the largest is free unless a concurrent create took it.
+    for _ in range(NEXT_ID_ATTEMPTS):
+        largest = db.session.scalar(select(func.max(User.id))) or 0
+        if largest >= MAX_ID:
+            raise Conflict(f"no id is left above {largest}: give the user an id")
+        user = User(id=largest + 1, **fields)
+        try:
+            with db.session.begin_nested():
+                db.session.add(user)
+        except IntegrityError:
+            continue
+        db.session.commit()
+        return user
+    raise Conflict("ids are being taken concurrently: try again")
 
 
 def update_user(user_id: int, fields: dict) -> User:
@@ -43,18 +67,3 @@ def update_user(user_id: int, fields: dict) -> User:
 def delete_user(user_id: int) -> None:
     db.session.delete(get_user(user_id))
     db.session.commit()
-
-
-def advance_id_sequence() -> None:
-    """Keep the id sequence past every existing user, only ever forward.
-
-    Users also get explicit IDs (by hand, or received in tasks); without this, a later
-    user created without an ID could be handed one that is taken.
-    """
-    db.session.execute(
-        text(
-            "SELECT setval('users_id_seq', highest) "
-            "FROM (SELECT max(id) AS highest FROM users) AS m "
-            "WHERE highest > (SELECT last_value FROM users_id_seq)"
-        )
-    )

@@ -84,6 +84,13 @@ CASES = {
     "user id a boolean": ("/users/", {"json": {"name": "n", "id": True}}, 422, "boolean"),
     "user name too long": ("/users/", {"json": {"name": "n" * 256}}, 422, "name"),
     "user name null": ("/users/", {"json": {"name": None}}, 422, "name"),
+    "user name with a NUL": ("/users/", {"json": {"name": "a\x00b"}}, 422, "NUL"),
+    "task name with a lone surrogate": (
+        TASKS,
+        {"data": '{"task_name": "\\ud800", "ids": [1]}', "content_type": "application/json"},
+        422,
+        "lone surrogate",
+    ),
 }
 
 
@@ -143,6 +150,19 @@ def test_bad_pagination_is_a_4xx(client, query):
     answer = client.get(f"/users/?{query}")
     assert 400 <= answer.status_code < 500
     assert answer.json["code"] == answer.status_code
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/rq/0/data/job/%ff.json",
+        "/rq/0/data/jobs/planning/failed/99999999999999999999/asc/1.json",
+        "/celery_ids_tasks/1/ids/?slot=0001-01-01T00:00:00%2B14:00",
+    ],
+)
+def test_odd_values_in_paths_and_queries_are_a_4xx(client, path):
+    answer = client.get(path)
+    assert 400 <= answer.status_code < 500, answer.get_data(as_text=True)
 
 
 def test_a_page_past_the_end_is_empty(client):

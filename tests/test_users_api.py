@@ -71,3 +71,13 @@ def test_a_missing_user_is_404_with_a_message(client):
     assert answer.json["message"] == "user 12345 does not exist"
     assert client.delete("/users/12345/").status_code == 404
     assert client.patch("/users/12345/", json={"name": "x"}).status_code == 404
+
+
+def test_ids_run_out_above_the_largest_possible_one(client):
+    top = 2**63 - 1
+    assert client.post("/users/", json={"id": top, "name": "last"}).status_code == 201
+    refused = client.post("/users/", json={"name": "no room"})
+    assert refused.status_code == 409
+    assert "give the user an id" in refused.json["message"]
+    client.delete(f"/users/{top}/")
+    assert client.post("/users/", json={"name": "room again"}).status_code == 201

@@ -17,7 +17,6 @@ from sqlalchemy import text
 
 from service.dispatch import Failure
 from service.extensions import db
-from service.users import advance_id_sequence
 
 # Answers worth another attempt: the resource is busy or broken, not the request.
 RETRYABLE_HTTP = {408, 425, 429}
@@ -37,7 +36,6 @@ def record_user(user_ids: list[int]) -> dict[int, Failure]:
         ),
         {"ids": ids, "times": [times[user_id] for user_id in ids]},
     )
-    advance_id_sequence()
     return {}
 
 
