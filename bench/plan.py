@@ -77,20 +77,24 @@ def bare_copy_seconds(count: int) -> float:
     return time.perf_counter() - started
 
 
+# VmHWM, not getrusage: Linux keeps ru_maxrss across exec, so a child would report the
+# size of the benchmark process that started it.
 PLANNER_CHILD = """
-import resource, sys
+import sys
 from datetime import datetime
 from service import create_app
 from service.planning import plan_stored_task
 app = create_app()
 with app.app_context():
-    plan_stored_task(int(sys.argv[1]), now=datetime.fromisoformat(sys.argv[2]))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print(plan_stored_task(int(sys.argv[1]), now=datetime.fromisoformat(sys.argv[2])))
+with open("/proc/self/status") as status:
+    print(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
 """
 
 
 def planner_peak_rss_mib(count: int) -> float:
     """Peak RSS of a fresh process planning a stored task of `count` IDs."""
+    # The child prints the planner's own report, then its peak RSS in KiB.
     empty_tables()
     ids = (1_000_000_000 + i for i in range(count))
     task_id = submit_task("rss", ids).id
@@ -101,7 +105,9 @@ def planner_peak_rss_mib(count: int) -> float:
         capture_output=True,
         text=True,
     )
-    return int(done.stdout.split()[-1]) / 1024
+    report, peak_kib = done.stdout.strip().splitlines()[-2:]
+    assert f"{count} IDs planned" in report, report
+    return int(peak_kib) / 1024
 
 
 def generator_ids_per_second(count: int) -> float:
