@@ -82,9 +82,11 @@ def times_processed() -> dict[int, int]:
 def test_post_plan_schedule_run_record(make_app):
     settings = {**FAST, "RPM": 3}
     app = make_app(**settings)
+    # Two schedulers, as in a deployment with a standby: still each ID once.
     processes = [
         start(["worker"], settings),
         start(["worker"], settings),
+        start(["scheduler"], settings),
         start(["scheduler"], settings),
     ]
     try:
