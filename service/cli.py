@@ -9,14 +9,13 @@ from datetime import UTC, datetime
 import click
 from flask.cli import AppGroup, with_appcontext
 from rq import Queue, Worker
-from rq_scheduler import Scheduler
 
 from .dispatch import reconcile
 from .extensions import get_redis
 from .ids import InvalidIds, stream_ids
 from .models import Overflow
 from .queues import ALL_QUEUES, SLOTS_QUEUE
-from .scheduling import register_periodic_jobs
+from .scheduling import ServiceScheduler, register_periodic_jobs
 from .slots import ids_by_slot, plan_between
 from .tasks import submit_task
 
@@ -48,7 +47,7 @@ def worker_command(queues: tuple[str, ...], burst: bool) -> None:
 @with_appcontext
 def scheduler_command(burst: bool) -> None:
     """Run rq-scheduler, polling every second."""
-    scheduler = Scheduler(
+    scheduler = ServiceScheduler(
         queue_name=SLOTS_QUEUE, connection=get_redis(), interval=SCHEDULER_INTERVAL_SECONDS
     )
     for job_id in register_periodic_jobs(scheduler):

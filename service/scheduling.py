@@ -63,6 +63,15 @@ def register_periodic_jobs(scheduler: Scheduler) -> list[str]:
     return added
 
 
+class ServiceScheduler(Scheduler):
+    """rq-scheduler that keeps the periodic jobs registered at every poll, not only at
+    its start: after Redis has lost everything, reconcile is back within a second."""
+
+    def enqueue_jobs(self):
+        register_periodic_jobs(self)
+        return super().enqueue_jobs()
+
+
 def slot_job_id(slot: datetime) -> str:
     return f"slot-{slot.astimezone(UTC):%Y%m%dT%H%M%S}"
 
@@ -73,8 +82,9 @@ def get_scheduler() -> Scheduler:
 
 def schedule_slots(slots: Iterable[datetime]) -> int:
     """Give each slot its job, due just before its start; return how many were added.
-    When Redis cannot be reached the plan is still
-       in PostgreSQL, and reconciling schedules it later.
+
+    When Redis cannot be reached the plan is still in PostgreSQL, and reconciling
+    schedules it later.
     """
     try:
         scheduler = get_scheduler()

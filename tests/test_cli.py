@@ -11,6 +11,7 @@ from sqlalchemy import text
 
 from service.extensions import db, get_redis
 from service.queues import PLANNING_QUEUE, SLOTS_QUEUE
+from service.scheduling import ServiceScheduler
 
 
 def test_worker_burst_runs_the_queued_planning_job(app, client, runner):
@@ -108,3 +109,12 @@ def test_the_models_match_the_migrations(app):
     with app.app_context(), db.engine.connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), db.metadata)
     assert differences == []
+
+
+def test_a_running_scheduler_restores_the_periodic_jobs_after_a_flush(app):
+    with app.app_context():
+        scheduler = ServiceScheduler(queue_name=SLOTS_QUEUE, connection=get_redis())
+        scheduler.enqueue_jobs()
+        get_redis().flushdb()
+        scheduler.enqueue_jobs()  # its next poll
+        assert "reconcile" in scheduler
