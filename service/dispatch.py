@@ -42,6 +42,8 @@ PACING_TICK_SECONDS = 0.05
 PACE_SHARE = 0.9
 # A slot whose first claim comes later than this after its start is marked late.
 LATE_AFTER_SECONDS = 1.0
+# Reconcile gives jobs to the slots starting within this; each run moves it on.
+RECONCILE_HORIZON = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -305,8 +307,9 @@ def reconcile() -> dict[str, int]:
 
     - IDs claimed longer ago than CLAIM_TIMEOUT_SECONDS (their worker died) go back to
       pending, or to cancelled if their task was cancelled meanwhile;
-    - every slot with pending IDs gets its job if it has none; one whose time has passed
-      runs at once and is marked late;
+    - every slot with pending IDs that starts within RECONCILE_HORIZON gets its job if it
+      has none; one whose time has passed runs at once and is marked late (later slots
+      are left to later runs: a job only has to exist before its slot starts);
     - tasks still received or planning get their planning job back if it is gone.
     """
     timeout = timedelta(seconds=current_app.config["CLAIM_TIMEOUT_SECONDS"])
@@ -315,7 +318,7 @@ def reconcile() -> dict[str, int]:
     scheduler = get_scheduler()
     added = [
         slot
-        for slot, active in _slots_with_pending_ids(timeout)
+        for slot, active in _slots_with_pending_ids(timeout, now + RECONCILE_HORIZON)
         if ensure_slot_job(scheduler, slot, now, trust_started=active)
     ]
     late = [slot for slot in added if slot <= now]
@@ -360,8 +363,9 @@ def _release_stale_claims(timeout: timedelta) -> int:
     return sum(row.n for row in rows)
 
 
-def _slots_with_pending_ids(timeout: timedelta) -> list[tuple[datetime, bool]]:
-    """Each slot holding pending IDs, and whether its job claimed within the timeout.
+def _slots_with_pending_ids(timeout: timedelta, until: datetime) -> list[tuple[datetime, bool]]:
+    """Each slot up to `until` holding pending IDs, and whether its job claimed within
+    the timeout.
 
     The slots are found from the pending rows themselves, one index probe per slot
     (a loose index scan), so no counter can hide one. A slot job claims IDs every
@@ -379,12 +383,12 @@ def _slots_with_pending_ids(timeout: timedelta) -> list[tuple[datetime, bool]]:
                 "  SELECT (SELECT a.slot_start FROM assignments AS a "
                 "          WHERE a.status = 'pending' AND a.slot_start > pending.slot_start "
                 "          ORDER BY a.slot_start LIMIT 1) "
-                "  FROM pending WHERE pending.slot_start IS NOT NULL) "
+                "  FROM pending WHERE pending.slot_start <= :until) "
                 "SELECT p.slot_start, clock_timestamp() "
                 "  - coalesce(s.last_claim_at, p.slot_start) < :timeout AS active "
                 "FROM pending AS p LEFT JOIN slots AS s ON s.slot_start = p.slot_start "
-                "WHERE p.slot_start IS NOT NULL ORDER BY p.slot_start"
+                "WHERE p.slot_start <= :until ORDER BY p.slot_start"
             ),
-            {"timeout": timeout},
+            {"timeout": timeout, "until": until},
         )
     ]

@@ -155,9 +155,11 @@ def test_cancel_before_the_slot_runs_releases_the_ids(rpm3):
 
 
 def test_reconcile_rebuilds_what_redis_lost(rpm3):
-    future = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=2)
+    soon = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=20)
     planned = submit(range(1, 7))
-    plan_stored_task(planned, now=future)
+    plan_stored_task(planned, now=soon)
+    much_later = submit([20])
+    plan_stored_task(much_later, now=soon + timedelta(hours=3))
     past = submit([9])
     plan_stored_task(past, now=PAST)
     waiting = submit([10])  # never planned: its planning job is lost too
@@ -166,7 +168,7 @@ def test_reconcile_rebuilds_what_redis_lost(rpm3):
     outcome = reconcile()
     assert outcome == {
         "claims released": 0,
-        "slot jobs added": 3,
+        "slot jobs added": 3,  # two soon, one past; the one hours ahead waits its turn
         "late slots": 1,
         "planning jobs added": 1,
     }
