@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from datetime import UTC, datetime
+from itertools import repeat
 
 import click
 from flask.cli import AppGroup, with_appcontext
@@ -141,7 +142,11 @@ def _label(moment: datetime) -> str:
 def tasks_submit(source, task_name: str, overflow: str) -> None:
     """Submit the IDs of SOURCE (a file, or - for stdin), streamed, with a progress bar."""
     size = _size_of(source)
-    with click.progressbar(length=size, label="sending IDs", file=sys.stderr) as bar:
+    # A pipe has no known size: the bar then counts bytes without a total.
+    bar_options = {"length": size} if size is not None else {"iterable": repeat(None)}
+    with click.progressbar(
+        label="sending IDs", file=sys.stderr, show_pos=size is None, **bar_options
+    ) as bar:
         try:
             task = submit_task(task_name, stream_ids(_Progress(source, bar)), overflow)
         except InvalidIds as invalid:
@@ -170,7 +175,7 @@ def _size_of(source) -> int | None:
     try:
         return source.seek(0, 2) - source.seek(0)
     except (OSError, ValueError):
-        return None  # a pipe: the bar counts without a total
+        return None
 
 
 def init_app(app) -> None:

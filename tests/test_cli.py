@@ -1,6 +1,9 @@
 """The operator commands, run through Flask's CLI runner."""
 
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from alembic.script import ScriptDirectory
 from flask import current_app
@@ -118,3 +121,21 @@ def test_a_running_scheduler_restores_the_periodic_jobs_after_a_flush(app):
         get_redis().flushdb()
         scheduler.enqueue_jobs()  # its next poll
         assert "reconcile" in scheduler
+
+
+def test_tasks_submit_reads_standard_input(app, runner):
+    ids = "\n".join(str(i) for i in range(1, 101))
+    result = runner.invoke(args=["tasks", "submit", "-", "--name", "piped"], input=ids)
+    assert result.exit_code == 0, result.output
+    assert "100 IDs (0 duplicates dropped)" in result.output
+
+
+def test_tasks_submit_takes_a_pipe_of_unknown_size(app):
+    piped = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "wsgi", "tasks", "submit", "-", "--name", "p"],
+        input="\n".join(str(i) for i in range(1, 2001)).encode(),
+        capture_output=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert piped.returncode == 0, piped.stderr.decode()[-2000:]
+    assert b"2000 IDs (0 duplicates dropped)" in piped.stdout
