@@ -1,6 +1,6 @@
 """Helpers shared by the planning tests."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import text
 
@@ -39,3 +39,11 @@ def set_load(slot: datetime, load: int) -> None:
         text("INSERT INTO slots (slot_start, load) VALUES (:s, :l)"), {"s": slot, "l": load}
     )
     db.session.commit()
+
+
+def just_before_a_window(ahead: timedelta) -> datetime:
+    """A planning time 10 s before a quarter-hour window at least `ahead` from now, so
+    that the whole window is open to it whatever the clock says."""
+    moment = datetime.now(UTC) + ahead
+    window = moment.replace(minute=moment.minute - moment.minute % 15, second=0, microsecond=0)
+    return window + timedelta(minutes=15) - timedelta(seconds=10)

@@ -13,7 +13,7 @@ from service.planning import plan_stored_task
 from service.queues import PLANNING_QUEUE, SLOTS_QUEUE
 from service.scheduling import EARLY_SECONDS, get_scheduler, schedule_slots, slot_job_id
 
-from .planning_helpers import at, submit
+from .planning_helpers import at, just_before_a_window, submit
 
 PAST = at("2026-01-05 08:59:50")  # planning "then" puts every slot in the past
 FIRST_SLOT = at("2026-01-05 09:00")
@@ -41,7 +41,7 @@ def rpm3(make_app):
 
 
 def test_planning_schedules_one_job_per_slot_due_just_before_it(rpm3):
-    future = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=2)
+    future = just_before_a_window(timedelta(hours=2))
     task_id = submit(range(1, 8))
     plan_stored_task(task_id, now=future)
     task = db.session.get(IdTask, task_id)
@@ -155,7 +155,7 @@ def test_cancel_before_the_slot_runs_releases_the_ids(rpm3):
 
 
 def test_reconcile_rebuilds_what_redis_lost(rpm3):
-    soon = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=20)
+    soon = just_before_a_window(timedelta(minutes=5))  # well within the hour ahead
     planned = submit(range(1, 7))
     plan_stored_task(planned, now=soon)
     much_later = submit([20])
@@ -208,7 +208,7 @@ def test_reconcile_command_prints_what_it_did(rpm3):
 
 
 def test_a_scheduled_slot_job_runs_with_the_slot_as_only_argument(rpm3):
-    future = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=2)
+    future = just_before_a_window(timedelta(hours=2))
     task_id = submit([1])
     plan_stored_task(task_id, now=future)
     (job,) = get_scheduler().get_jobs()
