@@ -107,24 +107,22 @@ def test_distribute_works_on_an_endless_stream_without_growing():
 
 
 loads_strategy = st.lists(st.integers(min_value=0, max_value=12), min_size=1, max_size=15)
-
-
-@given(
+# Any window's loads, a small RPM and up to a few rounds of IDs.
+any_window = given(
     loads=loads_strategy,
     rpm=st.integers(min_value=1, max_value=10),
     n=st.integers(min_value=0, max_value=300),
 )
+
+
+@any_window
 def test_each_id_is_yielded_once_in_order(loads, rpm, n):
     pairs = list(distribute(range(n), loads, rpm))
     assert [user_id for user_id, _ in pairs] == list(range(n))
     assert all(0 <= index < len(loads) for _, index in pairs)
 
 
-@given(
-    loads=loads_strategy,
-    rpm=st.integers(min_value=1, max_value=10),
-    n=st.integers(min_value=0, max_value=300),
-)
+@any_window
 def test_no_slot_passes_rpm_while_another_is_below_it(loads, rpm, n):
     current = list(loads)
     for _, index in distribute(range(n), loads, rpm):
@@ -133,11 +131,7 @@ def test_no_slot_passes_rpm_while_another_is_below_it(loads, rpm, n):
         current[index] += 1
 
 
-@given(
-    loads=loads_strategy,
-    rpm=st.integers(min_value=1, max_value=10),
-    n=st.integers(min_value=0, max_value=300),
-)
+@any_window
 def test_spread_picks_the_lowest_slot_earliest_first(loads, rpm, n):
     current = list(loads)
     for _, index in distribute(range(n), loads, rpm):
