@@ -29,10 +29,16 @@ class Config:
     PLAN_LEAD_SECONDS: float = 2.0
     SLOT_SECONDS: int = 60
     WINDOW_SLOTS: int = 15
+    # Unset: half the window, rounded up.
+    SPREAD_MIN_OPEN_SLOTS: int | None = None
+    # IDs a second that planning is assumed to write at least; it sets how far ahead a
+    # task's first slot must start (see service/planning.py).
+    PLANNING_RATE: int = 100_000
     MAX_ATTEMPTS: int = 3
     RETRY_BACKOFF_SECONDS: float = 60.0
     PACING: bool = True
     CLAIM_TIMEOUT_SECONDS: int = 300
+    RECONCILE_INTERVAL_SECONDS: int = 10
     ID_PROCESSOR: str = "workers.processors:record_user"
     PROCESSOR_HTTP_URL: str | None = None
     PROCESSOR_HTTP_METHOD: str = "POST"
@@ -62,6 +68,8 @@ class Config:
             "MAX_ATTEMPTS",
             "MAX_IDS_PER_TASK",
             "MAX_CONTENT_LENGTH",
+            "PLANNING_RATE",
+            "RECONCILE_INTERVAL_SECONDS",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -69,13 +77,29 @@ class Config:
         for name in ("PLAN_LEAD_SECONDS", "RETRY_BACKOFF_SECONDS"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
+        self._check_spread_min_open_slots()
         if self.PROCESSOR_HTTP_URL and "{id}" not in self.PROCESSOR_HTTP_URL:
             raise ConfigError("PROCESSOR_HTTP_URL must hold {id}, where each user ID goes")
         if ":" not in self.ID_PROCESSOR:
             raise ConfigError("ID_PROCESSOR must be a 'module:function' path")
 
+    @property
+    def spread_min_open_slots(self) -> int:
+        """SPREAD_MIN_OPEN_SLOTS, by default half the window rounded up."""
+        if self.SPREAD_MIN_OPEN_SLOTS is None:
+            return -(-self.WINDOW_SLOTS // 2)
+        return self.SPREAD_MIN_OPEN_SLOTS
+
+    def _check_spread_min_open_slots(self) -> None:
+        if not 1 <= self.spread_min_open_slots <= self.WINDOW_SLOTS:
+            raise ConfigError(
+                f"SPREAD_MIN_OPEN_SLOTS must be from 1 to WINDOW_SLOTS ({self.WINDOW_SLOTS}), "
+                f"got {self.SPREAD_MIN_OPEN_SLOTS}"
+            )
+
     def flask_settings(self) -> dict:
         settings = asdict(self)
+        settings["SPREAD_MIN_OPEN_SLOTS"] = self.spread_min_open_slots
         settings["SQLALCHEMY_DATABASE_URI"] = _sqlalchemy_url(self.DATABASE_URL)
         return settings
 

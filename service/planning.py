@@ -145,6 +145,7 @@ class WindowPlanner:
     def __init__(self, overflow: str, now: datetime | None):
         self.grid = slot_grid()
         self.rpm = current_app.config["RPM"]
+        self.spread_min_open_slots = current_app.config["SPREAD_MIN_OPEN_SLOTS"]
         self.overflow, self.fixed_now = overflow, now
         self.planned = 0
         self.used_slots: set[datetime] = set()
@@ -155,12 +156,17 @@ class WindowPlanner:
             window = self.grid.next_window(window)
 
     def _plan_window(self, ids: Iterator, window: datetime, write: Writer) -> bool:
-        """Plan into one window; True once no ID is left for the next."""
+        """Plan into one window; True once no ID is left for the next.
+
+        Fill may use any open slot. The overflow is spread here only while enough
+        slots are open (SPREAD_MIN_OPEN_SLOTS), so that a task is never crowded into
+        the last minutes of a window; otherwise it moves on to the next window.
+        """
         slots = self._lock_window(window)
         if not slots:
             return False
         loads = self._loads(slots)
-        if self.overflow != Overflow.DEFER:
+        if self.overflow == Overflow.SPREAD and len(slots) >= self.spread_min_open_slots:
             self._add_loads(slots, write(distribute(ids, loads, self.rpm), slots))
             return True
         room = sum(max(0, self.rpm - load) for load in loads)

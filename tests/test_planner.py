@@ -36,10 +36,10 @@ def test_rpm_2_example_with_ids_1001_to_1050():
 
 
 def test_live_window_with_two_tasks():
-    # RPM 5, open slots 10:08..10:14; 10:08 holds 5, 10:09 holds 3.
-    loads = [5, 3, 0, 0, 0, 0, 0]
+    # RPM 5 at 10:05:20: open slots 10:06..10:14; 10:06 holds 5, 10:07 holds 3.
+    loads = [5, 3, 0, 0, 0, 0, 0, 0, 0]
     task_a = [f"a{i}" for i in range(1, 21)]
-    by_slot = slots_of(distribute(task_a, loads, 5), 7)
+    by_slot = slots_of(distribute(task_a, loads, 5), 9)
     assert by_slot == [
         [],
         ["a1", "a2"],
@@ -48,28 +48,30 @@ def test_live_window_with_two_tasks():
         ["a13", "a14", "a15", "a16", "a17"],
         ["a18", "a19", "a20"],
         [],
+        [],
+        [],
     ]
     loads = [load + len(ids) for load, ids in zip(loads, by_slot)]
-    assert loads == [5, 5, 5, 5, 5, 3, 0]
+    assert loads == [5, 5, 5, 5, 5, 3, 0, 0, 0]
 
     task_b = [f"b{i}" for i in range(1, 21)]
-    by_slot = slots_of(distribute(task_b, loads, 5), 7)
-    assert by_slot[5][:2] == ["b1", "b2"]
-    assert by_slot[6][:5] == ["b3", "b4", "b5", "b6", "b7"]
-    assert [by_slot[i][-1] for i in range(7)] == ["b15", "b16", "b17", "b18", "b19", "b20", "b14"]
-    assert [load + len(ids) for load, ids in zip(loads, by_slot)] == [7, 7, 7, 7, 7, 7, 6]
+    by_slot = slots_of(distribute(task_b, loads, 5), 9)
+    assert by_slot[5] == ["b1", "b2"]
+    assert by_slot[6:] == [
+        ["b3", "b4", "b5", "b6", "b7"],
+        ["b8", "b9", "b10", "b11", "b12"],
+        ["b13", "b14", "b15", "b16", "b17"],
+    ]
+    assert by_slot[:3] == [["b18"], ["b19"], ["b20"]]
+    assert [load + len(ids) for load, ids in zip(loads, by_slot)] == [6, 6, 6, 5, 5, 5, 5, 5, 5]
 
 
 def test_live_window_with_defer_moves_on_to_the_next_window():
     b_ids = iter([f"b{i}" for i in range(1, 21)])
-    first = slots_of(fill(b_ids, [5, 5, 5, 5, 5, 3, 0], 5), 7)
-    assert first[5] == ["b1", "b2"] and first[6] == ["b3", "b4", "b5", "b6", "b7"]
+    first = slots_of(fill(b_ids, [5, 5, 5, 5, 5, 3, 0, 0, 0], 5), 9)
+    assert first[5] == ["b1", "b2"] and first[8] == ["b13", "b14", "b15", "b16", "b17"]
     second = slots_of(fill(b_ids, [0] * 15, 5), 15)
-    assert second[:3] == [
-        ["b8", "b9", "b10", "b11", "b12"],
-        ["b13", "b14", "b15", "b16", "b17"],
-        ["b18", "b19", "b20"],
-    ]
+    assert second[0] == ["b18", "b19", "b20"]
 
 
 def test_distribute_leaves_the_callers_loads_alone():
@@ -195,6 +197,11 @@ def test_open_slots_of_the_live_window_example():
 def test_a_slot_within_the_lead_is_closed():
     assert not GRID.is_open(at("2026-11-29 10:08:00"), at("2026-11-29 10:07:58"))
     assert GRID.is_open(at("2026-11-29 10:08:00"), at("2026-11-29 10:07:57.9"))
+
+
+def test_late_in_a_window_the_current_one_still_has_one_open_slot():
+    slots = GRID.open_slots(at("2026-11-29 10:00"), at("2026-11-29 10:13:30"))
+    assert slots == [at("2026-11-29 10:14")]
 
 
 def test_target_window_moves_on_when_the_current_one_is_closed():

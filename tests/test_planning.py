@@ -29,36 +29,70 @@ def minute(m: int):
     return at("2030-01-07 10:00") + timedelta(minutes=m)
 
 
+def plan_two_tasks(now, b_overflow=None) -> tuple[dict, dict]:
+    """DESIGN's live-window example: task A (1-20), then task B (101-120)."""
+    task_a = submit(range(1, 21))
+    plan_stored_task(task_a, now=now)
+    task_b = submit(range(101, 121), overflow=b_overflow)
+    plan_stored_task(task_b, now=now)
+    return slots_by_id(task_a), slots_by_id(task_b)
+
+
 def test_live_window_example_of_the_design(rpm5):
+    # 10:05:20: nine open slots, at least eight, so the overflow is spread here.
+    set_load(minute(6), 5)
+    set_load(minute(7), 3)
+    planned_a, planned_b = plan_two_tasks(at("2030-01-07 10:05:20"))
+    assert [planned_a[i] for i in (1, 2)] == [minute(7)] * 2
+    assert [planned_a[i] for i in range(3, 8)] == [minute(8)] * 5
+    assert [planned_a[i] for i in range(18, 21)] == [minute(11)] * 3
+    assert [planned_b[i] for i in (101, 102)] == [minute(11)] * 2
+    assert [planned_b[i] for i in range(113, 118)] == [minute(14)] * 5
+    assert [planned_b[i] for i in (118, 119, 120)] == [minute(6), minute(7), minute(8)]
+    assert list(loads(WINDOW, NEXT_WINDOW).values()) == [6, 6, 6, 5, 5, 5, 5, 5, 5]
+
+
+def test_live_window_example_with_defer(rpm5):
+    set_load(minute(6), 5)
+    set_load(minute(7), 3)
+    _, planned_b = plan_two_tasks(at("2030-01-07 10:05:20"), b_overflow="defer")
+    assert [planned_b[i] for i in range(113, 118)] == [minute(14)] * 5
+    assert [planned_b[i] for i in (118, 119, 120)] == [minute(15)] * 3
+    assert max(loads(WINDOW, at("2030-01-07 11:00")).values()) == 5
+
+
+@pytest.mark.parametrize("b_overflow", ["spread", "defer"])
+def test_with_seven_open_slots_the_overflow_goes_to_the_next_window(rpm5, b_overflow):
     set_load(minute(8), 5)
     set_load(minute(9), 3)
-    task_a = submit(range(1, 21))
-    plan_stored_task(task_a, now=NOW)
-    planned_a = slots_by_id(task_a)
+    planned_a, planned_b = plan_two_tasks(NOW, b_overflow)
     assert [planned_a[i] for i in (1, 2)] == [minute(9)] * 2
-    assert [planned_a[i] for i in range(3, 8)] == [minute(10)] * 5
     assert [planned_a[i] for i in range(18, 21)] == [minute(13)] * 3
-
-    task_b = submit(range(101, 121))
-    plan_stored_task(task_b, now=NOW)
-    planned_b = slots_by_id(task_b)
     assert [planned_b[i] for i in (101, 102)] == [minute(13)] * 2
     assert [planned_b[i] for i in range(103, 108)] == [minute(14)] * 5
-    assert [planned_b[i] for i in range(108, 115)] == [minute(m) for m in range(8, 15)]
-    assert list(loads(WINDOW, NEXT_WINDOW).values()) == [7, 7, 7, 7, 7, 7, 6]
-
-
-def test_defer_fills_later_windows_instead_of_passing_rpm(rpm5):
-    set_load(minute(8), 5)
-    set_load(minute(9), 3)
-    plan_stored_task(submit(range(1, 21)), now=NOW)
-    task_b = submit(range(101, 121), overflow="defer")
-    plan_stored_task(task_b, now=NOW)
-    planned_b = slots_by_id(task_b)
-    assert [planned_b[i] for i in range(103, 108)] == [minute(14)] * 5
     assert [planned_b[i] for i in range(108, 113)] == [minute(15)] * 5
-    assert [planned_b[i] for i in range(118, 121)] == [minute(17)] * 3
+    assert [planned_b[i] for i in range(113, 118)] == [minute(16)] * 5
+    assert [planned_b[i] for i in (118, 119, 120)] == [minute(17)] * 3
     assert max(loads(WINDOW, at("2030-01-07 11:00")).values()) == 5
+
+
+def test_late_in_a_window_a_big_task_is_spread_over_the_next_one(make_app):
+    with make_app(RPM=120).app_context():
+        task_id = submit(range(1, 20_001))
+        plan_stored_task(task_id, now=at("2030-01-07 10:13:30"))
+        planned = loads(WINDOW, at("2030-01-07 10:30"))
+    assert planned[minute(14)] == 120
+    assert [planned[minute(m)] for m in range(15, 20)] == [1326] * 5
+    assert [planned[minute(m)] for m in range(20, 30)] == [1325] * 10
+
+
+def test_in_the_middle_of_a_window_a_big_task_is_spread_there(make_app):
+    with make_app(RPM=120).app_context():
+        task_id = submit(range(1, 20_001))
+        plan_stored_task(task_id, now=at("2030-01-07 10:06:30"))
+        planned = loads(WINDOW, at("2030-01-07 10:30"))
+    assert list(planned) == [minute(m) for m in range(7, 15)]
+    assert set(planned.values()) == {2500}
 
 
 def test_a_closed_window_sends_ids_to_the_next(rpm5):
@@ -94,8 +128,10 @@ def test_a_task_across_several_chunks_keeps_submission_order(rpm5):
     ).all()
     assert [row.user_id for row in rows] == list(range(1, count + 1))
     assert [row.position for row in rows] == list(range(count))
-    window_loads = list(loads(WINDOW, NEXT_WINDOW).values())
-    assert max(window_loads) - min(window_loads) <= 1
+    # Seven open slots: they are filled, and the rest is spread over the next window.
+    assert set(loads(WINDOW, NEXT_WINDOW).values()) == {5}
+    next_loads = list(loads(NEXT_WINDOW, at("2030-01-07 10:30")).values())
+    assert len(next_loads) == 15 and max(next_loads) - min(next_loads) <= 1
 
 
 def test_cancel_frees_the_capacity_of_pending_ids(rpm5):
