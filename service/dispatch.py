@@ -327,16 +327,12 @@ def reconcile() -> dict[str, int]:
             text("UPDATE slots SET late = true WHERE slot_start = ANY(:late)"), {"late": late}
         )
         db.session.commit()
-    waiting = (
-        db.session.execute(
-            text("SELECT id FROM id_tasks WHERE status IN ('received', 'planning') ORDER BY id")
-        )
-        .scalars()
-        .all()
-    )
-    requeued = [task_id for task_id in waiting if not planning_is_queued(task_id)]
-    for task_id in requeued:
-        enqueue_planning(task_id)
+    waiting = db.session.execute(
+        text("SELECT id, total FROM id_tasks WHERE status IN ('received', 'planning') ORDER BY id")
+    ).all()
+    requeued = [task for task in waiting if not planning_is_queued(task.id)]
+    for task in requeued:
+        enqueue_planning(task.id, task.total)
     return {
         "claims released": released,
         "slot jobs added": len(added),

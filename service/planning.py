@@ -9,7 +9,8 @@ go through the same windows, locks and rules.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from itertools import chain
 
@@ -51,7 +52,7 @@ def plan_stored_task(task_id: int, now: datetime | None = None) -> str:
     if task.status not in PLANNABLE:
         db.session.rollback()
         return f"task {task_id}: {task.status}, nothing to plan"
-    planner = WindowPlanner(task.overflow, now)
+    planner = WindowPlanner(task.overflow, now, expected_ids=task.total)
     # The IDs stream from a connection of their own, so that each window's rows go out
     # in one COPY that PostgreSQL ingests while Python computes the next ones. They are
     # committed and cannot change meanwhile: changing them takes the task row lock.
@@ -112,7 +113,7 @@ def _copy_writer(task_id: int) -> Writer:
 
 
 def replan_retries(
-    task_id: int, overflow: str, positions: Iterable[tuple[int, int]], not_before: datetime
+    task_id: int, overflow: str, positions: list[tuple[int, int]], not_before: datetime
 ) -> set[datetime]:
     """Move failed IDs of a task, still in their rows, to slots from `not_before` on.
 
@@ -134,16 +135,23 @@ def replan_retries(
             )
         return counts
 
-    planner = WindowPlanner(overflow, not_before)
+    planner = WindowPlanner(overflow, not_before, expected_ids=len(positions))
     planner.plan(iter(positions), write)
     return planner.used_slots
 
 
 class WindowPlanner:
-    """Runs IDs through the generator window by window, from the target window on."""
+    """Runs IDs through the generator window by window, from the target window on.
 
-    def __init__(self, overflow: str, now: datetime | None):
-        self.grid = slot_grid()
+    A slot counts as open only if it starts after the plan is committed: the lead is
+    PLAN_LEAD_SECONDS plus the time `expected_ids` take at PLANNING_RATE, so a big task
+    never puts IDs into a slot that starts while its rows are still being written.
+    """
+
+    def __init__(self, overflow: str, now: datetime | None, expected_ids: int = 0):
+        grid = slot_grid()
+        writing = expected_ids / current_app.config["PLANNING_RATE"]
+        self.grid = replace(grid, lead_seconds=grid.lead_seconds + writing)
         self.rpm = current_app.config["RPM"]
         self.spread_min_open_slots = current_app.config["SPREAD_MIN_OPEN_SLOTS"]
         self.overflow, self.fixed_now = overflow, now

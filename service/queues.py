@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 
+from flask import current_app
 from redis.exceptions import RedisError
 from rq import Queue
 
@@ -27,7 +29,13 @@ def planning_job_id(task_id: int) -> str:
     return f"plan-{task_id}"
 
 
-def enqueue_planning(task_id: int) -> bool:
+def planning_job_timeout(total_ids: int) -> int:
+    """RQ's default of 180 s for small tasks; a big one gets ten times what its IDs take
+    at PLANNING_RATE on top, so that only a planner that is really stuck is stopped."""
+    return 180 + math.ceil(10 * total_ids / current_app.config["PLANNING_RATE"])
+
+
+def enqueue_planning(task_id: int, total_ids: int) -> bool:
     """Queue the planning of a stored task; False when Redis could not take it.
 
     The task is already committed to PostgreSQL, so a Redis outage loses nothing:
@@ -35,7 +43,11 @@ def enqueue_planning(task_id: int) -> bool:
     """
     try:
         get_queue(PLANNING_QUEUE).enqueue(
-            PLAN_TASK_JOB, task_id, job_id=planning_job_id(task_id), failure_ttl=7 * 86400
+            PLAN_TASK_JOB,
+            task_id,
+            job_id=planning_job_id(task_id),
+            job_timeout=planning_job_timeout(total_ids),
+            failure_ttl=7 * 86400,
         )
     except RedisError:
         log.warning("could not queue planning of task %s; it stays received", task_id)

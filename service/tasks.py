@@ -56,7 +56,7 @@ def submit_task(task_name: str, ids: Iterable[int], overflow: str | None = None)
     db.session.flush()
     _store_ids(task, ids)
     db.session.commit()
-    enqueue_planning(task.id)
+    enqueue_planning(task.id, task.total)
     return task
 
 
@@ -75,7 +75,7 @@ def update_task(task_id: int, changes: dict) -> IdTask:
         task.status = TaskStatus.RECEIVED
     db.session.commit()
     if replan:
-        enqueue_planning(task.id)
+        enqueue_planning(task.id, task.total)
     return task
 
 

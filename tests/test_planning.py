@@ -1,14 +1,17 @@
 """Planning stored tasks into slots, on real PostgreSQL."""
 
 import json
-from datetime import timedelta
+import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from rq import Queue
 from sqlalchemy import text
 
-from service.extensions import db
+from service.extensions import db, get_redis
 from service.models import IdTask
 from service.planning import plan_stored_task
+from service.queues import PLANNING_QUEUE
 from service.tasks import IDS_PER_CHUNK
 
 from .planning_helpers import at, loads, set_load, slots_by_id, submit
@@ -217,3 +220,31 @@ def test_defer_ending_exactly_at_a_full_window_stops_there(rpm5):
     plan_stored_task(task_id, now=NOW)
     assert set(slots_by_id(task_id).values()) == {minute(m) for m in range(8, 15)}
     assert db.session.get(IdTask, task_id).last_slot == minute(14)
+
+
+def test_a_big_task_planned_just_before_a_slot_starts_puts_nothing_in_it(make_app):
+    app = make_app(
+        RPM=100_000, SLOT_SECONDS=2, WINDOW_SLOTS=30, PLAN_LEAD_SECONDS=0.5, PLANNING_RATE=50_000
+    )
+    with app.app_context():
+        task_id = submit(range(1, 300_001))
+        # 0.8 s before a slot starts: open by PLAN_LEAD_SECONDS alone, but 300,000 IDs take
+        # longer than that to write.
+        now = time.time()
+        slot_start = (now // 2 + 1) * 2
+        if slot_start - now < 0.8:
+            slot_start += 2
+        time.sleep(slot_start - 0.8 - now)
+        plan_stored_task(task_id)
+        committed = datetime.now(UTC)
+        first_slot = db.session.get(IdTask, task_id).first_slot
+    assert first_slot > committed
+    assert first_slot >= datetime.fromtimestamp(slot_start + 2 * 3, UTC)  # 6 s of writing
+
+
+def test_planning_jobs_get_a_timeout_that_grows_with_the_task(make_app):
+    with make_app(PLANNING_RATE=1000).app_context():
+        small, big = submit([1]), submit(range(1, 5001))
+        queue = Queue(PLANNING_QUEUE, connection=get_redis())
+        timeouts = [queue.fetch_job(f"plan-{task_id}").timeout for task_id in (small, big)]
+    assert timeouts == [181, 230]
