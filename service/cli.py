@@ -8,17 +8,19 @@ from datetime import UTC, datetime
 from itertools import repeat
 
 import click
+from flask import current_app
 from flask.cli import AppGroup, with_appcontext
-from rq import Queue, Worker
+from rq import Queue
 
 from .dispatch import reconcile
 from .extensions import get_redis
 from .ids import InvalidIds, stream_ids
 from .models import Overflow
 from .queues import ALL_QUEUES, SLOTS_QUEUE
-from .scheduling import ServiceScheduler, register_periodic_jobs
+from .scheduling import ServiceScheduler
 from .slots import ids_by_slot, plan_between
 from .tasks import submit_task
+from .worker import ClaimingWorker
 
 # rq-scheduler polls every 60 s by default, which would start slots up to a minute late.
 SCHEDULER_INTERVAL_SECONDS = 1
@@ -39,7 +41,7 @@ SCHEDULER_INTERVAL_SECONDS = 1
 def worker_command(queues: tuple[str, ...], burst: bool) -> None:
     """Run an RQ worker inside the app context."""
     redis = get_redis()
-    worker = Worker([Queue(name, connection=redis) for name in queues], connection=redis)
+    worker = ClaimingWorker([Queue(name, connection=redis) for name in queues], connection=redis)
     worker.work(burst=burst)
 
 
@@ -47,12 +49,15 @@ def worker_command(queues: tuple[str, ...], burst: bool) -> None:
 @click.option("--burst", is_flag=True, help="Move the due jobs once, then quit.")
 @with_appcontext
 def scheduler_command(burst: bool) -> None:
-    """Run rq-scheduler, polling every second."""
+    """Run rq-scheduler, polling every second, and reconcile every
+    RECONCILE_INTERVAL_SECONDS."""
     scheduler = ServiceScheduler(
-        queue_name=SLOTS_QUEUE, connection=get_redis(), interval=SCHEDULER_INTERVAL_SECONDS
+        queue_name=SLOTS_QUEUE,
+        connection=get_redis(),
+        interval=SCHEDULER_INTERVAL_SECONDS,
+        maintenance=reconcile,
+        maintenance_seconds=current_app.config["RECONCILE_INTERVAL_SECONDS"],
     )
-    for job_id in register_periodic_jobs(scheduler):
-        click.echo(f"registered periodic job {job_id}")
     scheduler.run(burst=burst)
 
 

@@ -1,20 +1,20 @@
-"""Running slots: claim a slot's IDs, process them paced through the slot, record each
-outcome, retry failures in later slots; and reconcile Redis with PostgreSQL.
+"""Running slots: claim a slot's IDs, process each at its turn, record each outcome;
+and reconcile Redis with PostgreSQL.
 
 PostgreSQL is the guard against running an ID twice: a claim moves rows from `pending`
 to `running` with FOR UPDATE SKIP LOCKED, so any number of workers (or duplicate jobs
-for one slot) share a slot's IDs without overlap. Processing and recording an ID's
-outcome commit together, so an ID whose worker dies before the commit is processed
-again, once, after its claim times out.
+for one slot) share a slot's IDs without overlap. Each claim names its claimer (see
+service/claimers.py). Processing a group of IDs and recording their outcomes is one
+transaction that first locks the rows the claim still holds and hands only those to the
+processor: a claim taken over meanwhile (its worker was stuck) processes nothing.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-import math
-import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import import_module
@@ -23,12 +23,13 @@ from flask import current_app
 from rq.timeouts import JobTimeoutException
 from sqlalchemy import text
 
+from . import claimers
 from .extensions import db
-from .models import AssignmentStatus, IdTask, TaskStatus
-from .planning import replan_retries
+from .models import AssignmentStatus, TaskStatus
+from .pacing import CATCH_UP_SECONDS, SYSTEM_CLOCK, Clock, paced_groups, step_of
 from .queues import enqueue_planning
-from .scheduling import ensure_slot_job, get_scheduler, planning_is_queued, schedule_slots
-from .tasks import subtract_loads
+from .retries import backoff, enqueue_retry_planning, retries_waiting
+from .scheduling import ensure_slot_job, get_scheduler, planning_is_queued
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,6 @@ log = logging.getLogger(__name__)
 CLAIM_BATCH = 500
 # With pacing on, a claim takes about this many seconds' worth of IDs.
 CLAIM_AHEAD_SECONDS = 1.0
-# IDs whose turns fall within this many seconds go to the processor together.
-PACING_TICK_SECONDS = 0.05
-# Pacing spreads a slot's IDs over this share of it, leaving the rest as a margin.
-PACE_SHARE = 0.9
 # A slot whose first claim comes later than this after its start is marked late.
 LATE_AFTER_SECONDS = 1.0
 # Reconcile gives jobs to the slots starting within this; each run moves it on.
@@ -62,60 +59,110 @@ class Claim:
     attempts: int  # before this one
     claimed_at: datetime  # tells this claim from a later one of the same ID
 
+    @property
+    def idempotency_key(self) -> str:
+        """The same on every attempt: the ID's task and place in it."""
+        return f"{self.task_id}-{self.position}"
 
-def load_processor(path: str):
+
+@dataclass(frozen=True)
+class Batch:
+    """Claimed IDs in plan order; the first is due at `first_turn`, the rest `step` apart."""
+
+    claims: list[Claim]
+    first_turn: float
+    step: float
+
+
+def load_processor(path: str) -> Callable:
     module_name, _, function = path.partition(":")
     return getattr(import_module(module_name), function)
 
 
-def run_slot(slot: datetime) -> str:
-    """Process every pending ID of the slot: wait for its start, then claim, pace, record."""
-    config = current_app.config
-    processor = load_processor(config["ID_PROCESSOR"])
-    _sleep_until(slot)
+def run_slot(slot: datetime, clock: Clock = SYSTEM_CLOCK) -> str:
+    """Process every pending ID of the slot: wait for its start, then claim, pace, record.
+
+    Stops early, handing back what it has claimed but not processed, when its worker is
+    asked to shut down.
+    """
+    processor = load_processor(current_app.config["ID_PROCESSOR"])
+    clock.wait_until(slot.timestamp(), claimers.stop_requested)
     handled = 0
-    pace = _Pace(slot, config["SLOT_SECONDS"]) if config["PACING"] else None
-    while True:
-        claims, first_turn = claim(slot, pace.batch_size() if pace else CLAIM_BATCH)
-        if not claims:
-            break
-        mark_tasks_running({c.task_id for c in claims})
-        groups = pace.groups(claims, first_turn) if pace else [claims]
-        for group in groups:
-            record_outcomes(slot, group, process(processor, group))
-            handled += len(group)
-    return f"slot {slot:%Y-%m-%d %H:%M:%S}: {handled} IDs processed"
+    with claimers.claiming(slot) as claimer:
+        while not claimers.stop_requested():
+            batch = claim(slot, claimer, _batch_size(slot), clock.now())
+            if not batch.claims:
+                break
+            mark_tasks_running({c.task_id for c in batch.claims})
+            for group in _groups(batch, clock):
+                handled += process_and_record(slot, claimer, group, processor)
+        handed_back = claimers.release_held_by(claimer)
+    stopped = f", {handed_back} handed back" if handed_back else ""
+    return f"slot {slot:%Y-%m-%d %H:%M:%S}: {handled} IDs processed{stopped}"
 
 
-def claim(slot: datetime, limit: int) -> tuple[list[Claim], int]:
-    """Take up to `limit` pending IDs of the slot; return them and the first one's turn."""
+def _batch_size(slot: datetime) -> int:
+    if not current_app.config["PACING"]:
+        return CLAIM_BATCH
+    load = db.session.execute(
+        text("SELECT load FROM slots WHERE slot_start = :s"), {"s": slot}
+    ).scalar()
+    step = step_of(current_app.config["SLOT_SECONDS"], load or 0)
+    return max(1, min(CLAIM_BATCH, round(CLAIM_AHEAD_SECONDS / step)))
+
+
+def _groups(batch: Batch, clock: Clock):
+    if not current_app.config["PACING"]:
+        return [batch.claims]
+    return paced_groups(batch.claims, batch.first_turn, batch.step, clock, claimers.stop_requested)
+
+
+def claim(slot: datetime, claimer: int, limit: int, now: datetime | None = None) -> Batch:
+    """Take up to `limit` pending IDs of the slot, in plan order, and reserve their turns.
+
+    Turns go on from the slot's last reserved one, or from `now` (less a short catch-up)
+    if that is further behind: a late slot runs at its planned step from when it starts.
+    """
     rows = db.session.execute(
         text(
             "WITH picked AS ("
             "  SELECT task_id, position FROM assignments"
             "  WHERE slot_start = :slot AND status = 'pending'"
-            "  LIMIT :limit FOR UPDATE SKIP LOCKED) "
-            "UPDATE assignments AS a SET status = 'running', claimed_at = clock_timestamp() "
+            "  ORDER BY task_id, position LIMIT :limit FOR UPDATE SKIP LOCKED) "
+            "UPDATE assignments AS a SET status = 'running', claimed_at = clock_timestamp(), "
+            "  claimed_by = :claimer "
             "FROM picked WHERE a.task_id = picked.task_id AND a.position = picked.position "
             "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.claimed_at"
         ),
-        {"slot": slot, "limit": limit},
+        {"slot": slot, "limit": limit, "claimer": claimer},
     ).all()
     if not rows:
         db.session.commit()
-        return [], 0
-    first_turn = db.session.execute(
+        return Batch([], 0.0, 0.0)
+    slot_seconds = current_app.config["SLOT_SECONDS"]
+    turns = db.session.execute(
         text(
-            "UPDATE slots SET claimed = claimed + :n, "
+            "UPDATE slots SET "
             "  started_at = coalesce(started_at, clock_timestamp()), "
             "  last_claim_at = clock_timestamp(), "
-            "  late = late OR (started_at IS NULL AND clock_timestamp() > slot_start + :late) "
-            "WHERE slot_start = :slot RETURNING claimed - :n"
+            "  late = late OR (started_at IS NULL AND clock_timestamp() > slot_start + :late), "
+            "  next_turn_at = greatest(coalesce(next_turn_at, slot_start), :now - :catch_up) "
+            "    + make_interval(secs => :n * :span / greatest(load, 1)) "
+            "WHERE slot_start = :slot RETURNING next_turn_at, load"
         ),
-        {"n": len(rows), "slot": slot, "late": timedelta(seconds=LATE_AFTER_SECONDS)},
-    ).scalar()
+        {
+            "n": len(rows),
+            "slot": slot,
+            "late": timedelta(seconds=LATE_AFTER_SECONDS),
+            "now": now or datetime.now(UTC),
+            "catch_up": timedelta(seconds=CATCH_UP_SECONDS),
+            "span": step_of(slot_seconds, 1),
+        },
+    ).one()
     db.session.commit()
-    return [Claim(*row) for row in rows], first_turn or 0
+    step = step_of(slot_seconds, turns.load)
+    claims = [Claim(*row) for row in sorted(rows)]
+    return Batch(claims, turns.next_turn_at.timestamp() - len(claims) * step, step)
 
 
 def mark_tasks_running(task_ids: set[int]) -> None:
@@ -130,12 +177,56 @@ def mark_tasks_running(task_ids: set[int]) -> None:
     db.session.commit()
 
 
+def process_and_record(slot: datetime, claimer: int, group: list[Claim], processor) -> int:
+    """Process the IDs of the group that this claim still holds, and record their
+    outcomes, in one transaction; returns how many it processed."""
+    held = hold(group, claimer)
+    if held:
+        record_outcomes(slot, held, process(processor, held))
+    else:
+        db.session.commit()
+    return len(held)
+
+
+def hold(group: list[Claim], claimer: int) -> list[Claim]:
+    """Lock the group's rows that are still this claim's, until the transaction ends.
+
+    A claim that timed out and went to another worker is no longer ours: reconcile's
+    release waits on these locks, and finds the rows finished once they are released.
+    """
+    held = db.session.execute(
+        text(
+            "SELECT a.task_id, a.position FROM assignments AS a "
+            "JOIN unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
+            "            CAST(:claimed AS timestamptz[])) AS k(task_id, position, claimed_at) "
+            "  ON a.task_id = k.task_id AND a.position = k.position "
+            "WHERE a.status = 'running' AND a.claimed_at = k.claimed_at "
+            "  AND a.claimed_by = :claimer "
+            "ORDER BY a.task_id, a.position FOR UPDATE OF a"
+        ),
+        {
+            "tasks": [item.task_id for item in group],
+            "positions": [item.position for item in group],
+            "claimed": [item.claimed_at for item in group],
+            "claimer": claimer,
+        },
+    ).all()
+    still_ours = {tuple(row) for row in held}
+    return [item for item in group if (item.task_id, item.position) in still_ours]
+
+
 def process(processor, group: list[Claim]) -> dict[int, Failure]:
-    """Call the processor inside a savepoint: what it writes commits with the outcomes."""
+    """Call the processor inside a savepoint: what it writes commits with the outcomes.
+
+    A processor that takes `keys` gets each ID's idempotency key alongside it.
+    """
     user_ids = [c.user_id for c in group]
+    extra = {}
+    if "keys" in inspect.signature(processor).parameters:
+        extra["keys"] = [c.idempotency_key for c in group]
     try:
         with db.session.begin_nested():
-            verdicts = processor(user_ids) or {}
+            verdicts = processor(user_ids, **extra) or {}
     except JobTimeoutException:
         raise  # the job's own time is up: not the processor's failure
     except Exception as exc:  # a processor's bug fails its IDs, not the slot
@@ -148,7 +239,8 @@ def process(processor, group: list[Claim]) -> dict[int, Failure]:
 
 
 def record_outcomes(slot: datetime, group: list[Claim], failures: Mapping[int, Failure]) -> None:
-    """Done, failed for good, or planned again in a later slot; counters follow.
+    """Done, failed for good, or retrying (planned again by a job of its own); counters
+    follow.
 
     Only rows still held by this claim are written: if the claim timed out and the IDs
     went to another worker meanwhile, that worker's outcome is the one that counts.
@@ -173,36 +265,35 @@ def record_outcomes(slot: datetime, group: list[Claim], failures: Mapping[int, F
         {"d": len(succeeded), "f": len(written) - len(succeeded), "s": slot},
     )
     _count_on_tasks(written)
-    new_slots = _plan_retries(
-        [row for row in written if row.status == AssignmentStatus.PENDING], group
-    )
     db.session.commit()
-    schedule_slots(new_slots)
+    if any(row.status == AssignmentStatus.RETRYING for row in written):
+        enqueue_retry_planning()
 
 
 def _verdict(item: Claim, failure: Failure | None, task_status: str | None, max_attempts: int):
-    """(new status, error) of one claimed ID."""
+    """(new status, error, retry at) of one claimed ID."""
     if failure is None:
-        return AssignmentStatus.DONE, None
+        return AssignmentStatus.DONE, None, None
     if not failure.retry or item.attempts + 1 >= max_attempts:
-        return AssignmentStatus.FAILED, failure.message
+        return AssignmentStatus.FAILED, failure.message, None
     if task_status == TaskStatus.CANCELLED:
-        return AssignmentStatus.CANCELLED, failure.message  # no retry for a cancelled task
-    return AssignmentStatus.PENDING, failure.message
+        return AssignmentStatus.CANCELLED, failure.message, None  # no retry for a cancelled task
+    retry_at = datetime.now(UTC) + backoff(item.attempts + 1)
+    return AssignmentStatus.RETRYING, failure.message, retry_at
 
 
-def _write_outcomes(group: list[Claim], verdicts: list[tuple[str, str | None]]) -> list:
+def _write_outcomes(group: list[Claim], verdicts: list[tuple]) -> list:
     """One statement for the whole group; returns the rows that were still ours."""
     return db.session.execute(
         text(
             "UPDATE assignments AS a SET status = k.status, attempts = a.attempts + 1, "
-            "  error = k.error, claimed_at = NULL, "
-            "  finished_at = CASE WHEN k.status = 'pending' THEN NULL "
+            "  error = k.error, claimed_at = NULL, claimed_by = NULL, retry_at = k.retry_at, "
+            "  finished_at = CASE WHEN k.status = 'retrying' THEN NULL "
             "                ELSE clock_timestamp() END "
             "FROM unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
             "            CAST(:claimed AS timestamptz[]), CAST(:statuses AS text[]), "
-            "            CAST(:errors AS text[])) "
-            "  AS k(task_id, position, claimed_at, status, error) "
+            "            CAST(:errors AS text[]), CAST(:retry_at AS timestamptz[])) "
+            "  AS k(task_id, position, claimed_at, status, error, retry_at) "
             "WHERE a.task_id = k.task_id AND a.position = k.position "
             "  AND a.status = 'running' AND a.claimed_at = k.claimed_at "
             "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.status"
@@ -211,8 +302,9 @@ def _write_outcomes(group: list[Claim], verdicts: list[tuple[str, str | None]]) 
             "tasks": [item.task_id for item in group],
             "positions": [item.position for item in group],
             "claimed": [item.claimed_at for item in group],
-            "statuses": [status for status, _ in verdicts],
-            "errors": [error for _, error in verdicts],
+            "statuses": [status for status, _, _ in verdicts],
+            "errors": [error for _, error, _ in verdicts],
+            "retry_at": [retry_at for _, _, retry_at in verdicts],
         },
     ).all()
 
@@ -240,86 +332,29 @@ def _count_on_tasks(written: list) -> None:
         )
 
 
-def _plan_retries(retried: list, group: list[Claim]) -> set[datetime]:
-    """A retry is a request too: it is planned like any ID, after a backoff.
-
-    One moment for the whole group, exponential in the most attempts among it, so that
-    every task's retries take the window locks in the same, rising order.
-    """
-    if not retried:
-        return set()
-    base = current_app.config["RETRY_BACKOFF_SECONDS"]
-    not_before = datetime.now(UTC) + timedelta(
-        seconds=base * 2 ** (max(row.attempts for row in retried) - 1)
-    )
-    by_task: dict[int, list] = defaultdict(list)
-    for row in retried:
-        by_task[row.task_id].append((row.position, row.user_id))
-    new_slots: set[datetime] = set()
-    for task_id in sorted(by_task):
-        task = db.session.get(IdTask, task_id)
-        used = replan_retries(task_id, task.overflow, by_task[task_id], not_before)
-        task.last_slot = max([task.last_slot, *used]) if task.last_slot else max(used)
-        new_slots |= used
-    return new_slots
-
-
-class _Pace:
-    """Spreads a slot's IDs evenly over it: the k-th claimed ID is due at its k-th turn."""
-
-    def __init__(self, slot: datetime, slot_seconds: int):
-        self.slot = slot
-        self.span = slot_seconds * PACE_SHARE
-        load = db.session.execute(
-            text("SELECT load FROM slots WHERE slot_start = :s"), {"s": slot}
-        ).scalar()
-        self.load = max(1, load or 0)
-        self.step = self.span / self.load
-
-    def batch_size(self) -> int:
-        return max(1, min(CLAIM_BATCH, math.ceil(CLAIM_AHEAD_SECONDS / self.step)))
-
-    def groups(self, claims: list[Claim], first_turn: int) -> Iterator[list[Claim]]:
-        """Yield the claims in groups, each when its first member's turn has come."""
-        start = self.slot.timestamp()
-        group: list[Claim] = []
-        for turn, item in enumerate(claims, start=first_turn):
-            wait = start + turn * self.step - time.time()
-            if wait > PACING_TICK_SECONDS and group:
-                yield group
-                group = []
-                wait = start + turn * self.step - time.time()
-            if wait > 0:
-                time.sleep(wait)
-            group.append(item)
-        if group:
-            yield group
-
-
-def _sleep_until(moment: datetime) -> None:
-    wait = moment.timestamp() - time.time()
-    if wait > 0:
-        time.sleep(wait)
-
-
 def reconcile() -> dict[str, int]:
     """Rebuild the schedule from PostgreSQL; Redis may have lost any part of it.
 
-    - IDs claimed longer ago than CLAIM_TIMEOUT_SECONDS (their worker died) go back to
-      pending, or to cancelled if their task was cancelled meanwhile;
+    - IDs whose claimer is gone (its worker died) go back to pending at once, as do IDs
+      claimed longer ago than CLAIM_TIMEOUT_SECONDS (its worker is stuck); to cancelled
+      if their task was cancelled meanwhile;
     - every slot with pending IDs that starts within RECONCILE_HORIZON gets its job if it
-      has none; one whose time has passed runs at once and is marked late (later slots
-      are left to later runs: a job only has to exist before its slot starts);
-    - tasks still received or planning get their planning job back if it is gone.
+      has none running; one whose time has passed runs at once and is marked late (later
+      slots are left to later runs: a job only has to exist before its slot starts);
+    - tasks still received or planning get their planning job back if it is gone, and
+      retrying IDs a run of the retry planning.
     """
     timeout = timedelta(seconds=current_app.config["CLAIM_TIMEOUT_SECONDS"])
-    released = _release_stale_claims(timeout)
+    released = claimers.release_dead_or_stuck(timeout)
     now = datetime.now(UTC)
     scheduler = get_scheduler()
+    running = claimers.running_slots()
     added = [
         slot
-        for slot, active in _slots_with_pending_ids(timeout, now + RECONCILE_HORIZON)
-        if ensure_slot_job(scheduler, slot, now, trust_started=active)
+        for slot, claiming in _slots_with_pending_ids(timeout, now + RECONCILE_HORIZON)
+        if ensure_slot_job(
+            scheduler, slot, now, trust_started=claiming and claimers.slot_key(slot) in running
+        )
     ]
     late = [slot for slot in added if slot <= now]
     if late:
@@ -333,30 +368,14 @@ def reconcile() -> dict[str, int]:
     requeued = [task for task in waiting if not planning_is_queued(task.id)]
     for task in requeued:
         enqueue_planning(task.id, task.total)
+    retries = retries_waiting() and enqueue_retry_planning()
     return {
         "claims released": released,
         "slot jobs added": len(added),
         "late slots": len(late),
         "planning jobs added": len(requeued),
+        "retry planning queued": int(retries),
     }
-
-
-def _release_stale_claims(timeout: timedelta) -> int:
-    rows = db.session.execute(
-        text(
-            "WITH released AS ("
-            "  UPDATE assignments AS a SET claimed_at = NULL, status = CASE "
-            "    WHEN t.status = 'cancelled' THEN 'cancelled' ELSE 'pending' END "
-            "  FROM id_tasks AS t WHERE t.id = a.task_id "
-            "    AND a.status = 'running' AND a.claimed_at < clock_timestamp() - :timeout "
-            "  RETURNING a.slot_start, a.status) "
-            "SELECT slot_start, status, count(*) AS n FROM released GROUP BY slot_start, status"
-        ),
-        {"timeout": timeout},
-    ).all()
-    subtract_loads({row.slot_start: row.n for row in rows if row.status == "cancelled"})
-    db.session.commit()
-    return sum(row.n for row in rows)
 
 
 def _slots_with_pending_ids(timeout: timedelta, until: datetime) -> list[tuple[datetime, bool]]:
@@ -365,8 +384,8 @@ def _slots_with_pending_ids(timeout: timedelta, until: datetime) -> list[tuple[d
 
     The slots are found from the pending rows themselves, one index probe per slot
     (a loose index scan), so no counter can hide one. A slot job claims IDs every
-    second or so while it runs: one that Redis calls started but that has claimed
-    nothing for CLAIM_TIMEOUT_SECONDS died with its worker.
+    second or so while it runs: one that has claimed nothing for CLAIM_TIMEOUT_SECONDS
+    is stuck, even if its worker is alive.
     """
     return [
         (row.slot_start, row.active)

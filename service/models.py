@@ -107,11 +107,13 @@ class IdTask(db.Model):
 class AssignmentStatus:
     PENDING = "pending"
     RUNNING = "running"
+    # Failed, to be tried again: waiting for its retry to be planned into a slot.
+    RETRYING = "retrying"
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
 
-    ALL = (PENDING, RUNNING, DONE, FAILED, CANCELLED)
+    ALL = (PENDING, RUNNING, DONE, FAILED, CANCELLED, RETRYING)
 
 
 class TaskIdChunk(db.Model):
@@ -139,8 +141,8 @@ class Slot(db.Model):
     load: Mapped[int] = mapped_column(Integer, server_default="0")
     done: Mapped[int] = mapped_column(Integer, server_default="0")
     failed: Mapped[int] = mapped_column(Integer, server_default="0")
-    # IDs handed to workers so far: each claim's place in the slot, for pacing.
-    claimed: Mapped[int] = mapped_column(Integer, server_default="0")
+    # The turn after the last one handed to a worker: pacing goes on from there.
+    next_turn_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_claim_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     late: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
@@ -160,7 +162,14 @@ class Assignment(db.Model):
         Index(
             "ix_assignments_pending_by_slot",
             "slot_start",
+            "task_id",
+            "position",
             postgresql_where=text("status = 'pending'"),
+        ),
+        Index(
+            "ix_assignments_retrying",
+            "task_id",
+            postgresql_where=text("status = 'retrying'"),
         ),
         Index(
             "ix_assignments_running_since",
@@ -178,3 +187,7 @@ class Assignment(db.Model):
     error: Mapped[str | None] = mapped_column(Text)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The claimer (see service/claimers.py) whose slot job holds this running ID.
+    claimed_by: Mapped[int | None] = mapped_column(Integer)
+    # When a retrying ID may run again.
+    retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -115,10 +115,11 @@ def _copy_writer(task_id: int) -> Writer:
 def replan_retries(
     task_id: int, overflow: str, positions: list[tuple[int, int]], not_before: datetime
 ) -> set[datetime]:
-    """Move failed IDs of a task, still in their rows, to slots from `not_before` on.
+    """Plan a task's retrying IDs, still in their rows, into slots from `not_before` on
+    (or from now, if that has passed).
 
-    Called inside the transaction that records their failure, after the task's row
-    is locked; returns the slots used, to be scheduled once it commits.
+    Called with the task's row lock held; returns the slots used, to be scheduled once
+    the transaction commits.
     """
 
     def write(pairs: Iterator, slots: list[datetime]) -> list[int]:
@@ -129,13 +130,13 @@ def replan_retries(
             counts[index] += 1
         with raw_connection().cursor() as cur:
             cur.executemany(
-                "UPDATE assignments SET slot_start = %s, status = 'pending', claimed_at = NULL "
+                "UPDATE assignments SET slot_start = %s, status = 'pending', retry_at = NULL "
                 "WHERE task_id = %s AND position = %s",
                 moves,
             )
         return counts
 
-    planner = WindowPlanner(overflow, not_before, expected_ids=len(positions))
+    planner = WindowPlanner(overflow, None, expected_ids=len(positions), not_before=not_before)
     planner.plan(iter(positions), write)
     return planner.used_slots
 
@@ -148,13 +149,19 @@ class WindowPlanner:
     never puts IDs into a slot that starts while its rows are still being written.
     """
 
-    def __init__(self, overflow: str, now: datetime | None, expected_ids: int = 0):
+    def __init__(
+        self,
+        overflow: str,
+        now: datetime | None,
+        expected_ids: int = 0,
+        not_before: datetime | None = None,
+    ):
         grid = slot_grid()
         writing = expected_ids / current_app.config["PLANNING_RATE"]
         self.grid = replace(grid, lead_seconds=grid.lead_seconds + writing)
         self.rpm = current_app.config["RPM"]
         self.spread_min_open_slots = current_app.config["SPREAD_MIN_OPEN_SLOTS"]
-        self.overflow, self.fixed_now = overflow, now
+        self.overflow, self.fixed_now, self.not_before = overflow, now, not_before
         self.planned = 0
         self.used_slots: set[datetime] = set()
 
@@ -182,11 +189,14 @@ class WindowPlanner:
         return self._add_loads(slots, write(fill(ids, loads, self.rpm), slots)) < room
 
     def _now(self) -> datetime:
+        """The planning time: fixed (tests), else the database's clock, not before
+        `not_before`."""
         if self.fixed_now is not None:
             return self.fixed_now
         with raw_connection().cursor() as cur:
             cur.execute("SELECT clock_timestamp()")
-            return cur.fetchone()[0].astimezone(UTC)
+            now = cur.fetchone()[0].astimezone(UTC)
+        return max(now, self.not_before) if self.not_before else now
 
     def _lock_window(self, window: datetime) -> list[datetime]:
         """Lock the window; return its slots still open once the lock is held."""

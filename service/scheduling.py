@@ -7,8 +7,8 @@ same slot or task and adds nothing that is already there.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 
 from flask import current_app
@@ -18,7 +18,7 @@ from rq.job import Job, JobStatus
 from rq_scheduler import Scheduler
 
 from .extensions import get_redis
-from .queues import PLANNING_QUEUE, SLOTS_QUEUE, get_queue, planning_job_id
+from .queues import SLOTS_QUEUE, get_queue, planning_job_id
 
 log = logging.getLogger(__name__)
 
@@ -31,44 +31,30 @@ RESULT_TTL_SECONDS = 3600
 WAITING_STATUSES = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
 
 
-@dataclass(frozen=True)
-class PeriodicJob:
-    id: str
-    func: str
-    interval_seconds: int
-    queue: str
-
-
-# Declared as data with fixed ids: the scheduler registers each one when it starts, and
-# a restart finds it already there instead of adding a second one.
-PERIODIC_JOBS = (PeriodicJob("reconcile", "workers.maintenance.reconcile", 60, PLANNING_QUEUE),)
-
-
-def register_periodic_jobs(scheduler: Scheduler) -> list[str]:
-    """Register the periodic jobs that the scheduler does not hold yet."""
-    added = []
-    for job in PERIODIC_JOBS:
-        if job.id in scheduler:
-            continue
-        scheduler.schedule(
-            scheduled_time=datetime.now(UTC),
-            func=job.func,
-            interval=job.interval_seconds,
-            repeat=None,
-            id=job.id,
-            queue_name=job.queue,
-            result_ttl=RESULT_TTL_SECONDS,
-        )
-        added.append(job.id)
-    return added
-
-
 class ServiceScheduler(Scheduler):
-    """rq-scheduler that keeps the periodic jobs registered at every poll, not only at
-    its start: after Redis has lost everything, reconcile is back within a second."""
+    """rq-scheduler that also runs `maintenance` (reconcile) itself every
+    `maintenance_seconds`, between its polls.
+
+    Run in the scheduler's own process, reconcile never waits for a free worker: when
+    every worker has died, a fresh one finds the dead one's slot queued again.
+    Redis losing everything cannot lose it either.
+    """
+
+    def __init__(
+        self, *args, maintenance: Callable[[], object], maintenance_seconds: float, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        self._maintenance = maintenance
+        self._maintenance_seconds = maintenance_seconds
+        self._maintenance_due = time.monotonic()
 
     def enqueue_jobs(self):
-        register_periodic_jobs(self)
+        if time.monotonic() >= self._maintenance_due:
+            self._maintenance_due = time.monotonic() + self._maintenance_seconds
+            try:
+                self._maintenance()
+            except Exception:  # a failed run is retried at the next one; keep scheduling
+                log.exception("reconcile failed")
         return super().enqueue_jobs()
 
 

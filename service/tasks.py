@@ -165,7 +165,10 @@ def _received_ids(task, offset, limit, status, slot):
 
 
 def _release_pending(task: IdTask, new_status: str | None) -> None:
-    """Take the task's pending IDs out of their slots' load; mark or delete them."""
+    """Take the task's pending IDs out of their slots' load; mark or delete them.
+
+    Retrying IDs hold no slot's capacity yet: they are only marked.
+    """
     if not task.planned:
         return
     if new_status is None:
@@ -174,6 +177,13 @@ def _release_pending(task: IdTask, new_status: str | None) -> None:
         change = (
             "UPDATE assignments SET status = :new_status "
             "WHERE task_id = :task AND status = 'pending'"
+        )
+        db.session.execute(
+            text(
+                "UPDATE assignments SET status = :new_status, retry_at = NULL "
+                "WHERE task_id = :task AND status = :retrying"
+            ),
+            {"task": task.id, "new_status": new_status, "retrying": AssignmentStatus.RETRYING},
         )
     released = db.session.execute(
         text(

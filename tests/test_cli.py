@@ -13,8 +13,11 @@ from rq_scheduler import Scheduler
 from sqlalchemy import text
 
 from service.extensions import db, get_redis
+from service.planning import plan_stored_task
 from service.queues import PLANNING_QUEUE, SLOTS_QUEUE
 from service.scheduling import ServiceScheduler
+
+from .planning_helpers import submit
 
 
 def test_worker_burst_runs_the_queued_planning_job(app, client, runner):
@@ -37,21 +40,20 @@ def test_scheduler_burst_moves_due_jobs_to_their_queue(app, runner):
         later = scheduler.enqueue_at(datetime.now(UTC) + timedelta(hours=1), print, "later")
     result = runner.invoke(args=["scheduler", "--burst"])
     assert result.exit_code == 0, result.output
-    assert "registered periodic job reconcile" in result.output
     with app.app_context():
         assert Queue(SLOTS_QUEUE, connection=get_redis()).count == 1
         waiting = {job.id for job in Scheduler(connection=get_redis()).get_jobs()}
-        assert waiting == {later.id, "reconcile"}
+        assert waiting == {later.id}
 
 
-def test_a_restarted_scheduler_keeps_one_periodic_reconcile(app, runner):
-    for _ in range(3):
-        assert runner.invoke(args=["scheduler", "--burst"]).exit_code == 0
+def test_the_scheduler_reconciles_at_its_start(app, runner):
     with app.app_context():
-        waiting = [job.id for job in Scheduler(connection=get_redis()).get_jobs()]
-        assert waiting == ["reconcile"]
-        queued = Queue(PLANNING_QUEUE, connection=get_redis()).job_ids
-        assert queued == ["reconcile"]  # due once at the first start, then every minute
+        task_id = submit([1])
+        plan_stored_task(task_id, now=datetime(2026, 1, 5, 8, 59, 50, tzinfo=UTC))
+        get_redis().flushdb()  # the slot's job and the planning job are lost
+    assert runner.invoke(args=["scheduler", "--burst"]).exit_code == 0
+    with app.app_context():
+        assert Queue(SLOTS_QUEUE, connection=get_redis()).job_ids == ["slot-20260105T090000"]
 
 
 def test_db_upgrade_is_idempotent_and_leaves_the_schema_at_head(app, runner):
@@ -114,13 +116,18 @@ def test_the_models_match_the_migrations(app):
     assert differences == []
 
 
-def test_a_running_scheduler_restores_the_periodic_jobs_after_a_flush(app):
+def test_the_scheduler_reconciles_every_interval_between_its_polls(app):
+    runs = []
     with app.app_context():
-        scheduler = ServiceScheduler(queue_name=SLOTS_QUEUE, connection=get_redis())
+        scheduler = ServiceScheduler(
+            queue_name=SLOTS_QUEUE,
+            connection=get_redis(),
+            maintenance=lambda: runs.append(1),
+            maintenance_seconds=3600,
+        )
         scheduler.enqueue_jobs()
-        get_redis().flushdb()
-        scheduler.enqueue_jobs()  # its next poll
-        assert "reconcile" in scheduler
+        scheduler.enqueue_jobs()  # its next poll, long before the next run is due
+    assert runs == [1]
 
 
 def test_tasks_submit_reads_standard_input(app, runner):

@@ -6,12 +6,22 @@ import pytest
 from rq import Queue
 from sqlalchemy import text
 
-from service.dispatch import Failure, claim, reconcile, record_outcomes, run_slot
+from service.claimers import new_claimer_id, release_dead_or_stuck
+from service.dispatch import (
+    Failure,
+    claim,
+    process_and_record,
+    reconcile,
+    record_outcomes,
+    run_slot,
+)
 from service.extensions import db, get_redis
 from service.models import IdTask
 from service.planning import plan_stored_task
 from service.queues import PLANNING_QUEUE, SLOTS_QUEUE
+from service.retries import plan_retries
 from service.scheduling import EARLY_SECONDS, get_scheduler, schedule_slots, slot_job_id
+from workers.processors import record_user
 
 from .planning_helpers import at, just_before_a_window, submit
 
@@ -106,7 +116,12 @@ def test_a_failing_id_is_retried_in_a_later_slot_then_stays_failed(make_app):
         plan_stored_task(task_id, now=PAST)
         run_slot(first_slot)
         (row,) = assignment_rows(task_id)
-        assert (row.status, row.attempts, row.error) == ("pending", 1, "downstream said no")
+        assert (row.status, row.attempts, row.error) == ("retrying", 1, "downstream said no")
+        queued = Queue(PLANNING_QUEUE, connection=get_redis()).job_ids
+        assert any(job_id.startswith("plan-retries-") for job_id in queued)
+        assert plan_retries() == 1
+        (row,) = assignment_rows(task_id)
+        assert row.status == "pending"
         assert row.slot_start > datetime.now(UTC)  # planned again, like any ID
         retry_job = slot_job_id(row.slot_start)
         assert (
@@ -171,6 +186,7 @@ def test_reconcile_rebuilds_what_redis_lost(rpm3):
         "slot jobs added": 3,  # two soon, one past; the one hours ahead waits its turn
         "late slots": 1,
         "planning jobs added": 1,
+        "retry planning queued": 0,
     }
     assert len(list(get_scheduler().get_jobs())) == 2
     assert Queue(SLOTS_QUEUE, connection=get_redis()).job_ids == [slot_job_id(FIRST_SLOT)]
@@ -256,17 +272,17 @@ def test_a_user_created_by_hand_after_processing_gets_a_free_id(rpm3):
     assert (created.status_code, created.json["id"]) == (201, 43)
 
 
-def test_an_outcome_from_a_claim_that_timed_out_is_ignored(rpm3):
-    task_id = submit([1, 2])
+def test_a_slow_worker_whose_claim_was_taken_over_processes_nothing(rpm3):
+    task_id = submit([11, 12])
     plan_stored_task(task_id, now=PAST)
-    stale, _ = claim(FIRST_SLOT, 10)
-    # The claim timed out; reconcile gave the IDs back and another worker took them.
-    db.session.execute(text("UPDATE assignments SET status = 'pending', claimed_at = NULL"))
-    db.session.commit()
-    fresh, _ = claim(FIRST_SLOT, 10)
-    record_outcomes(FIRST_SLOT, stale, {})
-    assert {row.status for row in assignment_rows(task_id)} == {"running"}
-    record_outcomes(FIRST_SLOT, fresh, {})
+    slow, fast = new_claimer_id(), new_claimer_id()
+    stale = claim(FIRST_SLOT, slow, 10).claims
+    # The slow worker's claim timed out; reconcile gave the IDs back and another took them.
+    assert release_dead_or_stuck(timedelta(0)) == 2
+    fresh = claim(FIRST_SLOT, fast, 10).claims
+    assert process_and_record(FIRST_SLOT, fast, fresh, record_user) == 2
+    assert process_and_record(FIRST_SLOT, slow, stale, record_user) == 0
+    assert times_processed() == {11: 1, 12: 1}
     assert {row.status for row in assignment_rows(task_id)} == {"done"}
     task = db.session.get(IdTask, task_id)
     db.session.refresh(task)
@@ -278,7 +294,7 @@ def test_a_cancelled_tasks_failed_ids_are_not_retried(make_app):
     with app.app_context():
         task_id = submit([1, 2])
         plan_stored_task(task_id, now=PAST)
-        claims, _ = claim(FIRST_SLOT, 10)
+        claims = claim(FIRST_SLOT, new_claimer_id(), 10).claims
         app.test_client().delete(f"/celery_ids_tasks/{task_id}/")  # while they run
         record_outcomes(FIRST_SLOT, claims, {1: Failure("busy"), 2: Failure("busy")})
         rows = assignment_rows(task_id)

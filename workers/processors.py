@@ -39,11 +39,13 @@ def record_user(user_ids: list[int]) -> dict[int, Failure]:
     return {}
 
 
-def http_request(user_ids: list[int]) -> dict[int, Failure]:
+def http_request(user_ids: list[int], keys: list[str] | None = None) -> dict[int, Failure]:
     """One HTTP request per ID to PROCESSOR_HTTP_URL, `{id}` replaced by the ID.
 
-    2xx is done. 429, 408, 5xx, timeouts and connection errors are retried; any other
-    answer fails the ID for good.
+    Each carries the ID's `Idempotency-Key` (its task and position, the same on every
+    attempt), so a downstream that deduplicates by key knows a repeated call. 2xx is
+    done. 429, 408, 5xx, timeouts and connection errors are retried; any other answer
+    fails the ID for good.
     """
     config = current_app.config
     template = config["PROCESSOR_HTTP_URL"]
@@ -52,19 +54,23 @@ def http_request(user_ids: list[int]) -> dict[int, Failure]:
             user_id: Failure("PROCESSOR_HTTP_URL is not set", retry=False) for user_id in user_ids
         }
     failures = {}
-    for user_id in user_ids:
+    for user_id, key in zip(user_ids, keys or [None] * len(user_ids)):
         failure = _request(
             template.replace("{id}", str(user_id)),
             config["PROCESSOR_HTTP_METHOD"],
             config["PROCESSOR_HTTP_TIMEOUT"],
+            key,
         )
         if failure:
             failures[user_id] = failure
     return failures
 
 
-def _request(url: str, method: str, timeout: float) -> Failure | None:
-    request = urllib.request.Request(url, method=method, data=b"" if method != "GET" else None)
+def _request(url: str, method: str, timeout: float, key: str | None) -> Failure | None:
+    headers = {"Idempotency-Key": key} if key else {}
+    request = urllib.request.Request(
+        url, method=method, data=b"" if method != "GET" else None, headers=headers
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout):
             return None

@@ -1,0 +1,135 @@
+"""Who holds a claim, and whether it is still alive.
+
+A slot job runs as a *claimer*: a number from the `claimer_ids` sequence, stood for by a
+session advisory lock that a connection of its own holds while the job runs, together
+with a shared lock on the slot. PostgreSQL drops both with the connection, so the moment
+a worker dies (kill -9, a lost machine once TCP gives up) its claimer is gone from
+`pg_locks`, and reconcile hands its IDs back at once instead of after
+CLAIM_TIMEOUT_SECONDS, which stays for workers that are alive but stuck.
+
+An RQ worker gives each job a claimer before it forks (`assign`), so that after the job,
+however it ended, the worker can hand back what the job still held (`release_held_by`).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+
+from sqlalchemy import text
+
+from .extensions import db
+from .tasks import subtract_loads
+
+# First keys of the two-key advisory locks; service/planning.py uses 0x5107.
+CLAIMER_LOCK_NAMESPACE = 0x5108
+SLOT_LOCK_NAMESPACE = 0x5109
+# Sent by the worker to its work horse on a warm shutdown: finish the IDs under way,
+# hand back the rest, return.
+STOP_SIGNAL = signal.SIGUSR1
+
+_assigned: int | None = None
+_stop_requested = False
+
+
+def new_claimer_id() -> int:
+    claimer = db.session.execute(text("SELECT nextval('claimer_ids')")).scalar()
+    db.session.commit()
+    return claimer
+
+
+def assign(claimer: int | None) -> None:
+    """The claimer that the next slot job of this process (or of its fork) runs as."""
+    global _assigned
+    _assigned = claimer
+
+
+def request_stop(signum=None, frame=None) -> None:
+    """Signal handler: the slot job under way stops after the IDs it is processing."""
+    global _stop_requested
+    _stop_requested = True
+
+
+def stop_requested() -> bool:
+    return _stop_requested
+
+
+def slot_key(slot: datetime) -> int:
+    return int(slot.timestamp()) % 2**31
+
+
+@contextmanager
+def claiming(slot: datetime) -> Iterator[int]:
+    """Run as a live claimer of the slot for the duration of the block."""
+    claimer = _assigned if _assigned is not None else new_claimer_id()
+    holder = db.engine.connect()
+    try:
+        holder.execute(
+            text("SELECT pg_advisory_lock(:ns, :claimer), pg_advisory_lock_shared(:sns, :slot)"),
+            {
+                "ns": CLAIMER_LOCK_NAMESPACE,
+                "claimer": claimer,
+                "sns": SLOT_LOCK_NAMESPACE,
+                "slot": slot_key(slot),
+            },
+        )
+        holder.commit()
+        yield claimer
+    finally:
+        # Closing the session, not returning it to the pool, is what drops its locks.
+        holder.invalidate()
+        holder.close()
+
+
+HELD_LOCKS = (
+    "SELECT objid::bigint AS key FROM pg_locks "
+    "WHERE locktype = 'advisory' AND classid = :ns AND objsubid = 2 AND granted"
+)
+
+
+def running_slots() -> set[int]:
+    """Keys (`slot_key`) of the slots that a live slot job is running."""
+    rows = db.session.execute(text(HELD_LOCKS), {"ns": SLOT_LOCK_NAMESPACE})
+    return {row.key for row in rows}
+
+
+# The live claimers are read inside the statement, after its snapshot: a claimer takes
+# its lock before it claims, so every claim the statement sees has its lock visible.
+RELEASE = (
+    f"WITH live AS MATERIALIZED (SELECT array_agg(key) AS keys FROM ({HELD_LOCKS}) AS held), "
+    "released AS ("
+    "  UPDATE assignments AS a SET claimed_at = NULL, claimed_by = NULL, status = CASE "
+    "    WHEN t.status = 'cancelled' THEN 'cancelled' ELSE 'pending' END "
+    "  FROM id_tasks AS t, live WHERE t.id = a.task_id AND a.status = 'running' AND ({which}) "
+    "  RETURNING a.slot_start, a.status) "
+    "SELECT slot_start, status, count(*) AS n FROM released GROUP BY slot_start, status"
+)
+
+
+def _release(which: str, params: dict) -> int:
+    """Claimed IDs back to pending (cancelled if their task was); returns how many."""
+    rows = db.session.execute(
+        text(RELEASE.format(which=which)), {"ns": CLAIMER_LOCK_NAMESPACE, **params}
+    ).all()
+    subtract_loads({row.slot_start: row.n for row in rows if row.status == "cancelled"})
+    db.session.commit()
+    return sum(row.n for row in rows)
+
+
+def release_held_by(claimer: int) -> int:
+    """Hand back what a claimer still holds: its job has stopped."""
+    return _release("a.claimed_by = :claimer", {"claimer": claimer})
+
+
+def release_dead_or_stuck(timeout: timedelta) -> int:
+    """Hand back IDs whose claimer is gone, or that were claimed longer ago than `timeout`.
+
+    Claims made before claimers existed (no `claimed_by`) wait for the timeout.
+    """
+    return _release(
+        "NOT coalesce(a.claimed_by = ANY(live.keys), a.claimed_by IS NULL) "
+        "OR a.claimed_at < clock_timestamp() - :timeout",
+        {"timeout": timeout},
+    )
