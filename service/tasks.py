@@ -60,11 +60,22 @@ def submit_task(task_name: str, ids: Iterable[int], overflow: str | None = None)
     return task
 
 
+def replace_task(task_id: int, fields: dict) -> IdTask:
+    """PUT: every field given or set to its default; the same IDs keep their plan."""
+    return update_task(task_id, {"overflow": Overflow.SPREAD, **fields})
+
+
 def update_task(task_id: int, changes: dict) -> IdTask:
-    """Rename at any time; new IDs or overflow only while none has run, and re-plan."""
+    """Rename at any time; new IDs or overflow only while none has run, and re-plan.
+
+    IDs equal to the task's own (the same distinct IDs in the same order) are no change.
+    """
     task = get_task(task_id, lock=True)
     if "task_name" in changes:
         task.task_name = changes["task_name"]
+    if "ids" in changes and _same_ids(task, changes["ids"]):
+        task.duplicates = len(changes["ids"]) - task.total
+        changes = {name: value for name, value in changes.items() if name != "ids"}
     replan = "ids" in changes or changes.get("overflow", task.overflow) != task.overflow
     if replan:
         _release_plan(task)
@@ -77,6 +88,16 @@ def update_task(task_id: int, changes: dict) -> IdTask:
     if replan:
         enqueue_planning(task.id, task.total)
     return task
+
+
+def _same_ids(task: IdTask, ids: list[int]) -> bool:
+    distinct = list(dict.fromkeys(ids))
+    if len(distinct) != task.total:
+        return False
+    stored = db.session.scalars(
+        select(TaskIdChunk.ids).where(TaskIdChunk.task_id == task.id).order_by(TaskIdChunk.chunk_no)
+    )
+    return [user_id for chunk in stored for user_id in chunk] == distinct
 
 
 def cancel_task(task_id: int) -> None:

@@ -15,3 +15,13 @@ def fail_for_good(user_ids):
 def record_then_crash(user_ids):
     record_user(user_ids)
     raise RuntimeError("crashed after writing")
+
+
+# The clock the pacing tests drive, and what `note_times` saw: (time, IDs) per call.
+clock = None
+calls: list = []
+
+
+def note_times(user_ids):
+    calls.append((clock.seconds(), list(user_ids)))
+    return {}

@@ -248,3 +248,41 @@ def test_planning_jobs_get_a_timeout_that_grows_with_the_task(make_app):
         queue = Queue(PLANNING_QUEUE, connection=get_redis())
         timeouts = [queue.fetch_job(f"plan-{task_id}").timeout for task_id in (small, big)]
     assert timeouts == [181, 230]
+
+
+def test_a_put_with_the_task_s_own_ids_keeps_its_plan(rpm5):
+    task_id = submit([1, 2, 3])
+    plan_stored_task(task_id, now=NOW)
+    client = rpm5.test_client()
+    answer = client.put(
+        f"/celery_ids_tasks/{task_id}/", json={"task_name": "new", "ids": [1, 2, 3]}
+    )
+    assert answer.status_code == 200
+    assert (answer.json["task_name"], answer.json["status"]) == ("new", "scheduled")
+    assert answer.json["planned"] == 3
+    assert Queue(PLANNING_QUEUE, connection=get_redis()).job_ids == [f"plan-{task_id}"]
+
+
+def test_a_put_with_the_task_s_own_ids_after_some_ran_is_a_rename(rpm5):
+    task_id = submit([1, 2, 3])
+    plan_stored_task(task_id, now=NOW)
+    db.session.execute(text("UPDATE id_tasks SET status = 'running' WHERE id = :t"), {"t": task_id})
+    db.session.execute(text("UPDATE assignments SET status = 'done' WHERE position = 0"))
+    db.session.commit()
+    answer = rpm5.test_client().put(
+        f"/celery_ids_tasks/{task_id}/", json={"task_name": "renamed", "payload": "1,2,3,3"}
+    )
+    assert answer.status_code == 200
+    assert (answer.json["task_name"], answer.json["status"]) == ("renamed", "running")
+    assert answer.json["duplicates"] == 1
+    assert slots_by_id(task_id) == {1: minute(8), 2: minute(8), 3: minute(8)}
+
+
+def test_a_put_without_overflow_sets_the_default(rpm5):
+    task_id = submit([1, 2, 3], overflow="defer")
+    plan_stored_task(task_id, now=NOW)
+    answer = rpm5.test_client().put(
+        f"/celery_ids_tasks/{task_id}/", json={"task_name": "t", "ids": [1, 2, 3]}
+    )
+    assert (answer.status_code, answer.json["overflow"]) == (200, "spread")
+    assert answer.json["status"] == "received"  # a new overflow is planned again

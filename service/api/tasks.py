@@ -108,8 +108,8 @@ class TaskById(MethodView):
     @blp.response(200, TaskSchema)
     @blp.alt_response(409, response="DEFAULT_ERROR")
     def put(self, fields, task_id):
-        """Replace a task's name and IDs (IDs only before any has run)"""
-        return tasks.update_task(task_id, _changes(fields))
+        """Replace a task's name, IDs and overflow (new IDs only before any has run)"""
+        return tasks.replace_task(task_id, _changes(fields))
 
     @blp.arguments(TaskSubmitSchema(partial=True))
     @blp.response(200, TaskSchema)

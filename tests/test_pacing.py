@@ -1,0 +1,85 @@
+"""Pacing: each ID at its turn, from when the slot really starts; driven by a fake clock."""
+
+from datetime import timedelta
+
+import pytest
+
+from service.claimers import new_claimer_id, release_held_by
+from service.dispatch import claim, run_slot
+from service.pacing import Clock, paced_groups, step_of
+from service.planning import plan_stored_task
+
+from . import processors
+from .planning_helpers import at, submit
+
+PAST = at("2026-01-05 08:59:50")
+SLOT = at("2026-01-05 09:00")
+
+
+class FakeClock(Clock):
+    """Time moves only when someone sleeps."""
+
+    def __init__(self, start: float):
+        object.__setattr__(self, "now_seconds", start)
+        super().__init__(seconds=lambda: self.now_seconds, sleep=self._advance)
+
+    def _advance(self, seconds: float) -> None:
+        object.__setattr__(self, "now_seconds", self.now_seconds + seconds)
+
+
+@pytest.fixture
+def noted(make_app):
+    app = make_app(RPM=600, ID_PROCESSOR="tests.processors:note_times")
+    processors.calls = []
+    with app.app_context():
+        yield app
+    processors.clock = None
+
+
+def most_in_one_second(calls) -> int:
+    times = [moment for moment, ids in calls for _ in ids]
+    return max(sum(1 for t in times if start <= t < start + 1) for start in times)
+
+
+def test_a_slot_starting_30_s_late_paces_its_ids_from_then(noted):
+    plan_stored_task(submit(range(1, 601)), now=PAST)
+    start = SLOT.timestamp() + 30
+    processors.clock = FakeClock(start)
+    assert "600 IDs processed" in run_slot(SLOT, clock=processors.clock)
+    step = step_of(60, 600)  # 0.09 s: the same step as on time
+    first_time, first_ids = processors.calls[0]
+    assert first_time == pytest.approx(start, abs=0.01)
+    assert len(first_ids) <= 5  # a quarter second's catch-up, not 334 overdue IDs
+    assert most_in_one_second(processors.calls) <= round(1 / step) + 5
+    last_time = processors.calls[-1][0]
+    assert last_time - start == pytest.approx(599 * step - 0.25, abs=0.2)
+
+
+def test_a_slot_on_time_spreads_its_ids_through_it(noted):
+    plan_stored_task(submit(range(1, 601)), now=PAST)
+    processors.clock = FakeClock(SLOT.timestamp())
+    run_slot(SLOT, clock=processors.clock)
+    offsets = [moment - SLOT.timestamp() for moment, ids in processors.calls for _ in ids]
+    step = step_of(60, 600)
+    assert all(abs(offset - k * step) <= 0.06 for k, offset in enumerate(offsets)), offsets[:20]
+
+
+def test_ids_handed_back_get_turns_after_those_already_handed_out(noted):
+    plan_stored_task(submit(range(1, 601)), now=PAST)
+    now = SLOT + timedelta(seconds=2)
+    dead_claimer = new_claimer_id()
+    dead = claim(SLOT, dead_claimer, 11, now)
+    assert release_held_by(dead_claimer) == 11  # its worker died
+    again = claim(SLOT, new_claimer_id(), 11, now + timedelta(seconds=0.1))
+    assert [c.position for c in again.claims] == [c.position for c in dead.claims]
+    assert again.first_turn == pytest.approx(dead.first_turn + 11 * dead.step)
+    assert dead.first_turn == pytest.approx(now.timestamp() - 0.25)
+
+
+def test_paced_groups_stop_when_a_stop_is_requested():
+    clock = FakeClock(100.0)
+    groups = []
+    for group in paced_groups(list(range(10)), 100.0, 1.0, clock, lambda: bool(groups)):
+        groups.append(group)
+    assert groups == [[0]]
+    assert clock.seconds() == 100.0  # it did not wait for the next turn
