@@ -1,5 +1,7 @@
 """Processors for the tests, named in ID_PROCESSOR like the built-in ones."""
 
+import time
+
 from service.dispatch import Failure
 from workers.processors import record_user
 
@@ -24,4 +26,12 @@ calls: list = []
 
 def note_times(user_ids):
     calls.append((clock.seconds(), list(user_ids)))
+    return {}
+
+
+def record_then_hang_on_20(user_ids):
+    """Records as usual, but a call holding user 20 never returns in time."""
+    record_user(user_ids)
+    if 20 in user_ids:
+        time.sleep(60)
     return {}

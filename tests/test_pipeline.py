@@ -107,29 +107,90 @@ def test_post_plan_schedule_run_record(make_app):
     assert {user["id"] for user in client.get("/users/").json} == set(range(1, 9))
 
 
-def test_a_worker_killed_mid_slot_loses_nothing_and_repeats_nothing(make_app):
-    settings = {
-        "SLOT_SECONDS": 4,
-        "WINDOW_SLOTS": 2,
-        "PLAN_LEAD_SECONDS": 0.3,
-        "RPM": 60,
-        "CLAIM_TIMEOUT_SECONDS": 1,
-    }
+# One slot of 40 IDs a few seconds ahead, paced over 3.6 s; a dead claim is detected, not
+# waited for: CLAIM_TIMEOUT_SECONDS stays at its default of five minutes.
+MID_SLOT = {"SLOT_SECONDS": 4, "WINDOW_SLOTS": 2, "PLAN_LEAD_SECONDS": 0.3, "RPM": 60}
+
+
+def running_ids() -> int:
+    return db.session.execute(
+        text("SELECT count(*) FROM assignments WHERE status = 'running'")
+    ).scalar()
+
+
+def start_slot_under_way(app, settings) -> tuple[int, subprocess.Popen, subprocess.Popen]:
+    task_id = submit(range(1, 41))
+    plan_stored_task(task_id)
+    scheduler, worker = start(["scheduler"], settings), start(["worker"], settings)
+    wait_until(lambda: len(times_processed()) >= 8, 30, "the slot to be under way")
+    return task_id, scheduler, worker
+
+
+def test_a_worker_killed_mid_slot_is_replaced_at_once_and_repeats_nothing(make_app):
+    settings = {**MID_SLOT, "RECONCILE_INTERVAL_SECONDS": 1}
     app = make_app(**settings)
     with app.app_context():
-        task_id = submit(range(1, 41))
-        plan_stored_task(task_id)  # one slot a few seconds ahead, paced through it
-        scheduler, worker = start(["scheduler"], settings), start(["worker"], settings)
+        task_id, scheduler, worker = start_slot_under_way(app, settings)
+        processes = [scheduler]
         try:
-            wait_until(lambda: len(times_processed()) >= 8, 30, "the slot to be under way")
-        finally:
             kill_hard(worker)
-            stop([scheduler])
-        db.session.remove()
-        assert len(times_processed()) < 40
-        time.sleep(1.2)  # past the claim timeout
+            died = time.monotonic()
+            assert len(times_processed()) < 40
+            processes.append(start(["worker"], settings))
+            wait_until(lambda: task_status(task_id) == "done", 30, "the task to be done")
+            recovered = time.monotonic() - died
+        finally:
+            stop(processes)
+        assert times_processed() == dict.fromkeys(range(1, 41), 1)
+        assert recovered < 20, recovered
+
+
+def test_reconcile_hands_back_a_dead_workers_ids_without_waiting(make_app):
+    app = make_app(**MID_SLOT)
+    with app.app_context():
+        task_id, scheduler, worker = start_slot_under_way(app, MID_SLOT)
+        stop([scheduler])
+        kill_hard(worker)
+        assert running_ids() > 0
         runner = app.test_cli_runner()
-        assert runner.invoke(args=["plan", "reconcile"]).exit_code == 0
+        # The dead worker's connection is gone within moments: no claim timeout to wait.
+        wait_until(
+            lambda: (
+                runner.invoke(args=["plan", "reconcile"]).output.startswith("claims released: ")
+                and running_ids() == 0
+            ),
+            5,
+            "the claims to be released",
+        )
+        queues = [Queue(name, connection=get_redis()) for name in ALL_QUEUES]
+        SimpleWorker(queues, connection=get_redis()).work(burst=True)
+        db.session.remove()
+        assert times_processed() == dict.fromkeys(range(1, 41), 1)
+        assert task_status(task_id) == "done"
+
+
+@pytest.mark.parametrize("shutdown", ["warm", "cold"])
+def test_a_worker_stopped_mid_slot_hands_back_its_ids(make_app, shutdown):
+    settings = dict(MID_SLOT)
+    if shutdown == "cold":  # a processor stuck in a call: only a cold shutdown stops it
+        settings["ID_PROCESSOR"] = "tests.processors:record_then_hang_on_20"
+    app = make_app(**settings)
+    with app.app_context():
+        task_id, scheduler, worker = start_slot_under_way(app, settings)
+        stop([scheduler])
+        asked = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        if shutdown == "cold":
+            time.sleep(1.5)  # RQ takes a second signal within a second for the same one
+            worker.send_signal(signal.SIGTERM)
+        worker.wait(15)
+        assert time.monotonic() - asked < 10  # not the rest of the slot, nor a stuck call
+        done_before = len(times_processed())
+        assert 8 <= done_before < 40
+        assert running_ids() == 0  # handed back before the worker exited
+        if shutdown == "cold":
+            return  # user 20 would hang the next worker too
+        assert app.test_cli_runner().invoke(args=["plan", "reconcile"]).exit_code == 0
         queues = [Queue(name, connection=get_redis()) for name in ALL_QUEUES]
         SimpleWorker(queues, connection=get_redis()).work(burst=True)
         db.session.remove()
