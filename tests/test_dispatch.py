@@ -17,7 +17,8 @@ from service.dispatch import (
 )
 from service.extensions import db, get_redis
 from service.models import IdTask
-from service.planning import plan_stored_task
+from service.planner import EPOCH
+from service.planning import WINDOW_LOCK_NAMESPACE, plan_stored_task, slot_grid
 from service.queues import PLANNING_QUEUE, SLOTS_QUEUE
 from service.retries import plan_retries
 from service.scheduling import EARLY_SECONDS, get_scheduler, schedule_slots, slot_job_id
@@ -284,3 +285,29 @@ def test_a_cancelled_tasks_failed_ids_are_not_retried(make_app):
         rows = assignment_rows(task_id)
         assert {(row.status, row.error) for row in rows} == {("cancelled", "busy")}
         assert list(get_scheduler().get_jobs()) == []
+
+
+def test_recording_failures_never_waits_for_a_planners_window_lock(make_app):
+    app = make_app(
+        RPM=3, PACING=False, RETRY_BACKOFF_SECONDS=0, ID_PROCESSOR="tests.processors:fail_all"
+    )
+    with app.app_context():
+        task_id = submit([1, 2])
+        plan_stored_task(task_id, now=PAST)
+        grid = slot_grid()
+        now = datetime.now(UTC)
+        windows = [grid.window_of(now) + k * grid.window_length for k in range(3)]
+        with db.engine.connect() as planner:  # a big task being planned into them
+            for window in windows:
+                number = (window - EPOCH) // grid.window_length % 2**31
+                planner.execute(
+                    text("SELECT pg_advisory_lock(:ns, :n)"),
+                    {"ns": WINDOW_LOCK_NAMESPACE, "n": number},
+                )
+            db.session.execute(text("SET lock_timeout = '3s'"))  # waiting would fail
+            assert "2 IDs processed" in run_slot(FIRST_SLOT)
+            assert {row.status for row in assignment_rows(task_id)} == {"retrying"}
+            planner.execute(text("SELECT pg_advisory_unlock_all()"))
+        db.session.remove()
+        assert plan_retries() == 2
+        assert {row.status for row in assignment_rows(task_id)} == {"pending"}
