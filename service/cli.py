@@ -12,12 +12,14 @@ from flask import current_app
 from flask.cli import AppGroup, with_appcontext
 from rq import Queue
 
+from . import shared_settings
 from .dispatch import reconcile
 from .extensions import get_redis
 from .ids import InvalidIds, stream_ids
 from .models import Overflow
 from .queues import ALL_QUEUES, SLOTS_QUEUE
 from .scheduling import ServiceScheduler
+from .shared_settings import SettingsConflict
 from .slots import ids_by_slot, plan_between
 from .tasks import submit_task
 from .worker import ClaimingWorker
@@ -40,6 +42,7 @@ SCHEDULER_INTERVAL_SECONDS = 1
 @with_appcontext
 def worker_command(queues: tuple[str, ...], burst: bool) -> None:
     """Run an RQ worker inside the app context."""
+    _agree_with_the_deployment()
     redis = get_redis()
     worker = ClaimingWorker([Queue(name, connection=redis) for name in queues], connection=redis)
     worker.work(burst=burst)
@@ -51,6 +54,7 @@ def worker_command(queues: tuple[str, ...], burst: bool) -> None:
 def scheduler_command(burst: bool) -> None:
     """Run rq-scheduler, polling every second, and reconcile every
     RECONCILE_INTERVAL_SECONDS."""
+    _agree_with_the_deployment()
     scheduler = ServiceScheduler(
         queue_name=SLOTS_QUEUE,
         connection=get_redis(),
@@ -59,6 +63,13 @@ def scheduler_command(burst: bool) -> None:
         maintenance_seconds=current_app.config["RECONCILE_INTERVAL_SECONDS"],
     )
     scheduler.run(burst=burst)
+
+
+def _agree_with_the_deployment() -> None:
+    try:
+        shared_settings.record_and_check()
+    except SettingsConflict as conflict:
+        raise click.ClickException(str(conflict)) from None
 
 
 MOMENT_FORMATS = [
@@ -71,6 +82,38 @@ MOMENT_FORMATS = [
 
 plan_group = AppGroup("plan", help="Read the plan.")
 tasks_group = AppGroup("tasks", help="Submit and follow ID tasks.")
+settings_group = AppGroup("settings", help="Settings that every process shares.")
+
+
+@settings_group.command("show")
+def settings_show() -> None:
+    """Print the values the deployment runs by."""
+    for name, value in shared_settings.shared().items():
+        click.echo(f"{name}={value}")
+
+
+@settings_group.command("set")
+@click.argument("assignments", nargs=-1, metavar="NAME=VALUE...")
+@click.option("--from-env", is_flag=True, help="Apply the shared settings this environment sets.")
+def settings_set(assignments: tuple[str, ...], from_env: bool) -> None:
+    """Change shared settings for every process of the deployment."""
+    changes = {
+        name: current_app.config[name]
+        for name in shared_settings.SHARED
+        if from_env and name in current_app.config["EXPLICIT_SETTINGS"]
+    }
+    for assignment in assignments:
+        name, _, value = assignment.partition("=")
+        try:
+            changes[name.strip().upper()] = int(value)
+        except ValueError:
+            raise click.BadParameter(f"{assignment!r} is not NAME=whole number") from None
+    try:
+        values = shared_settings.change(changes)
+    except SettingsConflict as conflict:
+        raise click.ClickException(str(conflict)) from None
+    for name, value in values.items():
+        click.echo(f"{name}={value}")
 
 
 @plan_group.command("show")
@@ -188,3 +231,4 @@ def init_app(app) -> None:
     app.cli.add_command(scheduler_command)
     app.cli.add_command(plan_group)
     app.cli.add_command(tasks_group)
+    app.cli.add_command(settings_group)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 
 class ConfigError(RuntimeError):
@@ -46,16 +46,18 @@ class Config:
     API_TOKEN: str | None = None
     MAX_IDS_PER_TASK: int = 10_000_000
     MAX_CONTENT_LENGTH: int = 16 * 1024 * 1024
+    # The names the environment gave; the others took their defaults.
+    explicit: frozenset[str] = field(default=frozenset(), repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
         environ = os.environ if environ is None else environ
         values = {}
-        for field in fields(cls):
-            raw = environ.get(field.name, "").strip()
-            if raw:
-                values[field.name] = _convert(field.name, raw, field.type)
-        return cls(**values)
+        for setting in fields(cls):
+            raw = environ.get(setting.name, "").strip()
+            if raw and setting.name.isupper():
+                values[setting.name] = _convert(setting.name, raw, setting.type)
+        return cls(**values, explicit=frozenset(values))
 
     def __post_init__(self) -> None:
         for name in ("DATABASE_URL", "REDIS_URL"):
@@ -99,6 +101,7 @@ class Config:
 
     def flask_settings(self) -> dict:
         settings = asdict(self)
+        settings["EXPLICIT_SETTINGS"] = settings.pop("explicit")
         settings["SPREAD_MIN_OPEN_SLOTS"] = self.spread_min_open_slots
         settings["SQLALCHEMY_DATABASE_URI"] = _sqlalchemy_url(self.DATABASE_URL)
         return settings

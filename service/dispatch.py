@@ -30,6 +30,7 @@ from .pacing import CATCH_UP_SECONDS, SYSTEM_CLOCK, Clock, paced_groups, step_of
 from .queues import enqueue_planning
 from .retries import backoff, enqueue_retry_planning, retries_waiting
 from .scheduling import ensure_slot_job, get_scheduler, planning_is_queued
+from .shared_settings import shared
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def _batch_size(slot: datetime) -> int:
     load = db.session.execute(
         text("SELECT load FROM slots WHERE slot_start = :s"), {"s": slot}
     ).scalar()
-    step = step_of(current_app.config["SLOT_SECONDS"], load or 0)
+    step = step_of(shared()["SLOT_SECONDS"], load or 0)
     return max(1, min(CLAIM_BATCH, round(CLAIM_AHEAD_SECONDS / step)))
 
 
@@ -139,7 +140,7 @@ def claim(slot: datetime, claimer: int, limit: int, now: datetime | None = None)
     if not rows:
         db.session.commit()
         return Batch([], 0.0, 0.0)
-    slot_seconds = current_app.config["SLOT_SECONDS"]
+    slot_seconds = shared()["SLOT_SECONDS"]
     turns = db.session.execute(
         text(
             "UPDATE slots SET "
@@ -253,7 +254,7 @@ def record_outcomes(slot: datetime, group: list[Claim], failures: Mapping[int, F
             {"ids": task_ids},
         ).all()
     )
-    max_attempts = current_app.config["MAX_ATTEMPTS"]
+    max_attempts = shared()["MAX_ATTEMPTS"]
     verdicts = [
         _verdict(item, failures.get(item.user_id), statuses.get(item.task_id), max_attempts)
         for item in group

@@ -191,3 +191,15 @@ class Assignment(db.Model):
     claimed_by: Mapped[int | None] = mapped_column(Integer)
     # When a retrying ID may run again.
     retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SharedSetting(db.Model):
+    """A setting that every process of the deployment shares (service/shared_settings.py)."""
+
+    __tablename__ = "settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )

@@ -22,6 +22,7 @@ from .extensions import db, raw_connection
 from .models import IdTask, Overflow, TaskStatus
 from .planner import EPOCH, SlotGrid, distribute, fill
 from .scheduling import schedule_slots
+from .shared_settings import shared
 from .tasks import IDS_PER_CHUNK, get_task
 
 # First key of the two-key advisory locks, so they cannot meet another lock user's.
@@ -32,9 +33,12 @@ PLANNABLE = (TaskStatus.RECEIVED, TaskStatus.PLANNING)
 Writer = Callable[[Iterator, list[datetime]], list[int]]
 
 
-def slot_grid() -> SlotGrid:
-    config = current_app.config
-    return SlotGrid(config["SLOT_SECONDS"], config["WINDOW_SLOTS"], config["PLAN_LEAD_SECONDS"])
+def slot_grid(values: dict[str, int] | None = None) -> SlotGrid:
+    """The deployment's slots (from its shared `values`, read if not given)."""
+    values = values or shared()
+    return SlotGrid(
+        values["SLOT_SECONDS"], values["WINDOW_SLOTS"], current_app.config["PLAN_LEAD_SECONDS"]
+    )
 
 
 def plan_stored_task(task_id: int, now: datetime | None = None) -> str:
@@ -156,11 +160,12 @@ class WindowPlanner:
         expected_ids: int = 0,
         not_before: datetime | None = None,
     ):
-        grid = slot_grid()
+        values = shared(lock=True)  # a change of settings waits for this plan
+        grid = slot_grid(values)
         writing = expected_ids / current_app.config["PLANNING_RATE"]
         self.grid = replace(grid, lead_seconds=grid.lead_seconds + writing)
-        self.rpm = current_app.config["RPM"]
-        self.spread_min_open_slots = current_app.config["SPREAD_MIN_OPEN_SLOTS"]
+        self.rpm = values["RPM"]
+        self.spread_min_open_slots = values["SPREAD_MIN_OPEN_SLOTS"]
         self.overflow, self.fixed_now, self.not_before = overflow, now, not_before
         self.planned = 0
         self.used_slots: set[datetime] = set()

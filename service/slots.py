@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from flask import current_app
 from sqlalchemy import select, text
 from werkzeug.exceptions import UnprocessableEntity
 
 from .extensions import db
 from .models import Slot
 from .planning import slot_grid
+from .shared_settings import shared
 
 # One answer shows at most a day of one-minute slots.
 MAX_SLOTS_PER_ANSWER = 1440
@@ -21,7 +21,8 @@ def plan_between(
     start: datetime | None, end: datetime | None, windows: int = DEFAULT_WINDOWS_SHOWN
 ) -> dict:
     """The slots from `start`'s window to `end` (default: `windows` windows later)."""
-    grid = slot_grid()
+    values = shared()
+    grid = slot_grid(values)
     now = datetime.now(UTC)
     start = grid.window_of(start or now)
     end = end or start + windows * grid.window_length
@@ -29,7 +30,7 @@ def plan_between(
         raise UnprocessableEntity("'to' must be later than 'from'")
     if (end - start) / grid.slot_length > MAX_SLOTS_PER_ANSWER:
         raise UnprocessableEntity(f"a range shows at most {MAX_SLOTS_PER_ANSWER} slots")
-    rpm = current_app.config["RPM"]
+    rpm = values["RPM"]
     stored = {
         slot.slot_start: slot
         for slot in db.session.scalars(
