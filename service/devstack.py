@@ -149,12 +149,15 @@ def main() -> int:
             servers.append(EmbeddedRedis(var / "redis"))
             env["REDIS_URL"] = servers[-1].url
         log.info("database %s, redis %s", env["DATABASE_URL"], env["REDIS_URL"])
-        subprocess.run(
-            [sys.executable, "-m", "flask", "--app", "wsgi", "db", "upgrade"],
-            cwd=ROOT,
-            env=env,
-            check=True,
-        )
+        # The shared settings this environment sets become the deployment's (a slot
+        # length is refused while IDs wait); the ones it leaves unset stay as recorded.
+        for command in (["db", "upgrade"], ["settings", "set", "--from-env"]):
+            subprocess.run(
+                [sys.executable, "-m", "flask", "--app", "wsgi", *command],
+                cwd=ROOT,
+                env=env,
+                check=True,
+            )
         host, port = env.get("HOST", "127.0.0.1"), env.get("PORT", "8000")
         for name, command in _services(host, port).items():
             # A session of its own: the terminal's Ctrl-C reaches only this supervisor,
