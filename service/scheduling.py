@@ -109,12 +109,14 @@ def ensure_slot_job(
             job_result_ttl=RESULT_TTL_SECONDS,
         )
     else:
+        # A slot already under way (or overdue) goes ahead of slots yet to start.
         get_queue(SLOTS_QUEUE).enqueue(
             SLOT_JOB,
             slot.isoformat(),
             job_id=job_id,
             job_timeout=timeout,
             result_ttl=RESULT_TTL_SECONDS,
+            at_front=slot <= now,
         )
     return True
 
