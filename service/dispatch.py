@@ -87,9 +87,9 @@ def run_slot(slot: datetime, clock: Clock = SYSTEM_CLOCK) -> str:
     asked to shut down.
     """
     processor = load_processor(current_app.config["ID_PROCESSOR"])
-    clock.wait_until(slot.timestamp(), claimers.stop_requested)
     handled = 0
     with claimers.claiming(slot) as claimer:
+        clock.wait_until(slot.timestamp(), claimers.stop_requested)
         while not claimers.stop_requested():
             batch = claim(slot, claimer, _batch_size(slot), clock.now())
             if not batch.claims:
@@ -350,12 +350,15 @@ def reconcile() -> dict[str, int]:
     now = datetime.now(UTC)
     scheduler = get_scheduler()
     running = claimers.running_slots()
+
+    def live(slot: datetime) -> bool:
+        # A job that has not reached its slot yet may still be starting up.
+        return slot > now or claimers.slot_key(slot) in running
+
     added = [
         slot
         for slot, claiming in _slots_with_pending_ids(timeout, now + RECONCILE_HORIZON)
-        if ensure_slot_job(
-            scheduler, slot, now, trust_started=claiming and claimers.slot_key(slot) in running
-        )
+        if ensure_slot_job(scheduler, slot, now, trust_started=claiming and live(slot))
     ]
     late = [slot for slot in added if slot <= now]
     if late:

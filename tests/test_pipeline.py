@@ -127,7 +127,7 @@ def start_slot_under_way(app, settings) -> tuple[int, subprocess.Popen, subproce
 
 
 def test_a_worker_killed_mid_slot_is_replaced_at_once_and_repeats_nothing(make_app):
-    settings = {**MID_SLOT, "RECONCILE_INTERVAL_SECONDS": 1}
+    settings = dict(MID_SLOT)  # and the default RECONCILE_INTERVAL_SECONDS
     app = make_app(**settings)
     with app.app_context():
         task_id, scheduler, worker = start_slot_under_way(app, settings)
@@ -142,7 +142,7 @@ def test_a_worker_killed_mid_slot_is_replaced_at_once_and_repeats_nothing(make_a
         finally:
             stop(processes)
         assert times_processed() == dict.fromkeys(range(1, 41), 1)
-        assert recovered < 20, recovered
+        assert recovered < 60, recovered
 
 
 def test_reconcile_hands_back_a_dead_workers_ids_without_waiting(make_app):
