@@ -43,7 +43,13 @@ class Config:
     PROCESSOR_HTTP_URL: str | None = None
     PROCESSOR_HTTP_METHOD: str = "POST"
     PROCESSOR_HTTP_TIMEOUT: float = 10.0
-    API_TOKEN: str | None = None
+    # Sent as the Authorization header of every downstream call; never shown or logged.
+    PROCESSOR_HTTP_AUTHORIZATION: str | None = field(default=None, repr=False)
+    # Calls of a per-ID processor in flight at once, per slot job.
+    PROCESSOR_CONCURRENCY: int = 64
+    # Helper jobs a slot that runs behind its turns may add, to share it.
+    MAX_HELPERS_PER_SLOT: int = 4
+    API_TOKEN: str | None = field(default=None, repr=False)
     MAX_IDS_PER_TASK: int = 10_000_000
     MAX_CONTENT_LENGTH: int = 16 * 1024 * 1024
     # The names the environment gave; the others took their defaults.
@@ -72,11 +78,12 @@ class Config:
             "MAX_CONTENT_LENGTH",
             "PLANNING_RATE",
             "RECONCILE_INTERVAL_SECONDS",
+            "PROCESSOR_CONCURRENCY",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("PLAN_LEAD_SECONDS", "RETRY_BACKOFF_SECONDS"):
+        for name in ("PLAN_LEAD_SECONDS", "RETRY_BACKOFF_SECONDS", "MAX_HELPERS_PER_SLOT"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
         self._check_spread_min_open_slots()

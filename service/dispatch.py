@@ -11,13 +11,13 @@ processor: a claim taken over meanwhile (its worker was stuck) processes nothing
 
 from __future__ import annotations
 
-import inspect
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from importlib import import_module
 
 from flask import current_app
 from rq.timeouts import JobTimeoutException
@@ -27,9 +27,10 @@ from . import claimers
 from .extensions import db
 from .models import AssignmentStatus, TaskStatus
 from .pacing import CATCH_UP_SECONDS, SYSTEM_CLOCK, Clock, paced_groups, step_of
+from .processors import Failure, as_failure, is_per_id, load_processor, takes_keys
 from .queues import enqueue_planning
 from .retries import backoff, enqueue_retry_planning, retries_waiting
-from .scheduling import ensure_slot_job, get_scheduler, planning_is_queued
+from .scheduling import add_slot_helper, ensure_slot_job, get_scheduler, planning_is_queued
 from .shared_settings import shared
 
 log = logging.getLogger(__name__)
@@ -38,18 +39,15 @@ log = logging.getLogger(__name__)
 CLAIM_BATCH = 500
 # With pacing on, a claim takes about this many seconds' worth of IDs.
 CLAIM_AHEAD_SECONDS = 1.0
+# A per-ID processor's outcomes are recorded this often.
+RECORD_EVERY_SECONDS = 0.25
+# A slot job this far behind its turns asks for a helper, at most once per HELP_EVERY.
+HELP_WHEN_BEHIND_SECONDS = 0.5
+HELP_EVERY_SECONDS = 2.0
 # A slot whose first claim comes later than this after its start is marked late.
 LATE_AFTER_SECONDS = 1.0
 # Reconcile gives jobs to the slots starting within this; each run moves it on.
 RECONCILE_HORIZON = timedelta(hours=1)
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A processor's verdict on one ID; `retry` False means no further attempt."""
-
-    message: str
-    retry: bool = True
 
 
 @dataclass(frozen=True)
@@ -75,31 +73,132 @@ class Batch:
     step: float
 
 
-def load_processor(path: str) -> Callable:
-    module_name, _, function = path.partition(":")
-    return getattr(import_module(module_name), function)
-
-
 def run_slot(slot: datetime, clock: Clock = SYSTEM_CLOCK) -> str:
     """Process every pending ID of the slot: wait for its start, then claim, pace, record.
 
-    Stops early, handing back what it has claimed but not processed, when its worker is
-    asked to shut down.
+    A slot job that runs behind its turns (its processor is slower than the slot's rate)
+    adds helper jobs for the same slot, which share its IDs through the same claims and
+    turns. Stops early, handing back what it has claimed but not processed, when its
+    worker is asked to shut down.
     """
     processor = load_processor(current_app.config["ID_PROCESSOR"])
-    handled = 0
     with claimers.claiming(slot) as claimer:
+        calls = _calls(slot, claimer, processor, clock)
+        helping = _Helpers(slot, clock)
         clock.wait_until(slot.timestamp(), claimers.stop_requested)
         while not claimers.stop_requested():
             batch = claim(slot, claimer, _batch_size(slot), clock.now())
             if not batch.claims:
                 break
             mark_tasks_running({c.task_id for c in batch.claims})
-            for group in _groups(batch, clock):
-                handled += process_and_record(slot, claimer, group, processor)
+            for turn, group in _groups(batch, clock):
+                calls.hand(group, turn)
+                helping.note(calls.behind(turn))
+        calls.finish()
         handed_back = claimers.release_held_by(claimer)
     stopped = f", {handed_back} handed back" if handed_back else ""
-    return f"slot {slot:%Y-%m-%d %H:%M:%S}: {handled} IDs processed{stopped}"
+    return f"slot {slot:%Y-%m-%d %H:%M:%S}: {calls.handled} IDs processed{stopped}"
+
+
+def _calls(slot: datetime, claimer: int, processor: Callable, clock: Clock):
+    if is_per_id(processor):
+        concurrency = current_app.config["PROCESSOR_CONCURRENCY"]
+        return ConcurrentCalls(slot, claimer, processor, clock, concurrency)
+    return GroupCalls(slot, claimer, processor, clock)
+
+
+class GroupCalls:
+    """A group processor gets each paced group at once, in the transaction that records
+    the group's outcomes."""
+
+    def __init__(self, slot: datetime, claimer: int, processor: Callable, clock: Clock):
+        self.slot, self.claimer, self.processor, self.clock = slot, claimer, processor, clock
+        self.handled = 0
+
+    def hand(self, group: list[Claim], turn: float) -> None:
+        self.handled += process_and_record(self.slot, self.claimer, group, self.processor)
+
+    def behind(self, turn: float) -> float:
+        """How late the calls start against their turns."""
+        return self.clock.seconds() - turn
+
+    def finish(self) -> None:
+        pass
+
+
+class ConcurrentCalls:
+    """A per-ID processor gets each ID at its turn on a pool of threads, whatever the
+    calls before it are still waiting for; outcomes are recorded in batches, each in a
+    transaction that keeps only the IDs the claim still holds."""
+
+    def __init__(
+        self, slot: datetime, claimer: int, processor: Callable, clock: Clock, concurrency: int
+    ):
+        self.slot, self.claimer, self.processor, self.clock = slot, claimer, processor, clock
+        self.app = current_app._get_current_object()
+        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="processor")
+        self.in_flight: list[tuple[Claim, Future]] = []
+        self.recorded_at = time.monotonic()
+        self.start_lag = 0.0
+        self.handled = 0
+
+    def hand(self, group: list[Claim], turn: float) -> None:
+        for item in group:
+            self.in_flight.append((item, self.pool.submit(self._call, item, turn)))
+        if time.monotonic() - self.recorded_at >= RECORD_EVERY_SECONDS:
+            self._record(self._take_finished())
+
+    def behind(self, turn: float) -> float:
+        """How late the latest call started against its turn: with every thread busy,
+        calls wait in the pool's queue."""
+        return max(self.clock.seconds() - turn, self.start_lag)
+
+    def finish(self) -> None:
+        wait([future for _, future in self.in_flight])
+        self._record(self._take_finished())
+        self.pool.shutdown()
+
+    def _call(self, item: Claim, turn: float) -> Failure | None:
+        self.start_lag = self.clock.seconds() - turn
+        with self.app.app_context():
+            try:
+                return as_failure(self.processor(item.user_id, item.idempotency_key))
+            except Exception as exc:  # a processor's bug fails its ID, not the slot
+                log.exception("processor failed on ID %s", item.user_id)
+                return Failure(f"{type(exc).__name__}: {exc}")
+
+    def _take_finished(self) -> list[tuple[Claim, Failure | None]]:
+        finished = [(item, future) for item, future in self.in_flight if future.done()]
+        self.in_flight = [pair for pair in self.in_flight if not pair[1].done()]
+        return [(item, future.result()) for item, future in finished]
+
+    def _record(self, outcomes: list[tuple[Claim, Failure | None]]) -> None:
+        self.recorded_at = time.monotonic()
+        if not outcomes:
+            return
+        held = hold([item for item, _ in outcomes], self.claimer)
+        failures = {item.user_id: failure for item, failure in outcomes if failure}
+        record_outcomes(self.slot, held, failures)
+        self.handled += len(held)
+
+
+class _Helpers:
+    """Adds a helper job for the slot when its job runs behind its turns."""
+
+    def __init__(self, slot: datetime, clock: Clock):
+        self.slot, self.clock = slot, clock
+        self.limit = current_app.config["MAX_HELPERS_PER_SLOT"]
+        self.asked_at: float | None = None
+
+    def note(self, behind: float) -> None:
+        if self.limit == 0 or behind < HELP_WHEN_BEHIND_SECONDS:
+            return
+        now = self.clock.seconds()
+        if self.asked_at is not None and now - self.asked_at < HELP_EVERY_SECONDS:
+            return
+        self.asked_at = now
+        if add_slot_helper(self.slot, self.limit):
+            log.info("slot %s runs %.1f s behind its turns: helper added", self.slot, behind)
 
 
 def _batch_size(slot: datetime) -> int:
@@ -114,7 +213,7 @@ def _batch_size(slot: datetime) -> int:
 
 def _groups(batch: Batch, clock: Clock):
     if not current_app.config["PACING"]:
-        return [batch.claims]
+        return [(clock.seconds(), batch.claims)]
     return paced_groups(batch.claims, batch.first_turn, batch.step, clock, claimers.stop_requested)
 
 
@@ -217,13 +316,13 @@ def hold(group: list[Claim], claimer: int) -> list[Claim]:
 
 
 def process(processor, group: list[Claim]) -> dict[int, Failure]:
-    """Call the processor inside a savepoint: what it writes commits with the outcomes.
+    """Call a group processor inside a savepoint: what it writes commits with the outcomes.
 
     A processor that takes `keys` gets each ID's idempotency key alongside it.
     """
     user_ids = [c.user_id for c in group]
     extra = {}
-    if "keys" in inspect.signature(processor).parameters:
+    if takes_keys(processor):
         extra["keys"] = [c.idempotency_key for c in group]
     try:
         with db.session.begin_nested():
@@ -233,10 +332,7 @@ def process(processor, group: list[Claim]) -> dict[int, Failure]:
     except Exception as exc:  # a processor's bug fails its IDs, not the slot
         log.exception("processor failed on %d IDs", len(user_ids))
         return {user_id: Failure(f"{type(exc).__name__}: {exc}") for user_id in user_ids}
-    return {
-        user_id: verdict if isinstance(verdict, Failure) else Failure(str(verdict))
-        for user_id, verdict in verdicts.items()
-    }
+    return {user_id: as_failure(verdict) for user_id, verdict in verdicts.items()}
 
 
 def record_outcomes(slot: datetime, group: list[Claim], failures: Mapping[int, Failure]) -> None:

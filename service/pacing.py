@@ -60,8 +60,9 @@ def paced_groups(
     step: float,
     clock: Clock,
     stopping: Callable[[], bool],
-) -> Iterator[list[T]]:
-    """Yield the items in groups, each once its first member's turn has come.
+) -> Iterator[tuple[float, list[T]]]:
+    """Yield the items in groups, each once its first member's turn has come, with that
+    turn (the caller can tell how far behind it runs).
 
     Item k's turn is `first_turn + k * step`; members whose turns fall within
     PACING_TICK_SECONDS of the group's first go with it. Stops early on a stop request.
@@ -76,5 +77,5 @@ def paced_groups(
         end = index + 1
         while end < len(items) and first_turn + end * step <= now + PACING_TICK_SECONDS:
             end += 1
-        yield list(items[index:end])
+        yield turn, list(items[index:end])
         index = end

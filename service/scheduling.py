@@ -121,6 +121,29 @@ def ensure_slot_job(
     return True
 
 
+def add_slot_helper(slot: datetime, limit: int) -> bool:
+    """Queue one more job for a slot that is under way, ahead of later slots, unless
+    `limit` helpers are waiting or running already; True if one was added."""
+    for number in range(1, limit + 1):
+        job_id = f"{slot_job_id(slot)}-helper-{number}"
+        if _job_status(job_id) in (*WAITING_STATUSES, JobStatus.STARTED):
+            continue
+        try:
+            get_queue(SLOTS_QUEUE).enqueue(
+                SLOT_JOB,
+                slot.isoformat(),
+                job_id=job_id,
+                job_timeout=_slot_job_timeout(),
+                result_ttl=RESULT_TTL_SECONDS,
+                at_front=True,
+            )
+        except RedisError:
+            log.warning("could not queue a helper for slot %s", slot)
+            return False
+        return True
+    return False
+
+
 def _job_status(job_id: str) -> JobStatus | None:
     try:
         return Job.fetch(job_id, connection=get_redis()).get_status(refresh=False)

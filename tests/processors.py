@@ -2,7 +2,7 @@
 
 import time
 
-from service.dispatch import Failure
+from service.processors import Failure
 from workers.processors import record_user
 
 

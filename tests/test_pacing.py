@@ -79,7 +79,7 @@ def test_ids_handed_back_get_turns_after_those_already_handed_out(noted):
 def test_paced_groups_stop_when_a_stop_is_requested():
     clock = FakeClock(100.0)
     groups = []
-    for group in paced_groups(list(range(10)), 100.0, 1.0, clock, lambda: bool(groups)):
-        groups.append(group)
-    assert groups == [[0]]
+    for turn, group in paced_groups(list(range(10)), 100.0, 1.0, clock, lambda: bool(groups)):
+        groups.append((turn, group))
+    assert groups == [(100.0, [0])]
     assert clock.seconds() == 100.0  # it did not wait for the next turn

@@ -1,15 +1,12 @@
 """The whole pipeline with real worker and scheduler processes, and its faults."""
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
-import psutil
 import pytest
 from rq import Queue, SimpleWorker
 from sqlalchemy import text
@@ -20,55 +17,12 @@ from service.planning import plan_stored_task
 from service.queues import ALL_QUEUES
 
 from .planning_helpers import submit
+from .processes import ROOT, kill_hard, start, stop, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 # One-second slots in windows of five: the pipeline runs in seconds.
 FAST = {"SLOT_SECONDS": 1, "WINDOW_SLOTS": 5, "PLAN_LEAD_SECONDS": 0.3}
-
-
-def start(command: list[str], settings: dict) -> subprocess.Popen:
-    env = {**os.environ, **{name: str(value) for name, value in settings.items()}}
-    return subprocess.Popen(
-        [sys.executable, "-m", "flask", "--app", "wsgi", *command],
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def kill_hard(process: subprocess.Popen) -> None:
-    """kill -9 the process and the work horse it forked, as a machine failure would."""
-    family = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(True))]
-    for pid in family:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    process.wait()
-
-
-def stop(processes) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    for process in processes:
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            kill_hard(process)
-
-
-def wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        db.session.remove()
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def task_status(task_id: int) -> str:

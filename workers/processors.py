@@ -1,22 +1,23 @@
-"""Processors: what is done with each ID when its slot comes (config ID_PROCESSOR).
+"""The built-in processors (ID_PROCESSOR); service/processors.py holds the contract.
 
-A processor takes a list of user IDs and returns the ones that failed, as a mapping
-from ID to a `Failure` (or an error text, retried). It runs inside the transaction that
-records the outcomes: what it writes to the database commits with them, or not at all.
-An exception fails every ID of the call.
+- `record_user`, a group processor: records each user in the database, in the
+  transaction that records the outcomes;
+- `http_request`, a per-ID processor: one HTTP call per ID to a downstream, made
+  concurrently from a pool of threads over pooled keep-alive connections.
 """
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
+import os
+import threading
 from collections import Counter
 
+import httpx
 from flask import current_app
 from sqlalchemy import text
 
-from service.dispatch import Failure
 from service.extensions import db
+from service.processors import Failure, per_id
 
 # Answers worth another attempt: the resource is busy or broken, not the request.
 RETRYABLE_HTTP = {408, 425, 429}
@@ -39,44 +40,51 @@ def record_user(user_ids: list[int]) -> dict[int, Failure]:
     return {}
 
 
-def http_request(user_ids: list[int], keys: list[str] | None = None) -> dict[int, Failure]:
-    """One HTTP request per ID to PROCESSOR_HTTP_URL, `{id}` replaced by the ID.
+@per_id
+def http_request(user_id: int, key: str) -> Failure | None:
+    """One HTTP request to PROCESSOR_HTTP_URL, `{id}` replaced by the ID.
 
-    Each carries the ID's `Idempotency-Key` (its task and position, the same on every
+    It carries the ID's `Idempotency-Key` (its task and position, the same on every
     attempt), so a downstream that deduplicates by key knows a repeated call. 2xx is
-    done. 429, 408, 5xx, timeouts and connection errors are retried; any other answer
-    fails the ID for good.
+    done. 429, 408, 425, 5xx, timeouts and connection errors are retried; any other
+    answer fails the ID for good.
     """
     config = current_app.config
     template = config["PROCESSOR_HTTP_URL"]
     if not template:
-        return {
-            user_id: Failure("PROCESSOR_HTTP_URL is not set", retry=False) for user_id in user_ids
-        }
-    failures = {}
-    for user_id, key in zip(user_ids, keys or [None] * len(user_ids)):
-        failure = _request(
-            template.replace("{id}", str(user_id)),
-            config["PROCESSOR_HTTP_METHOD"],
-            config["PROCESSOR_HTTP_TIMEOUT"],
-            key,
-        )
-        if failure:
-            failures[user_id] = failure
-    return failures
-
-
-def _request(url: str, method: str, timeout: float, key: str | None) -> Failure | None:
-    headers = {"Idempotency-Key": key} if key else {}
-    request = urllib.request.Request(
-        url, method=method, data=b"" if method != "GET" else None, headers=headers
-    )
+        return Failure("PROCESSOR_HTTP_URL is not set", retry=False)
+    url = template.replace("{id}", str(user_id))
     try:
-        with urllib.request.urlopen(request, timeout=timeout):
-            return None
-    except urllib.error.HTTPError as answer:
-        retry = answer.code in RETRYABLE_HTTP or answer.code >= 500
-        return Failure(f"HTTP {answer.code} from {url}", retry=retry)
-    except (urllib.error.URLError, TimeoutError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return Failure(f"{type(reason).__name__} calling {url}: {reason}")
+        answer = _client().request(
+            config["PROCESSOR_HTTP_METHOD"], url, headers={"Idempotency-Key": key}
+        )
+    except httpx.TimeoutException:
+        return Failure(f"timed out calling {url}")
+    except httpx.HTTPError as exc:
+        return Failure(f"{type(exc).__name__} calling {url}: {exc}")
+    if answer.is_success:
+        return None
+    retry = answer.status_code in RETRYABLE_HTTP or answer.status_code >= 500
+    return Failure(f"HTTP {answer.status_code} from {url}", retry=retry)
+
+
+_clients: dict[tuple, httpx.Client] = {}
+_clients_lock = threading.Lock()
+
+
+def _client() -> httpx.Client:
+    """One pooled client per process and settings (a forked job must not share its
+    parent's sockets), holding up to PROCESSOR_CONCURRENCY keep-alive connections."""
+    config = current_app.config
+    size = config["PROCESSOR_CONCURRENCY"]
+    authorization = config["PROCESSOR_HTTP_AUTHORIZATION"]
+    timeout = config["PROCESSOR_HTTP_TIMEOUT"]
+    key = (os.getpid(), size, authorization, timeout)
+    with _clients_lock:
+        if key not in _clients:
+            _clients[key] = httpx.Client(
+                headers={"Authorization": authorization} if authorization else {},
+                timeout=timeout,
+                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+            )
+        return _clients[key]

@@ -1,0 +1,82 @@
+"""A local HTTP server standing in for a downstream: it notes every call (when, which
+ID, which idempotency key) and every connection, answers after `latency` seconds with
+the status `answers` gives for the ID (200 otherwise), and keeps connections alive."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Record:
+    latency: float = 0.0
+    answers: dict[int, int] = field(default_factory=dict)
+    slow_ids: dict[int, float] = field(default_factory=dict)
+    calls: list[tuple[float, int, str | None, str | None]] = field(default_factory=list)
+    connections: int = 0
+    in_flight: int = 0
+    most_in_flight: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def keys(self) -> dict[int, list[str | None]]:
+        keys: dict[int, list[str | None]] = {}
+        for _, user_id, key, _ in self.calls:
+            keys.setdefault(user_id, []).append(key)
+        return keys
+
+
+def _handler(record: Record):
+    class Downstream(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as real downstreams offer
+
+        def setup(self):
+            super().setup()
+            with record.lock:
+                record.connections += 1
+
+        def do_POST(self):
+            user_id = int(self.path.rsplit("/", 1)[-1])
+            with record.lock:
+                record.calls.append(
+                    (
+                        time.time(),
+                        user_id,
+                        self.headers["Idempotency-Key"],
+                        self.headers["Authorization"],
+                    )
+                )
+                record.in_flight += 1
+                record.most_in_flight = max(record.most_in_flight, record.in_flight)
+            time.sleep(record.slow_ids.get(user_id, record.latency))
+            with record.lock:
+                record.in_flight -= 1
+            self.send_response(record.answers.get(user_id, 200))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST
+
+        def log_message(self, *args):
+            pass
+
+    return Downstream
+
+
+class Server:
+    """`with Server(record) as url:` serves on a free local port; `url` has `{id}`."""
+
+    def __init__(self, record: Record):
+        self.record = record
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(record))
+        self.server.daemon_threads = True
+
+    def __enter__(self) -> str:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_port}/users/{{id}}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
