@@ -70,6 +70,7 @@ class Server:
 
     def __init__(self, record: Record):
         self.record = record
+        ThreadingHTTPServer.request_queue_size = 1024  # a burst of new connections waits
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(record))
         self.server.daemon_threads = True
 
