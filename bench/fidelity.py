@@ -18,28 +18,24 @@ was done. It empties the tables and the Redis database it is given: use ones of 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import contextlib
 
 import flask_migrate
-import psutil
 from sqlalchemy import text
 
 from service import create_app
 from service.extensions import db, get_redis
 from service.planning import plan_stored_task
 from service.tasks import submit_task
+from tests.downstream import Record, Server
+from tests.processes import kill_hard, start, stop
 
 SLOT = 2
 WINDOW_SLOTS = 15
@@ -51,55 +47,6 @@ SETTINGS = {
     "PLAN_LEAD_SECONDS": 0.5,
     "ID_PROCESSOR": "workers.processors:http_request",
 }
-
-
-class Downstream(BaseHTTPRequestHandler):
-    arrivals: list[tuple[float, int]] = []
-
-    def do_POST(self):
-        Downstream.arrivals.append((time.time(), int(self.path.rsplit("/", 1)[-1])))
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-def start_downstream() -> str:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Downstream)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_port}/users/{{id}}"
-
-
-def start(command: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "flask", "--app", "wsgi", *command],
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def kill_hard(process: subprocess.Popen) -> None:
-    family = [process.pid, *(c.pid for c in psutil.Process(process.pid).children(True))]
-    for pid in family:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    process.wait()
-
-
-def stop(processes) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            kill_hard(process)
 
 
 def scalar(sql: str, **params):
@@ -141,10 +88,10 @@ def plan_by_id(task_ids: list[int]) -> dict[int, float]:
     return {user_id: slot.timestamp() for user_id, slot in rows}
 
 
-def report(title: str, task_ids: list[int], since: float) -> None:
+def report(title: str, task_ids: list[int], since: float, record: Record) -> None:
     db.session.remove()
     plan = plan_by_id(task_ids)
-    arrivals = [(t, user_id) for t, user_id in Downstream.arrivals if user_id in plan]
+    arrivals = [(t, user_id) for t, user_id, _, _ in record.calls if user_id in plan]
     planned = Counter(plan.values())
     received = Counter(t // SLOT * SLOT for t, _ in arrivals)
     inside = sum(1 for t, user_id in arrivals if plan[user_id] <= t < plan[user_id] + SLOT)
@@ -170,7 +117,7 @@ def calm_phase() -> list[int]:
     return tasks
 
 
-def faults_phase(env: dict, workers: list) -> tuple[list[int], float]:
+def faults_phase(settings: dict, workers: list) -> tuple[list[int], float]:
     tasks = [
         submit_and_plan("spread", range(5001, 5301), "spread"),
         submit_and_plan("defer", range(6001, 6201), "defer"),
@@ -186,7 +133,7 @@ def faults_phase(env: dict, workers: list) -> tuple[list[int], float]:
     kill_hard(workers.pop(0))
     died = time.monotonic()
     print(f"a worker killed while {len(held)} IDs were claimed")
-    workers.append(start(["worker"], env))
+    workers.append(start(["worker"], settings))
     db.session.remove()
 
     def held_done() -> bool:
@@ -207,36 +154,40 @@ def faults_phase(env: dict, workers: list) -> tuple[list[int], float]:
 
 
 def main() -> None:
-    env = {**os.environ, **{name: str(value) for name, value in SETTINGS.items()}}
-    env["PROCESSOR_HTTP_URL"] = start_downstream()
-    os.environ.update(env)
-    app = create_app()
-    with app.app_context():
-        flask_migrate.upgrade(directory=str(ROOT / "migrations"))
-        db.session.execute(
-            text("TRUNCATE users, id_tasks, task_id_chunks, assignments, slots, settings")
-        )
-        db.session.commit()
-        get_redis().flushdb()
-        workers = [start(["worker"], env), start(["worker"], env)]
-        scheduler = start(["scheduler"], env)
-        try:
-            since = time.time() // SLOT * SLOT
-            calm = calm_phase()
-            wait_until(
-                lambda: scalar("SELECT count(*) FROM assignments WHERE status <> 'done'") == 0, 300
-            )
-            report("calm", calm, since)
+    record = Record()
+    with Server(record) as url:
+        settings = {**SETTINGS, "PROCESSOR_HTTP_URL": url}
+        os.environ.update({name: str(value) for name, value in settings.items()})
+        with create_app().app_context():
+            measure(settings, record)
 
-            since = time.time() // SLOT * SLOT
-            faults, recovery = faults_phase(env, workers)
-            wait_until(
-                lambda: scalar("SELECT count(*) FROM assignments WHERE status <> 'done'") == 0, 300
-            )
-            report("faults (Redis flushed, a worker killed)", faults, since)
-            print(f"  from the worker's death to every ID it held done: {recovery:.1f} s")
-        finally:
-            stop([scheduler, *workers])
+
+def measure(settings: dict, record: Record) -> None:
+    flask_migrate.upgrade(directory=str(ROOT / "migrations"))
+    db.session.execute(
+        text("TRUNCATE users, id_tasks, task_id_chunks, assignments, slots, settings")
+    )
+    db.session.commit()
+    get_redis().flushdb()
+    workers = [start(["worker"], settings), start(["worker"], settings)]
+    scheduler = start(["scheduler"], settings)
+    try:
+        since = time.time() // SLOT * SLOT
+        calm = calm_phase()
+        wait_until(all_done, 300)
+        report("calm", calm, since, record)
+
+        since = time.time() // SLOT * SLOT
+        faults, recovery = faults_phase(settings, workers)
+        wait_until(all_done, 300)
+        report("faults (Redis flushed, a worker killed)", faults, since, record)
+        print(f"  from the worker's death to every ID it held done: {recovery:.1f} s")
+    finally:
+        stop([scheduler, *workers])
+
+
+def all_done() -> bool:
+    return scalar("SELECT count(*) FROM assignments WHERE status <> 'done'") == 0
 
 
 if __name__ == "__main__":
