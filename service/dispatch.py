@@ -305,14 +305,21 @@ def hold(group: list[Claim], claimer: int) -> list[Claim]:
             "ORDER BY a.task_id, a.position FOR UPDATE OF a"
         ),
         {
-            "tasks": [item.task_id for item in group],
-            "positions": [item.position for item in group],
-            "claimed": [item.claimed_at for item in group],
+            **_claim_keys(group),
             "claimer": claimer,
         },
     ).all()
     still_ours = {tuple(row) for row in held}
     return [item for item in group if (item.task_id, item.position) in still_ours]
+
+
+def _claim_keys(group: list[Claim]) -> dict[str, list]:
+    """The group's rows and claims, as arrays for `unnest(:tasks, :positions, :claimed)`."""
+    return {
+        "tasks": [item.task_id for item in group],
+        "positions": [item.position for item in group],
+        "claimed": [item.claimed_at for item in group],
+    }
 
 
 def process(processor, group: list[Claim]) -> dict[int, Failure]:
@@ -396,9 +403,7 @@ def _write_outcomes(group: list[Claim], verdicts: list[tuple]) -> list:
             "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.status"
         ),
         {
-            "tasks": [item.task_id for item in group],
-            "positions": [item.position for item in group],
-            "claimed": [item.claimed_at for item in group],
+            **_claim_keys(group),
             "statuses": [status for status, _, _ in verdicts],
             "errors": [error for _, error, _ in verdicts],
             "retry_at": [retry_at for _, _, retry_at in verdicts],
