@@ -7,7 +7,7 @@ RUN pip install --no-cache-dir -r requirements.txt
 COPY service service
 COPY workers workers
 COPY migrations migrations
-COPY wsgi.py .
+COPY wsgi.py gunicorn.conf.py ./
 
 RUN useradd --system app
 USER app

@@ -6,7 +6,7 @@ from flask_sqlalchemy import SQLAlchemy
 from redis import Redis
 from sqlalchemy import MetaData
 
-from .errors import ServiceApi
+from .api.base import ServiceApi
 
 # Stable constraint names keep Alembic revisions reproducible.
 NAMING_CONVENTION = {

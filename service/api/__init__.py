@@ -9,7 +9,6 @@ from flask_smorest import abort
 from werkzeug.routing import IntegerConverter
 
 from ..ids import MAX_ID
-from . import root, slots, tasks, users
 
 # Paths readable without a token: they describe the API and hold no data.
 PUBLIC_ENDPOINTS = {"root.Root", "api-docs.openapi_json", "api-docs.openapi_swagger_ui", "static"}
@@ -23,6 +22,9 @@ class IdConverter(IntegerConverter):
 
 
 def init_app(app, api) -> None:
+    # Imported here: the blueprints use the extensions, which use .base of this package.
+    from . import root, slots, tasks, users
+
     app.url_map.converters["id"] = IdConverter
     api.register_blueprint(root.blp)
     api.register_blueprint(users.blp)

@@ -3,7 +3,7 @@
 from flask import url_for
 from flask.views import MethodView
 
-from ..errors import ServiceBlueprint
+from .base import ServiceBlueprint
 
 blp = ServiceBlueprint("root", __name__, description="Links to every collection")
 

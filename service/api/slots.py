@@ -3,8 +3,8 @@
 from flask.views import MethodView
 
 from .. import slots
-from ..errors import ServiceBlueprint
 from ..schemas import PlanSchema, SlotsQuerySchema
+from .base import ServiceBlueprint
 
 blp = ServiceBlueprint("slots", __name__, url_prefix="/slots", description="The plan")
 

@@ -4,7 +4,6 @@ from flask import current_app, request
 from flask.views import MethodView
 
 from .. import tasks
-from ..errors import ServiceBlueprint, require_content_type
 from ..ids import stream_ids
 from ..schemas import (
     TaskAcceptedSchema,
@@ -14,6 +13,7 @@ from ..schemas import (
     TaskSubmitSchema,
     TextSubmitQuerySchema,
 )
+from .base import ServiceBlueprint, require_content_type
 
 blp = ServiceBlueprint("tasks", __name__, url_prefix="/celery_ids_tasks", description="ID tasks")
 

@@ -3,8 +3,8 @@
 from flask.views import MethodView
 
 from .. import users
-from ..errors import ServiceBlueprint, require_content_type
 from ..schemas import UserSchema, UserUpdateSchema
+from .base import ServiceBlueprint, require_content_type
 
 blp = ServiceBlueprint("users", __name__, url_prefix="/users", description="Users")
 
