@@ -30,9 +30,9 @@ from sqlalchemy import text
 from service import create_app
 from service.dispatch import run_slot
 from service.extensions import db, get_redis
+from service.id_tasks import submit_task
 from service.planning import plan_stored_task
 from service.scheduling import get_scheduler
-from service.tasks import submit_task
 from workers.context import job_context
 from workers.processors import record_user
 

@@ -32,8 +32,8 @@ from sqlalchemy import text
 
 from service import create_app
 from service.extensions import db, get_redis
+from service.id_tasks import submit_task
 from service.planning import plan_stored_task
-from service.tasks import submit_task
 from tests.downstream import Record, Server
 from tests.processes import kill_hard, start, stop
 

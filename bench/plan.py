@@ -29,9 +29,9 @@ from sqlalchemy import text
 
 from service import create_app
 from service.extensions import db, raw_connection
+from service.id_tasks import submit_task
 from service.planner import distribute
 from service.planning import plan_stored_task
-from service.tasks import submit_task
 
 # Far enough ahead that every slot of the window is open whatever the clock says.
 PLAN_AT = datetime(2030, 1, 7, 9, 59, 50, tzinfo=UTC)

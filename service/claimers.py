@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import text
 
 from .extensions import db
-from .tasks import subtract_loads
+from .slots import subtract_loads
 
 # First keys of the two-key advisory locks; service/planning.py uses 0x5107.
 CLAIMER_LOCK_NAMESPACE = 0x5108

@@ -13,15 +13,15 @@ from flask.cli import AppGroup, with_appcontext
 from rq import Queue
 
 from . import shared_settings
-from .dispatch import reconcile
 from .extensions import get_redis
+from .id_tasks import submit_task
 from .ids import InvalidIds, stream_ids
 from .models import Overflow
 from .queues import ALL_QUEUES, SLOTS_QUEUE
+from .reconcile import reconcile
 from .scheduling import ServiceScheduler
 from .shared_settings import SettingsConflict
 from .slots import ids_by_slot, plan_between
-from .tasks import submit_task
 from .worker import ClaimingWorker
 
 # rq-scheduler polls every 60 s by default, which would start slots up to a minute late.

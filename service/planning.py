@@ -19,11 +19,12 @@ from sqlalchemy import update
 from werkzeug.exceptions import NotFound
 
 from .extensions import db, raw_connection
+from .id_tasks import IDS_PER_CHUNK, get_task
 from .models import IdTask, Overflow, TaskStatus
-from .planner import EPOCH, SlotGrid, distribute, fill
+from .planner import EPOCH, distribute, fill
 from .scheduling import schedule_slots
 from .shared_settings import shared
-from .tasks import IDS_PER_CHUNK, get_task
+from .slots import slot_grid
 
 # First key of the two-key advisory locks, so they cannot meet another lock user's.
 WINDOW_LOCK_NAMESPACE = 0x5107
@@ -31,14 +32,6 @@ PLANNABLE = (TaskStatus.RECEIVED, TaskStatus.PLANNING)
 
 # ((position, user_id), slot index) pairs and the window's open slots -> rows written.
 Writer = Callable[[Iterator, list[datetime]], list[int]]
-
-
-def slot_grid(values: dict[str, int] | None = None) -> SlotGrid:
-    """The deployment's slots (from its shared `values`, read if not given)."""
-    values = values or shared()
-    return SlotGrid(
-        values["SLOT_SECONDS"], values["WINDOW_SLOTS"], current_app.config["PLAN_LEAD_SECONDS"]
-    )
 
 
 def plan_stored_task(task_id: int, now: datetime | None = None) -> str:
@@ -114,35 +107,6 @@ def _copy_writer(task_id: int) -> Writer:
         return counts
 
     return write
-
-
-def replan_retries(
-    task_id: int, overflow: str, positions: list[tuple[int, int]], not_before: datetime
-) -> set[datetime]:
-    """Plan a task's retrying IDs, still in their rows, into slots from `not_before` on
-    (or from now, if that has passed).
-
-    Called with the task's row lock held; returns the slots used, to be scheduled once
-    the transaction commits.
-    """
-
-    def write(pairs: Iterator, slots: list[datetime]) -> list[int]:
-        counts = [0] * len(slots)
-        moves = []
-        for (position, _user_id), index in pairs:
-            moves.append((slots[index], task_id, position))
-            counts[index] += 1
-        with raw_connection().cursor() as cur:
-            cur.executemany(
-                "UPDATE assignments SET slot_start = %s, status = 'pending', retry_at = NULL "
-                "WHERE task_id = %s AND position = %s",
-                moves,
-            )
-        return counts
-
-    planner = WindowPlanner(overflow, None, expected_ids=len(positions), not_before=not_before)
-    planner.plan(iter(positions), write)
-    return planner.used_slots
 
 
 class WindowPlanner:

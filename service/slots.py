@@ -1,20 +1,50 @@
-"""Reading the plan: the load of each slot, grouped by window."""
+"""Slots: the grid of the deployment's slots and windows, their loads, and the plan as
+it is read back, slot by slot, grouped by window."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from flask import current_app
 from sqlalchemy import select, text
 from werkzeug.exceptions import UnprocessableEntity
 
 from .extensions import db
 from .models import Slot
-from .planning import slot_grid
+from .planner import SlotGrid
 from .shared_settings import shared
 
 # One answer shows at most a day of one-minute slots.
 MAX_SLOTS_PER_ANSWER = 1440
 DEFAULT_WINDOWS_SHOWN = 4
+
+
+def slot_grid(values: dict[str, int] | None = None) -> SlotGrid:
+    """The deployment's slots (from its shared `values`, read if not given)."""
+    values = values or shared()
+    return SlotGrid(
+        values["SLOT_SECONDS"], values["WINDOW_SLOTS"], current_app.config["PLAN_LEAD_SECONDS"]
+    )
+
+
+def subtract_loads(released: dict[datetime, int]) -> None:
+    """Lower slots' loads, locking their rows in time order as planners add to them,
+    so that the two never wait on each other in a circle."""
+    if not released:
+        return
+    slots = sorted(released)
+    db.session.execute(
+        text("SELECT 1 FROM slots WHERE slot_start = ANY(:slots) ORDER BY slot_start FOR UPDATE"),
+        {"slots": slots},
+    )
+    db.session.execute(
+        text(
+            "UPDATE slots SET load = slots.load - r.n "
+            "FROM unnest(CAST(:slots AS timestamptz[]), CAST(:counts AS int[])) AS r(slot, n) "
+            "WHERE slots.slot_start = r.slot"
+        ),
+        {"slots": slots, "counts": [released[slot] for slot in slots]},
+    )
 
 
 def plan_between(

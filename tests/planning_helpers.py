@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import text
 
 from service.extensions import db
-from service.tasks import submit_task
+from service.id_tasks import submit_task
 
 
 def at(moment: str) -> datetime:

@@ -35,3 +35,9 @@ def record_then_hang_on_20(user_ids):
     if 20 in user_ids:
         time.sleep(60)
     return {}
+
+
+def record_slowly(user_ids):
+    """`record_user`, with the time of a slow downstream call on top."""
+    time.sleep(0.1)
+    return record_user(user_ids)

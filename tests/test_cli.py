@@ -68,8 +68,8 @@ def test_db_upgrade_is_idempotent_and_leaves_the_schema_at_head(app, runner):
 
 
 def test_plan_show_prints_the_window_as_a_grid_with_rpm_marked(make_app):
+    from service.id_tasks import submit_task
     from service.planning import plan_stored_task
-    from service.tasks import submit_task
 
     app = make_app(RPM=2)
     with app.app_context():

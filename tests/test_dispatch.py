@@ -7,21 +7,18 @@ from rq import Queue
 from sqlalchemy import text
 
 from service.claimers import new_claimer_id, release_dead_or_stuck
-from service.dispatch import (
-    Failure,
-    claim,
-    process_and_record,
-    reconcile,
-    record_outcomes,
-    run_slot,
-)
+from service.claims import claim
+from service.dispatch import run_slot
 from service.extensions import db, get_redis
 from service.models import IdTask
+from service.outcomes import plan_retries, process_and_record, record_outcomes
 from service.planner import EPOCH
-from service.planning import WINDOW_LOCK_NAMESPACE, plan_stored_task, slot_grid
+from service.planning import WINDOW_LOCK_NAMESPACE, plan_stored_task
+from service.processors import Failure
 from service.queues import PLANNING_QUEUE, SLOTS_QUEUE
-from service.retries import plan_retries
+from service.reconcile import reconcile
 from service.scheduling import EARLY_SECONDS, get_scheduler, schedule_slots, slot_job_id
+from service.slots import slot_grid
 from workers.processors import record_user
 
 from .planning_helpers import at, just_before_a_window, submit

@@ -6,8 +6,8 @@ from sqlalchemy import text
 from service.config import Config
 from service.dispatch import run_slot
 from service.extensions import db
+from service.outcomes import plan_retries
 from service.planning import plan_stored_task
-from service.retries import plan_retries
 
 from .downstream import Record, Server
 from .planning_helpers import at, submit

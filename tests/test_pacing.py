@@ -5,7 +5,8 @@ from datetime import timedelta
 import pytest
 
 from service.claimers import new_claimer_id, release_held_by
-from service.dispatch import claim, run_slot
+from service.claims import claim
+from service.dispatch import run_slot
 from service.pacing import Clock, paced_groups, step_of
 from service.planning import plan_stored_task
 

@@ -169,36 +169,43 @@ def test_redis_losing_everything_loses_no_id(make_app):
 
 
 SLOT_RUNNER = """
-import sys, time
+import sys
 from datetime import datetime
 from service import create_app
 from service.dispatch import run_slot
 app = create_app()
 with app.app_context():
-    time.sleep(max(0, float(sys.argv[2]) - time.time()))  # both start together
+    print("ready", flush=True)
+    sys.stdin.readline()  # the barrier: both start once both are ready
     print(run_slot(datetime.fromisoformat(sys.argv[1])).split(": ")[1].split()[0])
 """
 
 
 def test_two_workers_share_one_big_slot_without_overlap(make_app):
-    settings = {"RPM": "4000", "PACING": "false"}
+    # Each call takes 0.1 s, so the slot lasts about a second: both runners take part.
+    settings = {"RPM": "4000", "PACING": "false", "ID_PROCESSOR": "tests.processors:record_slowly"}
     app = make_app(RPM=4000, PACING=False)
     with app.app_context():
         task_id = submit(range(1, 8001))
         plan_stored_task(task_id, now=datetime(2026, 1, 5, 8, 59, 50, tzinfo=UTC))
         slot = db.session.get(IdTask, task_id).first_slot
         env = {**os.environ, **settings}
-        together = str(time.time() + 3)
         runners = [
             subprocess.Popen(
-                [sys.executable, "-c", SLOT_RUNNER, slot.isoformat(), together],
+                [sys.executable, "-c", SLOT_RUNNER, slot.isoformat()],
                 cwd=ROOT,
                 env=env,
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
             )
             for _ in range(2)
         ]
+        for runner in runners:
+            assert runner.stdout.readline().strip() == "ready"
+        for runner in runners:
+            runner.stdin.write("go\n")
+            runner.stdin.flush()
         counts = [int(runner.communicate(timeout=120)[0].split()[-1]) for runner in runners]
         db.session.remove()
         assert sum(counts) == 4000

@@ -9,10 +9,10 @@ from rq import Queue
 from sqlalchemy import text
 
 from service.extensions import db, get_redis
+from service.id_tasks import IDS_PER_CHUNK
 from service.models import IdTask
 from service.planning import plan_stored_task
 from service.queues import PLANNING_QUEUE
-from service.tasks import IDS_PER_CHUNK
 
 from .planning_helpers import at, loads, set_load, slots_by_id, submit
 

@@ -1,9 +1,8 @@
-"""Planning jobs: turn a received task into slot assignments."""
+"""Planning jobs: turn a received task into slot assignments; plan retries."""
 
 from __future__ import annotations
 
-from service.planning import plan_stored_task
-from service.retries import plan_retries as plan_retries_in_app
+from service import outcomes, planning
 
 from .context import job_context
 
@@ -11,10 +10,10 @@ from .context import job_context
 def plan_task(task_id: int) -> str:
     """Plan every ID of a task into a slot; re-running it finishes an interrupted plan."""
     with job_context():
-        return plan_stored_task(task_id)
+        return planning.plan_stored_task(task_id)
 
 
 def plan_retries() -> int:
     """Plan the retrying IDs of every task into later slots; returns how many."""
     with job_context():
-        return plan_retries_in_app()
+        return outcomes.plan_retries()

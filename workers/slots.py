@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from service.dispatch import run_slot as run_slot_in_app
+from service import dispatch
 
 from .context import job_context
 
@@ -12,4 +12,4 @@ from .context import job_context
 def run_slot(slot_start: str) -> str:
     """Process the slot's pending IDs, paced through it; `slot_start` is ISO 8601."""
     with job_context():
-        return run_slot_in_app(datetime.fromisoformat(slot_start))
+        return dispatch.run_slot(datetime.fromisoformat(slot_start))

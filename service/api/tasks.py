@@ -3,7 +3,7 @@
 from flask import current_app, request
 from flask.views import MethodView
 
-from .. import tasks
+from .. import id_tasks
 from ..ids import stream_ids
 from ..schemas import (
     TaskAcceptedSchema,
@@ -81,7 +81,7 @@ class Tasks(MethodView):
     @blp.paginate()
     def get(self, pagination_parameters):
         """List ID tasks, newest first"""
-        page, pagination_parameters.item_count = tasks.list_tasks(
+        page, pagination_parameters.item_count = id_tasks.list_tasks(
             pagination_parameters.first_item, pagination_parameters.page_size
         )
         return page
@@ -93,7 +93,7 @@ class Tasks(MethodView):
     @blp.alt_response(422, response="DEFAULT_ERROR")
     def post(self):
         """Submit IDs as JSON, or as a text/csv body; planning runs on a worker"""
-        return tasks.submit_task(**_submission())
+        return id_tasks.submit_task(**_submission())
 
 
 @blp.route("/<id:task_id>/")
@@ -102,27 +102,27 @@ class TaskById(MethodView):
     @blp.alt_response(404, response="DEFAULT_ERROR")
     def get(self, task_id):
         """Read a task with its status and counts"""
-        return tasks.get_task(task_id)
+        return id_tasks.get_task(task_id)
 
     @blp.arguments(TaskSubmitSchema)
     @blp.response(200, TaskSchema)
     @blp.alt_response(409, response="DEFAULT_ERROR")
     def put(self, fields, task_id):
         """Replace a task's name, IDs and overflow (new IDs only before any has run)"""
-        return tasks.replace_task(task_id, _changes(fields))
+        return id_tasks.replace_task(task_id, _changes(fields))
 
     @blp.arguments(TaskSubmitSchema(partial=True))
     @blp.response(200, TaskSchema)
     @blp.alt_response(409, response="DEFAULT_ERROR")
     def patch(self, fields, task_id):
         """Change a task's name, IDs or overflow (IDs only before any has run)"""
-        return tasks.update_task(task_id, _changes(fields))
+        return id_tasks.update_task(task_id, _changes(fields))
 
     @blp.response(204)
     @blp.alt_response(409, response="DEFAULT_ERROR")
     def delete(self, task_id):
         """Cancel a task: its pending IDs leave the plan"""
-        tasks.cancel_task(task_id)
+        id_tasks.cancel_task(task_id)
 
 
 @blp.route("/<id:task_id>/ids/")
@@ -132,7 +132,7 @@ class TaskIds(MethodView):
     @blp.paginate()
     def get(self, query, task_id, pagination_parameters):
         """The task's IDs in submission order, with slot, status and outcome"""
-        page, pagination_parameters.item_count = tasks.list_task_ids(
+        page, pagination_parameters.item_count = id_tasks.list_task_ids(
             task_id, pagination_parameters.first_item, pagination_parameters.page_size, **query
         )
         return page

@@ -21,6 +21,7 @@ from .models import (
     TaskStatus,
 )
 from .queues import enqueue_planning
+from .slots import subtract_loads
 
 IDS_PER_CHUNK = 10_000
 # Tasks up to this many IDs echo them in `payload`, as the original API did;
@@ -214,26 +215,6 @@ def _release_pending(task: IdTask, new_status: str | None) -> None:
         {"task": task.id, "new_status": new_status},
     ).all()
     subtract_loads(dict(released))
-
-
-def subtract_loads(released: dict[datetime, int]) -> None:
-    """Lower slots' loads, locking their rows in time order as planners add to them,
-    so that the two never wait on each other in a circle."""
-    if not released:
-        return
-    slots = sorted(released)
-    db.session.execute(
-        text("SELECT 1 FROM slots WHERE slot_start = ANY(:slots) ORDER BY slot_start FOR UPDATE"),
-        {"slots": slots},
-    )
-    db.session.execute(
-        text(
-            "UPDATE slots SET load = slots.load - r.n "
-            "FROM unnest(CAST(:slots AS timestamptz[]), CAST(:counts AS int[])) AS r(slot, n) "
-            "WHERE slots.slot_start = r.slot"
-        ),
-        {"slots": slots, "counts": [released[slot] for slot in slots]},
-    )
 
 
 def _release_plan(task: IdTask) -> None:

@@ -1,0 +1,140 @@
+"""Claims: a slot job takes a batch of the slot's pending IDs, in plan order, and
+reserves their turns; before processing, it locks the rows its claim still holds.
+
+PostgreSQL is the guard against running an ID twice: a claim moves rows from `pending`
+to `running` with FOR UPDATE SKIP LOCKED, so any number of workers (or duplicate jobs
+for one slot) share a slot's IDs without overlap. Each claim names its claimer (see
+service/claimers.py), and `hold` keeps only the rows still under it: a claim taken over
+meanwhile (its worker was stuck past the timeout) processes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import text
+
+from .extensions import db
+from .pacing import CATCH_UP_SECONDS, step_of
+from .shared_settings import shared
+
+# A slot whose first claim comes later than this after its start is marked late.
+LATE_AFTER_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Claim:
+    task_id: int
+    position: int
+    user_id: int
+    attempts: int  # before this one
+    claimed_at: datetime  # tells this claim from a later one of the same ID
+
+    @property
+    def idempotency_key(self) -> str:
+        """The same on every attempt: the ID's task and place in it."""
+        return f"{self.task_id}-{self.position}"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Claimed IDs in plan order; the first is due at `first_turn`, the rest `step` apart."""
+
+    claims: list[Claim]
+    first_turn: float
+    step: float
+
+
+def claim(slot: datetime, claimer: int, limit: int, now: datetime | None = None) -> Batch:
+    """Take up to `limit` pending IDs of the slot, in plan order, and reserve their turns.
+
+    Turns go on from the slot's last reserved one, or from `now` (less a short catch-up)
+    if that is further behind: a late slot runs at its planned step from when it starts.
+    """
+    rows = db.session.execute(
+        text(
+            "WITH picked AS ("
+            "  SELECT task_id, position FROM assignments"
+            "  WHERE slot_start = :slot AND status = 'pending'"
+            "  ORDER BY task_id, position LIMIT :limit FOR UPDATE SKIP LOCKED) "
+            "UPDATE assignments AS a SET status = 'running', claimed_at = clock_timestamp(), "
+            "  claimed_by = :claimer "
+            "FROM picked WHERE a.task_id = picked.task_id AND a.position = picked.position "
+            "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.claimed_at"
+        ),
+        {"slot": slot, "limit": limit, "claimer": claimer},
+    ).all()
+    if not rows:
+        db.session.commit()
+        return Batch([], 0.0, 0.0)
+    slot_seconds = shared()["SLOT_SECONDS"]
+    turns = db.session.execute(
+        text(
+            "UPDATE slots SET "
+            "  started_at = coalesce(started_at, clock_timestamp()), "
+            "  last_claim_at = clock_timestamp(), "
+            "  late = late OR (started_at IS NULL AND clock_timestamp() > slot_start + :late), "
+            "  next_turn_at = greatest(coalesce(next_turn_at, slot_start), :now - :catch_up) "
+            "    + make_interval(secs => :n * :span / greatest(load, 1)) "
+            "WHERE slot_start = :slot RETURNING next_turn_at, load"
+        ),
+        {
+            "n": len(rows),
+            "slot": slot,
+            "late": timedelta(seconds=LATE_AFTER_SECONDS),
+            "now": now or datetime.now(UTC),
+            "catch_up": timedelta(seconds=CATCH_UP_SECONDS),
+            "span": step_of(slot_seconds, 1),
+        },
+    ).one()
+    db.session.commit()
+    step = step_of(slot_seconds, turns.load)
+    claims = [Claim(*row) for row in sorted(rows)]
+    return Batch(claims, turns.next_turn_at.timestamp() - len(claims) * step, step)
+
+
+def mark_tasks_running(task_ids: set[int]) -> None:
+    """scheduled -> running, in a commit apart from the claim: a claim never waits for a
+    task's row lock, which a replan or cancel holds while it waits for claimed rows."""
+    db.session.execute(
+        text(
+            "UPDATE id_tasks SET status = 'running' WHERE id = ANY(:ids) AND status = 'scheduled'"
+        ),
+        {"ids": sorted(task_ids)},
+    )
+    db.session.commit()
+
+
+def hold(group: list[Claim], claimer: int) -> list[Claim]:
+    """Lock the group's rows that are still this claim's, until the transaction ends.
+
+    A claim that timed out and went to another worker is no longer ours: reconcile's
+    release waits on these locks, and finds the rows finished once they are released.
+    """
+    held = db.session.execute(
+        text(
+            "SELECT a.task_id, a.position FROM assignments AS a "
+            "JOIN unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
+            "            CAST(:claimed AS timestamptz[])) AS k(task_id, position, claimed_at) "
+            "  ON a.task_id = k.task_id AND a.position = k.position "
+            "WHERE a.status = 'running' AND a.claimed_at = k.claimed_at "
+            "  AND a.claimed_by = :claimer "
+            "ORDER BY a.task_id, a.position FOR UPDATE OF a"
+        ),
+        {
+            **claim_keys(group),
+            "claimer": claimer,
+        },
+    ).all()
+    still_ours = {tuple(row) for row in held}
+    return [item for item in group if (item.task_id, item.position) in still_ours]
+
+
+def claim_keys(group: list[Claim]) -> dict[str, list]:
+    """The group's rows and claims, as arrays for `unnest(:tasks, :positions, :claimed)`."""
+    return {
+        "tasks": [item.task_id for item in group],
+        "positions": [item.position for item in group],
+        "claimed": [item.claimed_at for item in group],
+    }

@@ -1,0 +1,101 @@
+"""Reconcile: rebuild from PostgreSQL what Redis may have lost and what dead workers left.
+
+Run by `flask scheduler` every RECONCILE_INTERVAL_SECONDS, in its own process so that it
+never waits for a free worker, and by `flask plan reconcile`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from flask import current_app
+from sqlalchemy import text
+
+from . import claimers
+from .extensions import db
+from .outcomes import enqueue_retry_planning, retries_waiting
+from .queues import enqueue_planning
+from .scheduling import ensure_slot_job, get_scheduler, planning_is_queued
+
+# Reconcile gives jobs to the slots starting within this; each run moves it on.
+RECONCILE_HORIZON = timedelta(hours=1)
+
+
+def reconcile() -> dict[str, int]:
+    """Rebuild the schedule from PostgreSQL; Redis may have lost any part of it.
+
+    - IDs whose claimer is gone (its worker died) go back to pending at once, as do IDs
+      claimed longer ago than CLAIM_TIMEOUT_SECONDS (its worker is stuck); to cancelled
+      if their task was cancelled meanwhile;
+    - every slot with pending IDs that starts within RECONCILE_HORIZON gets its job if it
+      has none running; one whose time has passed runs at once and is marked late (later
+      slots are left to later runs: a job only has to exist before its slot starts);
+    - tasks still received or planning get their planning job back if it is gone, and
+      retrying IDs a run of the retry planning.
+    """
+    timeout = timedelta(seconds=current_app.config["CLAIM_TIMEOUT_SECONDS"])
+    released = claimers.release_dead_or_stuck(timeout)
+    now = datetime.now(UTC)
+    scheduler = get_scheduler()
+    running = claimers.running_slots()
+
+    def live(slot: datetime) -> bool:
+        # A job that has not reached its slot yet may still be starting up.
+        return slot > now or claimers.slot_key(slot) in running
+
+    added = [
+        slot
+        for slot, claiming in _slots_with_pending_ids(timeout, now + RECONCILE_HORIZON)
+        if ensure_slot_job(scheduler, slot, now, trust_started=claiming and live(slot))
+    ]
+    late = [slot for slot in added if slot <= now]
+    if late:
+        db.session.execute(
+            text("UPDATE slots SET late = true WHERE slot_start = ANY(:late)"), {"late": late}
+        )
+        db.session.commit()
+    waiting = db.session.execute(
+        text("SELECT id, total FROM id_tasks WHERE status IN ('received', 'planning') ORDER BY id")
+    ).all()
+    requeued = [task for task in waiting if not planning_is_queued(task.id)]
+    for task in requeued:
+        enqueue_planning(task.id, task.total)
+    retries = retries_waiting() and enqueue_retry_planning()
+    return {
+        "claims released": released,
+        "slot jobs added": len(added),
+        "late slots": len(late),
+        "planning jobs added": len(requeued),
+        "retry planning queued": int(retries),
+    }
+
+
+def _slots_with_pending_ids(timeout: timedelta, until: datetime) -> list[tuple[datetime, bool]]:
+    """Each slot up to `until` holding pending IDs, and whether its job claimed within
+    the timeout.
+
+    The slots are found from the pending rows themselves, one index probe per slot
+    (a loose index scan), so no counter can hide one. A slot job claims IDs every
+    second or so while it runs: one that has claimed nothing for CLAIM_TIMEOUT_SECONDS
+    is stuck, even if its worker is alive.
+    """
+    return [
+        (row.slot_start, row.active)
+        for row in db.session.execute(
+            text(
+                "WITH RECURSIVE pending(slot_start) AS ("
+                "  (SELECT slot_start FROM assignments WHERE status = 'pending' "
+                "   ORDER BY slot_start LIMIT 1) "
+                "  UNION ALL "
+                "  SELECT (SELECT a.slot_start FROM assignments AS a "
+                "          WHERE a.status = 'pending' AND a.slot_start > pending.slot_start "
+                "          ORDER BY a.slot_start LIMIT 1) "
+                "  FROM pending WHERE pending.slot_start <= :until) "
+                "SELECT p.slot_start, clock_timestamp() "
+                "  - coalesce(s.last_claim_at, p.slot_start) < :timeout AS active "
+                "FROM pending AS p LEFT JOIN slots AS s ON s.slot_start = p.slot_start "
+                "WHERE p.slot_start <= :until ORDER BY p.slot_start"
+            ),
+            {"timeout": timeout, "until": until},
+        )
+    ]
