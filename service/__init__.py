@@ -25,7 +25,12 @@ API_SETTINGS = {
     "OPENAPI_JSON_PATH": "openapi.json",
     "OPENAPI_SWAGGER_UI_PATH": "/docs",
     "OPENAPI_SWAGGER_UI_URL": "https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
-    "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+    # Statements are never prepared: a generic plan cannot match a bound status to the
+    # partial indexes on status that claims and reconcile rely on.
+    "SQLALCHEMY_ENGINE_OPTIONS": {
+        "pool_pre_ping": True,
+        "connect_args": {"prepare_threshold": None},
+    },
     "SQLALCHEMY_TRACK_MODIFICATIONS": False,
     "JSON_SORT_KEYS": False,
 }

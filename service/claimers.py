@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import text
 
 from .extensions import db
+from .models import AssignmentStatus, TaskStatus
 from .slots import subtract_loads
 
 # First keys of the two-key advisory locks; service/planning.py uses 0x5107.
@@ -101,8 +102,8 @@ RELEASE = (
     f"WITH live AS MATERIALIZED (SELECT array_agg(key) AS keys FROM ({HELD_LOCKS}) AS held), "
     "released AS ("
     "  UPDATE assignments AS a SET claimed_at = NULL, claimed_by = NULL, status = CASE "
-    "    WHEN t.status = 'cancelled' THEN 'cancelled' ELSE 'pending' END "
-    "  FROM id_tasks AS t, live WHERE t.id = a.task_id AND a.status = 'running' AND ({which}) "
+    "    WHEN t.status = :task_cancelled THEN :cancelled ELSE :pending END "
+    "  FROM id_tasks AS t, live WHERE t.id = a.task_id AND a.status = :running AND ({which}) "
     "  RETURNING a.slot_start, a.status) "
     "SELECT slot_start, status, count(*) AS n FROM released GROUP BY slot_start, status"
 )
@@ -111,9 +112,19 @@ RELEASE = (
 def _release(which: str, params: dict) -> int:
     """Claimed IDs back to pending (cancelled if their task was); returns how many."""
     rows = db.session.execute(
-        text(RELEASE.format(which=which)), {"ns": CLAIMER_LOCK_NAMESPACE, **params}
+        text(RELEASE.format(which=which)),
+        {
+            "ns": CLAIMER_LOCK_NAMESPACE,
+            "task_cancelled": TaskStatus.CANCELLED,
+            "cancelled": AssignmentStatus.CANCELLED,
+            "pending": AssignmentStatus.PENDING,
+            "running": AssignmentStatus.RUNNING,
+            **params,
+        },
     ).all()
-    subtract_loads({row.slot_start: row.n for row in rows if row.status == "cancelled"})
+    subtract_loads(
+        {row.slot_start: row.n for row in rows if row.status == AssignmentStatus.CANCELLED}
+    )
     db.session.commit()
     return sum(row.n for row in rows)
 

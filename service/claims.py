@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import text
 
 from .extensions import db
+from .models import AssignmentStatus, TaskStatus
 from .pacing import CATCH_UP_SECONDS, step_of
 from .shared_settings import shared
 
@@ -56,14 +57,20 @@ def claim(slot: datetime, claimer: int, limit: int, now: datetime | None = None)
         text(
             "WITH picked AS ("
             "  SELECT task_id, position FROM assignments"
-            "  WHERE slot_start = :slot AND status = 'pending'"
+            "  WHERE slot_start = :slot AND status = :pending"
             "  ORDER BY task_id, position LIMIT :limit FOR UPDATE SKIP LOCKED) "
-            "UPDATE assignments AS a SET status = 'running', claimed_at = clock_timestamp(), "
+            "UPDATE assignments AS a SET status = :running, claimed_at = clock_timestamp(), "
             "  claimed_by = :claimer "
             "FROM picked WHERE a.task_id = picked.task_id AND a.position = picked.position "
             "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.claimed_at"
         ),
-        {"slot": slot, "limit": limit, "claimer": claimer},
+        {
+            "slot": slot,
+            "limit": limit,
+            "claimer": claimer,
+            "pending": AssignmentStatus.PENDING,
+            "running": AssignmentStatus.RUNNING,
+        },
     ).all()
     if not rows:
         db.session.commit()
@@ -98,10 +105,8 @@ def mark_tasks_running(task_ids: set[int]) -> None:
     """scheduled -> running, in a commit apart from the claim: a claim never waits for a
     task's row lock, which a replan or cancel holds while it waits for claimed rows."""
     db.session.execute(
-        text(
-            "UPDATE id_tasks SET status = 'running' WHERE id = ANY(:ids) AND status = 'scheduled'"
-        ),
-        {"ids": sorted(task_ids)},
+        text("UPDATE id_tasks SET status = :running WHERE id = ANY(:ids) AND status = :scheduled"),
+        {"ids": sorted(task_ids), "running": TaskStatus.RUNNING, "scheduled": TaskStatus.SCHEDULED},
     )
     db.session.commit()
 
@@ -118,13 +123,14 @@ def hold(group: list[Claim], claimer: int) -> list[Claim]:
             "JOIN unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
             "            CAST(:claimed AS timestamptz[])) AS k(task_id, position, claimed_at) "
             "  ON a.task_id = k.task_id AND a.position = k.position "
-            "WHERE a.status = 'running' AND a.claimed_at = k.claimed_at "
+            "WHERE a.status = :running AND a.claimed_at = k.claimed_at "
             "  AND a.claimed_by = :claimer "
             "ORDER BY a.task_id, a.position FOR UPDATE OF a"
         ),
         {
             **claim_keys(group),
             "claimer": claimer,
+            "running": AssignmentStatus.RUNNING,
         },
     ).all()
     still_ours = {tuple(row) for row in held}

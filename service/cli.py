@@ -185,7 +185,7 @@ def _label(moment: datetime) -> str:
 @click.argument("source", type=click.File("rb"))
 @click.option("--name", "task_name", required=True, help="The task's name.")
 @click.option(
-    "--overflow", type=click.Choice(Overflow.ALL), default=Overflow.SPREAD, show_default=True
+    "--overflow", type=click.Choice(list(Overflow)), default=Overflow.SPREAD, show_default=True
 )
 def tasks_submit(source, task_name: str, overflow: str) -> None:
     """Submit the IDs of SOURCE (a file, or - for stdin), streamed, with a progress bar."""

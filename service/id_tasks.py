@@ -13,6 +13,7 @@ from werkzeug.exceptions import Conflict, RequestEntityTooLarge, UnprocessableEn
 from .errors import not_found
 from .extensions import db, raw_connection
 from .models import (
+    FINISHED,
     Assignment,
     AssignmentStatus,
     IdTask,
@@ -106,7 +107,7 @@ def cancel_task(task_id: int) -> None:
     task = get_task(task_id, lock=True)
     if task.status == TaskStatus.CANCELLED:
         return
-    if task.status in TaskStatus.FINISHED:
+    if task.status in FINISHED:
         raise Conflict(f"task {task_id} has already finished ({task.status})")
     _release_pending(task, AssignmentStatus.CANCELLED)
     task.status = TaskStatus.CANCELLED
@@ -194,11 +195,11 @@ def _release_pending(task: IdTask, new_status: str | None) -> None:
     if not task.planned:
         return
     if new_status is None:
-        change = "DELETE FROM assignments WHERE task_id = :task AND status = 'pending'"
+        change = "DELETE FROM assignments WHERE task_id = :task AND status = :pending"
     else:
         change = (
             "UPDATE assignments SET status = :new_status "
-            "WHERE task_id = :task AND status = 'pending'"
+            "WHERE task_id = :task AND status = :pending"
         )
         db.session.execute(
             text(
@@ -212,7 +213,7 @@ def _release_pending(task: IdTask, new_status: str | None) -> None:
             f"WITH released AS ({change} RETURNING slot_start) "
             "SELECT slot_start, count(*) FROM released GROUP BY slot_start"
         ),
-        {"task": task.id, "new_status": new_status},
+        {"task": task.id, "new_status": new_status, "pending": AssignmentStatus.PENDING},
     ).all()
     subtract_loads(dict(released))
 

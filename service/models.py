@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 
 from sqlalchemy import (
     BigInteger,
@@ -24,10 +25,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from .extensions import db
 
-MAX_BIGINT = 2**63 - 1
 
-
-class TaskStatus:
+class TaskStatus(StrEnum):
     RECEIVED = "received"
     PLANNING = "planning"
     SCHEDULED = "scheduled"
@@ -36,19 +35,17 @@ class TaskStatus:
     FAILED = "failed"
     CANCELLED = "cancelled"
 
-    ALL = (RECEIVED, PLANNING, SCHEDULED, RUNNING, DONE, FAILED, CANCELLED)
-    FINISHED = (DONE, FAILED, CANCELLED)
+
+FINISHED = (TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED)
 
 
-class Overflow:
+class Overflow(StrEnum):
     SPREAD = "spread"
     DEFER = "defer"
 
-    ALL = (SPREAD, DEFER)
 
-
-def _in(column: str, values: tuple[str, ...]) -> str:
-    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+def _in(column: str, values) -> str:
+    return f"{column} IN ({', '.join(repr(str(v)) for v in values)})"
 
 
 class User(db.Model):
@@ -67,8 +64,8 @@ class User(db.Model):
 class IdTask(db.Model):
     __tablename__ = "id_tasks"
     __table_args__ = (
-        CheckConstraint(_in("status", TaskStatus.ALL), name="status"),
-        CheckConstraint(_in("overflow", Overflow.ALL), name="overflow"),
+        CheckConstraint(_in("status", TaskStatus), name="status"),
+        CheckConstraint(_in("overflow", Overflow), name="overflow"),
         Index("ix_id_tasks_newest", "date_created", "id"),
         Index("ix_id_tasks_status", "status"),
     )
@@ -95,7 +92,7 @@ class IdTask(db.Model):
 
     @property
     def task_status(self) -> bool:
-        return self.status in TaskStatus.FINISHED
+        return self.status in FINISHED
 
     @property
     def pending(self) -> int:
@@ -104,16 +101,14 @@ class IdTask(db.Model):
         return self.total - self.done - self.failed
 
 
-class AssignmentStatus:
+class AssignmentStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
-    # Failed, to be tried again: waiting for its retry to be planned into a slot.
-    RETRYING = "retrying"
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
-
-    ALL = (PENDING, RUNNING, DONE, FAILED, CANCELLED, RETRYING)
+    # Failed, to be tried again: waiting for its retry to be planned into a slot.
+    RETRYING = "retrying"
 
 
 class TaskIdChunk(db.Model):
@@ -158,7 +153,7 @@ class Assignment(db.Model):
 
     __tablename__ = "assignments"
     __table_args__ = (
-        CheckConstraint(_in("status", AssignmentStatus.ALL), name="status"),
+        CheckConstraint(_in("status", AssignmentStatus), name="status"),
         Index(
             "ix_assignments_pending_by_slot",
             "slot_start",

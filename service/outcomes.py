@@ -38,6 +38,13 @@ from .shared_settings import shared
 log = logging.getLogger(__name__)
 
 PLAN_RETRIES_JOB = "workers.planning.plan_retries"
+# The statuses a task's counters move it to.
+TASK_OUTCOMES = {
+    "cancelled": TaskStatus.CANCELLED,
+    "running": TaskStatus.RUNNING,
+    "failed": TaskStatus.FAILED,
+    "done": TaskStatus.DONE,
+}
 
 
 def backoff(attempts: int) -> timedelta:
@@ -202,14 +209,14 @@ def _write_outcomes(group: list[Claim], verdicts: list[tuple]) -> list:
         text(
             "UPDATE assignments AS a SET status = k.status, attempts = a.attempts + 1, "
             "  error = k.error, claimed_at = NULL, claimed_by = NULL, retry_at = k.retry_at, "
-            "  finished_at = CASE WHEN k.status = 'retrying' THEN NULL "
+            "  finished_at = CASE WHEN k.status = :retrying THEN NULL "
             "                ELSE clock_timestamp() END "
             "FROM unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
             "            CAST(:claimed AS timestamptz[]), CAST(:statuses AS text[]), "
             "            CAST(:errors AS text[]), CAST(:retry_at AS timestamptz[])) "
             "  AS k(task_id, position, claimed_at, status, error, retry_at) "
             "WHERE a.task_id = k.task_id AND a.position = k.position "
-            "  AND a.status = 'running' AND a.claimed_at = k.claimed_at "
+            "  AND a.status = :running AND a.claimed_at = k.claimed_at "
             "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.status"
         ),
         {
@@ -217,6 +224,8 @@ def _write_outcomes(group: list[Claim], verdicts: list[tuple]) -> list:
             "statuses": [status for status, _, _ in verdicts],
             "errors": [error for _, error, _ in verdicts],
             "retry_at": [retry_at for _, _, retry_at in verdicts],
+            "retrying": AssignmentStatus.RETRYING,
+            "running": AssignmentStatus.RUNNING,
         },
     ).all()
 
@@ -235,12 +244,12 @@ def _count_on_tasks(written: list) -> None:
         db.session.execute(
             text(
                 "UPDATE id_tasks SET done = done + :d, failed = failed + :f, "
-                "  status = CASE WHEN status = 'cancelled' THEN status "
-                "    WHEN done + :d + failed + :f < total THEN 'running' "
-                "    WHEN failed + :f > 0 THEN 'failed' ELSE 'done' END "
+                "  status = CASE WHEN status = :cancelled THEN status "
+                "    WHEN done + :d + failed + :f < total THEN :running "
+                "    WHEN failed + :f > 0 THEN :failed ELSE :done END "
                 "WHERE id = :t"
             ),
-            {"d": n_done, "f": n_failed, "t": task_id},
+            {"d": n_done, "f": n_failed, "t": task_id, **TASK_OUTCOMES},
         )
 
 
@@ -258,11 +267,11 @@ def replan_retries(
         counts = [0] * len(slots)
         moves = []
         for (position, _user_id), index in pairs:
-            moves.append((slots[index], task_id, position))
+            moves.append((slots[index], AssignmentStatus.PENDING, task_id, position))
             counts[index] += 1
         with raw_connection().cursor() as cur:
             cur.executemany(
-                "UPDATE assignments SET slot_start = %s, status = 'pending', retry_at = NULL "
+                "UPDATE assignments SET slot_start = %s, status = %s, retry_at = NULL "
                 "WHERE task_id = %s AND position = %s",
                 moves,
             )

@@ -20,7 +20,7 @@ from werkzeug.exceptions import NotFound
 
 from .extensions import db, raw_connection
 from .id_tasks import IDS_PER_CHUNK, get_task
-from .models import IdTask, Overflow, TaskStatus
+from .models import AssignmentStatus, IdTask, Overflow, TaskStatus
 from .planner import EPOCH, distribute, fill
 from .scheduling import schedule_slots
 from .shared_settings import shared
@@ -94,6 +94,7 @@ def _copy_writer(task_id: int) -> Writer:
     def write(pairs: Iterator, slots: list[datetime]) -> list[int]:
         counts = [0] * len(slots)
         slot_texts = [slot.isoformat() for slot in slots]
+        pending = str(AssignmentStatus.PENDING)
         with (
             raw_connection().cursor() as cur,
             cur.copy(
@@ -102,7 +103,7 @@ def _copy_writer(task_id: int) -> Writer:
         ):
             write_row = copy.write_row
             for (position, user_id), index in pairs:
-                write_row((task_id, position, user_id, slot_texts[index], "pending"))
+                write_row((task_id, position, user_id, slot_texts[index], pending))
                 counts[index] += 1
         return counts
 

@@ -13,6 +13,7 @@ from sqlalchemy import text
 
 from . import claimers
 from .extensions import db
+from .models import AssignmentStatus, TaskStatus
 from .outcomes import enqueue_retry_planning, retries_waiting
 from .queues import enqueue_planning
 from .scheduling import ensure_slot_job, get_scheduler, planning_is_queued
@@ -55,7 +56,8 @@ def reconcile() -> dict[str, int]:
         )
         db.session.commit()
     waiting = db.session.execute(
-        text("SELECT id, total FROM id_tasks WHERE status IN ('received', 'planning') ORDER BY id")
+        text("SELECT id, total FROM id_tasks WHERE status = ANY(:unplanned) ORDER BY id"),
+        {"unplanned": [TaskStatus.RECEIVED, TaskStatus.PLANNING]},
     ).all()
     requeued = [task for task in waiting if not planning_is_queued(task.id)]
     for task in requeued:
@@ -84,11 +86,11 @@ def _slots_with_pending_ids(timeout: timedelta, until: datetime) -> list[tuple[d
         for row in db.session.execute(
             text(
                 "WITH RECURSIVE pending(slot_start) AS ("
-                "  (SELECT slot_start FROM assignments WHERE status = 'pending' "
+                "  (SELECT slot_start FROM assignments WHERE status = :pending "
                 "   ORDER BY slot_start LIMIT 1) "
                 "  UNION ALL "
                 "  SELECT (SELECT a.slot_start FROM assignments AS a "
-                "          WHERE a.status = 'pending' AND a.slot_start > pending.slot_start "
+                "          WHERE a.status = :pending AND a.slot_start > pending.slot_start "
                 "          ORDER BY a.slot_start LIMIT 1) "
                 "  FROM pending WHERE pending.slot_start <= :until) "
                 "SELECT p.slot_start, clock_timestamp() "
@@ -96,6 +98,6 @@ def _slots_with_pending_ids(timeout: timedelta, until: datetime) -> list[tuple[d
                 "FROM pending AS p LEFT JOIN slots AS s ON s.slot_start = p.slot_start "
                 "WHERE p.slot_start <= :until ORDER BY p.slot_start"
             ),
-            {"timeout": timeout, "until": until},
+            {"timeout": timeout, "until": until, "pending": AssignmentStatus.PENDING},
         )
     ]

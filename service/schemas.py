@@ -82,7 +82,7 @@ class TaskSubmitSchema(Schema):
     task_name = _name()
     payload = _Payload(metadata={"description": "IDs as a string: '1,2,3'"})
     ids = _IdList(metadata={"description": "IDs as a list: [1, 2, 3]"})
-    overflow = fields.String(validate=OneOf(Overflow.ALL))
+    overflow = fields.String(validate=OneOf(list(Overflow)))
 
     @validates_schema
     def _one_id_source(self, data, partial=None, **kwargs):
@@ -104,7 +104,7 @@ class TaskSchema(Schema):
         metadata={"description": "the IDs as submitted, for small tasks; else read /ids/"},
     )
     date_created = fields.DateTime()
-    status = fields.String(metadata={"enum": list(TaskStatus.ALL)})
+    status = fields.String(metadata={"enum": list(TaskStatus)})
     overflow = fields.String()
     total = fields.Integer()
     duplicates = fields.Integer()
@@ -139,10 +139,10 @@ class TextSubmitQuerySchema(Schema):
     """Query of a POST whose body is IDs as text (text/csv or text/plain)."""
 
     task_name = _name()
-    overflow = fields.String(validate=OneOf(Overflow.ALL))
+    overflow = fields.String(validate=OneOf(list(Overflow)))
 
 
-ID_STATUSES = ("received", *AssignmentStatus.ALL)
+ID_STATUSES = ("received", *AssignmentStatus)
 
 
 def _moment(description: str, **kwargs) -> fields.AwareDateTime:

@@ -10,7 +10,7 @@ from sqlalchemy import select, text
 from werkzeug.exceptions import UnprocessableEntity
 
 from .extensions import db
-from .models import Slot
+from .models import AssignmentStatus, Slot
 from .planner import SlotGrid
 from .shared_settings import shared
 
@@ -115,10 +115,15 @@ def ids_by_slot(start: datetime, end: datetime, per_slot: int) -> dict[datetime,
             "  SELECT slot_start, user_id, row_number() OVER ("
             "    PARTITION BY slot_start ORDER BY task_id, position) AS rank"
             "  FROM assignments"
-            "  WHERE slot_start >= :start AND slot_start < :end AND status <> 'cancelled'"
+            "  WHERE slot_start >= :start AND slot_start < :end AND status <> :cancelled"
             ") AS ranked WHERE rank <= :per_slot ORDER BY slot_start, rank"
         ),
-        {"start": start, "end": end, "per_slot": per_slot},
+        {
+            "start": start,
+            "end": end,
+            "per_slot": per_slot,
+            "cancelled": AssignmentStatus.CANCELLED,
+        },
     )
     listed: dict[datetime, list[int]] = {}
     for slot_start, user_id in rows:
