@@ -106,7 +106,7 @@ def planner_peak_rss_mib(count: int) -> float:
         text=True,
     )
     report, peak_kib = done.stdout.strip().splitlines()[-2:]
-    assert f"{count} IDs planned" in report, report
+    assert report.planned == count, report
     return int(peak_kib) / 1024
 
 

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from datetime import datetime
 
 from flask import current_app
@@ -35,7 +36,16 @@ HELP_WHEN_BEHIND_SECONDS = 0.5
 HELP_EVERY_SECONDS = 2.0
 
 
-def run_slot(slot: datetime, clock: Clock = SYSTEM_CLOCK) -> str:
+@dataclass(frozen=True)
+class SlotRun:
+    """What a slot job did; RQ keeps it as the job's result, the dashboard shows it."""
+
+    slot: datetime
+    processed: int
+    handed_back: int  # claimed but not processed: its worker was asked to stop
+
+
+def run_slot(slot: datetime, clock: Clock = SYSTEM_CLOCK) -> SlotRun:
     """Process every pending ID of the slot: wait for its start, then claim, pace, record.
 
     A slot job that runs behind its turns (its processor is slower than the slot's rate)
@@ -58,8 +68,7 @@ def run_slot(slot: datetime, clock: Clock = SYSTEM_CLOCK) -> str:
                 helping.note(calls.behind(turn))
         calls.finish()
         handed_back = claimers.release_held_by(claimer)
-    stopped = f", {handed_back} handed back" if handed_back else ""
-    return f"slot {slot:%Y-%m-%d %H:%M:%S}: {calls.handled} IDs processed{stopped}"
+    return SlotRun(slot, calls.handled, handed_back)
 
 
 def _calls(slot: datetime, claimer: int, processor: Callable, clock: Clock):

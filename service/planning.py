@@ -10,7 +10,7 @@ go through the same windows, locks and rules.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from itertools import chain
 
@@ -34,7 +34,18 @@ PLANNABLE = (TaskStatus.RECEIVED, TaskStatus.PLANNING)
 Writer = Callable[[Iterator, list[datetime]], list[int]]
 
 
-def plan_stored_task(task_id: int, now: datetime | None = None) -> str:
+@dataclass(frozen=True)
+class PlanOutcome:
+    """What a planning job did; RQ keeps it as the job's result."""
+
+    task_id: int
+    planned: int = 0
+    first_slot: datetime | None = None
+    last_slot: datetime | None = None
+    skipped: str | None = None  # why nothing was planned
+
+
+def plan_stored_task(task_id: int, now: datetime | None = None) -> PlanOutcome:
     """Plan every ID of a received task, then schedule its slots' jobs.
 
     A task planned already is left as it is. `now` fixes the planning time (tests); by
@@ -45,10 +56,10 @@ def plan_stored_task(task_id: int, now: datetime | None = None) -> str:
     try:
         task = get_task(task_id, lock=True)
     except NotFound:
-        return f"task {task_id}: gone, nothing to plan"
+        return PlanOutcome(task_id, skipped="gone")
     if task.status not in PLANNABLE:
         db.session.rollback()
-        return f"task {task_id}: {task.status}, nothing to plan"
+        return PlanOutcome(task_id, skipped=f"already {task.status}")
     planner = WindowPlanner(task.overflow, now, expected_ids=task.total)
     # The IDs stream from a connection of their own, so that each window's rows go out
     # in one COPY that PostgreSQL ingests while Python computes the next ones. They are
@@ -61,8 +72,7 @@ def plan_stored_task(task_id: int, now: datetime | None = None) -> str:
     task.status = TaskStatus.SCHEDULED
     db.session.commit()
     schedule_slots(planner.used_slots)
-    span = f"{task.first_slot:%Y-%m-%d %H:%M:%S}..{task.last_slot:%H:%M:%S}"
-    return f"task {task_id}: {planner.planned} IDs planned into {span}"
+    return PlanOutcome(task_id, planner.planned, task.first_slot, task.last_slot)
 
 
 def _mark_planning(task_id: int) -> None:

@@ -8,7 +8,7 @@ from sqlalchemy import text
 
 from service.claimers import new_claimer_id, release_dead_or_stuck
 from service.claims import claim
-from service.dispatch import run_slot
+from service.dispatch import SlotRun, run_slot
 from service.extensions import db, get_redis
 from service.models import IdTask
 from service.outcomes import plan_retries, process_and_record, record_outcomes
@@ -66,7 +66,7 @@ def test_planning_schedules_one_job_per_slot_due_just_before_it(rpm3):
 def test_a_slot_job_processes_its_ids_and_records_users(rpm3):
     task_id = submit(range(1, 8))
     plan_stored_task(task_id, now=PAST)
-    assert "3 IDs processed" in run_slot(FIRST_SLOT)
+    assert run_slot(FIRST_SLOT) == SlotRun(FIRST_SLOT, processed=3, handed_back=0)
     assert times_processed() == {1: 1, 2: 1, 3: 1}
     assert db.session.get(IdTask, task_id).status == "running"
     for minute in (1, 2):
@@ -93,7 +93,7 @@ def test_users_received_by_ids_are_listed(rpm3):
 def test_running_a_slot_twice_processes_each_id_once(rpm3):
     plan_stored_task(submit(range(1, 4)), now=PAST)
     run_slot(FIRST_SLOT)
-    assert "0 IDs processed" in run_slot(FIRST_SLOT)
+    assert run_slot(FIRST_SLOT).processed == 0
     assert times_processed() == {1: 1, 2: 1, 3: 1}
 
 
@@ -163,7 +163,7 @@ def test_cancel_before_the_slot_runs_releases_the_ids(rpm3):
     task_id = submit(range(1, 4))
     plan_stored_task(task_id, now=PAST)
     rpm3.test_client().delete(f"/celery_ids_tasks/{task_id}/")
-    assert "0 IDs processed" in run_slot(FIRST_SLOT)
+    assert run_slot(FIRST_SLOT).processed == 0
     assert times_processed() == {}
 
 
@@ -206,7 +206,7 @@ def test_reconcile_releases_claims_of_a_dead_worker(make_app):
             )
         )
         db.session.commit()
-        assert "0 IDs processed" in run_slot(FIRST_SLOT)  # claimed by someone (dead)
+        assert run_slot(FIRST_SLOT).processed == 0  # claimed by someone (dead)
         assert reconcile()["claims released"] == 3
         run_slot(FIRST_SLOT)
         assert times_processed() == {1: 1, 2: 1, 3: 1}
@@ -302,7 +302,7 @@ def test_recording_failures_never_waits_for_a_planners_window_lock(make_app):
                     {"ns": WINDOW_LOCK_NAMESPACE, "n": number},
                 )
             db.session.execute(text("SET lock_timeout = '3s'"))  # waiting would fail
-            assert "2 IDs processed" in run_slot(FIRST_SLOT)
+            assert run_slot(FIRST_SLOT).processed == 2
             assert {row.status for row in assignment_rows(task_id)} == {"retrying"}
             planner.execute(text("SELECT pg_advisory_unlock_all()"))
         db.session.remove()

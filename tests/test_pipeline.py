@@ -177,7 +177,7 @@ app = create_app()
 with app.app_context():
     print("ready", flush=True)
     sys.stdin.readline()  # the barrier: both start once both are ready
-    print(run_slot(datetime.fromisoformat(sys.argv[1])).split(": ")[1].split()[0])
+    print(run_slot(datetime.fromisoformat(sys.argv[1])).processed)
 """
 
 

@@ -106,8 +106,8 @@ def test_a_closed_window_sends_ids_to_the_next(rpm5):
 
 def test_planning_marks_the_task_scheduled_with_its_span(rpm5):
     task_id = submit(range(1, 13))
-    message = plan_stored_task(task_id, now=NOW)
-    assert "12 IDs planned" in message
+    outcome = plan_stored_task(task_id, now=NOW)
+    assert (outcome.planned, outcome.first_slot, outcome.skipped) == (12, minute(8), None)
     task = db.session.get(IdTask, task_id)
     assert (task.status, task.planned, task.pending) == ("scheduled", 12, 12)
     assert (task.first_slot, task.last_slot) == (minute(8), minute(10))
@@ -116,7 +116,7 @@ def test_planning_marks_the_task_scheduled_with_its_span(rpm5):
 def test_planning_twice_plans_once(rpm5):
     task_id = submit(range(1, 13))
     plan_stored_task(task_id, now=NOW)
-    assert "nothing to plan" in plan_stored_task(task_id, now=NOW)
+    assert plan_stored_task(task_id, now=NOW).skipped == "already scheduled"
     assert len(slots_by_id(task_id)) == 12
     assert sum(loads(WINDOW, NEXT_WINDOW).values()) == 12
 

@@ -7,7 +7,7 @@ from service import outcomes, planning
 from .context import job_context
 
 
-def plan_task(task_id: int) -> str:
+def plan_task(task_id: int) -> planning.PlanOutcome:
     """Plan every ID of a task into a slot; re-running it finishes an interrupted plan."""
     with job_context():
         return planning.plan_stored_task(task_id)

@@ -9,7 +9,7 @@ from service import dispatch
 from .context import job_context
 
 
-def run_slot(slot_start: str) -> str:
+def run_slot(slot_start: str) -> dispatch.SlotRun:
     """Process the slot's pending IDs, paced through it; `slot_start` is ISO 8601."""
     with job_context():
         return dispatch.run_slot(datetime.fromisoformat(slot_start))
