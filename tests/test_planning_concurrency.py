@@ -5,15 +5,21 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import text
 
 from service import create_app
+from service.claimers import new_claimer_id
+from service.claims import claim
 from service.extensions import db
 from service.models import IdTask
-from service.planning import plan_stored_task
+from service.planner import EPOCH
+from service.planning import WINDOW_LOCK_NAMESPACE, plan_stored_task
+from service.slots import slot_grid
 
 from .planning_helpers import at, loads, submit
 
@@ -133,3 +139,57 @@ def test_a_planner_killed_half_way_leaves_a_task_the_rerun_completes(planning_ap
     assert tuple(counts) == (total, total, total)
     assert sum(loads(WINDOW, NEXT_WINDOW).values()) == total
     assert db.session.get(IdTask, task_id).status == "scheduled"
+
+
+def test_planning_reads_the_clock_after_it_holds_the_window_lock(make_app):
+    app = make_app(SLOT_SECONDS=2, WINDOW_SLOTS=30, PLAN_LEAD_SECONDS=0.5)
+    with app.app_context():
+        task_id = submit(range(1, 6))
+        grid = slot_grid()
+        now = datetime.now(UTC)
+        first_open = grid.slot_of(now) + grid.slot_length
+        if (first_open - now).total_seconds() <= 1.0:
+            first_open += grid.slot_length
+        windows = {grid.window_of(now), grid.window_of(first_open)}
+        with db.engine.connect() as other:  # another planner, busy in these windows
+            for window in windows:
+                number = (window - EPOCH) // grid.window_length % 2**31
+                other.execute(
+                    text("SELECT pg_advisory_lock(:ns, :n)"),
+                    {"ns": WINDOW_LOCK_NAMESPACE, "n": number},
+                )
+            planner = threading.Thread(target=plan_in_thread, args=(app, task_id))
+            planner.start()
+            # Past the slot's lead: it has closed while the planner waited.
+            time.sleep(max(0, (first_open - datetime.now(UTC)).total_seconds() - 0.3))
+            other.execute(text("SELECT pg_advisory_unlock_all()"))
+        planner.join(30)
+        db.session.remove()
+        slots = set(
+            db.session.execute(
+                text("SELECT slot_start FROM assignments WHERE task_id = :t"), {"t": task_id}
+            ).scalars()
+        )
+    assert slots and first_open not in slots and min(slots) > first_open
+
+
+def plan_in_thread(app, task_id: int) -> None:
+    with app.app_context():
+        plan_stored_task(task_id)
+
+
+def test_a_claim_skips_rows_another_transaction_holds(make_app):
+    app = make_app(RPM=10)
+    with app.app_context():
+        task_id = submit(range(1, 6))
+        plan_stored_task(task_id, now=datetime(2026, 1, 5, 8, 59, 50, tzinfo=UTC))
+        slot = db.session.get(IdTask, task_id).first_slot
+        with db.engine.connect() as other:
+            other.execute(
+                text("SELECT 1 FROM assignments WHERE position < 2 FOR UPDATE")
+            )  # held, not committed
+            claimer = new_claimer_id()
+            db.session.execute(text("SET LOCAL lock_timeout = '1s'"))  # waiting would fail
+            batch = claim(slot, claimer, 10)
+            other.rollback()
+    assert [item.user_id for item in batch.claims] == [3, 4, 5]
