@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 import flask_migrate
 import pytest
@@ -15,8 +14,8 @@ from service.config import Config
 from service.extensions import db, get_redis
 
 from . import servers
+from .processes import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 _embedded: list = []
 
 

@@ -17,7 +17,7 @@ from service.planning import plan_stored_task
 from service.queues import PLANNING_QUEUE, SLOTS_QUEUE
 from service.scheduling import ServiceScheduler
 
-from .planning_helpers import submit
+from .helpers import submit
 
 
 def test_worker_burst_runs_the_queued_planning_job(app, client, runner):

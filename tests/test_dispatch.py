@@ -21,7 +21,7 @@ from service.scheduling import EARLY_SECONDS, get_scheduler, schedule_slots, slo
 from service.slots import slot_grid
 from workers.processors import record_user
 
-from .planning_helpers import at, just_before_a_window, submit
+from .helpers import at, just_before_a_window, submit, times_processed
 
 PAST = at("2026-01-05 08:59:50")  # planning "then" puts every slot in the past
 FIRST_SLOT = at("2026-01-05 09:00")
@@ -35,10 +35,6 @@ def assignment_rows(task_id):
         ),
         {"t": task_id},
     ).all()
-
-
-def times_processed():
-    return dict(db.session.execute(text("SELECT id, times_processed FROM users")).all())
 
 
 @pytest.fixture

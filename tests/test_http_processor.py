@@ -10,7 +10,7 @@ from service.outcomes import plan_retries
 from service.planning import plan_stored_task
 
 from .downstream import Record, Server
-from .planning_helpers import at, submit
+from .helpers import at, submit
 
 PAST = at("2026-01-05 08:59:50")
 

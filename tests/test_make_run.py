@@ -12,7 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .processes import ROOT
+
 pytestmark = pytest.mark.slow
 
 

@@ -11,7 +11,7 @@ from service.pacing import Clock, paced_groups, step_of
 from service.planning import plan_stored_task
 
 from . import processors
-from .planning_helpers import at, submit
+from .helpers import at, submit
 
 PAST = at("2026-01-05 08:59:50")
 SLOT = at("2026-01-05 09:00")

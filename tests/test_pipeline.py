@@ -16,7 +16,7 @@ from service.models import IdTask
 from service.planning import plan_stored_task
 from service.queues import ALL_QUEUES
 
-from .planning_helpers import submit
+from .helpers import submit, times_processed
 from .processes import ROOT, kill_hard, start, stop, wait_until
 
 pytestmark = pytest.mark.slow
@@ -27,10 +27,6 @@ FAST = {"SLOT_SECONDS": 1, "WINDOW_SLOTS": 5, "PLAN_LEAD_SECONDS": 0.3}
 
 def task_status(task_id: int) -> str:
     return db.session.get(IdTask, task_id).status
-
-
-def times_processed() -> dict[int, int]:
-    return dict(db.session.execute(text("SELECT id, times_processed FROM users")).all())
 
 
 def test_post_plan_schedule_run_record(make_app):

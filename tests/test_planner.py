@@ -1,6 +1,6 @@
 """The planner on its own: DESIGN.md's worked examples, then properties."""
 
-from datetime import UTC, datetime
+from datetime import datetime
 from itertools import count
 
 import pytest
@@ -8,6 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service.planner import SlotGrid, distribute, fill
+
+from .helpers import at
 
 
 def slots_of(pairs, n):
@@ -175,10 +177,6 @@ def test_fill_never_passes_rpm(loads, rpm, n):
 
 
 GRID = SlotGrid(slot_seconds=60, window_slots=15, lead_seconds=2)
-
-
-def at(text):
-    return datetime.fromisoformat(text).replace(tzinfo=UTC)
 
 
 def test_slot_and_window_of_a_moment():

@@ -14,7 +14,7 @@ from service.models import IdTask
 from service.planning import plan_stored_task
 from service.queues import PLANNING_QUEUE
 
-from .planning_helpers import at, loads, set_load, slots_by_id, submit
+from .helpers import at, loads, set_load, slots_by_id, submit
 
 NOW = at("2030-01-07 10:07:20")
 WINDOW = at("2030-01-07 10:00")

@@ -21,7 +21,7 @@ from service.planner import EPOCH
 from service.planning import WINDOW_LOCK_NAMESPACE, plan_stored_task
 from service.slots import slot_grid
 
-from .planning_helpers import at, loads, submit
+from .helpers import at, loads, submit
 
 pytestmark = pytest.mark.slow
 

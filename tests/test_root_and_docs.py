@@ -28,5 +28,6 @@ def test_swagger_ui_is_served(client):
 
 def test_rq_dashboard_is_mounted(client):
     assert client.get("/rq/").status_code == 200
+    client.post("/celery_ids_tasks/", json={"task_name": "t", "ids": [1]})  # queues planning
     queues = client.get("/rq/0/data/queues.json").json["queues"]
-    assert isinstance(queues, list)
+    assert "planning" in {queue["name"] for queue in queues}

@@ -3,16 +3,14 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from sqlalchemy import text
 
 from service.extensions import db
 from service.planning import plan_stored_task
 
-from .planning_helpers import submit
-
-ROOT = Path(__file__).resolve().parent.parent
+from .helpers import submit
+from .processes import ROOT
 
 
 def flask(*args, **settings) -> subprocess.CompletedProcess:

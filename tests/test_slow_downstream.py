@@ -13,7 +13,7 @@ from service.planning import plan_stored_task
 from service.scheduling import slot_job_id
 
 from .downstream import Record, Server
-from .planning_helpers import submit
+from .helpers import submit
 from .processes import start, stop, wait_until
 
 pytestmark = pytest.mark.slow
@@ -77,7 +77,7 @@ def test_calls_to_a_slow_downstream_arrive_at_their_turns(make_app):
         late.append(offset - place * step)
     # At its turn, within what a busy machine allows; one call after another would put
     # the last of each slot 7 s behind.
-    assert max(abs(x) for x in late) < 0.75, sorted(late)[-5:]
+    assert max(abs(x) for x in late) < 1.0, sorted(late)[-5:]
     assert record.most_in_flight >= 3  # overlapping, not one after another
 
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the planning tests."""
+"""Helpers shared by the tests: moments, submitting and planning, reading the outcome."""
 
 from datetime import UTC, datetime, timedelta
 
@@ -47,3 +47,8 @@ def just_before_a_window(ahead: timedelta) -> datetime:
     moment = datetime.now(UTC) + ahead
     window = moment.replace(minute=moment.minute - moment.minute % 15, second=0, microsecond=0)
     return window + timedelta(minutes=15) - timedelta(seconds=10)
+
+
+def times_processed() -> dict[int, int]:
+    """How many times each user was recorded by `record_user`."""
+    return dict(db.session.execute(text("SELECT id, times_processed FROM users")).all())
