@@ -91,3 +91,11 @@ def make_app(app, base_config):
         return variant
 
     return build
+
+
+@pytest.fixture
+def rpm3(make_app):
+    """An app at RPM 3, without pacing or backoff, its context pushed."""
+    app = make_app(RPM=3, PACING=False, RETRY_BACKOFF_SECONDS=0)
+    with app.app_context():
+        yield app

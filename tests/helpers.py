@@ -52,3 +52,18 @@ def just_before_a_window(ahead: timedelta) -> datetime:
 def times_processed() -> dict[int, int]:
     """How many times each user was recorded by `record_user`."""
     return dict(db.session.execute(text("SELECT id, times_processed FROM users")).all())
+
+
+# Planning "then" puts every slot in the past: its jobs run at once.
+PAST = at("2026-01-05 08:59:50")
+FIRST_SLOT = at("2026-01-05 09:00")
+
+
+def assignment_rows(task_id):
+    return db.session.execute(
+        text(
+            "SELECT user_id, status, attempts, error, slot_start FROM assignments "
+            "WHERE task_id = :t ORDER BY position"
+        ),
+        {"t": task_id},
+    ).all()

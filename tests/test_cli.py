@@ -2,22 +2,16 @@
 
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
-from alembic.script import ScriptDirectory
-from flask import current_app
 from rq import Queue
 from rq.job import Job
-from rq_scheduler import Scheduler
 from sqlalchemy import text
 
 from service.extensions import db, get_redis
 from service.planning import plan_stored_task
-from service.queues import PLANNING_QUEUE, SLOTS_QUEUE
-from service.scheduling import ServiceScheduler
-
-from .helpers import submit
+from service.queues import PLANNING_QUEUE
 
 
 def test_worker_burst_runs_the_queued_planning_job(app, client, runner):
@@ -33,43 +27,8 @@ def test_worker_burst_runs_the_queued_planning_job(app, client, runner):
     assert client.get(f"/celery_ids_tasks/{task_id}/ids/").json[0]["slot"] == task["first_slot"]
 
 
-def test_scheduler_burst_moves_due_jobs_to_their_queue(app, runner):
-    with app.app_context():
-        scheduler = Scheduler(queue_name=SLOTS_QUEUE, connection=get_redis())
-        scheduler.enqueue_at(datetime.now(UTC) - timedelta(seconds=1), print, "due")
-        later = scheduler.enqueue_at(datetime.now(UTC) + timedelta(hours=1), print, "later")
-    result = runner.invoke(args=["scheduler", "--burst"])
-    assert result.exit_code == 0, result.output
-    with app.app_context():
-        assert Queue(SLOTS_QUEUE, connection=get_redis()).count == 1
-        waiting = {job.id for job in Scheduler(connection=get_redis()).get_jobs()}
-        assert waiting == {later.id}
-
-
-def test_the_scheduler_reconciles_at_its_start(app, runner):
-    with app.app_context():
-        task_id = submit([1])
-        plan_stored_task(task_id, now=datetime(2026, 1, 5, 8, 59, 50, tzinfo=UTC))
-        get_redis().flushdb()  # the slot's job and the planning job are lost
-    assert runner.invoke(args=["scheduler", "--burst"]).exit_code == 0
-    with app.app_context():
-        assert Queue(SLOTS_QUEUE, connection=get_redis()).job_ids == ["slot-20260105T090000"]
-
-
-def test_db_upgrade_is_idempotent_and_leaves_the_schema_at_head(app, runner):
-    result = runner.invoke(args=["db", "upgrade"])
-    assert result.exit_code == 0, result.output
-    with app.app_context():
-        heads = ScriptDirectory.from_config(
-            current_app.extensions["migrate"].migrate.get_config()
-        ).get_heads()
-        version = db.session.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    assert [version] == heads
-
-
 def test_plan_show_prints_the_window_as_a_grid_with_rpm_marked(make_app):
     from service.id_tasks import submit_task
-    from service.planning import plan_stored_task
 
     app = make_app(RPM=2)
     with app.app_context():
@@ -105,29 +64,6 @@ def test_tasks_submit_refuses_a_file_with_bad_ids(app, runner, tmp_path):
     assert "'three'" in result.output
     with app.app_context():
         assert db.session.execute(text("SELECT count(*) FROM id_tasks")).scalar() == 0
-
-
-def test_the_models_match_the_migrations(app):
-    from alembic.autogenerate import compare_metadata
-    from alembic.migration import MigrationContext
-
-    with app.app_context(), db.engine.connect() as connection:
-        differences = compare_metadata(MigrationContext.configure(connection), db.metadata)
-    assert differences == []
-
-
-def test_the_scheduler_reconciles_every_interval_between_its_polls(app):
-    runs = []
-    with app.app_context():
-        scheduler = ServiceScheduler(
-            queue_name=SLOTS_QUEUE,
-            connection=get_redis(),
-            maintenance=lambda: runs.append(1),
-            maintenance_seconds=3600,
-        )
-        scheduler.enqueue_jobs()
-        scheduler.enqueue_jobs()  # its next poll, long before the next run is due
-    assert runs == [1]
 
 
 def test_tasks_submit_reads_standard_input(app, runner):

@@ -1,0 +1,75 @@
+"""Reconcile: rebuilding the schedule from PostgreSQL, handing back dead claims."""
+
+from datetime import timedelta
+
+from rq import Queue
+from sqlalchemy import text
+
+from service.dispatch import run_slot
+from service.extensions import db, get_redis
+from service.planning import plan_stored_task
+from service.queues import PLANNING_QUEUE, SLOTS_QUEUE
+from service.reconcile import reconcile
+from service.scheduling import get_scheduler, slot_job_id
+
+from .helpers import (
+    FIRST_SLOT,
+    PAST,
+    just_before_a_window,
+    submit,
+    times_processed,
+)
+
+
+def test_reconcile_rebuilds_what_redis_lost(rpm3):
+    soon = just_before_a_window(timedelta(minutes=5))  # well within the hour ahead
+    planned = submit(range(1, 7))
+    plan_stored_task(planned, now=soon)
+    much_later = submit([20])
+    plan_stored_task(much_later, now=soon + timedelta(hours=3))
+    past = submit([9])
+    plan_stored_task(past, now=PAST)
+    waiting = submit([10])  # never planned: its planning job is lost too
+    get_redis().flushall()
+
+    outcome = reconcile()
+    assert outcome == {
+        "claims released": 0,
+        "slot jobs added": 3,  # two soon, one past; the one hours ahead waits its turn
+        "late slots": 1,
+        "planning jobs added": 1,
+        "retry planning queued": 0,
+    }
+    assert len(list(get_scheduler().get_jobs())) == 2
+    assert Queue(SLOTS_QUEUE, connection=get_redis()).job_ids == [slot_job_id(FIRST_SLOT)]
+    assert Queue(PLANNING_QUEUE, connection=get_redis()).job_ids == [f"plan-{waiting}"]
+    assert db.session.execute(
+        text("SELECT late FROM slots WHERE slot_start = :s"), {"s": FIRST_SLOT}
+    ).scalar()
+    assert reconcile()["slot jobs added"] == 0  # nothing twice
+
+
+def test_reconcile_releases_claims_of_a_dead_worker(make_app):
+    app = make_app(RPM=3, PACING=False, CLAIM_TIMEOUT_SECONDS=1)
+    with app.app_context():
+        task_id = submit(range(1, 4))
+        plan_stored_task(task_id, now=PAST)
+        db.session.execute(
+            text(
+                "UPDATE assignments SET status = 'running', claimed_at = now() - interval '1 hour'"
+            )
+        )
+        db.session.commit()
+        assert run_slot(FIRST_SLOT).processed == 0  # claimed by someone (dead)
+        assert reconcile()["claims released"] == 3
+        run_slot(FIRST_SLOT)
+        assert times_processed() == {1: 1, 2: 1, 3: 1}
+
+
+def test_reconcile_command_prints_what_it_did(rpm3):
+    plan_stored_task(submit([1]), now=PAST)
+    get_redis().flushall()
+    result = rpm3.test_cli_runner().invoke(args=["plan", "reconcile"])
+    assert result.exit_code == 0, result.output
+    assert "slot jobs added: 1" in result.output
+    assert "late slots: 1" in result.output
