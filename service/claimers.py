@@ -84,9 +84,11 @@ def claiming(slot: datetime) -> Iterator[int]:
         holder.close()
 
 
+# Advisory locks belong to a database; other databases on the server hold their own.
 HELD_LOCKS = (
     "SELECT objid::bigint AS key FROM pg_locks "
-    "WHERE locktype = 'advisory' AND classid = :ns AND objsubid = 2 AND granted"
+    "WHERE locktype = 'advisory' AND classid = :ns AND objsubid = 2 AND granted "
+    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
 )
 
 

@@ -105,7 +105,8 @@ def wait_for_copy(deadline: float) -> None:
             copying = conn.execute(
                 text(
                     "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE query LIKE 'COPY assignments%' AND state = 'active'"
+                    "WHERE query LIKE 'COPY assignments%' AND state = 'active' "
+                    "AND datname = current_database()"
                 )
             ).scalar()
         if copying:
