@@ -10,7 +10,8 @@
 - a **per-ID** processor, marked with `@per_id`: `process(user_id: int, key: str) ->
   Failure | str | None`, called once per ID at its turn, from a pool of threads, so that
   calls to a slow downstream overlap (up to PROCESSOR_CONCURRENCY at once) instead of
-  delaying the IDs behind them. Its outcomes are recorded in batches.
+  delaying the IDs behind them. Its outcomes are recorded in batches, in transactions
+  of their own: what it writes elsewhere is not undone with them.
 
 Either kind signals a failure by returning it; an exception fails the ID (a group
 processor's, every ID of the call).
