@@ -47,11 +47,18 @@ class Batch:
     step: float
 
 
-def claim(slot: datetime, claimer: int, limit: int, now: datetime | None = None) -> Batch:
+def claim(
+    slot: datetime,
+    claimer: int,
+    limit: int,
+    now: datetime | None = None,
+    slot_seconds: int | None = None,
+) -> Batch:
     """Take up to `limit` pending IDs of the slot, in plan order, and reserve their turns.
 
     Turns go on from the slot's last reserved one, or from `now` (less a short catch-up)
     if that is further behind: a late slot runs at its planned step from when it starts.
+    `slot_seconds` is the deployment's, read here when the caller has not.
     """
     rows = db.session.execute(
         text(
@@ -75,7 +82,7 @@ def claim(slot: datetime, claimer: int, limit: int, now: datetime | None = None)
     if not rows:
         db.session.commit()
         return Batch([], 0.0, 0.0)
-    slot_seconds = shared()["SLOT_SECONDS"]
+    slot_seconds = slot_seconds or shared()["SLOT_SECONDS"]
     turns = db.session.execute(
         text(
             "UPDATE slots SET "

@@ -14,12 +14,13 @@ from datetime import datetime
 from flask import current_app
 from sqlalchemy import text
 
+from workers.processors import Failure, as_failure, is_per_id, load_processor
+
 from . import claimers
 from .claims import Batch, Claim, claim, hold, mark_tasks_running
 from .extensions import db
 from .outcomes import process_and_record, record_outcomes
 from .pacing import SYSTEM_CLOCK, Clock, paced_groups, step_of
-from .processors import Failure, as_failure, is_per_id, load_processor
 from .scheduling import add_slot_helper
 from .shared_settings import shared
 
@@ -54,12 +55,17 @@ def run_slot(slot: datetime, clock: Clock = SYSTEM_CLOCK) -> SlotRun:
     worker is asked to shut down.
     """
     processor = load_processor(current_app.config["ID_PROCESSOR"])
+    # Neither may change while this slot's IDs wait (MAX_ATTEMPTS may, but a change
+    # applying from the next slot is soon enough), so they are read once per run.
+    settings = shared()
+    slot_seconds, max_attempts = settings["SLOT_SECONDS"], settings["MAX_ATTEMPTS"]
     with claimers.claiming(slot) as claimer:
-        calls = _calls(slot, claimer, processor, clock)
+        calls = _calls(slot, claimer, processor, clock, max_attempts)
         helping = _Helpers(slot, clock)
         clock.wait_until(slot.timestamp(), claimers.stop_requested)
         while not claimers.stop_requested():
-            batch = claim(slot, claimer, _batch_size(slot), clock.now())
+            size = _batch_size(slot, slot_seconds)
+            batch = claim(slot, claimer, size, clock.now(), slot_seconds)
             if not batch.claims:
                 break
             mark_tasks_running({c.task_id for c in batch.claims})
@@ -71,23 +77,28 @@ def run_slot(slot: datetime, clock: Clock = SYSTEM_CLOCK) -> SlotRun:
     return SlotRun(slot, calls.handled, handed_back)
 
 
-def _calls(slot: datetime, claimer: int, processor: Callable, clock: Clock):
+def _calls(slot: datetime, claimer: int, processor: Callable, clock: Clock, max_attempts: int):
     if is_per_id(processor):
         concurrency = current_app.config["PROCESSOR_CONCURRENCY"]
-        return ConcurrentCalls(slot, claimer, processor, clock, concurrency)
-    return GroupCalls(slot, claimer, processor, clock)
+        return ConcurrentCalls(slot, claimer, processor, clock, max_attempts, concurrency)
+    return GroupCalls(slot, claimer, processor, clock, max_attempts)
 
 
 class GroupCalls:
     """A group processor gets each paced group at once, in the transaction that records
     the group's outcomes."""
 
-    def __init__(self, slot: datetime, claimer: int, processor: Callable, clock: Clock):
+    def __init__(
+        self, slot: datetime, claimer: int, processor: Callable, clock: Clock, max_attempts: int
+    ):
         self.slot, self.claimer, self.processor, self.clock = slot, claimer, processor, clock
+        self.max_attempts = max_attempts
         self.handled = 0
 
     def hand(self, group: list[Claim], turn: float) -> None:
-        self.handled += process_and_record(self.slot, self.claimer, group, self.processor)
+        self.handled += process_and_record(
+            self.slot, self.claimer, group, self.processor, self.max_attempts
+        )
 
     def behind(self, turn: float) -> float:
         """How late the calls start against their turns."""
@@ -103,9 +114,16 @@ class ConcurrentCalls:
     transaction that keeps only the IDs the claim still holds."""
 
     def __init__(
-        self, slot: datetime, claimer: int, processor: Callable, clock: Clock, concurrency: int
+        self,
+        slot: datetime,
+        claimer: int,
+        processor: Callable,
+        clock: Clock,
+        max_attempts: int,
+        concurrency: int,
     ):
         self.slot, self.claimer, self.processor, self.clock = slot, claimer, processor, clock
+        self.max_attempts = max_attempts
         self.app = current_app._get_current_object()
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="processor")
         self.in_flight: list[tuple[Claim, Future]] = []
@@ -149,7 +167,7 @@ class ConcurrentCalls:
             return
         held = hold([item for item, _ in outcomes], self.claimer)
         failures = {item.user_id: failure for item, failure in outcomes if failure}
-        record_outcomes(self.slot, held, failures)
+        record_outcomes(self.slot, held, failures, self.max_attempts)
         self.handled += len(held)
 
 
@@ -172,13 +190,13 @@ class _Helpers:
             log.info("slot %s runs %.1f s behind its turns: helper added", self.slot, behind)
 
 
-def _batch_size(slot: datetime) -> int:
+def _batch_size(slot: datetime, slot_seconds: int) -> int:
     if not current_app.config["PACING"]:
         return CLAIM_BATCH
     load = db.session.execute(
         text("SELECT load FROM slots WHERE slot_start = :s"), {"s": slot}
     ).scalar()
-    step = step_of(shared()["SLOT_SECONDS"], load or 0)
+    step = step_of(slot_seconds, load or 0)
     return max(1, min(CLAIM_BATCH, round(CLAIM_AHEAD_SECONDS / step)))
 
 

@@ -23,12 +23,13 @@ from rq.job import Job
 from rq.timeouts import JobTimeoutException
 from sqlalchemy import text
 
+from workers.processors import Failure, as_failure, takes_keys
+
 from .claims import Claim, claim_keys, hold
 from .extensions import db, get_redis, raw_connection
 from .id_tasks import get_task
 from .models import AssignmentStatus, TaskStatus
 from .planning import WindowPlanner
-from .processors import Failure, as_failure, takes_keys
 from .queues import PLANNING_QUEUE, get_queue
 from .scheduling import (
     schedule_slots,
@@ -128,12 +129,18 @@ def _plan_group(task_id: int, retry_at: datetime) -> tuple[int, set[datetime]]:
     return len(rows), used
 
 
-def process_and_record(slot: datetime, claimer: int, group: list[Claim], processor) -> int:
+def process_and_record(
+    slot: datetime,
+    claimer: int,
+    group: list[Claim],
+    processor,
+    max_attempts: int | None = None,
+) -> int:
     """Process the IDs of the group that this claim still holds, and record their
     outcomes, in one transaction; returns how many it processed."""
     held = hold(group, claimer)
     if held:
-        record_outcomes(slot, held, process(processor, held))
+        record_outcomes(slot, held, process(processor, held), max_attempts)
     else:
         db.session.commit()
     return len(held)
@@ -159,9 +166,14 @@ def process(processor, group: list[Claim]) -> dict[int, Failure]:
     return {user_id: as_failure(verdict) for user_id, verdict in verdicts.items()}
 
 
-def record_outcomes(slot: datetime, group: list[Claim], failures: Mapping[int, Failure]) -> None:
+def record_outcomes(
+    slot: datetime,
+    group: list[Claim],
+    failures: Mapping[int, Failure],
+    max_attempts: int | None = None,
+) -> None:
     """Done, failed for good, or retrying (planned again by a job of its own); counters
-    follow.
+    follow. `max_attempts` is the deployment's, read here when the caller has not.
 
     Only rows still held by this claim are written: if the claim timed out and the IDs
     went to another worker meanwhile, that worker's outcome is the one that counts.
@@ -174,7 +186,7 @@ def record_outcomes(slot: datetime, group: list[Claim], failures: Mapping[int, F
             {"ids": task_ids},
         ).all()
     )
-    max_attempts = shared()["MAX_ATTEMPTS"]
+    max_attempts = max_attempts or shared()["MAX_ATTEMPTS"]
     verdicts = [
         _verdict(item, failures.get(item.user_id), statuses.get(item.task_id), max_attempts)
         for item in group

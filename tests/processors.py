@@ -2,8 +2,7 @@
 
 import time
 
-from service.processors import Failure
-from workers.processors import record_user
+from workers.processors import Failure, record_user
 
 
 def fail_all(user_ids):

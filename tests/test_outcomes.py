@@ -13,11 +13,10 @@ from service.models import IdTask
 from service.outcomes import plan_retries, process_and_record, record_outcomes
 from service.planner import EPOCH
 from service.planning import WINDOW_LOCK_NAMESPACE, plan_stored_task
-from service.processors import Failure
 from service.queues import PLANNING_QUEUE, SLOTS_QUEUE
 from service.scheduling import get_scheduler, slot_job_id
 from service.slots import slot_grid
-from workers.processors import record_user
+from workers.processors import Failure, record_user
 
 from .helpers import (
     FIRST_SLOT,
