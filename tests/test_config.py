@@ -1,6 +1,6 @@
 import pytest
 
-from service.config import Config, ConfigError
+from service.config import Config, ConfigError, with_stack_addresses
 
 REQUIRED = {"DATABASE_URL": "postgresql://db/x", "REDIS_URL": "redis://r/0"}
 
@@ -39,3 +39,17 @@ def test_the_driver_is_named_for_sqlalchemy():
 def test_a_bad_setting_stops_the_start(environ, complaint):
     with pytest.raises(ConfigError, match=complaint):
         Config.from_env(environ)
+
+
+def test_a_running_stack_fills_in_only_the_addresses_left_unset(tmp_path):
+    (tmp_path / "stack.env").write_text(
+        "DATABASE_URL=postgresql://stack/db\nREDIS_URL=redis://stack/0\n"
+    )
+    environ = {"VAR_DIR": str(tmp_path), "REDIS_URL": "redis://mine/1", "RPM": "7"}
+    filled = with_stack_addresses(environ)
+    assert filled["DATABASE_URL"] == "postgresql://stack/db"
+    assert filled["REDIS_URL"] == "redis://mine/1"
+    assert filled["RPM"] == "7"
+    assert with_stack_addresses({"VAR_DIR": str(tmp_path / "none")}) == {
+        "VAR_DIR": str(tmp_path / "none")
+    }

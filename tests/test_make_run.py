@@ -5,12 +5,16 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
+from redis import Redis
+
+from service.config import with_stack_addresses
 
 from .processes import ROOT
 
@@ -74,6 +78,24 @@ def stop(make: subprocess.Popen) -> dict[int, str]:
     return started
 
 
+def flask_command(var_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """An operator's `flask ...` in the project folder, with no server address set."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env["VAR_DIR"] = str(var_dir)
+    return subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "wsgi", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def stack_redis(var_dir: Path) -> Redis:
+    return Redis.from_url(with_stack_addresses({"VAR_DIR": str(var_dir)})["REDIS_URL"])
+
+
 def test_make_run_serves_the_stack_on_embedded_servers_and_stops_it_all(tmp_path):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -87,6 +109,10 @@ def test_make_run_serves_the_stack_on_embedded_servers_and_stops_it_all(tmp_path
         assert wait_for_status(base + f"/celery_ids_tasks/{task['task_id']}/", "done") == 3
         users = {user["id"]: user for user in request(base + "/users/")}
         assert all(users[i]["times_processed"] == 1 for i in (7, 8, 9))
+        shown = flask_command(tmp_path, "settings", "show")
+        assert shown.returncode == 0, shown.stderr
+        assert "SLOT_SECONDS=2" in shown.stdout.splitlines()
+        stack_redis(tmp_path).set("kept", "yes")
         started = stop(make)
     finally:
         if make.poll() is None:
@@ -102,12 +128,16 @@ def test_make_run_serves_the_stack_on_embedded_servers_and_stops_it_all(tmp_path
     alive = [command for pid, command in started.items() if psutil.pid_exists(pid)]
     assert not alive, f"still running after the stop: {alive}"
     assert not (tmp_path / "postgres" / "postmaster.pid").exists()
+    unreachable = flask_command(tmp_path, "settings", "show")
+    assert unreachable.returncode == 1
+    assert unreachable.stderr.strip() == "Error: DATABASE_URL is required"
 
-    # A second run reuses the data of the first.
+    # A second run reuses the data of the first, in both servers.
     make = start(tmp_path, port)
     try:
         wait_for_root(base, make)
         assert request(base + "/users/5/")["name"] == "kept"
+        assert stack_redis(tmp_path).get("kept") == b"yes"
         stop(make)
     finally:
         if make.poll() is None:

@@ -8,6 +8,8 @@ from sqlalchemy import text
 from service.extensions import db
 from service.ids import InvalidIds, stream_ids
 
+from .processes import ROOT
+
 TASKS = "/celery_ids_tasks/"
 
 
@@ -24,6 +26,13 @@ def test_csv_body_with_name_and_overflow_in_the_query(client):
     task = answer.json
     assert (task["task_name"], task["overflow"], task["payload"]) == ("big", "defer", "3,1,2")
     assert (task["total"], task["duplicates"]) == (3, 1)
+
+
+def test_the_readmes_example_file_is_accepted(client):
+    body = (ROOT / "examples" / "ids.csv").read_bytes()
+    answer = client.post(f"{TASKS}?task_name=import", data=body, content_type="text/csv")
+    assert answer.status_code == 202
+    assert (answer.json["total"], answer.json["duplicates"]) == (300, 0)
 
 
 def test_plain_text_body_of_many_ids(client):
