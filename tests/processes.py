@@ -27,6 +27,21 @@ def start(command: list[str], settings: dict) -> subprocess.Popen:
     )
 
 
+def run_flask(*args: str, unset: tuple[str, ...] = (), **settings) -> subprocess.CompletedProcess:
+    """A `flask ...` command run to its end, as an operator runs it in the project folder."""
+    env = {**os.environ, **{name: str(value) for name, value in settings.items()}}
+    for name in unset:
+        env.pop(name, None)
+    return subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "wsgi", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def kill_hard(process: subprocess.Popen) -> None:
     """kill -9 the process and the work horse it forked, as a machine failure would."""
     family = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(True))]

@@ -5,7 +5,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -16,7 +15,7 @@ from redis import Redis
 
 from service.config import with_stack_addresses
 
-from .processes import ROOT
+from .processes import ROOT, run_flask
 
 pytestmark = pytest.mark.slow
 
@@ -80,16 +79,7 @@ def stop(make: subprocess.Popen) -> dict[int, str]:
 
 def flask_command(var_dir: Path, *args: str) -> subprocess.CompletedProcess:
     """An operator's `flask ...` in the project folder, with no server address set."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
-    env["VAR_DIR"] = str(var_dir)
-    return subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "wsgi", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_flask(*args, unset=("DATABASE_URL", "REDIS_URL"), VAR_DIR=var_dir)
 
 
 def stack_redis(var_dir: Path) -> Redis:

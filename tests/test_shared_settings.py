@@ -11,18 +11,7 @@ from service.planning import plan_stored_task
 
 from .helpers import submit
 from .processes import ROOT
-
-
-def flask(*args, **settings) -> subprocess.CompletedProcess:
-    env = {**os.environ, **{name: str(value) for name, value in settings.items()}}
-    return subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "wsgi", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+from .processes import run_flask as flask
 
 
 def test_the_first_process_records_and_a_disagreeing_one_refuses_to_start(app):
