@@ -167,7 +167,16 @@ def test_a_page_past_the_end_is_empty(client):
     assert (answer.status_code, answer.json) == (200, [])
 
 
-def test_a_method_not_allowed_is_405(client):
-    answer = client.delete("/users/")
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("delete", "/users/", {"GET", "POST"}),
+        ("post", "/users/1/", {"GET", "PUT", "PATCH", "DELETE"}),
+        ("put", "/slots/", {"GET"}),
+    ],
+)
+def test_a_method_not_allowed_is_405_with_the_allowed_ones(client, method, path, allowed):
+    answer = getattr(client, method)(path)
     assert answer.status_code == 405
     assert answer.json["message"]
+    assert allowed <= {name.strip() for name in answer.headers["Allow"].split(",")}

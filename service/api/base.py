@@ -11,13 +11,15 @@ from werkzeug.exceptions import BadRequest, HTTPException, UnsupportedMediaType
 
 
 class ServiceApi(Api):
-    """Api whose errors always carry a message, including werkzeug's own."""
+    """Api whose errors always carry a message and the headers werkzeug gives them (a 405's
+    `Allow`, for one)."""
 
     def handle_http_exception(self, error: HTTPException):
         payload, code, headers = super().handle_http_exception(error)
         if "message" not in payload and error.description:
             payload["message"] = error.description
-        return payload, code, headers
+        own = {name: value for name, value in error.get_headers() if name != "Content-Type"}
+        return payload, code, {**own, **(headers or {})}
 
 
 class _JsonParser(FlaskParser):
