@@ -6,12 +6,11 @@ import logging
 from pathlib import Path
 
 import rq_dashboard
-from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Flask
 
 from . import api as api_package
 from . import cli, errors
-from .api.base import schema_name
+from .api.base import SchemaRulesPlugin, schema_name
 from .config import Config
 from .extensions import api, db, init_redis, migrate
 
@@ -50,7 +49,7 @@ def create_app(config: Config | None = None) -> Flask:
     init_redis(app)
     api.init_app(
         app,
-        spec_kwargs={"marshmallow_plugin": MarshmallowPlugin(schema_name_resolver=schema_name)},
+        spec_kwargs={"marshmallow_plugin": SchemaRulesPlugin(schema_name_resolver=schema_name)},
     )
     errors.init_app(app, api)
     api_package.init_app(app, api)

@@ -10,7 +10,28 @@ MAX_ID = 2**63 - 1
 _MAX_DIGITS = len(str(MAX_ID))
 # Errors name at most this many bad entries: enough to fix a file, short enough to read.
 MAX_REPORTED_ERRORS = 20
-_SEPARATORS = re.compile(r"[,\s]+")
+# Commas and ASCII whitespace, the same for a JSON payload and a streamed text body.
+SEPARATOR = r"[, \t\n\r\f\v]"
+_SEPARATORS = re.compile(SEPARATOR + "+")
+
+
+def _numbers_up_to(limit: str) -> str:
+    """A regular expression for the decimal numbers from 1 to `limit`, no leading zero:
+    any shorter number, or one as long whose first differing digit is lower."""
+    shorter = f"[1-9][0-9]{{0,{len(limit) - 2}}}"
+    as_long = []
+    for index, digit in enumerate(limit):
+        lowest = 1 if index == 0 else 0
+        if int(digit) > lowest:
+            rest = len(limit) - index - 1
+            as_long.append(f"{limit[:index]}[{lowest}-{int(digit) - 1}][0-9]{{{rest}}}")
+    return "(?:" + "|".join([shorter, *as_long, limit]) + ")"
+
+
+_ID_TOKEN = "0*" + _numbers_up_to(str(MAX_ID))
+# What a payload string or a text body holds, for the OpenAPI document: the same rule as
+# the parsers below, so a generated client sends nothing they refuse.
+IDS_TEXT_PATTERN = f"^{SEPARATOR}*{_ID_TOKEN}(?:{SEPARATOR}+{_ID_TOKEN})*{SEPARATOR}*$"
 
 
 class InvalidIds(ValueError):

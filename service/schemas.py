@@ -8,12 +8,25 @@ from flask import url_for
 from marshmallow import Schema, ValidationError, fields, validates_schema
 from marshmallow.validate import Length, OneOf
 
-from .ids import InvalidIds, id_from_json, parse_json_ids, parse_payload
+from .ids import (
+    IDS_TEXT_PATTERN,
+    MAX_ID,
+    InvalidIds,
+    id_from_json,
+    parse_json_ids,
+    parse_payload,
+)
 from .models import AssignmentStatus, Overflow, TaskStatus
+
+# Text that PostgreSQL can store, for the OpenAPI document (a lone surrogate is not JSON).
+NO_NUL_PATTERN = "^[^\\u0000]*$"
 
 
 class _Text(fields.String):
     """Text that PostgreSQL can store: no NUL character, no lone UTF-16 surrogate."""
+
+    def __init__(self, **kwargs):
+        super().__init__(metadata={"pattern": NO_NUL_PATTERN}, **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
         text = super()._deserialize(value, attr, data, **kwargs)
@@ -26,12 +39,19 @@ class _Text(fields.String):
         return text
 
 
-def _name() -> _Text:
-    return _Text(required=True, validate=Length(min=1, max=255))
+def _name(**kwargs) -> _Text:
+    return _Text(validate=Length(min=1, max=255), **kwargs)
+
+
+# One user ID as the OpenAPI document states it.
+ID_RANGE = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
 
 
 class _UserId(fields.Integer):
     """One user ID: a JSON integer from 1 to 2**63 - 1, never a bool, float or string."""
+
+    def __init__(self, **kwargs):
+        super().__init__(metadata=ID_RANGE, **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
         try:
@@ -42,6 +62,10 @@ class _UserId(fields.Integer):
 
 class _IdList(fields.Field):
     """A JSON list of user IDs; errors are keyed by the index of each bad one."""
+
+    def __init__(self, **kwargs):
+        metadata = {"type": "array", "items": ID_RANGE, "minItems": 1, **kwargs.pop("metadata")}
+        super().__init__(metadata=metadata, **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
         if not isinstance(value, list):
@@ -55,6 +79,10 @@ class _IdList(fields.Field):
 class _Payload(fields.String):
     """The original form: IDs in one string, separated by commas or whitespace."""
 
+    def __init__(self, **kwargs):
+        metadata = {"pattern": IDS_TEXT_PATTERN, **kwargs.pop("metadata")}
+        super().__init__(metadata=metadata, **kwargs)
+
     def _deserialize(self, value, attr, data, **kwargs):
         text = super()._deserialize(value, attr, data, **kwargs)
         try:
@@ -64,22 +92,29 @@ class _Payload(fields.String):
 
 
 class UserSchema(Schema):
+    """A user as answered; one first met as a processed ID has no name."""
+
+    id = fields.Integer(metadata=ID_RANGE)
+    name = fields.String(allow_none=True)
+    date_created = fields.DateTime()
+    last_processed_at = fields.DateTime(allow_none=True)
+    times_processed = fields.Integer()
+
+
+class UserUpdateSchema(Schema):
+    """A user's fields as a client sets them."""
+
+    name = _name(required=True)
+
+
+class UserCreateSchema(UserUpdateSchema):
     id = _UserId()
-    name = _name()
-    date_created = fields.DateTime(dump_only=True)
-    last_processed_at = fields.DateTime(dump_only=True, allow_none=True)
-    times_processed = fields.Integer(dump_only=True)
-
-
-class UserUpdateSchema(UserSchema):
-    class Meta:
-        exclude = ("id",)
 
 
 class TaskSubmitSchema(Schema):
     """A task's IDs come as `payload` (a string) or `ids` (a list), never both."""
 
-    task_name = _name()
+    task_name = _name(required=True)
     payload = _Payload(metadata={"description": "IDs as a string: '1,2,3'"})
     ids = _IdList(metadata={"description": "IDs as a list: [1, 2, 3]"})
     overflow = fields.String(validate=OneOf(list(Overflow)))
@@ -93,6 +128,29 @@ class TaskSubmitSchema(Schema):
             raise ValidationError("give the IDs as payload or as ids", "ids")
         if given and not data[given[0]]:
             raise ValidationError("the list of IDs is empty", given[0])
+
+    @validates_schema
+    def _something_to_change(self, data, partial=None, **kwargs):
+        # An empty update is most likely a client's mistake; saying so helps more than 200.
+        if partial and not data:
+            raise ValidationError("give at least one field to change")
+
+    @staticmethod
+    def openapi_rules(partial: bool) -> dict:
+        """The rules above in the OpenAPI document: exactly one of the two, or at most one
+        in a partial update, which changes something."""
+        if partial:
+            # Only the fields of one form or of the other: never both sources.
+            others = ["task_name", "overflow"]
+            return {
+                "minProperties": 1,
+                "anyOf": [
+                    {"properties": {name: {} for name in (*others, source)}}
+                    | {"additionalProperties": False}
+                    for source in ("payload", "ids")
+                ],
+            }
+        return {"oneOf": [{"required": ["payload"]}, {"required": ["ids"]}]}
 
 
 class TaskSchema(Schema):
@@ -125,6 +183,10 @@ class TaskAcceptedSchema(TaskSchema):
     task_id = fields.Function(lambda task: task.id, metadata={"type": "integer"})
 
 
+# The name of a task sent as a text body without one.
+UNNAMED_TEXT_TASK = "text upload"
+
+
 class TaskIdSchema(Schema):
     position = fields.Integer()
     id = fields.Integer(attribute="user_id")
@@ -138,7 +200,7 @@ class TaskIdSchema(Schema):
 class TextSubmitQuerySchema(Schema):
     """Query of a POST whose body is IDs as text (text/csv or text/plain)."""
 
-    task_name = _name()
+    task_name = _name(load_default=UNNAMED_TEXT_TASK)
     overflow = fields.String(validate=OneOf(list(Overflow)))
 
 
@@ -151,7 +213,7 @@ def _moment(description: str, **kwargs) -> fields.AwareDateTime:
     return fields.AwareDateTime(
         default_timezone=UTC,
         validate=_plausible_year,
-        metadata={"description": description},
+        metadata={"description": description, "pattern": PLAUSIBLE_YEAR_PATTERN},
         **kwargs,
     )
 
@@ -159,6 +221,10 @@ def _moment(description: str, **kwargs) -> fields.AwareDateTime:
 def _plausible_year(moment) -> None:
     if not 1970 <= moment.year <= 9000:
         raise ValidationError("must fall between the years 1970 and 9000")
+
+
+# The same years, for the OpenAPI document: the year as written, as _plausible_year reads it.
+PLAUSIBLE_YEAR_PATTERN = "^(19[7-9][0-9]|[2-8][0-9]{3}|9000)-"
 
 
 class TaskIdsQuerySchema(Schema):

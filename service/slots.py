@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 
 from flask import current_app
 from sqlalchemy import select, text
-from werkzeug.exceptions import UnprocessableEntity
 
 from .extensions import db
 from .models import AssignmentStatus, Slot
@@ -15,7 +14,7 @@ from .planner import SlotGrid
 from .shared_settings import shared
 
 # One answer shows at most a day of one-minute slots.
-MAX_SLOTS_PER_ANSWER = 1440
+MAX_SLOTS_SHOWN = 1440
 DEFAULT_WINDOWS_SHOWN = 4
 
 
@@ -55,11 +54,11 @@ def plan_between(
     grid = slot_grid(values)
     now = datetime.now(UTC)
     start = grid.window_of(start or now)
-    end = end or start + windows * grid.window_length
-    if end <= start:
-        raise UnprocessableEntity("'to' must be later than 'from'")
-    if (end - start) / grid.slot_length > MAX_SLOTS_PER_ANSWER:
-        raise UnprocessableEntity(f"a range shows at most {MAX_SLOTS_PER_ANSWER} slots")
+    # A range ending before it starts is empty; a long one is cut: the client asks again
+    # from the last slot shown.
+    end = min(
+        end or start + windows * grid.window_length, start + MAX_SLOTS_SHOWN * grid.slot_length
+    )
     rpm = values["RPM"]
     stored = {
         slot.slot_start: slot

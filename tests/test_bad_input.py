@@ -150,7 +150,6 @@ def test_missing_resources_are_404(client, path):
         "/users/?page=0",
         "/users/?page=x",
         "/users/?page_size=1000",
-        "/users/?page=100000000000000000000",
         "/rq/0/data/job/%ff.json",
         "/rq/0/data/jobs/planning/failed/99999999999999999999/asc/1.json",
         "/celery_ids_tasks/1/ids/?slot=0001-01-01T00:00:00%2B14:00",
@@ -162,8 +161,10 @@ def test_odd_values_in_paths_and_queries_are_a_4xx(client, path):
     assert answer.json["code"] == answer.status_code
 
 
-def test_a_page_past_the_end_is_empty(client):
-    answer = client.get("/users/?page=99999999999999999")
+@pytest.mark.parametrize("page", ["99999999999999999", "100000000000000000000"])
+def test_a_page_past_the_end_is_empty(client, page):
+    # The second lies beyond what PostgreSQL's OFFSET takes; it is just as empty.
+    answer = client.get(f"/users/?page={page}")
     assert (answer.status_code, answer.json) == (200, [])
 
 

@@ -35,6 +35,12 @@ def test_the_readmes_example_file_is_accepted(client):
     assert (answer.json["total"], answer.json["duplicates"]) == (300, 0)
 
 
+def test_a_text_body_without_a_name_gets_a_default_one(client):
+    answer = client.post(TASKS, data="4 5", content_type="text/plain")
+    assert answer.status_code == 202
+    assert answer.json["task_name"] == "text upload"
+
+
 def test_plain_text_body_of_many_ids(client):
     body = "\n".join(str(i) for i in range(1, 25_001))
     answer = client.post(f"{TASKS}?task_name=many", data=body, content_type="text/plain")
@@ -58,7 +64,7 @@ def test_a_bad_token_is_named_by_index_and_nothing_is_stored(app, client):
 @pytest.mark.parametrize(
     ("query", "body", "status", "clue"),
     [
-        ("", "1,2", 422, "task_name"),
+        ("?task_name=", "1,2", 422, "task_name"),
         ("?task_name=t&overflow=later", "1,2", 422, "overflow"),
         ("?task_name=t", "", 422, "no IDs"),
         ("?task_name=t", " ,\n, ", 422, "no IDs"),

@@ -3,7 +3,8 @@ the content-type check and the OpenAPI component names."""
 
 from __future__ import annotations
 
-from apispec.ext.marshmallow.common import resolve_schema_cls
+from apispec.ext.marshmallow import MarshmallowPlugin
+from apispec.ext.marshmallow.common import resolve_schema_cls, resolve_schema_instance
 from flask import request
 from flask_smorest import Api, Blueprint
 from webargs.flaskparser import FlaskParser
@@ -33,8 +34,41 @@ class _JsonParser(FlaskParser):
             raise BadRequest(f"Invalid JSON body: {reason}") from None
 
 
+# X-Pagination as it is really sent: one header, its value a JSON object in a string.
+PAGINATION_HEADER_DOC = {
+    "description": "pagination as a JSON object: total, total_pages, first_page, "
+    "last_page, page, previous_page, next_page (the last two when they exist)",
+    "schema": {"type": "string"},
+}
+
+
 class ServiceBlueprint(Blueprint):
     ARGUMENTS_PARSER = _JsonParser()
+
+    def _document_pagination_metadata(self, spec, resp_doc):
+        resp_doc.setdefault("headers", {})[self.PAGINATION_HEADER_NAME] = PAGINATION_HEADER_DOC
+
+
+# PostgreSQL refuses an OFFSET beyond a bigint; a page that far is simply empty.
+MAX_OFFSET = 2**63 - 1
+
+
+def page_window(pagination_parameters) -> tuple[int, int]:
+    """(offset, limit) of the page asked for."""
+    return min(pagination_parameters.first_item, MAX_OFFSET), pagination_parameters.page_size
+
+
+class SchemaRulesPlugin(MarshmallowPlugin):
+    """Adds what a schema's `openapi_rules(partial)` states across its fields (which of
+    them go together), a rule no single field can document."""
+
+    def schema_helper(self, name, _, schema=None, **kwargs):
+        definition = super().schema_helper(name, _, schema=schema, **kwargs)
+        instance = resolve_schema_instance(schema)
+        rules = getattr(instance, "openapi_rules", None)
+        if rules is not None:
+            definition.update(rules(getattr(instance, "partial", False) is True))
+        return definition
 
 
 def require_content_type(*allowed: str) -> None:

@@ -4,8 +4,10 @@ from flask import current_app, request
 from flask.views import MethodView
 
 from .. import id_tasks
-from ..ids import stream_ids
+from ..ids import IDS_TEXT_PATTERN, stream_ids
 from ..schemas import (
+    NO_NUL_PATTERN,
+    UNNAMED_TEXT_TASK,
     TaskAcceptedSchema,
     TaskIdSchema,
     TaskIdsQuerySchema,
@@ -13,7 +15,7 @@ from ..schemas import (
     TaskSubmitSchema,
     TextSubmitQuerySchema,
 )
-from .base import ServiceBlueprint, require_content_type
+from .base import ServiceBlueprint, page_window, require_content_type
 
 blp = ServiceBlueprint("tasks", __name__, url_prefix="/celery_ids_tasks", description="ID tasks")
 
@@ -23,7 +25,7 @@ TEXT_TYPES = ("text/csv", "text/plain")
 TEXT_BYTES_PER_ID = 21
 
 TEXT_BODY = {
-    "schema": {"type": "string", "example": "1,2,3\n4 5 6"},
+    "schema": {"type": "string", "pattern": IDS_TEXT_PATTERN, "example": "1,2,3\n4 5 6"},
 }
 SUBMISSION_DOC = {
     "requestBody": {
@@ -38,8 +40,13 @@ SUBMISSION_DOC = {
         {
             "in": "query",
             "name": "task_name",
-            "schema": {"type": "string"},
-            "description": "required with a text body",
+            "schema": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 255,
+                "pattern": NO_NUL_PATTERN,
+            },
+            "description": f"with a text body (default: {UNNAMED_TEXT_TASK!r})",
         },
         {
             "in": "query",
@@ -68,8 +75,9 @@ def _changes(fields: dict) -> dict:
 def _submission() -> dict:
     """A JSON body, or IDs as text streamed from the body with the rest in the query."""
     parser = blp.ARGUMENTS_PARSER
+    # The query is checked whatever the body, so that no malformed request goes through.
+    fields = parser.parse(TextSubmitQuerySchema(), location="query")
     if request.mimetype in TEXT_TYPES:
-        fields = parser.parse(TextSubmitQuerySchema(), location="query")
         request.max_content_length = current_app.config["MAX_IDS_PER_TASK"] * TEXT_BYTES_PER_ID
         return {**fields, "ids": stream_ids(request.stream)}
     return _changes(parser.parse(TaskSubmitSchema(), location="json"))
@@ -82,7 +90,7 @@ class Tasks(MethodView):
     def get(self, pagination_parameters):
         """List ID tasks, newest first"""
         page, pagination_parameters.item_count = id_tasks.list_tasks(
-            pagination_parameters.first_item, pagination_parameters.page_size
+            *page_window(pagination_parameters)
         )
         return page
 
@@ -107,6 +115,7 @@ class TaskById(MethodView):
     @blp.arguments(TaskSubmitSchema)
     @blp.response(200, TaskSchema)
     @blp.alt_response(409, response="DEFAULT_ERROR")
+    @blp.alt_response(404, response="DEFAULT_ERROR")
     def put(self, fields, task_id):
         """Replace a task's name, IDs and overflow (new IDs only before any has run)"""
         return id_tasks.replace_task(task_id, _changes(fields))
@@ -114,12 +123,14 @@ class TaskById(MethodView):
     @blp.arguments(TaskSubmitSchema(partial=True))
     @blp.response(200, TaskSchema)
     @blp.alt_response(409, response="DEFAULT_ERROR")
+    @blp.alt_response(404, response="DEFAULT_ERROR")
     def patch(self, fields, task_id):
         """Change a task's name, IDs or overflow (IDs only before any has run)"""
         return id_tasks.update_task(task_id, _changes(fields))
 
     @blp.response(204)
     @blp.alt_response(409, response="DEFAULT_ERROR")
+    @blp.alt_response(404, response="DEFAULT_ERROR")
     def delete(self, task_id):
         """Cancel a task: its pending IDs leave the plan"""
         id_tasks.cancel_task(task_id)
@@ -130,9 +141,10 @@ class TaskIds(MethodView):
     @blp.arguments(TaskIdsQuerySchema, location="query")
     @blp.response(200, TaskIdSchema(many=True))
     @blp.paginate()
+    @blp.alt_response(404, response="DEFAULT_ERROR")
     def get(self, query, task_id, pagination_parameters):
         """The task's IDs in submission order, with slot, status and outcome"""
         page, pagination_parameters.item_count = id_tasks.list_task_ids(
-            task_id, pagination_parameters.first_item, pagination_parameters.page_size, **query
+            task_id, *page_window(pagination_parameters), **query
         )
         return page

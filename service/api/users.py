@@ -3,8 +3,8 @@
 from flask.views import MethodView
 
 from .. import users
-from ..schemas import UserSchema, UserUpdateSchema
-from .base import ServiceBlueprint, require_content_type
+from ..schemas import UserCreateSchema, UserSchema, UserUpdateSchema
+from .base import ServiceBlueprint, page_window, require_content_type
 
 blp = ServiceBlueprint("users", __name__, url_prefix="/users", description="Users")
 
@@ -21,11 +21,11 @@ class Users(MethodView):
     def get(self, pagination_parameters):
         """List users, newest first"""
         page, pagination_parameters.item_count = users.list_users(
-            pagination_parameters.first_item, pagination_parameters.page_size
+            *page_window(pagination_parameters)
         )
         return page
 
-    @blp.arguments(UserSchema)
+    @blp.arguments(UserCreateSchema)
     @blp.response(201, UserSchema)
     @blp.alt_response(409, description="A user with that id exists")
     def post(self, fields):
@@ -43,17 +43,20 @@ class UserById(MethodView):
 
     @blp.arguments(UserUpdateSchema)
     @blp.response(200, UserSchema)
+    @blp.alt_response(404, response="DEFAULT_ERROR")
     def put(self, fields, user_id):
         """Replace a user's fields"""
         return users.update_user(user_id, fields)
 
     @blp.arguments(UserUpdateSchema(partial=True))
     @blp.response(200, UserSchema)
+    @blp.alt_response(404, response="DEFAULT_ERROR")
     def patch(self, fields, user_id):
         """Update some of a user's fields"""
         return users.update_user(user_id, fields)
 
     @blp.response(204)
+    @blp.alt_response(404, response="DEFAULT_ERROR")
     def delete(self, user_id):
         """Delete a user"""
         users.delete_user(user_id)
