@@ -4,6 +4,7 @@ from flask import current_app, request
 from flask.views import MethodView
 
 from .. import id_tasks
+from ..idempotency import OPENAPI_PARAMETER, OPENAPI_RESPONSE_HEADERS, idempotent
 from ..ids import stream_ids
 from ..schemas import (
     TaskAcceptedSchema,
@@ -47,6 +48,7 @@ SUBMISSION_DOC = {
             "schema": {"type": "string", "enum": ["spread", "defer"]},
             "description": "with a text body",
         },
+        OPENAPI_PARAMETER,
     ],
 }
 
@@ -55,6 +57,10 @@ SUBMISSION_DOC = {
 def _known_body_types():
     if request.endpoint == "tasks.Tasks":
         require_content_type(JSON, *TEXT_TYPES)
+        if request.mimetype in TEXT_TYPES:
+            # Set before anything opens the body's stream, which takes the limit then.
+            limit = current_app.config["MAX_IDS_PER_TASK"] * TEXT_BYTES_PER_ID
+            request.max_content_length = limit
     else:
         require_content_type(JSON)
 
@@ -70,7 +76,6 @@ def _submission() -> dict:
     parser = blp.ARGUMENTS_PARSER
     if request.mimetype in TEXT_TYPES:
         fields = parser.parse(TextSubmitQuerySchema(), location="query")
-        request.max_content_length = current_app.config["MAX_IDS_PER_TASK"] * TEXT_BYTES_PER_ID
         return {**fields, "ids": stream_ids(request.stream)}
     return _changes(parser.parse(TaskSubmitSchema(), location="json"))
 
@@ -87,7 +92,10 @@ class Tasks(MethodView):
         return page
 
     @blp.doc(**SUBMISSION_DOC)
-    @blp.response(202, TaskAcceptedSchema)
+    @idempotent
+    @blp.response(202, TaskAcceptedSchema, headers=OPENAPI_RESPONSE_HEADERS)
+    @blp.alt_response(400, response="DEFAULT_ERROR")
+    @blp.alt_response(409, response="DEFAULT_ERROR")
     @blp.alt_response(413, response="DEFAULT_ERROR")
     @blp.alt_response(415, response="DEFAULT_ERROR")
     @blp.alt_response(422, response="DEFAULT_ERROR")

@@ -3,6 +3,7 @@
 from flask.views import MethodView
 
 from .. import users
+from ..idempotency import OPENAPI_PARAMETER, OPENAPI_RESPONSE_HEADERS, idempotent
 from ..schemas import UserSchema, UserUpdateSchema
 from .base import ServiceBlueprint, require_content_type
 
@@ -25,8 +26,11 @@ class Users(MethodView):
         )
         return page
 
+    @blp.doc(parameters=[OPENAPI_PARAMETER])
+    @idempotent
     @blp.arguments(UserSchema)
-    @blp.response(201, UserSchema)
+    @blp.response(201, UserSchema, headers=OPENAPI_RESPONSE_HEADERS)
+    @blp.alt_response(400, response="DEFAULT_ERROR")
     @blp.alt_response(409, description="A user with that id exists")
     def post(self, fields):
         """Create a user"""
