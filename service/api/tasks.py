@@ -82,6 +82,7 @@ def _submission() -> dict:
 
 @blp.route("/")
 class Tasks(MethodView):
+    @blp.etag
     @blp.response(200, TaskSchema(many=True))
     @blp.paginate()
     def get(self, pagination_parameters):
@@ -106,6 +107,7 @@ class Tasks(MethodView):
 
 @blp.route("/<id:task_id>/")
 class TaskById(MethodView):
+    @blp.etag
     @blp.response(200, TaskSchema)
     @blp.alt_response(404, response="DEFAULT_ERROR")
     def get(self, task_id):
@@ -135,6 +137,7 @@ class TaskById(MethodView):
 
 @blp.route("/<id:task_id>/ids/")
 class TaskIds(MethodView):
+    @blp.etag
     @blp.arguments(TaskIdsQuerySchema, location="query")
     @blp.response(200, TaskIdSchema(many=True))
     @blp.paginate()

@@ -17,6 +17,7 @@ def _json_bodies_only():
 
 @blp.route("/")
 class Users(MethodView):
+    @blp.etag
     @blp.response(200, UserSchema(many=True))
     @blp.paginate()
     def get(self, pagination_parameters):
@@ -39,6 +40,7 @@ class Users(MethodView):
 
 @blp.route("/<id:user_id>/")
 class UserById(MethodView):
+    @blp.etag
     @blp.response(200, UserSchema)
     @blp.alt_response(404, response="DEFAULT_ERROR")
     def get(self, user_id):
