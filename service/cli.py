@@ -12,7 +12,7 @@ from flask import current_app
 from flask.cli import AppGroup, with_appcontext
 from rq import Queue
 
-from . import shared_settings
+from . import idempotency, shared_settings
 from .extensions import get_redis
 from .id_tasks import submit_task
 from .ids import InvalidIds, stream_ids
@@ -52,17 +52,23 @@ def worker_command(queues: tuple[str, ...], burst: bool) -> None:
 @click.option("--burst", is_flag=True, help="Move the due jobs once, then quit.")
 @with_appcontext
 def scheduler_command(burst: bool) -> None:
-    """Run rq-scheduler, polling every second, and reconcile every
-    RECONCILE_INTERVAL_SECONDS."""
+    """Run rq-scheduler, polling every second, and reconcile (and delete expired
+    idempotency keys) every RECONCILE_INTERVAL_SECONDS."""
     _agree_with_the_deployment()
     scheduler = ServiceScheduler(
         queue_name=SLOTS_QUEUE,
         connection=get_redis(),
         interval=SCHEDULER_INTERVAL_SECONDS,
-        maintenance=reconcile,
+        maintenance=_maintenance,
         maintenance_seconds=current_app.config["RECONCILE_INTERVAL_SECONDS"],
     )
     scheduler.run(burst=burst)
+
+
+def _maintenance() -> None:
+    # Keys first: deleting them needs only PostgreSQL, reconcile needs Redis too.
+    idempotency.delete_expired()
+    reconcile()
 
 
 def _agree_with_the_deployment() -> None:

@@ -59,6 +59,8 @@ class Config:
     API_TOKEN: str | None = field(default=None, repr=False)
     MAX_IDS_PER_TASK: int = 10_000_000
     MAX_CONTENT_LENGTH: int = 16 * 1024 * 1024
+    # A POST's Idempotency-Key and its first answer are kept at least this long.
+    IDEMPOTENCY_KEY_HOURS: int = 24
     # The names the environment gave; the others took their defaults.
     explicit: frozenset[str] = field(default=frozenset(), repr=False)
 
@@ -88,6 +90,7 @@ class Config:
             "PLANNING_RATE",
             "RECONCILE_INTERVAL_SECONDS",
             "PROCESSOR_CONCURRENCY",
+            "IDEMPOTENCY_KEY_HOURS",
         )
         for name in positive:
             if getattr(self, name) < 1:

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    LargeBinary,
     SmallInteger,
     String,
     Text,
@@ -198,3 +199,22 @@ class SharedSetting(db.Model):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
+
+
+class IdempotencyKey(db.Model):
+    """The first answer to a POST that carried this Idempotency-Key (service/idempotency.py).
+
+    Its row commits together with what the request did; until the answer is recorded
+    beside it, `status_code` is null.
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # sha256 of the method, path, query and body, in hex.
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    status_code: Mapped[int | None] = mapped_column(SmallInteger)
+    content_type: Mapped[str | None] = mapped_column(String(255))
+    body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

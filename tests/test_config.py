@@ -10,6 +10,7 @@ def test_defaults_apply_when_only_the_servers_are_given():
     assert (config.RPM, config.PLAN_LEAD_SECONDS, config.MAX_ATTEMPTS) == (120, 2.0, 3)
     assert (config.SLOT_SECONDS, config.WINDOW_SLOTS) == (60, 15)
     assert config.API_TOKEN is None
+    assert config.IDEMPOTENCY_KEY_HOURS == 24
 
 
 def test_values_are_converted_to_their_types():
@@ -30,6 +31,7 @@ def test_the_driver_is_named_for_sqlalchemy():
         ({"REDIS_URL": "redis://r/0"}, "DATABASE_URL is required"),
         ({**REQUIRED, "RPM": "many"}, "RPM must be a number"),
         ({**REQUIRED, "RPM": "0"}, "RPM must be at least 1"),
+        ({**REQUIRED, "IDEMPOTENCY_KEY_HOURS": "0"}, "IDEMPOTENCY_KEY_HOURS must be at least 1"),
         ({**REQUIRED, "PLAN_LEAD_SECONDS": "-1"}, "must not be negative"),
         ({**REQUIRED, "ID_PROCESSOR": "no_colon"}, "module:function"),
         ({**REQUIRED, "PACING": "maybe"}, "true or false"),

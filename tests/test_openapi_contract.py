@@ -3,9 +3,11 @@
 Every check runs but one: `use_after_free` expects a DELETEd resource to be gone, while a
 DELETE here cancels a task, which stays readable with the status `cancelled` (see
 docs/api.md). The seed is fixed so that a run in `make test` is repeatable; `st run` with
-the same options and no seed explores further by hand.
+the same options and no seed explores further by hand. tests/schemathesis_hooks.py gives
+each request a fresh Idempotency-Key, as a client would.
 """
 
+import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import pytest
 from werkzeug.serving import make_server
+
+from .processes import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +58,9 @@ def test_every_answer_keeps_to_the_openapi_document(served, tmp_path):
         str(tmp_path),
     ]
     assert shutil.which(command[0]), "schemathesis is installed with requirements-dev.txt"
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks"}
+    run = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env
+    )
     assert run.returncode == 0, run.stdout[-20000:] + run.stderr[-5000:]
     assert "Tested: " in run.stdout

@@ -7,8 +7,10 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from apispec.ext.marshmallow.common import resolve_schema_cls, resolve_schema_instance
 from flask import request
 from flask_smorest import Api, Blueprint
+from flask_smorest.exceptions import NotModified
 from webargs.flaskparser import FlaskParser
 from werkzeug.exceptions import BadRequest, HTTPException, UnsupportedMediaType
+from werkzeug.http import quote_etag
 
 
 class ServiceApi(Api):
@@ -44,6 +46,15 @@ PAGINATION_HEADER_DOC = {
 
 class ServiceBlueprint(Blueprint):
     ARGUMENTS_PARSER = _JsonParser()
+
+    def _check_not_modified(self, etag: str) -> None:
+        # If-None-Match compares weakly (a proxy that compresses may weaken the tag), and
+        # a 304 carries the ETag that the 200 would have (RFC 9110, 13.1.2 and 15.4.5).
+        checked = request.method in self.METHODS_CHECKING_NOT_MODIFIED
+        if checked and request.if_none_match.contains_weak(etag):
+            not_modified = NotModified()
+            not_modified.data = {"headers": {"ETag": quote_etag(etag)}}
+            raise not_modified
 
     def _document_pagination_metadata(self, spec, resp_doc):
         resp_doc.setdefault("headers", {})[self.PAGINATION_HEADER_NAME] = PAGINATION_HEADER_DOC

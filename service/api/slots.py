@@ -11,8 +11,12 @@ blp = ServiceBlueprint("slots", __name__, url_prefix="/slots", description="The 
 
 @blp.route("/")
 class Plan(MethodView):
+    @blp.etag
     @blp.arguments(SlotsQuerySchema, location="query")
     @blp.response(200, PlanSchema)
     def get(self, query):
         """Each slot's load, capacity, done and failed counts, grouped by window"""
-        return slots.plan_between(query.get("start"), query.get("end"))
+        plan = slots.plan_between(query.get("start"), query.get("end"))
+        # `now` differs in every answer: the tag follows the plan alone.
+        blp.set_etag(plan, PlanSchema(exclude=("now",)))
+        return plan

@@ -4,6 +4,7 @@ from flask import current_app, request
 from flask.views import MethodView
 
 from .. import id_tasks
+from ..idempotency import OPENAPI_PARAMETER, OPENAPI_RESPONSE_HEADERS, idempotent
 from ..ids import IDS_TEXT_PATTERN, stream_ids
 from ..schemas import (
     NO_NUL_PATTERN,
@@ -54,6 +55,7 @@ SUBMISSION_DOC = {
             "schema": {"type": "string", "enum": ["spread", "defer"]},
             "description": "with a text body",
         },
+        OPENAPI_PARAMETER,
     ],
 }
 
@@ -62,6 +64,10 @@ SUBMISSION_DOC = {
 def _known_body_types():
     if request.endpoint == "tasks.Tasks":
         require_content_type(JSON, *TEXT_TYPES)
+        if request.mimetype in TEXT_TYPES:
+            # Set before anything opens the body's stream, which takes the limit then.
+            limit = current_app.config["MAX_IDS_PER_TASK"] * TEXT_BYTES_PER_ID
+            request.max_content_length = limit
     else:
         require_content_type(JSON)
 
@@ -78,13 +84,13 @@ def _submission() -> dict:
     # The query is checked whatever the body, so that no malformed request goes through.
     fields = parser.parse(TextSubmitQuerySchema(), location="query")
     if request.mimetype in TEXT_TYPES:
-        request.max_content_length = current_app.config["MAX_IDS_PER_TASK"] * TEXT_BYTES_PER_ID
         return {**fields, "ids": stream_ids(request.stream)}
     return _changes(parser.parse(TaskSubmitSchema(), location="json"))
 
 
 @blp.route("/")
 class Tasks(MethodView):
+    @blp.etag
     @blp.response(200, TaskSchema(many=True))
     @blp.paginate()
     def get(self, pagination_parameters):
@@ -95,7 +101,10 @@ class Tasks(MethodView):
         return page
 
     @blp.doc(**SUBMISSION_DOC)
-    @blp.response(202, TaskAcceptedSchema)
+    @idempotent
+    @blp.response(202, TaskAcceptedSchema, headers=OPENAPI_RESPONSE_HEADERS)
+    @blp.alt_response(400, response="DEFAULT_ERROR")
+    @blp.alt_response(409, response="DEFAULT_ERROR")
     @blp.alt_response(413, response="DEFAULT_ERROR")
     @blp.alt_response(415, response="DEFAULT_ERROR")
     @blp.alt_response(422, response="DEFAULT_ERROR")
@@ -106,6 +115,7 @@ class Tasks(MethodView):
 
 @blp.route("/<id:task_id>/")
 class TaskById(MethodView):
+    @blp.etag
     @blp.response(200, TaskSchema)
     @blp.alt_response(404, response="DEFAULT_ERROR")
     def get(self, task_id):
@@ -138,6 +148,7 @@ class TaskById(MethodView):
 
 @blp.route("/<id:task_id>/ids/")
 class TaskIds(MethodView):
+    @blp.etag
     @blp.arguments(TaskIdsQuerySchema, location="query")
     @blp.response(200, TaskIdSchema(many=True))
     @blp.paginate()

@@ -3,6 +3,7 @@
 from flask.views import MethodView
 
 from .. import users
+from ..idempotency import OPENAPI_PARAMETER, OPENAPI_RESPONSE_HEADERS, idempotent
 from ..schemas import UserCreateSchema, UserSchema, UserUpdateSchema
 from .base import ServiceBlueprint, page_window, require_content_type
 
@@ -16,6 +17,7 @@ def _json_bodies_only():
 
 @blp.route("/")
 class Users(MethodView):
+    @blp.etag
     @blp.response(200, UserSchema(many=True))
     @blp.paginate()
     def get(self, pagination_parameters):
@@ -25,8 +27,11 @@ class Users(MethodView):
         )
         return page
 
+    @blp.doc(parameters=[OPENAPI_PARAMETER])
+    @idempotent
     @blp.arguments(UserCreateSchema)
-    @blp.response(201, UserSchema)
+    @blp.response(201, UserSchema, headers=OPENAPI_RESPONSE_HEADERS)
+    @blp.alt_response(400, response="DEFAULT_ERROR")
     @blp.alt_response(409, description="A user with that id exists")
     def post(self, fields):
         """Create a user"""
@@ -35,6 +40,7 @@ class Users(MethodView):
 
 @blp.route("/<id:user_id>/")
 class UserById(MethodView):
+    @blp.etag
     @blp.response(200, UserSchema)
     @blp.alt_response(404, response="DEFAULT_ERROR")
     def get(self, user_id):
