@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
+from .logs import LOG_FORMATS
+
 
 class ConfigError(RuntimeError):
     """A setting is missing or malformed; the process must not start."""
@@ -52,6 +54,8 @@ class Config:
     API_TOKEN: str | None = field(default=None, repr=False)
     MAX_IDS_PER_TASK: int = 10_000_000
     MAX_CONTENT_LENGTH: int = 16 * 1024 * 1024
+    # "text" for people reading a terminal, "json" for a log collector.
+    LOG_FORMAT: str = "text"
     # The names the environment gave; the others took their defaults.
     explicit: frozenset[str] = field(default=frozenset(), repr=False)
 
@@ -91,6 +95,9 @@ class Config:
             raise ConfigError("PROCESSOR_HTTP_URL must hold {id}, where each user ID goes")
         if ":" not in self.ID_PROCESSOR:
             raise ConfigError("ID_PROCESSOR must be a 'module:function' path")
+        if self.LOG_FORMAT not in LOG_FORMATS:
+            choices = " or ".join(LOG_FORMATS)
+            raise ConfigError(f"LOG_FORMAT must be {choices}, got {self.LOG_FORMAT!r}")
 
     @property
     def spread_min_open_slots(self) -> int:
