@@ -1,4 +1,4 @@
-"""One log line per request, with a request id that the response echoes.
+"""One log line and one count per request, with a request id that the response echoes.
 
 The id comes from the client's X-Request-ID (a proxy's or a caller's, so one id follows
 a request through every system that logs it) or is made here.
@@ -12,6 +12,8 @@ import time
 import uuid
 
 from flask import Flask, Response, g, request
+
+from . import metrics
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # Long enough for the ids proxies and tracers send; short enough that a client cannot
@@ -41,7 +43,10 @@ def _start() -> None:
 
 
 def _finish(response: Response) -> Response:
-    duration_ms = round((time.perf_counter() - g.request_started) * 1000, 2)
+    seconds = time.perf_counter() - g.request_started
+    rule = request.url_rule.rule if request.url_rule else None
+    metrics.observe_request(request.method, rule, response.status_code, seconds)
+    duration_ms = round(seconds * 1000, 2)
     response.headers[REQUEST_ID_HEADER] = g.request_id
     log.info(
         "%s %s %s",

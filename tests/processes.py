@@ -15,16 +15,33 @@ from service.extensions import db
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _env(settings: dict) -> dict[str, str]:
+    return {**os.environ, **{name: str(value) for name, value in settings.items()}}
+
+
 def start(command: list[str], settings: dict) -> subprocess.Popen:
-    env = {**os.environ, **{name: str(value) for name, value in settings.items()}}
     return subprocess.Popen(
         [sys.executable, "-m", "flask", "--app", "wsgi", *command],
         cwd=ROOT,
-        env=env,
+        env=_env(settings),
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def run_python(arguments: list[str], settings: dict) -> subprocess.CompletedProcess:
+    """`python ARGUMENTS` in the repository, run to its end; a failure fails the test."""
+    finished = subprocess.run(
+        [sys.executable, *arguments],
+        cwd=ROOT,
+        env=_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert finished.returncode == 0, finished.stderr
+    return finished
 
 
 def kill_hard(process: subprocess.Popen) -> None:

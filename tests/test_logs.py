@@ -2,8 +2,6 @@
 
 import json
 import logging
-import os
-import subprocess
 import sys
 
 import pytest
@@ -14,7 +12,7 @@ from service.logs import JsonFormatter, TextFormatter
 from service.planning import plan_stored_task
 
 from .helpers import FIRST_SLOT, PAST, submit
-from .processes import ROOT
+from .processes import run_python
 
 
 def request_lines(caplog) -> list[dict]:
@@ -121,16 +119,8 @@ def test_the_text_format_appends_the_fields_one_line_each():
 
 
 def test_a_worker_started_by_the_cli_logs_in_the_configured_format(app):
-    env = {**os.environ, "LOG_FORMAT": "json"}
-    finished = subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "wsgi", "worker", "--burst"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert finished.returncode == 0, finished.stderr
+    command = ["-m", "flask", "--app", "wsgi", "worker", "--burst"]
+    finished = run_python(command, {"LOG_FORMAT": "json"})
     lines = (finished.stdout + finished.stderr).splitlines()
     parsed = [json.loads(line) for line in lines]
     assert any(line["logger"].startswith("rq.worker") for line in parsed)

@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from .helpers import parse_metrics, requests_counted
 from .processes import ROOT
 
 pytestmark = pytest.mark.slow
@@ -87,6 +88,13 @@ def test_make_run_serves_the_stack_on_embedded_servers_and_stops_it_all(tmp_path
         assert wait_for_status(base + f"/celery_ids_tasks/{task['task_id']}/", "done") == 3
         users = {user["id"]: user for user in request(base + "/users/")}
         assert all(users[i]["times_processed"] == 1 for i in (7, 8, 9))
+        assert request(base + "/readyz")["status"] == "ok"
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as answer:
+            figures = parse_metrics(answer.read().decode())
+        assert figures[("slotted_ids", (("status", "done"),))] == 3
+        # Polled until done, by whichever of gunicorn's two workers: counted in one sum.
+        polled = requests_counted(figures, "GET", "/celery_ids_tasks/<id:task_id>/", 200)
+        assert polled >= 1
         started = stop(make)
     finally:
         if make.poll() is None:

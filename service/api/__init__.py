@@ -31,7 +31,7 @@ class IdConverter(IntegerConverter):
 
 def init_app(app, api) -> None:
     # Imported here: the blueprints use the extensions, which use .base of this package.
-    from . import health, root, slots, tasks, users
+    from . import health, metrics, root, slots, tasks, users
 
     app.url_map.converters["id"] = IdConverter
     api.register_blueprint(root.blp)
@@ -39,6 +39,7 @@ def init_app(app, api) -> None:
     api.register_blueprint(tasks.blp)
     api.register_blueprint(slots.blp)
     api.register_blueprint(health.blp)
+    api.register_blueprint(metrics.blp)
     if app.config.get("API_TOKEN"):
         app.before_request(_require_token)
 
