@@ -1,7 +1,9 @@
 FROM python:3.11-slim
 
 WORKDIR /app
-ENV PYTHONUNBUFFERED=1 FLASK_APP=wsgi
+# gunicorn's workers add up their request metrics in PROMETHEUS_MULTIPROC_DIR;
+# gunicorn.conf.py empties it at each start.
+ENV PYTHONUNBUFFERED=1 FLASK_APP=wsgi PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 COPY service service

@@ -1,16 +1,27 @@
 """gunicorn reads this file from the working directory: the web refuses to start when its
-shared settings disagree with the deployment's (see service/shared_settings.py)."""
+shared settings disagree with the deployment's (see service/shared_settings.py), and its
+worker processes share their request metrics through PROMETHEUS_MULTIPROC_DIR (see
+service/metrics.py)."""
 
 import sys
 
 
 def on_starting(server):
     from service import create_app
+    from service.metrics import clear_multiprocess_dir
     from service.shared_settings import SettingsConflict, record_and_check
 
+    # Before any worker is forked: counts of an earlier run would be added to this one's.
+    clear_multiprocess_dir()
     with create_app().app_context():
         try:
             record_and_check()
         except SettingsConflict as conflict:
             print(f"Error: {conflict}", file=sys.stderr)
             sys.exit(1)
+
+
+def child_exit(server, worker):
+    from service.metrics import forget_process
+
+    forget_process(worker.pid)

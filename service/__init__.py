@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import rq_dashboard
 from flask import Flask
 
+from . import access, cli, errors, logs
 from . import api as api_package
-from . import cli, errors
 from .api.base import SchemaRulesPlugin, schema_name
 from .config import Config
 from .extensions import api, db, init_redis, migrate
@@ -40,10 +39,11 @@ def create_app(config: Config | None = None) -> Flask:
     app = Flask(__name__)
     app.config.update(API_SETTINGS)
     app.config.update(config.flask_settings())
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(config.LOG_FORMAT)
 
+    # First among the request hooks: the token check may refuse a request, and its
+    # answer is logged and carries its request id too.
+    access.init_app(app)
     db.init_app(app)
     migrate.init_app(app, db, directory=str(MIGRATIONS))
     init_redis(app)

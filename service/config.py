@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .logs import LOG_FORMATS
+
 ROOT = Path(__file__).resolve().parent.parent
 # `make run` writes the addresses of the servers it uses here while it runs, so that a
 # `flask ...` command in the same folder reaches its stack with no setup.
@@ -61,6 +63,8 @@ class Config:
     MAX_CONTENT_LENGTH: int = 16 * 1024 * 1024
     # A POST's Idempotency-Key and its first answer are kept at least this long.
     IDEMPOTENCY_KEY_HOURS: int = 24
+    # "text" for people reading a terminal, "json" for a log collector.
+    LOG_FORMAT: str = "text"
     # The names the environment gave; the others took their defaults.
     explicit: frozenset[str] = field(default=frozenset(), repr=False)
 
@@ -103,6 +107,9 @@ class Config:
             raise ConfigError("PROCESSOR_HTTP_URL must hold {id}, where each user ID goes")
         if ":" not in self.ID_PROCESSOR:
             raise ConfigError("ID_PROCESSOR must be a 'module:function' path")
+        if self.LOG_FORMAT not in LOG_FORMATS:
+            choices = " or ".join(LOG_FORMATS)
+            raise ConfigError(f"LOG_FORMAT must be {choices}, got {self.LOG_FORMAT!r}")
 
     @property
     def spread_min_open_slots(self) -> int:

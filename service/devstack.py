@@ -157,6 +157,9 @@ def main() -> int:
             env["REDIS_URL"] = servers[-1].url
         log.info("database %s, redis %s", env["DATABASE_URL"], env["REDIS_URL"])
         _write_stack_file(env)
+        # gunicorn's workers add up their request metrics there (gunicorn.conf.py empties
+        # it as the web starts); a folder of this run's own, whatever the shell exports.
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(var / "prometheus")
         # The shared settings this environment sets become the deployment's (a slot
         # length is refused while IDs wait); the ones it leaves unset stay as recorded.
         for command in (["db", "upgrade"], ["settings", "set", "--from-env"]):

@@ -19,7 +19,7 @@ from workers.processors import Failure, as_failure, is_per_id, load_processor
 from . import claimers
 from .claims import Batch, Claim, claim, hold, mark_tasks_running
 from .extensions import db
-from .outcomes import process_and_record, record_outcomes
+from .outcomes import Tally, process_and_record, record_outcomes
 from .pacing import SYSTEM_CLOCK, Clock, paced_groups, step_of
 from .scheduling import add_slot_helper
 from .shared_settings import shared
@@ -39,11 +39,19 @@ HELP_EVERY_SECONDS = 2.0
 
 @dataclass(frozen=True)
 class SlotRun:
-    """What a slot job did; RQ keeps it as the job's result, the dashboard shows it."""
+    """What a slot job did; RQ keeps it as the job's result, the dashboard shows it, the
+    worker logs it."""
 
     slot: datetime
-    processed: int
+    claimed: int  # IDs this run took from the slot
+    done: int
+    failed: int  # attempts that failed, to be retried or not
     handed_back: int  # claimed but not processed: its worker was asked to stop
+    lateness_seconds: float  # from the slot's start to this run's first claim
+
+    @property
+    def processed(self) -> int:
+        return self.done + self.failed
 
 
 def run_slot(slot: datetime, clock: Clock = SYSTEM_CLOCK) -> SlotRun:
@@ -59,22 +67,51 @@ def run_slot(slot: datetime, clock: Clock = SYSTEM_CLOCK) -> SlotRun:
     # applying from the next slot is soon enough), so they are read once per run.
     settings = shared()
     slot_seconds, max_attempts = settings["SLOT_SECONDS"], settings["MAX_ATTEMPTS"]
+    claimed = 0
     with claimers.claiming(slot) as claimer:
         calls = _calls(slot, claimer, processor, clock, max_attempts)
         helping = _Helpers(slot, clock)
         clock.wait_until(slot.timestamp(), claimers.stop_requested)
+        lateness = clock.seconds() - slot.timestamp()
         while not claimers.stop_requested():
             size = _batch_size(slot, slot_seconds)
             batch = claim(slot, claimer, size, clock.now(), slot_seconds)
             if not batch.claims:
                 break
+            claimed += len(batch.claims)
             mark_tasks_running({c.task_id for c in batch.claims})
             for turn, group in _groups(batch, clock):
                 calls.hand(group, turn)
                 helping.note(calls.behind(turn))
         calls.finish()
         handed_back = claimers.release_held_by(claimer)
-    return SlotRun(slot, calls.handled, handed_back)
+    done, failed = calls.tally.done, calls.tally.failed
+    run = SlotRun(slot, claimed, done, failed, handed_back, round(lateness, 3))
+    _log_run(run)
+    return run
+
+
+def _log_run(run: SlotRun) -> None:
+    log.info(
+        "slot %s: %d claimed, %d done, %d failed, %d handed back, started %.3f s late",
+        run.slot.isoformat(),
+        run.claimed,
+        run.done,
+        run.failed,
+        run.handed_back,
+        run.lateness_seconds,
+        extra={
+            "fields": {
+                "slot": run.slot.isoformat(),
+                "claimed": run.claimed,
+                "processed": run.processed,
+                "done": run.done,
+                "failed": run.failed,
+                "handed_back": run.handed_back,
+                "lateness_seconds": run.lateness_seconds,
+            }
+        },
+    )
 
 
 def _calls(slot: datetime, claimer: int, processor: Callable, clock: Clock, max_attempts: int):
@@ -93,10 +130,10 @@ class GroupCalls:
     ):
         self.slot, self.claimer, self.processor, self.clock = slot, claimer, processor, clock
         self.max_attempts = max_attempts
-        self.handled = 0
+        self.tally = Tally()
 
     def hand(self, group: list[Claim], turn: float) -> None:
-        self.handled += process_and_record(
+        self.tally += process_and_record(
             self.slot, self.claimer, group, self.processor, self.max_attempts
         )
 
@@ -129,7 +166,7 @@ class ConcurrentCalls:
         self.in_flight: list[tuple[Claim, Future]] = []
         self.recorded_at = time.monotonic()
         self.start_lag = 0.0
-        self.handled = 0
+        self.tally = Tally()
 
     def hand(self, group: list[Claim], turn: float) -> None:
         for item in group:
@@ -167,8 +204,7 @@ class ConcurrentCalls:
             return
         held = hold([item for item, _ in outcomes], self.claimer)
         failures = {item.user_id: failure for item, failure in outcomes if failure}
-        record_outcomes(self.slot, held, failures, self.max_attempts)
-        self.handled += len(held)
+        self.tally += record_outcomes(self.slot, held, failures, self.max_attempts)
 
 
 class _Helpers:

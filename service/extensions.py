@@ -31,6 +31,14 @@ def get_redis() -> Redis:
     return current_app.extensions["redis"]
 
 
+def probe_redis(timeout: float) -> Redis:
+    """A client of its own that gives up after `timeout` seconds, for probes that must
+    answer even while Redis hangs; close it after use (`with`)."""
+    return Redis.from_url(
+        current_app.config["REDIS_URL"], socket_timeout=timeout, socket_connect_timeout=timeout
+    )
+
+
 def raw_connection():
     """The psycopg connection under the session, in the session's transaction (for COPY)."""
     return db.session.connection().connection.driver_connection

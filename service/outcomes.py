@@ -15,6 +15,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from flask import current_app
@@ -46,6 +47,21 @@ TASK_OUTCOMES = {
     "failed": TaskStatus.FAILED,
     "done": TaskStatus.DONE,
 }
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Outcomes recorded: IDs done, and attempts that failed (to be retried or not)."""
+
+    done: int = 0
+    failed: int = 0
+
+    @property
+    def processed(self) -> int:
+        return self.done + self.failed
+
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(self.done + other.done, self.failed + other.failed)
 
 
 def backoff(attempts: int) -> timedelta:
@@ -135,15 +151,14 @@ def process_and_record(
     group: list[Claim],
     processor,
     max_attempts: int | None = None,
-) -> int:
+) -> Tally:
     """Process the IDs of the group that this claim still holds, and record their
-    outcomes, in one transaction; returns how many it processed."""
+    outcomes, in one transaction."""
     held = hold(group, claimer)
-    if held:
-        record_outcomes(slot, held, process(processor, held), max_attempts)
-    else:
+    if not held:
         db.session.commit()
-    return len(held)
+        return Tally()
+    return record_outcomes(slot, held, process(processor, held), max_attempts)
 
 
 def process(processor, group: list[Claim]) -> dict[int, Failure]:
@@ -171,7 +186,7 @@ def record_outcomes(
     group: list[Claim],
     failures: Mapping[int, Failure],
     max_attempts: int | None = None,
-) -> None:
+) -> Tally:
     """Done, failed for good, or retrying (planned again by a job of its own); counters
     follow. `max_attempts` is the deployment's, read here when the caller has not.
 
@@ -201,6 +216,7 @@ def record_outcomes(
     db.session.commit()
     if any(row.status == AssignmentStatus.RETRYING for row in written):
         enqueue_retry_planning()
+    return Tally(len(succeeded), len(written) - len(succeeded))
 
 
 def _verdict(item: Claim, failure: Failure | None, task_status: str | None, max_attempts: int):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC
 
 from flask import url_for
+from flask_smorest.error_handler import ErrorSchema
 from marshmallow import Schema, ValidationError, fields, validates_schema
 from marshmallow.validate import Length, OneOf
 
@@ -264,3 +265,29 @@ class PlanSchema(Schema):
     window_slots = fields.Integer()
     now = fields.AwareDateTime()
     windows = fields.List(fields.Nested(WindowSchema))
+
+
+class LivenessSchema(Schema):
+    status = fields.String(metadata={"description": "ok: the process answers"})
+
+
+class CheckSchema(Schema):
+    ok = fields.Boolean()
+    detail = fields.String(metadata={"description": "how long it took, or why it failed"})
+
+
+class ReadinessSchema(Schema):
+    status = fields.Constant("ok", metadata={"description": "every check passed"})
+    checks = fields.Dict(
+        keys=fields.String(),
+        values=fields.Nested(CheckSchema),
+        metadata={"description": "database, migrations and redis"},
+    )
+
+
+class NotReadySchema(ErrorSchema):
+    errors = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        metadata={"description": "each failed check, and why"},
+    )

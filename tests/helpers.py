@@ -2,6 +2,7 @@
 
 from datetime import UTC, datetime, timedelta
 
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from service.extensions import db
@@ -67,3 +68,17 @@ def assignment_rows(task_id):
         ),
         {"t": task_id},
     ).all()
+
+
+def parse_metrics(exposition: str) -> dict[tuple, float]:
+    """Each sample of a /metrics answer by (name, sorted labels)."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+
+
+def requests_counted(figures: dict, method: str, route: str, status: int) -> float:
+    labels = (("method", method), ("route", route), ("status", str(status)))
+    return figures.get(("slotted_http_requests_total", labels), 0.0)

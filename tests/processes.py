@@ -15,12 +15,15 @@ from service.extensions import db
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _env(settings: dict) -> dict[str, str]:
+    return {**os.environ, **{name: str(value) for name, value in settings.items()}}
+
+
 def start(command: list[str], settings: dict) -> subprocess.Popen:
-    env = {**os.environ, **{name: str(value) for name, value in settings.items()}}
     return subprocess.Popen(
         [sys.executable, "-m", "flask", "--app", "wsgi", *command],
         cwd=ROOT,
-        env=env,
+        env=_env(settings),
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -29,7 +32,7 @@ def start(command: list[str], settings: dict) -> subprocess.Popen:
 
 def run_flask(*args: str, unset: tuple[str, ...] = (), **settings) -> subprocess.CompletedProcess:
     """A `flask ...` command run to its end, as an operator runs it in the project folder."""
-    env = {**os.environ, **{name: str(value) for name, value in settings.items()}}
+    env = _env(settings)
     for name in unset:
         env.pop(name, None)
     return subprocess.run(
@@ -40,6 +43,20 @@ def run_flask(*args: str, unset: tuple[str, ...] = (), **settings) -> subprocess
         text=True,
         timeout=60,
     )
+
+
+def run_python(arguments: list[str], settings: dict) -> subprocess.CompletedProcess:
+    """`python ARGUMENTS` in the repository, run to its end; a failure fails the test."""
+    finished = subprocess.run(
+        [sys.executable, *arguments],
+        cwd=ROOT,
+        env=_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert finished.returncode == 0, finished.stderr
+    return finished
 
 
 def kill_hard(process: subprocess.Popen) -> None:

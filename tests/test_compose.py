@@ -42,6 +42,15 @@ def test_the_file_holds_every_part_wired_as_the_service_needs():
     for name in ("web", "worker", "scheduler"):
         waits_for = services[name]["depends_on"]
         assert waits_for["migrate"]["condition"] == "service_completed_successfully"
+        assert waits_for["postgres"]["condition"] == "service_healthy"
         assert waits_for["redis"]["condition"] == "service_healthy"
         environment = services[name]["environment"]
         assert {"DATABASE_URL", "REDIS_URL"} <= set(environment)
+
+
+def test_the_web_is_healthy_only_when_ready_and_every_server_has_a_healthcheck():
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    assert "/readyz" in " ".join(services["web"]["healthcheck"]["test"])
+    for name in ("postgres", "redis", "web"):
+        assert services[name]["healthcheck"]["test"]
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"

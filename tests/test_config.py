@@ -11,6 +11,7 @@ def test_defaults_apply_when_only_the_servers_are_given():
     assert (config.SLOT_SECONDS, config.WINDOW_SLOTS) == (60, 15)
     assert config.API_TOKEN is None
     assert config.IDEMPOTENCY_KEY_HOURS == 24
+    assert config.LOG_FORMAT == "text"
 
 
 def test_values_are_converted_to_their_types():
@@ -36,6 +37,7 @@ def test_the_driver_is_named_for_sqlalchemy():
         ({**REQUIRED, "ID_PROCESSOR": "no_colon"}, "module:function"),
         ({**REQUIRED, "PACING": "maybe"}, "true or false"),
         ({**REQUIRED, "PROCESSOR_HTTP_URL": "http://x/"}, "must hold {id}"),
+        ({**REQUIRED, "LOG_FORMAT": "xml"}, "LOG_FORMAT must be text or json"),
     ],
 )
 def test_a_bad_setting_stops_the_start(environ, complaint):

@@ -15,6 +15,7 @@ from redis import Redis
 
 from service.config import with_stack_addresses
 
+from .helpers import parse_metrics, requests_counted
 from .processes import ROOT, run_flask
 
 pytestmark = pytest.mark.slow
@@ -103,6 +104,13 @@ def test_make_run_serves_the_stack_on_embedded_servers_and_stops_it_all(tmp_path
         assert shown.returncode == 0, shown.stderr
         assert "SLOT_SECONDS=2" in shown.stdout.splitlines()
         stack_redis(tmp_path).set("kept", "yes")
+        assert request(base + "/readyz")["status"] == "ok"
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as answer:
+            figures = parse_metrics(answer.read().decode())
+        assert figures[("slotted_ids", (("status", "done"),))] == 3
+        # Polled until done, by whichever of gunicorn's two workers: counted in one sum.
+        polled = requests_counted(figures, "GET", "/celery_ids_tasks/<id:task_id>/", 200)
+        assert polled >= 1
         started = stop(make)
     finally:
         if make.poll() is None:

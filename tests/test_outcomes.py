@@ -98,8 +98,8 @@ def test_a_slow_worker_whose_claim_was_taken_over_processes_nothing(rpm3):
     # The slow worker's claim timed out; reconcile gave the IDs back and another took them.
     assert release_dead_or_stuck(timedelta(0)) == 2
     fresh = claim(FIRST_SLOT, fast, 10).claims
-    assert process_and_record(FIRST_SLOT, fast, fresh, record_user) == 2
-    assert process_and_record(FIRST_SLOT, slow, stale, record_user) == 0
+    assert process_and_record(FIRST_SLOT, fast, fresh, record_user).processed == 2
+    assert process_and_record(FIRST_SLOT, slow, stale, record_user).processed == 0
     assert times_processed() == {11: 1, 12: 1}
     assert {row.status for row in assignment_rows(task_id)} == {"done"}
     task = db.session.get(IdTask, task_id)

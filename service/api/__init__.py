@@ -10,8 +10,16 @@ from werkzeug.routing import IntegerConverter
 
 from ..ids import MAX_ID
 
-# Paths readable without a token: they describe the API and hold no data.
-PUBLIC_ENDPOINTS = {"root.Root", "api-docs.openapi_json", "api-docs.openapi_swagger_ui", "static"}
+# Paths readable without a token: they describe the API or probe its health, and hold
+# no data.
+PUBLIC_ENDPOINTS = {
+    "root.Root",
+    "api-docs.openapi_json",
+    "api-docs.openapi_swagger_ui",
+    "static",
+    "health.Liveness",
+    "health.Readiness",
+}
 
 
 class IdConverter(IntegerConverter):
@@ -23,13 +31,15 @@ class IdConverter(IntegerConverter):
 
 def init_app(app, api) -> None:
     # Imported here: the blueprints use the extensions, which use .base of this package.
-    from . import root, slots, tasks, users
+    from . import health, metrics, root, slots, tasks, users
 
     app.url_map.converters["id"] = IdConverter
     api.register_blueprint(root.blp)
     api.register_blueprint(users.blp)
     api.register_blueprint(tasks.blp)
     api.register_blueprint(slots.blp)
+    api.register_blueprint(health.blp)
+    api.register_blueprint(metrics.blp)
     if app.config.get("API_TOKEN"):
         app.before_request(_require_token)
 
