@@ -30,3 +30,5 @@ def test_a_wrong_token_is_refused(guarded):
 def test_root_and_docs_stay_open(guarded):
     assert guarded.get("/").status_code == 200
     assert guarded.get("/openapi.json").status_code == 200
+    assert guarded.get("/docs").status_code == 200
+    assert guarded.get("/docs/assets/swagger-ui-bundle.js").status_code == 200

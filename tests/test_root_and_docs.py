@@ -1,3 +1,6 @@
+import re
+
+
 def test_root_links_every_collection_and_the_docs(client):
     links = client.get("/").json
     assert links["users"].endswith("/users/")
@@ -20,10 +23,16 @@ def test_openapi_documents_every_resource(client):
     assert "202" in post["responses"]
 
 
-def test_swagger_ui_is_served(client):
-    answer = client.get("/docs")
-    assert answer.status_code == 200
-    assert b"swagger" in answer.data.lower()
+def test_swagger_ui_is_served_with_its_assets_from_the_app(client):
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert "/docs/assets/swagger-ui-bundle.js" in assets
+    assert all(asset.startswith("/docs/assets/") for asset in assets)
+    for asset in assets:
+        answer = client.get(asset)
+        assert answer.status_code == 200, asset
+        assert len(answer.data) > 1000, asset
 
 
 def test_rq_dashboard_is_mounted(client):

@@ -11,7 +11,13 @@ from werkzeug.routing import IntegerConverter
 from ..ids import MAX_ID
 
 # Paths readable without a token: they describe the API and hold no data.
-PUBLIC_ENDPOINTS = {"root.Root", "api-docs.openapi_json", "api-docs.openapi_swagger_ui", "static"}
+PUBLIC_ENDPOINTS = {
+    "root.Root",
+    "api-docs.openapi_json",
+    "api-docs.openapi_swagger_ui",
+    "swagger_ui.static",
+    "static",
+}
 
 
 class IdConverter(IntegerConverter):
