@@ -11,7 +11,7 @@ from flask import Blueprint, Flask
 from swagger_ui_bundle import swagger_ui_path
 
 from . import api as api_package
-from . import cli, errors
+from . import cli, errors, pages
 from .api.base import schema_name
 from .config import Config
 from .extensions import api, db, init_redis, migrate
@@ -56,6 +56,7 @@ def create_app(config: Config | None = None) -> Flask:
     )
     errors.init_app(app, api)
     api_package.init_app(app, api)
+    pages.init_app(app)
     _serve_swagger_ui(app)
     _mount_dashboard(app)
     cli.init_app(app)

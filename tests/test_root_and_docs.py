@@ -8,6 +8,7 @@ def test_root_links_every_collection_and_the_docs(client):
     assert links["docs"].endswith("/docs")
     assert links["openapi"].endswith("/openapi.json")
     assert links["rq"].endswith("/rq/")
+    assert links["plan"].endswith("/plan")
 
 
 def test_openapi_documents_every_resource(client):
@@ -19,6 +20,7 @@ def test_openapi_documents_every_resource(client):
         "/celery_ids_tasks/{task_id}/",
         "/celery_ids_tasks/{task_id}/ids/",
     } <= set(spec["paths"])
+    assert not [path for path in spec["paths"] if path.startswith("/plan")]  # HTML, not API
     post = spec["paths"]["/celery_ids_tasks/"]["post"]
     assert "202" in post["responses"]
 
