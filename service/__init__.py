@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import rq_dashboard
-from flask import Flask
+from flask import Blueprint, Flask
+from swagger_ui_bundle import swagger_ui_path
 
-from . import access, cli, errors, logs
+from . import access, cli, errors, logs, pages
 from . import api as api_package
 from .api.base import SchemaRulesPlugin, schema_name
 from .config import Config
@@ -22,7 +23,8 @@ API_SETTINGS = {
     "OPENAPI_URL_PREFIX": "/",
     "OPENAPI_JSON_PATH": "openapi.json",
     "OPENAPI_SWAGGER_UI_PATH": "/docs",
-    "OPENAPI_SWAGGER_UI_URL": "https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+    # Served by the app itself (_serve_swagger_ui).
+    "OPENAPI_SWAGGER_UI_URL": "/docs/assets/",
     # Statements are never prepared: a generic plan cannot match a bound status to the
     # partial indexes on status that claims and reconcile rely on.
     "SQLALCHEMY_ENGINE_OPTIONS": {
@@ -53,9 +55,20 @@ def create_app(config: Config | None = None) -> Flask:
     )
     errors.init_app(app, api)
     api_package.init_app(app, api)
+    pages.init_app(app)
+    _serve_swagger_ui(app)
     _mount_dashboard(app)
     cli.init_app(app)
     return app
+
+
+def _serve_swagger_ui(app: Flask) -> None:
+    # From an installed package rather than a CDN: /docs renders on a machine that
+    # reaches no internet, as many operators' do.
+    assets = Blueprint(
+        "swagger_ui", __name__, static_folder=str(swagger_ui_path), static_url_path="/docs/assets"
+    )
+    app.register_blueprint(assets)
 
 
 def _mount_dashboard(app: Flask) -> None:

@@ -119,6 +119,11 @@ class SlotGrid:
     def window_of(self, moment: datetime) -> datetime:
         return _floor(moment, self.window_length)
 
+    def span_of(self, moment: datetime, windows: int) -> datetime:
+        """The start of the span of `windows` windows that holds `moment`, aligned as
+        windows are (with the defaults, a span of four windows is the clock hour)."""
+        return _floor(moment, self.window_length * windows)
+
     def next_window(self, window: datetime) -> datetime:
         return self.window_of(window) + self.window_length
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from flask import current_app
@@ -64,6 +65,31 @@ def slot_job_id(slot: datetime) -> str:
 
 def get_scheduler() -> Scheduler:
     return Scheduler(queue_name=SLOTS_QUEUE, connection=get_redis())
+
+
+@dataclass(frozen=True)
+class ScheduledJob:
+    id: str
+    due: datetime
+    # The slot it runs, for a slot job.
+    slot: datetime | None
+
+
+def scheduled_jobs(limit: int) -> tuple[list[ScheduledJob], int]:
+    """The first `limit` jobs that rq-scheduler holds, soonest first, and how many it
+    holds in all. It keeps them in a schedule of its own, which RQ's registries (and so
+    rq-dashboard's "Scheduled jobs") never show."""
+    scheduler = get_scheduler()
+    held = scheduler.get_jobs(with_times=True, offset=0, length=limit)
+    jobs = [
+        ScheduledJob(
+            job.id,
+            due.replace(tzinfo=UTC),  # rq-scheduler gives due times as naive UTC
+            datetime.fromisoformat(job.args[0]) if job.func_name == SLOT_JOB else None,
+        )
+        for job, due in held
+    ]
+    return jobs, scheduler.count()
 
 
 def schedule_slots(slots: Iterable[datetime]) -> int:

@@ -6,8 +6,8 @@ from datetime import UTC
 
 from flask import url_for
 from flask_smorest.error_handler import ErrorSchema
-from marshmallow import Schema, ValidationError, fields, validates_schema
-from marshmallow.validate import Length, OneOf
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates_schema
+from marshmallow.validate import Length, OneOf, Range
 
 from .ids import (
     IDS_TEXT_PATTERN,
@@ -208,9 +208,10 @@ class TextSubmitQuerySchema(Schema):
 ID_STATUSES = ("received", *AssignmentStatus)
 
 
-def _moment(description: str, **kwargs) -> fields.AwareDateTime:
-    """A moment in a query: ISO 8601, UTC when it names no zone, in a sane range of years
-    (near year 1 or 9999 the arithmetic of windows would leave what datetime can hold)."""
+def moment(description: str, **kwargs) -> fields.AwareDateTime:
+    """A moment in a query or a path: ISO 8601, UTC when it names no zone, in a sane
+    range of years (near year 1 or 9999 the arithmetic of windows would leave what
+    datetime can hold)."""
     return fields.AwareDateTime(
         default_timezone=UTC,
         validate=_plausible_year,
@@ -219,8 +220,8 @@ def _moment(description: str, **kwargs) -> fields.AwareDateTime:
     )
 
 
-def _plausible_year(moment) -> None:
-    if not 1970 <= moment.year <= 9000:
+def _plausible_year(value) -> None:
+    if not 1970 <= value.year <= 9000:
         raise ValidationError("must fall between the years 1970 and 9000")
 
 
@@ -230,12 +231,22 @@ PLAUSIBLE_YEAR_PATTERN = "^(19[7-9][0-9]|[2-8][0-9]{3}|9000)-"
 
 class TaskIdsQuerySchema(Schema):
     status = fields.String(validate=OneOf(ID_STATUSES))
-    slot = _moment("only the IDs of the slot starting then")
+    slot = moment("only the IDs of the slot starting then")
 
 
 class SlotsQuerySchema(Schema):
-    start = _moment("first moment shown (default: the current window's start)", data_key="from")
-    end = _moment("end, exclusive (default: four windows after the start)", data_key="to")
+    start = moment("first moment shown (default: the current window's start)", data_key="from")
+    end = moment("end, exclusive (default: four windows after the start)", data_key="to")
+
+
+class PageQuerySchema(Schema):
+    """The page of an HTML list."""
+
+    class Meta:
+        # A browser's address may carry more than the page asks for; it still opens.
+        unknown = EXCLUDE
+
+    page = fields.Integer(load_default=1, validate=Range(min=1))
 
 
 class SlotSchema(Schema):

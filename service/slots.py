@@ -47,12 +47,16 @@ def subtract_loads(released: dict[datetime, int]) -> None:
 
 
 def plan_between(
-    start: datetime | None, end: datetime | None, windows: int = DEFAULT_WINDOWS_SHOWN
+    start: datetime | None,
+    end: datetime | None,
+    windows: int = DEFAULT_WINDOWS_SHOWN,
+    now: datetime | None = None,
 ) -> dict:
-    """The slots from `start`'s window to `end` (default: `windows` windows later)."""
+    """The slots from `start`'s window to `end` (default: `windows` windows later), as
+    they stand at `now` (default: the clock's)."""
     values = shared()
     grid = slot_grid(values)
-    now = datetime.now(UTC)
+    now = now or datetime.now(UTC)
     start = grid.window_of(start or now)
     # A range ending before it starts is empty; a long one is cut: the client asks again
     # from the last slot shown.

@@ -22,6 +22,13 @@ def test_the_token_opens_the_api(guarded, header):
     assert guarded.get("/users/", headers={"Authorization": header}).status_code == 200
 
 
+def test_the_plan_pages_need_the_token_a_browser_sends_as_basic(guarded):
+    basic = {"Authorization": "Basic " + base64.b64encode(b"ops:s3cret").decode()}
+    for page in ("/plan", "/plan/slots/2026-01-05T09:00:00Z"):
+        assert guarded.get(page).status_code == 401
+        assert guarded.get(page, headers=basic).status_code == 200
+
+
 def test_a_wrong_token_is_refused(guarded):
     assert guarded.get("/users/", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert guarded.get("/rq/", headers={"Authorization": "Bearer nope"}).status_code == 401
@@ -30,3 +37,5 @@ def test_a_wrong_token_is_refused(guarded):
 def test_root_and_docs_stay_open(guarded):
     assert guarded.get("/").status_code == 200
     assert guarded.get("/openapi.json").status_code == 200
+    assert guarded.get("/docs").status_code == 200
+    assert guarded.get("/docs/assets/swagger-ui-bundle.js").status_code == 200

@@ -153,6 +153,9 @@ def test_missing_resources_are_404(client, path):
         "/rq/0/data/job/%ff.json",
         "/rq/0/data/jobs/planning/failed/99999999999999999999/asc/1.json",
         "/celery_ids_tasks/1/ids/?slot=0001-01-01T00:00:00%2B14:00",
+        "/plan/slots/%ff",
+        "/plan/slots/9999-12-31T23:59:59-23:59",
+        "/plan/slots/2026-01-05T09:00:00Z?page=100000000000000000000",
     ],
 )
 def test_odd_values_in_paths_and_queries_are_a_4xx(client, path):

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -16,15 +15,9 @@ from redis import Redis
 from service.config import with_stack_addresses
 
 from .helpers import parse_metrics, requests_counted
-from .processes import ROOT, run_flask
+from .processes import ROOT, free_port, run_flask, wait_for_http
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def request(url: str, body: dict | None = None):
@@ -35,14 +28,7 @@ def request(url: str, body: dict | None = None):
 
 
 def wait_for_root(base: str, make: subprocess.Popen, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert make.poll() is None, "make run exited before serving"
-        try:
-            return request(base + "/")
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError("the API did not answer in time")
+    return json.loads(wait_for_http(base + "/", make, timeout))
 
 
 def wait_for_status(url: str, status: str, timeout: float = 60) -> int:

@@ -186,6 +186,13 @@ def test_slot_and_window_of_a_moment():
     assert GRID.next_window(at("2026-11-29 10:45:00")) == at("2026-11-29 11:00:00")
 
 
+def test_a_span_of_windows_is_aligned_as_windows_are():
+    assert GRID.span_of(at("2026-11-29 10:59:59"), 4) == at("2026-11-29 10:00:00")
+    short = SlotGrid(slot_seconds=2, window_slots=5)
+    assert short.span_of(at("2026-11-29 10:01:59"), 12) == at("2026-11-29 10:00:00")
+    assert short.span_of(at("2026-11-29 10:02:00"), 12) == at("2026-11-29 10:02:00")
+
+
 def test_open_slots_of_the_live_window_example():
     slots = GRID.open_slots(at("2026-11-29 10:00"), at("2026-11-29 10:07:20"))
     assert slots[0] == at("2026-11-29 10:08") and slots[-1] == at("2026-11-29 10:14")

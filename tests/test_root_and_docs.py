@@ -1,3 +1,6 @@
+import re
+
+
 def test_root_links_every_collection_and_the_docs(client):
     links = client.get("/").json
     assert links["users"].endswith("/users/")
@@ -5,6 +8,7 @@ def test_root_links_every_collection_and_the_docs(client):
     assert links["docs"].endswith("/docs")
     assert links["openapi"].endswith("/openapi.json")
     assert links["rq"].endswith("/rq/")
+    assert links["plan"].endswith("/plan")
 
 
 def test_openapi_documents_every_resource(client):
@@ -16,14 +20,21 @@ def test_openapi_documents_every_resource(client):
         "/celery_ids_tasks/{task_id}/",
         "/celery_ids_tasks/{task_id}/ids/",
     } <= set(spec["paths"])
+    assert not [path for path in spec["paths"] if path.startswith("/plan")]  # HTML, not API
     post = spec["paths"]["/celery_ids_tasks/"]["post"]
     assert "202" in post["responses"]
 
 
-def test_swagger_ui_is_served(client):
-    answer = client.get("/docs")
-    assert answer.status_code == 200
-    assert b"swagger" in answer.data.lower()
+def test_swagger_ui_is_served_with_its_assets_from_the_app(client):
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert "/docs/assets/swagger-ui-bundle.js" in assets
+    assert all(asset.startswith("/docs/assets/") for asset in assets)
+    for asset in assets:
+        answer = client.get(asset)
+        assert answer.status_code == 200, asset
+        assert len(answer.data) > 1000, asset
 
 
 def test_rq_dashboard_is_mounted(client):

@@ -16,6 +16,7 @@ PUBLIC_ENDPOINTS = {
     "root.Root",
     "api-docs.openapi_json",
     "api-docs.openapi_swagger_ui",
+    "swagger_ui.static",
     "static",
     "health.Liveness",
     "health.Readiness",

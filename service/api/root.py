@@ -17,6 +17,7 @@ class Root(MethodView):
             "users": url_for("users.Users", _external=True),
             "celery_ids_tasks": url_for("tasks.Tasks", _external=True),
             "slots": url_for("slots.Plan", _external=True),
+            "plan": url_for("pages.plan", _external=True),
             "docs": url_for("api-docs.openapi_swagger_ui", _external=True),
             "openapi": url_for("api-docs.openapi_json", _external=True),
             "rq": url_for("rq_dashboard.queues_overview", _external=True),
