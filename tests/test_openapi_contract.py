@@ -25,9 +25,13 @@ SEED = "20261130"
 EXAMPLES_PER_OPERATION = "100"
 
 
+TOKEN = "fuzz-token"
+
+
 @pytest.fixture
-def served(app):
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+def served(make_app):
+    # With a token: the checks then also find any operation that answers without it.
+    server = make_server("127.0.0.1", 0, make_app(API_TOKEN=TOKEN), threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}"
@@ -40,6 +44,8 @@ def test_every_answer_keeps_to_the_openapi_document(served, tmp_path):
         str(Path(sys.executable).with_name("st")),
         "run",
         f"{served}/openapi.json",
+        "--header",
+        f"Authorization: Bearer {TOKEN}",
         "--checks",
         "all",
         "--exclude-checks",
