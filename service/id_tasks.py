@@ -30,6 +30,8 @@ IDS_PER_CHUNK = 10_000
 PAYLOAD_ECHO_MAX_IDS = 1000
 # The statuses in which no ID has been handed to a worker yet.
 REPLANNABLE = (TaskStatus.RECEIVED, TaskStatus.PLANNING, TaskStatus.SCHEDULED)
+# The fields besides the IDs that decide a task's plan: a change re-plans it.
+PLAN_RULES = ("overflow", "not_before")
 
 
 def list_tasks(offset: int, limit: int) -> tuple[list[IdTask], int]:
@@ -49,10 +51,18 @@ def get_task(task_id: int, *, lock: bool = False) -> IdTask:
     return task
 
 
-def submit_task(task_name: str, ids: Iterable[int], overflow: str | None = None) -> IdTask:
+def submit_task(
+    task_name: str,
+    ids: Iterable[int],
+    overflow: str | None = None,
+    not_before: datetime | None = None,
+) -> IdTask:
     """Store a task and its distinct IDs in one transaction, then queue its planning."""
     task = IdTask(
-        task_name=task_name, overflow=overflow or Overflow.SPREAD, status=TaskStatus.RECEIVED
+        task_name=task_name,
+        overflow=overflow or Overflow.SPREAD,
+        not_before=not_before,
+        status=TaskStatus.RECEIVED,
     )
     db.session.add(task)
     db.session.flush()
@@ -64,11 +74,11 @@ def submit_task(task_name: str, ids: Iterable[int], overflow: str | None = None)
 
 def replace_task(task_id: int, fields: dict) -> IdTask:
     """PUT: every field given or set to its default; the same IDs keep their plan."""
-    return update_task(task_id, {"overflow": Overflow.SPREAD, **fields})
+    return update_task(task_id, {"overflow": Overflow.SPREAD, "not_before": None, **fields})
 
 
 def update_task(task_id: int, changes: dict) -> IdTask:
-    """Rename at any time; new IDs or overflow only while none has run, and re-plan.
+    """Rename at any time; new IDs, overflow or start only while none has run, and re-plan.
 
     IDs equal to the task's own (the same distinct IDs in the same order) are no change.
     """
@@ -78,10 +88,16 @@ def update_task(task_id: int, changes: dict) -> IdTask:
     if "ids" in changes and _same_ids(task, changes["ids"]):
         task.duplicates = len(changes["ids"]) - task.total
         changes = {name: value for name, value in changes.items() if name != "ids"}
-    replan = "ids" in changes or changes.get("overflow", task.overflow) != task.overflow
+    new_rules = {
+        name: changes[name]
+        for name in PLAN_RULES
+        if name in changes and changes[name] != getattr(task, name)
+    }
+    replan = "ids" in changes or bool(new_rules)
     if replan:
         _release_plan(task)
-        task.overflow = changes.get("overflow", task.overflow)
+        for name, value in new_rules.items():
+            setattr(task, name, value)
         if "ids" in changes:
             db.session.execute(TaskIdChunk.__table__.delete().where(TaskIdChunk.task_id == task.id))
             _store_ids(task, changes["ids"])

@@ -60,7 +60,7 @@ def plan_stored_task(task_id: int, now: datetime | None = None) -> PlanOutcome:
     if task.status not in PLANNABLE:
         db.session.rollback()
         return PlanOutcome(task_id, skipped=f"already {task.status}")
-    planner = WindowPlanner(task.overflow, now, expected_ids=task.total)
+    planner = WindowPlanner(task.overflow, now, expected_ids=task.total, not_before=task.not_before)
     # The IDs stream from a connection of their own, so that each window's rows go out
     # in one COPY that PostgreSQL ingests while Python computes the next ones. They are
     # committed and cannot change meanwhile: changing them takes the task row lock.
@@ -126,6 +126,8 @@ class WindowPlanner:
     A slot counts as open only if it starts after the plan is committed: the lead is
     PLAN_LEAD_SECONDS plus the time `expected_ids` take at PLANNING_RATE, so a big task
     never puts IDs into a slot that starts while its rows are still being written.
+    With `not_before`, planning starts at the window holding it and never uses a slot
+    that starts earlier; the lead still counts from now.
     """
 
     def __init__(
@@ -146,7 +148,7 @@ class WindowPlanner:
         self.used_slots: set[datetime] = set()
 
     def plan(self, ids: Iterator, write: Writer) -> None:
-        window = self.grid.target_window(self._now())
+        window = self.grid.target_window(self._now(), self.not_before)
         while not self._plan_window(ids, window, write):
             window = self.grid.next_window(window)
 
@@ -169,14 +171,12 @@ class WindowPlanner:
         return self._add_loads(slots, write(fill(ids, loads, self.rpm), slots)) < room
 
     def _now(self) -> datetime:
-        """The planning time: fixed (tests), else the database's clock, not before
-        `not_before`."""
+        """The planning time: fixed (tests), else the database's clock."""
         if self.fixed_now is not None:
             return self.fixed_now
         with raw_connection().cursor() as cur:
             cur.execute("SELECT clock_timestamp()")
-            now = cur.fetchone()[0].astimezone(UTC)
-        return max(now, self.not_before) if self.not_before else now
+            return cur.fetchone()[0].astimezone(UTC)
 
     def _lock_window(self, window: datetime) -> list[datetime]:
         """Lock the window; return its slots still open once the lock is held."""
@@ -186,7 +186,7 @@ class WindowPlanner:
                 "SELECT pg_advisory_xact_lock(%s, %s)",
                 (WINDOW_LOCK_NAMESPACE, number % 2**31),
             )
-        return self.grid.open_slots(window, self._now())
+        return self.grid.open_slots(window, self._now(), self.not_before)
 
     def _loads(self, slots: list[datetime]) -> list[int]:
         with raw_connection().cursor() as cur:

@@ -12,8 +12,8 @@ def at(moment: str) -> datetime:
     return datetime.fromisoformat(moment).replace(tzinfo=UTC)
 
 
-def submit(ids, overflow=None, name="t") -> int:
-    return submit_task(name, ids, overflow).id
+def submit(ids, overflow=None, name="t", not_before=None) -> int:
+    return submit_task(name, ids, overflow, not_before).id
 
 
 def slots_by_id(task_id: int) -> dict[int, datetime]:

@@ -7,6 +7,8 @@ from .. import id_tasks
 from ..ids import IDS_TEXT_PATTERN, stream_ids
 from ..schemas import (
     NO_NUL_PATTERN,
+    NOT_BEFORE_DESCRIPTION,
+    NOT_BEFORE_PATTERN,
     UNNAMED_TEXT_TASK,
     TaskAcceptedSchema,
     TaskIdSchema,
@@ -53,6 +55,12 @@ SUBMISSION_DOC = {
             "name": "overflow",
             "schema": {"type": "string", "enum": ["spread", "defer"]},
             "description": "with a text body",
+        },
+        {
+            "in": "query",
+            "name": "not_before",
+            "schema": {"type": "string", "format": "date-time", "pattern": NOT_BEFORE_PATTERN},
+            "description": f"with a text body: {NOT_BEFORE_DESCRIPTION}",
         },
     ],
 }
