@@ -304,3 +304,27 @@ class PlanSchema(Schema):
     window_slots = fields.Integer()
     now = fields.AwareDateTime()
     windows = fields.List(fields.Nested(WindowSchema))
+
+
+class PreviewSlotSchema(Schema):
+    start = fields.AwareDateTime()
+    added = fields.Integer(metadata={"description": "IDs of the task it would take"})
+    load = fields.Integer(metadata={"description": "its load with them"})
+    capacity = fields.Integer(metadata={"description": "RPM"})
+
+
+class PreviewSchema(Schema):
+    """Where a task's IDs would land if it were submitted now."""
+
+    now = fields.AwareDateTime(metadata={"description": "the planning time of the preview"})
+    rpm = fields.Integer()
+    overflow = fields.String(metadata={"enum": list(Overflow)})
+    not_before = fields.AwareDateTime(allow_none=True)
+    total = fields.Integer(metadata={"description": "distinct IDs"})
+    duplicates = fields.Integer(metadata={"description": "repeated IDs, dropped"})
+    first_slot = fields.AwareDateTime()
+    last_slot = fields.AwareDateTime()
+    slots_above_rpm = fields.Integer(metadata={"description": "slots that would end above RPM"})
+    slots = fields.List(
+        fields.Nested(PreviewSlotSchema), metadata={"description": "the slots it would use"}
+    )

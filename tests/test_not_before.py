@@ -8,21 +8,10 @@ from service.extensions import db
 from service.models import IdTask
 from service.planning import plan_stored_task
 
-from .helpers import at, just_before_a_window, slots_by_id, submit
+from .helpers import at, just_before_a_window, minute, slots_by_id, submit
 
 NOW = at("2030-01-07 10:07:20")
 TASKS = "/celery_ids_tasks/"
-
-
-@pytest.fixture
-def rpm5(make_app):
-    app = make_app(RPM=5)
-    with app.app_context():
-        yield app
-
-
-def minute(m: int) -> datetime:
-    return at("2030-01-07 10:00") + timedelta(minutes=m)
 
 
 def test_planning_starts_at_the_window_holding_a_later_start(rpm5):

@@ -3,13 +3,14 @@
 from flask import current_app, request
 from flask.views import MethodView
 
-from .. import id_tasks
+from .. import id_tasks, preview
 from ..ids import IDS_TEXT_PATTERN, stream_ids
 from ..schemas import (
     NO_NUL_PATTERN,
     NOT_BEFORE_DESCRIPTION,
     NOT_BEFORE_PATTERN,
     UNNAMED_TEXT_TASK,
+    PreviewSchema,
     TaskAcceptedSchema,
     TaskIdSchema,
     TaskIdsQuerySchema,
@@ -66,9 +67,13 @@ SUBMISSION_DOC = {
 }
 
 
+# The endpoints that take IDs as a text body too.
+TEXT_ENDPOINTS = ("tasks.Tasks", "tasks.TaskPreview")
+
+
 @blp.before_request
 def _known_body_types():
-    if request.endpoint == "tasks.Tasks":
+    if request.endpoint in TEXT_ENDPOINTS:
         require_content_type(JSON, *TEXT_TYPES)
     else:
         require_content_type(JSON)
@@ -91,6 +96,13 @@ def _submission() -> dict:
     return _changes(parser.parse(TaskSubmitSchema(), location="json"))
 
 
+def _takes_a_submission(view):
+    """Documents a view that takes a new task's body, and the answers that refuse one."""
+    for status in (413, 415, 422):
+        view = blp.alt_response(status, response="DEFAULT_ERROR")(view)
+    return blp.doc(**SUBMISSION_DOC)(view)
+
+
 @blp.route("/")
 class Tasks(MethodView):
     @blp.response(200, TaskSchema(many=True))
@@ -102,14 +114,22 @@ class Tasks(MethodView):
         )
         return page
 
-    @blp.doc(**SUBMISSION_DOC)
+    @_takes_a_submission
     @blp.response(202, TaskAcceptedSchema)
-    @blp.alt_response(413, response="DEFAULT_ERROR")
-    @blp.alt_response(415, response="DEFAULT_ERROR")
-    @blp.alt_response(422, response="DEFAULT_ERROR")
     def post(self):
         """Submit IDs as JSON, or as a text/csv body; planning runs on a worker"""
         return id_tasks.submit_task(**_submission())
+
+
+@blp.route("/preview")
+class TaskPreview(MethodView):
+    @_takes_a_submission
+    @blp.response(200, PreviewSchema)
+    def post(self):
+        """Where the IDs of a task would land if it were submitted now; stores nothing"""
+        fields = _submission()
+        del fields["task_name"]  # a preview names nothing
+        return preview.preview_plan(**fields)
 
 
 @blp.route("/<id:task_id>/")
