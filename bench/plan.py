@@ -4,6 +4,8 @@ Prints:
 - a 1M-ID task from the POSTed text body to the committed plan, against a bare COPY of
   the same number of rows into the same assignments table in the same run (the ratio);
 - the peak RSS of a planning process for 100k and for 10M IDs (and their ratio);
+- a preview of the same body (POST /celery_ids_tasks/preview until its answer), beside it,
+  and the peak RSS of a process previewing 100k and 10M IDs;
 - the generator alone, in IDs per second.
 
 It empties the tables of the database it is given: point it at a database of its own.
@@ -61,6 +63,15 @@ def pipeline_seconds(app, body: bytes) -> tuple[float, float]:
     return stored - started, time.perf_counter() - stored
 
 
+def preview_seconds(app, body: bytes) -> float:
+    """POST the body to the preview until it answers where the IDs would land."""
+    client = app.test_client()
+    started = time.perf_counter()
+    answer = client.post("/celery_ids_tasks/preview", data=body, content_type="text/csv")
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    return time.perf_counter() - started
+
+
 def bare_copy_seconds(count: int) -> float:
     """The same rows COPYed straight into assignments, as the planner writes them."""
     slot = SLOT.isoformat()
@@ -98,16 +109,38 @@ def planner_peak_rss_mib(count: int) -> float:
     empty_tables()
     ids = (1_000_000_000 + i for i in range(count))
     task_id = submit_task("rss", ids).id
+    report, peak = child_peak_rss_mib(PLANNER_CHILD, str(task_id), PLAN_AT.isoformat())
+    assert f"planned={count}," in report, report
+    return peak
+
+
+def child_peak_rss_mib(script: str, *args: str) -> tuple[str, float]:
+    """Run `script` in a fresh process: the line it prints before its peak RSS, and that."""
     done = subprocess.run(
-        [sys.executable, "-c", PLANNER_CHILD, str(task_id), PLAN_AT.isoformat()],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
+        [sys.executable, "-c", script, *args], cwd=ROOT, check=True, capture_output=True, text=True
     )
     report, peak_kib = done.stdout.strip().splitlines()[-2:]
-    assert report.planned == count, report
-    return int(peak_kib) / 1024
+    return report, int(peak_kib) / 1024
+
+
+PREVIEW_CHILD = """
+import sys
+from service import create_app
+from service.preview import preview_plan
+app = create_app()
+with app.app_context():
+    count = int(sys.argv[1])
+    print(preview_plan(1_000_000_000 + i for i in range(count))["total"])
+with open("/proc/self/status") as status:
+    print(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+"""
+
+
+def preview_peak_rss_mib(count: int) -> float:
+    """Peak RSS of a fresh process previewing `count` IDs handed to it as a stream."""
+    total, peak = child_peak_rss_mib(PREVIEW_CHILD, str(count))
+    assert int(total) == count, total
+    return peak
 
 
 def generator_ids_per_second(count: int) -> float:
@@ -129,11 +162,12 @@ def main() -> None:
     with app.app_context():
         flask_migrate.upgrade(directory=str(ROOT / "migrations"))
         body = text_body(args.ids)
-        posts, plans, copies = [], [], []
+        posts, plans, copies, previews = [], [], [], []
         for _ in range(args.runs):
             empty_tables()
             copies.append(bare_copy_seconds(args.ids))
             empty_tables()
+            previews.append(preview_seconds(app, body))
             post, plan = pipeline_seconds(app, body)
             posts.append(post)
             plans.append(plan)
@@ -144,15 +178,19 @@ def main() -> None:
         print(f"  POST of the text body, IDs stored:  {post:6.2f} s")
         print(f"  planning job, plan committed:       {plan:6.2f} s")
         print(f"  POSTed text body to committed plan: {pipeline:6.2f} s")
+        print(f"  preview of the same body, answered: {statistics.median(previews):6.2f} s")
         print(f"  bare COPY of as many assignments:   {copy:6.2f} s")
         print(f"  ratio (bare COPY / whole pipeline): {copy / pipeline:6.2f}  (aim: 0.5 or more)")
 
-        small = planner_peak_rss_mib(args.rss_small)
-        large = planner_peak_rss_mib(args.rss_large)
-        print("peak RSS of the planning process")
-        print(f"  {args.rss_small:>11,} IDs: {small:7.1f} MiB")
-        print(f"  {args.rss_large:>11,} IDs: {large:7.1f} MiB")
-        print(f"  ratio: {large / small:.2f}  (aim: 1.2 or less)")
+        for title, measure in (
+            ("the planning process", planner_peak_rss_mib),
+            ("a process previewing a stream of IDs", preview_peak_rss_mib),
+        ):
+            small, large = measure(args.rss_small), measure(args.rss_large)
+            print(f"peak RSS of {title}")
+            print(f"  {args.rss_small:>11,} IDs: {small:7.1f} MiB")
+            print(f"  {args.rss_large:>11,} IDs: {large:7.1f} MiB")
+            print(f"  ratio: {large / small:.2f}  (aim: 1.2 or less)")
         empty_tables()
 
     rate = generator_ids_per_second(5_000_000)

@@ -7,6 +7,7 @@ from datetime import datetime
 from itertools import islice
 
 from flask import current_app
+from psycopg import sql
 from sqlalchemy import func, select, text
 from werkzeug.exceptions import Conflict, RequestEntityTooLarge, UnprocessableEntity
 
@@ -25,11 +26,14 @@ from .queues import enqueue_planning
 from .slots import subtract_loads
 
 IDS_PER_CHUNK = 10_000
+ID_CHUNKS = "task_id_chunks"
 # Tasks up to this many IDs echo them in `payload`, as the original API did;
 # larger ones are read page by page from /ids/ so that lists stay small.
 PAYLOAD_ECHO_MAX_IDS = 1000
 # The statuses in which no ID has been handed to a worker yet.
 REPLANNABLE = (TaskStatus.RECEIVED, TaskStatus.PLANNING, TaskStatus.SCHEDULED)
+# The fields besides the IDs that decide a task's plan: a change re-plans it.
+PLAN_RULES = ("overflow", "not_before")
 
 
 def list_tasks(offset: int, limit: int) -> tuple[list[IdTask], int]:
@@ -49,10 +53,18 @@ def get_task(task_id: int, *, lock: bool = False) -> IdTask:
     return task
 
 
-def submit_task(task_name: str, ids: Iterable[int], overflow: str | None = None) -> IdTask:
+def submit_task(
+    task_name: str,
+    ids: Iterable[int],
+    overflow: str | None = None,
+    not_before: datetime | None = None,
+) -> IdTask:
     """Store a task and its distinct IDs in one transaction, then queue its planning."""
     task = IdTask(
-        task_name=task_name, overflow=overflow or Overflow.SPREAD, status=TaskStatus.RECEIVED
+        task_name=task_name,
+        overflow=overflow or Overflow.SPREAD,
+        not_before=not_before,
+        status=TaskStatus.RECEIVED,
     )
     db.session.add(task)
     db.session.flush()
@@ -64,11 +76,11 @@ def submit_task(task_name: str, ids: Iterable[int], overflow: str | None = None)
 
 def replace_task(task_id: int, fields: dict) -> IdTask:
     """PUT: every field given or set to its default; the same IDs keep their plan."""
-    return update_task(task_id, {"overflow": Overflow.SPREAD, **fields})
+    return update_task(task_id, {"overflow": Overflow.SPREAD, "not_before": None, **fields})
 
 
 def update_task(task_id: int, changes: dict) -> IdTask:
-    """Rename at any time; new IDs or overflow only while none has run, and re-plan.
+    """Rename at any time; new IDs, overflow or start only while none has run, and re-plan.
 
     IDs equal to the task's own (the same distinct IDs in the same order) are no change.
     """
@@ -78,10 +90,16 @@ def update_task(task_id: int, changes: dict) -> IdTask:
     if "ids" in changes and _same_ids(task, changes["ids"]):
         task.duplicates = len(changes["ids"]) - task.total
         changes = {name: value for name, value in changes.items() if name != "ids"}
-    replan = "ids" in changes or changes.get("overflow", task.overflow) != task.overflow
+    new_rules = {
+        name: changes[name]
+        for name in PLAN_RULES
+        if name in changes and changes[name] != getattr(task, name)
+    }
+    replan = "ids" in changes or bool(new_rules)
     if replan:
         _release_plan(task)
-        task.overflow = changes.get("overflow", task.overflow)
+        for name, value in new_rules.items():
+            setattr(task, name, value)
         if "ids" in changes:
             db.session.execute(TaskIdChunk.__table__.delete().where(TaskIdChunk.task_id == task.id))
             _store_ids(task, changes["ids"])
@@ -246,31 +264,9 @@ def batches(items: Iterable, size: int) -> Iterator[list]:
 
 
 def _store_ids(task: IdTask, ids: Iterable[int]) -> None:
-    """COPY the IDs as arrays of IDS_PER_CHUNK, then drop repeats if there are any.
-
-    PostgreSQL does the de-duplication, so memory stays flat however many IDs come.
-    """
-    limit = current_app.config["MAX_IDS_PER_TASK"]
-    submitted = 0
+    """Store the task's distinct IDs; count them and the repeats dropped."""
     with raw_connection().cursor() as cur:
-        with cur.copy("COPY task_id_chunks (task_id, chunk_no, ids) FROM STDIN") as copy:
-            for chunk_no, chunk in enumerate(batches(ids, IDS_PER_CHUNK)):
-                submitted += len(chunk)
-                if submitted > limit:
-                    raise RequestEntityTooLarge(
-                        f"a task takes at most {limit} IDs (MAX_IDS_PER_TASK)"
-                    )
-                copy.write_row((task.id, chunk_no, "{" + ",".join(map(str, chunk)) + "}"))
-        if not submitted:
-            raise UnprocessableEntity("no IDs given: the body holds none")
-        cur.execute(
-            "SELECT count(DISTINCT u) FROM task_id_chunks c, unnest(c.ids) AS u "
-            "WHERE c.task_id = %s",
-            (task.id,),
-        )
-        distinct = cur.fetchone()[0]
-        if distinct < submitted:
-            _rewrite_without_repeats(cur, task.id)
+        submitted, distinct = store_distinct_ids(cur, ID_CHUNKS, task.id, ids)
         payload = None
         if distinct <= PAYLOAD_ECHO_MAX_IDS:
             cur.execute(
@@ -284,22 +280,70 @@ def _store_ids(task: IdTask, ids: Iterable[int]) -> None:
     task.payload = payload
 
 
-def _rewrite_without_repeats(cur, task_id: int) -> None:
+def store_distinct_ids(cur, table: str, task_id: int, ids: Iterable[int]) -> tuple[int, int]:
+    """COPY the IDs into `table` (shaped as task_id_chunks) as arrays of IDS_PER_CHUNK,
+    then drop repeats if there are any; return how many were submitted and distinct.
+
+    PostgreSQL does the de-duplication, so memory stays flat however many IDs come.
+    """
+    limit = current_app.config["MAX_IDS_PER_TASK"]
+    chunks = sql.Identifier(table)
+    submitted = 0
+    with cur.copy(sql.SQL("COPY {} (task_id, chunk_no, ids) FROM STDIN").format(chunks)) as copy:
+        for chunk_no, chunk in enumerate(batches(ids, IDS_PER_CHUNK)):
+            submitted += len(chunk)
+            if submitted > limit:
+                raise RequestEntityTooLarge(f"a task takes at most {limit} IDs (MAX_IDS_PER_TASK)")
+            copy.write_row((task_id, chunk_no, "{" + ",".join(map(str, chunk)) + "}"))
+    if not submitted:
+        raise UnprocessableEntity("no IDs given: the body holds none")
+    cur.execute(
+        sql.SQL(
+            "SELECT count(DISTINCT u) FROM {} c, unnest(c.ids) AS u WHERE c.task_id = %s"
+        ).format(chunks),
+        (task_id,),
+    )
+    distinct = cur.fetchone()[0]
+    if distinct < submitted:
+        _rewrite_without_repeats(cur, chunks, task_id)
+    return submitted, distinct
+
+
+def _rewrite_without_repeats(cur, chunks: sql.Identifier, task_id: int) -> None:
     """Keep the first occurrence of each ID, renumbered densely in submission order."""
     params = {"task": task_id, "per_chunk": IDS_PER_CHUNK}
     cur.execute(
-        "CREATE TEMP TABLE first_seen ON COMMIT DROP AS "
-        "SELECT u.user_id, min(c.chunk_no::bigint * %(per_chunk)s + u.ordinal) AS first "
-        "FROM task_id_chunks c, unnest(c.ids) WITH ORDINALITY AS u(user_id, ordinal) "
-        "WHERE c.task_id = %(task)s GROUP BY u.user_id",
+        sql.SQL(
+            "CREATE TEMP TABLE first_seen ON COMMIT DROP AS "
+            "SELECT u.user_id, min(c.chunk_no::bigint * %(per_chunk)s + u.ordinal) AS first "
+            "FROM {} c, unnest(c.ids) WITH ORDINALITY AS u(user_id, ordinal) "
+            "WHERE c.task_id = %(task)s GROUP BY u.user_id"
+        ).format(chunks),
         params,
     )
-    cur.execute("DELETE FROM task_id_chunks WHERE task_id = %(task)s", params)
+    cur.execute(sql.SQL("DELETE FROM {} WHERE task_id = %(task)s").format(chunks), params)
     cur.execute(
-        "INSERT INTO task_id_chunks (task_id, chunk_no, ids) "
-        "SELECT %(task)s, rank / %(per_chunk)s, array_agg(user_id ORDER BY rank) "
-        "FROM (SELECT user_id, row_number() OVER (ORDER BY first) - 1 AS rank "
-        "      FROM first_seen) AS ranked "
-        "GROUP BY rank / %(per_chunk)s",
+        sql.SQL(
+            "INSERT INTO {} (task_id, chunk_no, ids) "
+            "SELECT %(task)s, rank / %(per_chunk)s, array_agg(user_id ORDER BY rank) "
+            "FROM (SELECT user_id, row_number() OVER (ORDER BY first) - 1 AS rank "
+            "      FROM first_seen) AS ranked "
+            "GROUP BY rank / %(per_chunk)s"
+        ).format(chunks),
         params,
     )
+
+
+def read_ids(connection, table: str, task_id: int) -> Iterator[tuple[int, int]]:
+    """(position, user_id) of a task's stored IDs in submission order, a few chunks in
+    memory at a time."""
+    with connection.cursor(name=f"{table}_{task_id}") as cursor:
+        cursor.itersize = 2
+        cursor.execute(
+            sql.SQL("SELECT chunk_no, ids FROM {} WHERE task_id = %s ORDER BY chunk_no").format(
+                sql.Identifier(table)
+            ),
+            (task_id,),
+        )
+        for chunk_no, ids in cursor:
+            yield from enumerate(ids, start=chunk_no * IDS_PER_CHUNK)

@@ -82,6 +82,8 @@ class IdTask(db.Model):
     planned: Mapped[int] = mapped_column(Integer, default=0)
     done: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
+    # Planning starts at the window holding this moment, never in a slot before it.
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     first_slot: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_slot: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     date_created: Mapped[datetime] = mapped_column(

@@ -131,16 +131,25 @@ class SlotGrid:
         start = self.window_of(window)
         return [start + i * self.slot_length for i in range(self.window_slots)]
 
-    def is_open(self, slot: datetime, now: datetime) -> bool:
-        return (slot - _utc(now)).total_seconds() > self.lead_seconds
+    def is_open(self, slot: datetime, now: datetime, not_before: datetime | None = None) -> bool:
+        """Starts more than the lead after `now`, and not before `not_before`: the lead is
+        about the time left to write the plan, which a later start does not change."""
+        ahead = (slot - _utc(now)).total_seconds() > self.lead_seconds
+        return ahead and (not_before is None or slot >= _utc(not_before))
 
-    def open_slots(self, window: datetime, now: datetime) -> list[datetime]:
-        return [slot for slot in self.slots_of_window(window) if self.is_open(slot, now)]
+    def open_slots(
+        self, window: datetime, now: datetime, not_before: datetime | None = None
+    ) -> list[datetime]:
+        return [
+            slot for slot in self.slots_of_window(window) if self.is_open(slot, now, not_before)
+        ]
 
-    def target_window(self, now: datetime) -> datetime:
-        """The window containing `now` if it still has an open slot, else the next one."""
-        window = self.window_of(now)
-        return window if self.open_slots(window, now) else self.next_window(window)
+    def target_window(self, now: datetime, not_before: datetime | None = None) -> datetime:
+        """The window containing `now` (or `not_before`, if later) if it still has an open
+        slot, else the next one."""
+        start = max(_utc(now), _utc(not_before)) if not_before else now
+        window = self.window_of(start)
+        return window if self.open_slots(window, now, not_before) else self.next_window(window)
 
 
 def _utc(moment: datetime) -> datetime:

@@ -12,14 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from itertools import chain
 
 from flask import current_app
 from sqlalchemy import update
 from werkzeug.exceptions import NotFound
 
 from .extensions import db, raw_connection
-from .id_tasks import IDS_PER_CHUNK, get_task
+from .id_tasks import ID_CHUNKS, get_task, read_ids
 from .models import AssignmentStatus, IdTask, Overflow, TaskStatus
 from .planner import EPOCH, distribute, fill
 from .scheduling import schedule_slots
@@ -60,12 +59,12 @@ def plan_stored_task(task_id: int, now: datetime | None = None) -> PlanOutcome:
     if task.status not in PLANNABLE:
         db.session.rollback()
         return PlanOutcome(task_id, skipped=f"already {task.status}")
-    planner = WindowPlanner(task.overflow, now, expected_ids=task.total)
+    planner = WindowPlanner(task.overflow, now, expected_ids=task.total, not_before=task.not_before)
     # The IDs stream from a connection of their own, so that each window's rows go out
     # in one COPY that PostgreSQL ingests while Python computes the next ones. They are
     # committed and cannot change meanwhile: changing them takes the task row lock.
     with db.engine.connect() as reader:
-        ids = _read_ids(reader.connection.driver_connection, task)
+        ids = read_ids(reader.connection.driver_connection, ID_CHUNKS, task.id)
         planner.plan(ids, _copy_writer(task.id))
     task.planned = planner.planned
     task.first_slot, task.last_slot = min(planner.used_slots), max(planner.used_slots)
@@ -83,19 +82,6 @@ def _mark_planning(task_id: int) -> None:
         .values(status=TaskStatus.PLANNING)
     )
     db.session.commit()
-
-
-def _read_ids(reader, task: IdTask) -> Iterator[tuple[int, int]]:
-    """(position, user_id) in submission order, a few chunks in memory at a time."""
-    cursor = reader.cursor(name=f"task_{task.id}_ids")
-    cursor.itersize = 2
-    cursor.execute(
-        "SELECT chunk_no, ids FROM task_id_chunks WHERE task_id = %s ORDER BY chunk_no",
-        (task.id,),
-    )
-    return chain.from_iterable(
-        enumerate(ids, start=chunk_no * IDS_PER_CHUNK) for chunk_no, ids in cursor
-    )
 
 
 def _copy_writer(task_id: int) -> Writer:
@@ -120,12 +106,21 @@ def _copy_writer(task_id: int) -> Writer:
     return write
 
 
+def database_now() -> datetime:
+    """The database's clock, the same for every process on every machine."""
+    with raw_connection().cursor() as cur:
+        cur.execute("SELECT clock_timestamp()")
+        return cur.fetchone()[0].astimezone(UTC)
+
+
 class WindowPlanner:
     """Runs IDs through the generator window by window, from the target window on.
 
     A slot counts as open only if it starts after the plan is committed: the lead is
     PLAN_LEAD_SECONDS plus the time `expected_ids` take at PLANNING_RATE, so a big task
     never puts IDs into a slot that starts while its rows are still being written.
+    With `not_before`, planning starts at the window holding it and never uses a slot
+    that starts earlier; the lead still counts from now.
     """
 
     def __init__(
@@ -135,7 +130,7 @@ class WindowPlanner:
         expected_ids: int = 0,
         not_before: datetime | None = None,
     ):
-        values = shared(lock=True)  # a change of settings waits for this plan
+        values = self._settings()
         grid = slot_grid(values)
         writing = expected_ids / current_app.config["PLANNING_RATE"]
         self.grid = replace(grid, lead_seconds=grid.lead_seconds + writing)
@@ -146,7 +141,7 @@ class WindowPlanner:
         self.used_slots: set[datetime] = set()
 
     def plan(self, ids: Iterator, write: Writer) -> None:
-        window = self.grid.target_window(self._now())
+        window = self.grid.target_window(self._now(), self.not_before)
         while not self._plan_window(ids, window, write):
             window = self.grid.next_window(window)
 
@@ -157,7 +152,7 @@ class WindowPlanner:
         slots are open (SPREAD_MIN_OPEN_SLOTS), so that a task is never crowded into
         the last minutes of a window; otherwise it moves on to the next window.
         """
-        slots = self._lock_window(window)
+        slots = self._open_slots(window)
         if not slots:
             return False
         loads = self._loads(slots)
@@ -169,24 +164,24 @@ class WindowPlanner:
         return self._add_loads(slots, write(fill(ids, loads, self.rpm), slots)) < room
 
     def _now(self) -> datetime:
-        """The planning time: fixed (tests), else the database's clock, not before
-        `not_before`."""
-        if self.fixed_now is not None:
-            return self.fixed_now
-        with raw_connection().cursor() as cur:
-            cur.execute("SELECT clock_timestamp()")
-            now = cur.fetchone()[0].astimezone(UTC)
-        return max(now, self.not_before) if self.not_before else now
+        """The planning time: fixed (tests), else the database's clock."""
+        return self.fixed_now if self.fixed_now is not None else database_now()
 
-    def _lock_window(self, window: datetime) -> list[datetime]:
-        """Lock the window; return its slots still open once the lock is held."""
+    def _settings(self) -> dict[str, int]:
+        return shared(lock=True)  # a change of settings waits for this plan
+
+    def _open_slots(self, window: datetime) -> list[datetime]:
+        """The window's slots still open once it is locked."""
+        self._lock(window)
+        return self.grid.open_slots(window, self._now(), self.not_before)
+
+    def _lock(self, window: datetime) -> None:
         number = (window - EPOCH) // self.grid.window_length
         with raw_connection().cursor() as cur:
             cur.execute(
                 "SELECT pg_advisory_xact_lock(%s, %s)",
                 (WINDOW_LOCK_NAMESPACE, number % 2**31),
             )
-        return self.grid.open_slots(window, self._now())
 
     def _loads(self, slots: list[datetime]) -> list[int]:
         with raw_connection().cursor() as cur:
@@ -197,14 +192,17 @@ class WindowPlanner:
     def _add_loads(self, slots: list[datetime], counts: list[int]) -> int:
         used = [(slot, n) for slot, n in zip(slots, counts) if n]
         if used:
-            with raw_connection().cursor() as cur:
-                cur.execute(
-                    "INSERT INTO slots (slot_start, load) "
-                    "SELECT * FROM unnest(%s::timestamptz[], %s::int[]) "
-                    "ON CONFLICT (slot_start) DO UPDATE SET load = slots.load + EXCLUDED.load",
-                    ([slot for slot, _ in used], [n for _, n in used]),
-                )
+            self._store_loads(used)
         written = sum(counts)
         self.planned += written
         self.used_slots.update(slot for slot, _ in used)
         return written
+
+    def _store_loads(self, used: list[tuple[datetime, int]]) -> None:
+        with raw_connection().cursor() as cur:
+            cur.execute(
+                "INSERT INTO slots (slot_start, load) "
+                "SELECT * FROM unnest(%s::timestamptz[], %s::int[]) "
+                "ON CONFLICT (slot_start) DO UPDATE SET load = slots.load + EXCLUDED.load",
+                ([slot for slot, _ in used], [n for _, n in used]),
+            )

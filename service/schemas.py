@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 
 from flask import url_for
 from flask_smorest.error_handler import ErrorSchema
@@ -92,6 +92,63 @@ class _Payload(fields.String):
             raise ValidationError(list(exc.errors.values())) from None
 
 
+def moment(description: str, **kwargs) -> fields.AwareDateTime:
+    """A moment in a query: ISO 8601, UTC when it names no zone, in a sane range of years
+    (near year 1 or 9999 the arithmetic of windows would leave what datetime can hold)."""
+    return fields.AwareDateTime(
+        default_timezone=UTC,
+        validate=_plausible_year,
+        metadata={"description": description, "pattern": PLAUSIBLE_YEAR_PATTERN},
+        **kwargs,
+    )
+
+
+def _plausible_year(moment) -> None:
+    if not 1970 <= moment.year <= 9000:
+        raise ValidationError("must fall between the years 1970 and 9000")
+
+
+# The same years, for the OpenAPI document: the year as written, as _plausible_year reads it.
+PLAUSIBLE_YEAR_PATTERN = "^(19[7-9][0-9]|[2-8][0-9]{3}|9000)-"
+
+
+# A task may ask to start at most this far ahead: a leap year's length, so that the same
+# date next year always passes.
+MAX_START_AHEAD = timedelta(days=366)
+UNAWARE = "must name its time zone: Z or an offset such as +02:00"
+
+
+def _within_a_year(moment) -> None:
+    if moment > datetime.now(UTC) + MAX_START_AHEAD:
+        raise ValidationError("must be at most a year ahead (366 days from now)")
+
+
+def _years_up_to(last: int) -> str:
+    """A pattern of the years from 1970 to `last`, a year of this century, as written."""
+    decade, year = divmod(last % 100, 10)
+    earlier_decades = f"20[0-{decade - 1}][0-9]|" if decade else ""
+    return f"^(19[7-9][0-9]|{earlier_decades}20{decade}[0-{year}])-"
+
+
+NOT_BEFORE_DESCRIPTION = (
+    "planning starts at the window holding this moment and never uses an earlier slot; "
+    "ISO 8601 with a time zone, at most a year ahead; a past moment means now"
+)
+# JSON Schema cannot say "a year from now": the pattern admits the years up to the current
+# one, so a client that keeps to it is never refused.
+NOT_BEFORE_PATTERN = _years_up_to(datetime.now(UTC).year)
+
+
+def _not_before(**kwargs) -> fields.AwareDateTime:
+    """A task's start: an aware moment, at most a year ahead; a past one means now."""
+    return fields.AwareDateTime(
+        validate=[_plausible_year, _within_a_year],
+        error_messages={"invalid_awareness": UNAWARE},
+        metadata={"description": NOT_BEFORE_DESCRIPTION, "pattern": NOT_BEFORE_PATTERN},
+        **kwargs,
+    )
+
+
 class UserSchema(Schema):
     """A user as answered; one first met as a processed ID has no name."""
 
@@ -119,6 +176,7 @@ class TaskSubmitSchema(Schema):
     payload = _Payload(metadata={"description": "IDs as a string: '1,2,3'"})
     ids = _IdList(metadata={"description": "IDs as a list: [1, 2, 3]"})
     overflow = fields.String(validate=OneOf(list(Overflow)))
+    not_before = _not_before(allow_none=True)
 
     @validates_schema
     def _one_id_source(self, data, partial=None, **kwargs):
@@ -142,7 +200,7 @@ class TaskSubmitSchema(Schema):
         in a partial update, which changes something."""
         if partial:
             # Only the fields of one form or of the other: never both sources.
-            others = ["task_name", "overflow"]
+            others = ["task_name", "overflow", "not_before"]
             return {
                 "minProperties": 1,
                 "anyOf": [
@@ -171,6 +229,7 @@ class TaskSchema(Schema):
     done = fields.Integer()
     failed = fields.Integer()
     pending = fields.Integer()
+    not_before = fields.DateTime(allow_none=True)
     first_slot = fields.DateTime(allow_none=True)
     last_slot = fields.DateTime(allow_none=True)
     ids_url = fields.Method("_ids_url")
@@ -203,30 +262,10 @@ class TextSubmitQuerySchema(Schema):
 
     task_name = _name(load_default=UNNAMED_TEXT_TASK)
     overflow = fields.String(validate=OneOf(list(Overflow)))
+    not_before = _not_before()
 
 
 ID_STATUSES = ("received", *AssignmentStatus)
-
-
-def moment(description: str, **kwargs) -> fields.AwareDateTime:
-    """A moment in a query or a path: ISO 8601, UTC when it names no zone, in a sane
-    range of years (near year 1 or 9999 the arithmetic of windows would leave what
-    datetime can hold)."""
-    return fields.AwareDateTime(
-        default_timezone=UTC,
-        validate=_plausible_year,
-        metadata={"description": description, "pattern": PLAUSIBLE_YEAR_PATTERN},
-        **kwargs,
-    )
-
-
-def _plausible_year(value) -> None:
-    if not 1970 <= value.year <= 9000:
-        raise ValidationError("must fall between the years 1970 and 9000")
-
-
-# The same years, for the OpenAPI document: the year as written, as _plausible_year reads it.
-PLAUSIBLE_YEAR_PATTERN = "^(19[7-9][0-9]|[2-8][0-9]{3}|9000)-"
 
 
 class TaskIdsQuerySchema(Schema):
@@ -301,4 +340,28 @@ class NotReadySchema(ErrorSchema):
         keys=fields.String(),
         values=fields.String(),
         metadata={"description": "each failed check, and why"},
+    )
+
+
+class PreviewSlotSchema(Schema):
+    start = fields.AwareDateTime()
+    added = fields.Integer(metadata={"description": "IDs of the task it would take"})
+    load = fields.Integer(metadata={"description": "its load with them"})
+    capacity = fields.Integer(metadata={"description": "RPM"})
+
+
+class PreviewSchema(Schema):
+    """Where a task's IDs would land if it were submitted now."""
+
+    now = fields.AwareDateTime(metadata={"description": "the planning time of the preview"})
+    rpm = fields.Integer()
+    overflow = fields.String(metadata={"enum": list(Overflow)})
+    not_before = fields.AwareDateTime(allow_none=True)
+    total = fields.Integer(metadata={"description": "distinct IDs"})
+    duplicates = fields.Integer(metadata={"description": "repeated IDs, dropped"})
+    first_slot = fields.AwareDateTime()
+    last_slot = fields.AwareDateTime()
+    slots_above_rpm = fields.Integer(metadata={"description": "slots that would end above RPM"})
+    slots = fields.List(
+        fields.Nested(PreviewSlotSchema), metadata={"description": "the slots it would use"}
     )

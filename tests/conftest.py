@@ -99,3 +99,11 @@ def rpm3(make_app):
     app = make_app(RPM=3, PACING=False, RETRY_BACKOFF_SECONDS=0)
     with app.app_context():
         yield app
+
+
+@pytest.fixture
+def rpm5(make_app):
+    """An app at RPM 5, its context pushed."""
+    app = make_app(RPM=5)
+    with app.app_context():
+        yield app

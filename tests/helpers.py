@@ -13,8 +13,13 @@ def at(moment: str) -> datetime:
     return datetime.fromisoformat(moment).replace(tzinfo=UTC)
 
 
-def submit(ids, overflow=None, name="t") -> int:
-    return submit_task(name, ids, overflow).id
+def minute(m: int) -> datetime:
+    """A slot of the window the planning tests plan into: 2030-01-07 10:00 plus `m` minutes."""
+    return at("2030-01-07 10:00") + timedelta(minutes=m)
+
+
+def submit(ids, overflow=None, name="t", not_before=None) -> int:
+    return submit_task(name, ids, overflow, not_before).id
 
 
 def slots_by_id(task_id: int) -> dict[int, datetime]:

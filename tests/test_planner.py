@@ -1,6 +1,6 @@
 """The planner on its own: DESIGN.md's worked examples, then properties."""
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import count
 
 import pytest
@@ -213,6 +213,25 @@ def test_target_window_moves_on_when_the_current_one_is_closed():
     assert GRID.target_window(at("2026-11-29 10:07:20")) == at("2026-11-29 10:00")
     assert GRID.target_window(at("2026-11-29 10:14:30")) == at("2026-11-29 10:15")
     assert GRID.target_window(at("2026-11-29 10:13:59")) == at("2026-11-29 10:15")
+
+
+def test_a_later_start_makes_its_window_the_first_and_closes_earlier_slots():
+    now, not_before = at("2026-11-29 10:07:20"), at("2026-11-29 10:37:30")
+    assert GRID.target_window(now, not_before) == at("2026-11-29 10:30")
+    slots = GRID.open_slots(at("2026-11-29 10:30"), now, not_before)
+    assert slots == [at("2026-11-29 10:38") + timedelta(minutes=m) for m in range(7)]
+    # A start on a slot's boundary may use that slot.
+    assert GRID.is_open(at("2026-11-29 10:38"), now, at("2026-11-29 10:38"))
+
+
+def test_a_start_in_the_past_or_within_the_lead_changes_nothing_of_the_lead():
+    now = at("2026-11-29 10:07:59")
+    assert GRID.open_slots(at("2026-11-29 10:00"), now, at("2026-11-29 09:00")) == [
+        at("2026-11-29 10:08") + timedelta(minutes=m) for m in range(1, 7)
+    ]
+    assert not GRID.is_open(at("2026-11-29 10:08"), now, at("2026-11-29 10:08"))
+    # A start late in its window: the window holding it is closed, the next one comes.
+    assert GRID.target_window(now, at("2026-11-29 10:44:30")) == at("2026-11-29 10:45")
 
 
 def test_short_slots_align_windows_to_their_length():

@@ -2,7 +2,7 @@
 
 import json
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 from rq import Queue
@@ -14,22 +14,11 @@ from service.models import IdTask
 from service.planning import plan_stored_task
 from service.queues import PLANNING_QUEUE
 
-from .helpers import at, loads, set_load, slots_by_id, submit
+from .helpers import at, loads, minute, set_load, slots_by_id, submit
 
 NOW = at("2030-01-07 10:07:20")
 WINDOW = at("2030-01-07 10:00")
 NEXT_WINDOW = at("2030-01-07 10:15")
-
-
-@pytest.fixture
-def rpm5(make_app):
-    app = make_app(RPM=5)
-    with app.app_context():
-        yield app
-
-
-def minute(m: int):
-    return at("2030-01-07 10:00") + timedelta(minutes=m)
 
 
 def plan_two_tasks(now, b_overflow=None) -> tuple[dict, dict]:

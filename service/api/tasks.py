@@ -3,12 +3,15 @@
 from flask import current_app, request
 from flask.views import MethodView
 
-from .. import id_tasks
+from .. import id_tasks, preview
 from ..idempotency import OPENAPI_PARAMETER, OPENAPI_RESPONSE_HEADERS, idempotent
 from ..ids import IDS_TEXT_PATTERN, stream_ids
 from ..schemas import (
     NO_NUL_PATTERN,
+    NOT_BEFORE_DESCRIPTION,
+    NOT_BEFORE_PATTERN,
     UNNAMED_TEXT_TASK,
+    PreviewSchema,
     TaskAcceptedSchema,
     TaskIdSchema,
     TaskIdsQuerySchema,
@@ -55,14 +58,23 @@ SUBMISSION_DOC = {
             "schema": {"type": "string", "enum": ["spread", "defer"]},
             "description": "with a text body",
         },
-        OPENAPI_PARAMETER,
+        {
+            "in": "query",
+            "name": "not_before",
+            "schema": {"type": "string", "format": "date-time", "pattern": NOT_BEFORE_PATTERN},
+            "description": f"with a text body: {NOT_BEFORE_DESCRIPTION}",
+        },
     ],
 }
 
 
+# The endpoints that take IDs as a text body too.
+TEXT_ENDPOINTS = ("tasks.Tasks", "tasks.TaskPreview")
+
+
 @blp.before_request
 def _known_body_types():
-    if request.endpoint == "tasks.Tasks":
+    if request.endpoint in TEXT_ENDPOINTS:
         require_content_type(JSON, *TEXT_TYPES)
         if request.mimetype in TEXT_TYPES:
             # Set before anything opens the body's stream, which takes the limit then.
@@ -88,6 +100,18 @@ def _submission() -> dict:
     return _changes(parser.parse(TaskSubmitSchema(), location="json"))
 
 
+def _takes_a_submission(*more_parameters):
+    """Documents a view that takes a new task's body, and the answers that refuse one."""
+    doc = {**SUBMISSION_DOC, "parameters": [*SUBMISSION_DOC["parameters"], *more_parameters]}
+
+    def document(view):
+        for status in (413, 415, 422):
+            view = blp.alt_response(status, response="DEFAULT_ERROR")(view)
+        return blp.doc(**doc)(view)
+
+    return document
+
+
 @blp.route("/")
 class Tasks(MethodView):
     @blp.etag
@@ -100,17 +124,25 @@ class Tasks(MethodView):
         )
         return page
 
-    @blp.doc(**SUBMISSION_DOC)
+    @_takes_a_submission(OPENAPI_PARAMETER)
     @idempotent
     @blp.response(202, TaskAcceptedSchema, headers=OPENAPI_RESPONSE_HEADERS)
     @blp.alt_response(400, response="DEFAULT_ERROR")
     @blp.alt_response(409, response="DEFAULT_ERROR")
-    @blp.alt_response(413, response="DEFAULT_ERROR")
-    @blp.alt_response(415, response="DEFAULT_ERROR")
-    @blp.alt_response(422, response="DEFAULT_ERROR")
     def post(self):
         """Submit IDs as JSON, or as a text/csv body; planning runs on a worker"""
         return id_tasks.submit_task(**_submission())
+
+
+@blp.route("/preview")
+class TaskPreview(MethodView):
+    @_takes_a_submission()
+    @blp.response(200, PreviewSchema)
+    def post(self):
+        """Where the IDs of a task would land if it were submitted now; stores nothing"""
+        fields = _submission()
+        del fields["task_name"]  # a preview names nothing
+        return preview.preview_plan(**fields)
 
 
 @blp.route("/<id:task_id>/")
