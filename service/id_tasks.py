@@ -8,6 +8,7 @@ from itertools import islice
 
 from flask import current_app
 from sqlalchemy import func, select, text
+from sqlalchemy.orm import defer
 from werkzeug.exceptions import Conflict, RequestEntityTooLarge, UnprocessableEntity
 
 from .errors import not_found
@@ -33,7 +34,12 @@ REPLANNABLE = (TaskStatus.RECEIVED, TaskStatus.PLANNING, TaskStatus.SCHEDULED)
 
 
 def list_tasks(offset: int, limit: int) -> tuple[list[IdTask], int]:
-    query = select(IdTask).order_by(IdTask.date_created.desc(), IdTask.id.desc())
+    """A page of tasks, newest first, without their payloads (lists do not show them)."""
+    query = (
+        select(IdTask)
+        .options(defer(IdTask.payload))
+        .order_by(IdTask.date_created.desc(), IdTask.id.desc())
+    )
     tasks = db.session.scalars(query.offset(offset).limit(limit)).all()
     return tasks, db.session.scalar(select(func.count()).select_from(IdTask))
 

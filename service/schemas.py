@@ -95,14 +95,12 @@ class TaskSubmitSchema(Schema):
             raise ValidationError("the list of IDs is empty", given[0])
 
 
-class TaskSchema(Schema):
+class TaskSummarySchema(Schema):
+    """A task in a list: every field but `payload`, so that a page stays small."""
+
     id = fields.Integer()
     task_name = fields.String()
     task_status = fields.Boolean(metadata={"description": "true once the task has finished"})
-    payload = fields.String(
-        allow_none=True,
-        metadata={"description": "the IDs as submitted, for small tasks; else read /ids/"},
-    )
     date_created = fields.DateTime()
     status = fields.String(metadata={"enum": list(TaskStatus)})
     overflow = fields.String()
@@ -118,6 +116,13 @@ class TaskSchema(Schema):
 
     def _ids_url(self, task) -> str:
         return url_for("tasks.TaskIds", task_id=task.id, _external=True)
+
+
+class TaskSchema(TaskSummarySchema):
+    payload = fields.String(
+        allow_none=True,
+        metadata={"description": "the IDs as submitted, for small tasks; else read /ids/"},
+    )
 
 
 class TaskAcceptedSchema(TaskSchema):

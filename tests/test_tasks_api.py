@@ -74,6 +74,15 @@ def test_tasks_are_listed_newest_first(client):
     assert json.loads(listed.headers["X-Pagination"])["total"] == 2
 
 
+def test_lists_leave_out_the_payload_that_a_task_s_own_page_keeps(client):
+    posted = submit(client, payload="1,2,3").json
+    listed = client.get("/celery_ids_tasks/").json[0]
+    assert "payload" not in listed
+    assert listed == {name: value for name, value in posted.items() if name in listed}
+    assert set(posted) - set(listed) == {"payload", "message", "task_id"}
+    assert client.get(f"/celery_ids_tasks/{posted['id']}/").json["payload"] == "1,2,3"
+
+
 def test_rename_at_any_time_without_replanning(app, client):
     task_id = submit(client, ids=[1]).json["id"]
     renamed = client.patch(f"/celery_ids_tasks/{task_id}/", json={"task_name": "renamed"})

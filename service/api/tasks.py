@@ -11,6 +11,7 @@ from ..schemas import (
     TaskIdsQuerySchema,
     TaskSchema,
     TaskSubmitSchema,
+    TaskSummarySchema,
     TextSubmitQuerySchema,
 )
 from .base import ServiceBlueprint, require_content_type
@@ -77,10 +78,10 @@ def _submission() -> dict:
 
 @blp.route("/")
 class Tasks(MethodView):
-    @blp.response(200, TaskSchema(many=True))
+    @blp.response(200, TaskSummarySchema(many=True))
     @blp.paginate()
     def get(self, pagination_parameters):
-        """List ID tasks, newest first"""
+        """List ID tasks, newest first; each task's payload is on its own page"""
         page, pagination_parameters.item_count = id_tasks.list_tasks(
             pagination_parameters.first_item, pagination_parameters.page_size
         )
