@@ -42,10 +42,12 @@ sys.path.insert(0, str(ROOT))
 
 import flask_migrate
 import httpx
+import psutil
 from flask import Flask, jsonify, request
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.declarative import DeferredReflection
+from sqlalchemy.orm import defer
 
 from service import create_app
 from service.extensions import db, get_redis
@@ -88,13 +90,14 @@ def bare_app() -> Flask:
 
 
 def bare_users():
-    order = (BareUser.date_created.desc(), BareUser.id.desc())
-    return _bare_page(BareUser, order, _user_json)
+    query = select(BareUser).order_by(BareUser.date_created.desc(), BareUser.id.desc())
+    return _bare_page(query, BareUser, _user_json)
 
 
 def bare_tasks():
     order = (BareTask.date_created.desc(), BareTask.id.desc())
-    return _bare_page(BareTask, order, _task_json)
+    query = select(BareTask).options(defer(BareTask.payload)).order_by(*order)
+    return _bare_page(query, BareTask, _task_json)
 
 
 def bare_task(task_id: int):
@@ -102,11 +105,10 @@ def bare_task(task_id: int):
     return jsonify({**_task_json(task), "payload": task.payload})
 
 
-def _bare_page(model, order, to_json):
+def _bare_page(query, model, to_json):
     page = request.args.get("page", 1, type=int)
     page_size = request.args.get("page_size", 10, type=int)
-    query = select(model).order_by(*order).offset((page - 1) * page_size).limit(page_size)
-    rows = bare.session.scalars(query).all()
+    rows = bare.session.scalars(query.offset((page - 1) * page_size).limit(page_size)).all()
     total = bare.session.scalar(select(func.count()).select_from(model))
     response = jsonify([to_json(row) for row in rows])
     response.headers["X-Pagination"] = json.dumps(_pagination(total, page, page_size))
@@ -258,6 +260,10 @@ class Round:
     requests_per_second: float
     p99_ms: float
     failures: int
+    requests: int
+    # CPU time the server's worker processes spent per request: what load on the
+    # machine from others moves least.
+    cpu_ms: float = 0.0
 
 
 WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -279,7 +285,8 @@ def wrk_round(url: str, seconds: float, connections: int) -> Round:
     failed = int(failures.group(1)) if failures else 0
     if errors:
         failed += sum(int(n) for n in re.findall(r"\d+", errors.group(0)))
-    return Round(rate, float(value) * WRK_UNITS[unit], failed)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    return Round(rate, float(value) * WRK_UNITS[unit], failed, requests)
 
 
 def python_round(url: str, seconds: float, connections: int) -> Round:
@@ -293,7 +300,7 @@ def python_round(url: str, seconds: float, connections: int) -> Round:
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else 0
     failures = sum(count for status, count in statuses.items() if status != 200)
-    return Round(len(latencies) / elapsed, p99 * 1000, failures)
+    return Round(len(latencies) / elapsed, p99 * 1000, failures, len(latencies))
 
 
 async def _load(url, deadline, connections, latencies, statuses) -> None:
@@ -336,14 +343,21 @@ def measure(servers, path, rounds, seconds, connections, load) -> dict[str, list
     for number in range(rounds):
         order = servers if number % 2 == 0 else servers[::-1]
         for server in order:
+            cpu = worker_cpu_seconds(server)
             result = load(server.base + path, seconds, connections)
+            result.cpu_ms = (worker_cpu_seconds(server) - cpu) * 1000 / max(result.requests, 1)
             results[server.name].append(result)
             print(
                 f"    round {number + 1} {server.name:7} {result.requests_per_second:7.0f} "
-                f"req/s  p99 {result.p99_ms:6.1f} ms",
+                f"req/s  p99 {result.p99_ms:6.1f} ms  CPU {result.cpu_ms:5.2f} ms/request",
                 flush=True,
             )
     return results
+
+
+def worker_cpu_seconds(server: Server) -> float:
+    workers = psutil.Process(server.process.pid).children()
+    return sum(sum(worker.cpu_times()[:2]) for worker in workers)
 
 
 def report(path: str, results: dict[str, list[Round]], check: tuple[bool, int, int]) -> None:
@@ -353,15 +367,17 @@ def report(path: str, results: dict[str, list[Round]], check: tuple[bool, int, i
     }
     p99 = {name: statistics.median(r.p99_ms for r in rs) for name, rs in results.items()}
     failures = {name: sum(r.failures for r in rs) for name, rs in results.items()}
+    cpu = {name: statistics.median(r.cpu_ms for r in rs) for name, rs in results.items()}
     print(f"GET {path}  (answer {ours:,} bytes; bare {theirs:,}; same JSON: {same})")
     for name in results:
         print(
             f"  {name:7} {rate[name]:7.0f} req/s  p99 {p99[name]:6.1f} ms  "
-            f"failed requests {failures[name]}"
+            f"CPU {cpu[name]:5.2f} ms/request  failed requests {failures[name]}"
         )
     print(
         f"  ratio   {rate['service'] / rate['bare']:.2f}x req/s (aim 0.7 or more)  "
-        f"p99 {p99['service'] / p99['bare']:.2f}x (aim 1.5 or less)",
+        f"p99 {p99['service'] / p99['bare']:.2f}x (aim 1.5 or less)  "
+        f"CPU {cpu['service'] / cpu['bare']:.2f}x",
         flush=True,
     )
 
