@@ -34,6 +34,22 @@ class _JsonParser(FlaskParser):
 class ServiceBlueprint(Blueprint):
     ARGUMENTS_PARSER = _JsonParser()
 
+    @staticmethod
+    def _make_pagination_metadata(page: int, page_size: int, item_count: int) -> dict:
+        """flask-smorest's X-Pagination header, without the marshmallow schema that it
+        builds for every page only to copy these integers."""
+        if item_count == 0:
+            return {"total": 0, "total_pages": 0}
+        last = (item_count - 1) // page_size + 1
+        header = {"total": item_count, "total_pages": last, "first_page": 1, "last_page": last}
+        if page <= last:
+            header["page"] = page
+            if page > 1:
+                header["previous_page"] = page - 1
+            if page < last:
+                header["next_page"] = page + 1
+        return header
+
 
 def require_content_type(*allowed: str) -> None:
     """Refuse a body of any other media type with 415, before it is parsed."""
