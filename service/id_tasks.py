@@ -22,6 +22,7 @@ from .models import (
     TaskIdChunk,
     TaskStatus,
 )
+from .pages import newest_first
 from .queues import enqueue_planning
 from .slots import subtract_loads
 
@@ -35,13 +36,7 @@ REPLANNABLE = (TaskStatus.RECEIVED, TaskStatus.PLANNING, TaskStatus.SCHEDULED)
 
 def list_tasks(offset: int, limit: int) -> tuple[list[IdTask], int]:
     """A page of tasks, newest first, without their payloads (lists do not show them)."""
-    query = (
-        select(IdTask)
-        .options(defer(IdTask.payload))
-        .order_by(IdTask.date_created.desc(), IdTask.id.desc())
-    )
-    tasks = db.session.scalars(query.offset(offset).limit(limit)).all()
-    return tasks, db.session.scalar(select(func.count()).select_from(IdTask))
+    return newest_first(IdTask, offset, limit, defer(IdTask.payload))
 
 
 def get_task(task_id: int, *, lock: bool = False) -> IdTask:
