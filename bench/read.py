@@ -12,7 +12,9 @@ count and answers the same JSON, nothing more. For
 it checks that both answer the same JSON, then runs alternating rounds of load against
 each (wrk with 16 connections, or a Python load generator where wrk is absent) and prints
 requests/s and p99 of both and their ratios (aim: 0.7 or more of the bare requests/s, a
-p99 at most 1.5 times the bare one).
+p99 at most 1.5 times the bare one), with the CPU time the workers spent per request (the
+figure that other load on the machine moves least) and the requests that failed or
+timed out.
 
 It empties the tables and the Redis database it is given: point it at ones of its own.
 """
@@ -372,7 +374,7 @@ def report(path: str, results: dict[str, list[Round]], check: tuple[bool, int, i
     for name in results:
         print(
             f"  {name:7} {rate[name]:7.0f} req/s  p99 {p99[name]:6.1f} ms  "
-            f"CPU {cpu[name]:5.2f} ms/request  failed requests {failures[name]}"
+            f"CPU {cpu[name]:5.2f} ms/request  failed or timed out {failures[name]}"
         )
     print(
         f"  ratio   {rate['service'] / rate['bare']:.2f}x req/s (aim 0.7 or more)  "
