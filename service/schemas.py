@@ -177,8 +177,8 @@ class TaskSummarySchema(RowSchema):
 def _ids_url_around_the_id() -> tuple[str, str]:
     """A task's /ids/ URL split where the task's id goes.
 
-    url_for costs as much as all the other fields of a task together; asked once per
-    request with a stand-in id, it serves a whole page of tasks.
+    url_for takes a third of the time it takes to dump a task; asked once per request,
+    with a stand-in id, it serves a whole page of tasks.
     """
     around = g.get("ids_url_around_the_id")
     if around is None:
