@@ -22,7 +22,7 @@ from .models import (
     TaskIdChunk,
     TaskStatus,
 )
-from .pages import newest_first
+from .paging import newest_first
 from .queues import enqueue_planning
 from .slots import subtract_loads
 

@@ -10,7 +10,7 @@ from .errors import not_found
 from .extensions import db
 from .ids import MAX_ID
 from .models import User
-from .pages import newest_first
+from .paging import newest_first
 
 # Tries at the next free id before a create without an id gives up with 409.
 NEXT_ID_ATTEMPTS = 5
