@@ -12,7 +12,7 @@ from . import access, cli, errors, logs, pages
 from . import api as api_package
 from .api.base import SchemaRulesPlugin, schema_name
 from .config import Config
-from .extensions import api, db, init_redis, migrate
+from .extensions import api, db, init_db, init_redis, migrate
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -26,11 +26,9 @@ API_SETTINGS = {
     # Served by the app itself (_serve_swagger_ui).
     "OPENAPI_SWAGGER_UI_URL": "/docs/assets/",
     # Statements are never prepared: a generic plan cannot match a bound status to the
-    # partial indexes on status that claims and reconcile rely on.
-    "SQLALCHEMY_ENGINE_OPTIONS": {
-        "pool_pre_ping": True,
-        "connect_args": {"prepare_threshold": None},
-    },
+    # partial indexes on status that claims and reconcile rely on. No pool_pre_ping: it
+    # costs every request a round trip; extensions.init_db pings outside requests only.
+    "SQLALCHEMY_ENGINE_OPTIONS": {"connect_args": {"prepare_threshold": None}},
     "SQLALCHEMY_TRACK_MODIFICATIONS": False,
     "JSON_SORT_KEYS": False,
 }
@@ -65,7 +63,7 @@ def create_app(config: Config | None = None) -> Flask:
     # First among the request hooks: the token check may refuse a request, and its
     # answer is logged and carries its request id too.
     access.init_app(app)
-    db.init_app(app)
+    init_db(app)
     migrate.init_app(app, db, directory=str(MIGRATIONS))
     init_redis(app)
     api.init_app(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from flask import request
+from psycopg import OperationalError as DriverOperationalError
 from psycopg.errors import DeadlockDetected, SerializationFailure
 from redis.exceptions import ResponseError
 from rq.exceptions import NoSuchJobError
-from sqlalchemy.exc import DataError, IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from werkzeug.exceptions import (
     BadRequest,
     Conflict,
@@ -42,12 +43,11 @@ def init_app(app, api) -> None:
     def data_error(error: DataError):
         return api.handle_http_exception(BadRequest("a value in the request is out of range"))
 
-    def busy(error: OperationalError):
-        # PostgreSQL broke a lock cycle (or lost a serialization race) by aborting this
-        # request; nothing of it was stored, and the same request can simply be sent again.
-        if not isinstance(error.orig, DeadlockDetected | SerializationFailure):
+    def unavailable(error: DBAPIError):
+        reason = _retry_reason(error)
+        if reason is None:
             raise error
-        response = ServiceUnavailable("the database was busy with a conflicting change; retry")
+        response = ServiceUnavailable(reason)
         return api.handle_http_exception(_with_errors(response, {}, headers={"Retry-After": "1"}))
 
     def invalid_ids(error: InvalidIds):
@@ -70,10 +70,36 @@ def init_app(app, api) -> None:
 
     app.register_error_handler(IntegrityError, integrity_error)
     app.register_error_handler(DataError, data_error)
-    app.register_error_handler(OperationalError, busy)
+    app.register_error_handler(DBAPIError, unavailable)
     app.register_error_handler(InvalidIds, invalid_ids)
     for kind in (LookupError, NoSuchJobError, ValueError, ResponseError):
         app.register_error_handler(kind, dashboard_refusal)
+
+
+# PostgreSQL shutting down, recovering from a crash, or starting up.
+SERVER_GOING_OR_COMING = ("57P01", "57P02", "57P03")
+
+
+def _retry_reason(error: DBAPIError) -> str | None:
+    """Why the same request may simply be sent again, when it may."""
+    if isinstance(error.orig, DeadlockDetected | SerializationFailure):
+        # PostgreSQL broke a lock cycle (or lost a serialization race) by aborting this
+        # request; nothing of it was stored.
+        return "the database was busy with a conflicting change; retry"
+    # A connection that died in the pool (PostgreSQL restarted, or a backend killed)
+    # fails the one request that used it; SQLAlchemy then drops it and every older one
+    # in the pool, so the retry gets a fresh connection.
+    if error.connection_invalidated or _cannot_connect(error.orig):
+        return "the connection to the database was lost or could not be made; retry"
+    return None
+
+
+def _cannot_connect(error) -> bool:
+    # The driver's own errors (no SQLSTATE) are about the connection itself.
+    if not isinstance(error, DriverOperationalError):
+        return False
+    state = error.sqlstate
+    return state is None or state.startswith("08") or state in SERVER_GOING_OR_COMING
 
 
 def _with_errors(error: HTTPException, errors: dict, headers: dict | None = None):

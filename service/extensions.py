@@ -1,10 +1,13 @@
 """Extensions, created unbound here and bound to the app in create_app."""
 
-from flask import current_app
+from functools import partial
+
+from flask import current_app, has_request_context
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from redis import Redis
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, event
+from sqlalchemy.exc import InvalidatePoolError
 
 from .api.base import ServiceApi
 
@@ -20,6 +23,29 @@ NAMING_CONVENTION = {
 db = SQLAlchemy(metadata=MetaData(naming_convention=NAMING_CONVENTION))
 migrate = Migrate()
 api = ServiceApi()
+
+
+def init_db(app) -> None:
+    db.init_app(app)
+    with app.app_context():
+        engine = db.engine
+    event.listen(engine, "checkout", partial(_ping_outside_requests, engine.dialect))
+
+
+def _ping_outside_requests(dialect, dbapi_connection, record, proxy) -> None:
+    """Check a pooled connection before a job, the scheduler or a command uses it.
+
+    Their pools live long and nobody retries for them, so a connection that died while
+    pooled (PostgreSQL restarted) is replaced first, and with it every older one. A
+    request skips this round trip: a dead connection fails it with a 503 (see
+    service/errors.py), which invalidates the pool the same way, and the client retries.
+    """
+    if has_request_context():
+        return
+    try:
+        dialect.do_ping(dbapi_connection)
+    except dialect.loaded_dbapi.Error as error:
+        raise InvalidatePoolError() from error
 
 
 def init_redis(app) -> None:

@@ -9,6 +9,7 @@ from itertools import islice
 from flask import current_app
 from psycopg import sql
 from sqlalchemy import func, select, text
+from sqlalchemy.orm import defer
 from werkzeug.exceptions import Conflict, RequestEntityTooLarge, UnprocessableEntity
 
 from .errors import not_found
@@ -22,6 +23,7 @@ from .models import (
     TaskIdChunk,
     TaskStatus,
 )
+from .paging import newest_first
 from .queues import enqueue_planning
 from .slots import subtract_loads
 
@@ -37,9 +39,8 @@ PLAN_RULES = ("overflow", "not_before")
 
 
 def list_tasks(offset: int, limit: int) -> tuple[list[IdTask], int]:
-    query = select(IdTask).order_by(IdTask.date_created.desc(), IdTask.id.desc())
-    tasks = db.session.scalars(query.offset(offset).limit(limit)).all()
-    return tasks, db.session.scalar(select(func.count()).select_from(IdTask))
+    """A page of tasks, newest first, without their payloads (lists do not show them)."""
+    return newest_first(IdTask, offset, limit, defer(IdTask.payload))
 
 
 def get_task(task_id: int, *, lock: bool = False) -> IdTask:

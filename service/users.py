@@ -10,15 +10,14 @@ from .errors import not_found
 from .extensions import db
 from .ids import MAX_ID
 from .models import User
+from .paging import newest_first
 
 # Tries at the next free id before a create without an id gives up with 409.
 NEXT_ID_ATTEMPTS = 5
 
 
 def list_users(offset: int, limit: int) -> tuple[list[User], int]:
-    query = select(User).order_by(User.date_created.desc(), User.id.desc())
-    users = db.session.scalars(query.offset(offset).limit(limit)).all()
-    return users, db.session.scalar(select(func.count()).select_from(User))
+    return newest_first(User, offset, limit)
 
 
 def get_user(user_id: int) -> User:

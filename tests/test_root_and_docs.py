@@ -25,6 +25,16 @@ def test_openapi_documents_every_resource(client):
     assert "202" in post["responses"]
 
 
+def test_openapi_gives_list_items_a_schema_without_the_payload(client):
+    spec = client.get("/openapi.json").json
+    tasks = spec["paths"]["/celery_ids_tasks/"]["get"]["responses"]["200"]
+    item = tasks["content"]["application/json"]["schema"]["items"]["$ref"]
+    assert item == "#/components/schemas/TaskSummary"
+    schemas = spec["components"]["schemas"]
+    assert "payload" not in schemas["TaskSummary"]["properties"]
+    assert "payload" in schemas["Task"]["properties"]
+
+
 def test_swagger_ui_is_served_with_its_assets_from_the_app(client):
     page = client.get("/docs")
     assert page.status_code == 200

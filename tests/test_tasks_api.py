@@ -74,6 +74,22 @@ def test_tasks_are_listed_newest_first(client):
     assert json.loads(listed.headers["X-Pagination"])["total"] == 2
 
 
+def test_lists_leave_out_the_payload_that_a_task_s_own_page_keeps(client):
+    posted = submit(client, payload="1,2,3").json
+    listed = client.get("/celery_ids_tasks/").json[0]
+    assert "payload" not in listed
+    assert listed == {name: value for name, value in posted.items() if name in listed}
+    assert set(posted) - set(listed) == {"payload", "message", "task_id"}
+    assert client.get(f"/celery_ids_tasks/{posted['id']}/").json["payload"] == "1,2,3"
+
+
+def test_each_task_links_to_its_ids(client):
+    ids = [submit(client, ids=[n]).json["id"] for n in (1, 2)]
+    links = {task["id"]: task["ids_url"] for task in client.get("/celery_ids_tasks/").json}
+    assert links == {n: f"http://localhost/celery_ids_tasks/{n}/ids/" for n in ids}
+    assert client.get(links[ids[0]]).json[0]["id"] == 1
+
+
 def test_rename_at_any_time_without_replanning(app, client):
     task_id = submit(client, ids=[1]).json["id"]
     renamed = client.patch(f"/celery_ids_tasks/{task_id}/", json={"task_name": "renamed"})

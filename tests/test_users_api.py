@@ -36,6 +36,14 @@ def test_users_are_listed_newest_first_with_pagination(client):
     assert [u["name"] for u in client.get("/users/?page=2&page_size=2").json] == ["a"]
 
 
+def test_a_page_past_the_end_is_empty_and_still_counts_the_users(client):
+    for name in ("a", "b", "c"):
+        client.post("/users/", json={"name": name})
+    page = client.get("/users/?page=3&page_size=2")
+    assert page.json == []
+    assert json.loads(page.headers["X-Pagination"])["total"] == 3
+
+
 def test_put_replaces_and_patch_updates(client):
     user_id = client.post("/users/", json={"name": "old"}).json["id"]
     assert client.put(f"/users/{user_id}/", json={"name": "new"}).json["name"] == "new"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hmac
 
-from flask import current_app, request
+from flask import current_app, g, request
 from flask_smorest import abort
 from werkzeug.routing import IntegerConverter
 
+# The module, not its names: it imports .base of this package, so it may be half-loaded here.
+from .. import extensions
 from ..ids import MAX_ID
 
 # Paths readable without a token: they describe the API or probe its health, and hold
@@ -21,6 +23,8 @@ PUBLIC_ENDPOINTS = {
     "health.Liveness",
     "health.Readiness",
 }
+# The blueprints whose GETs read PostgreSQL.
+DATA_BLUEPRINTS = {"users", "tasks", "slots"}
 
 
 class IdConverter(IntegerConverter):
@@ -43,6 +47,30 @@ def init_app(app, api) -> None:
     api.register_blueprint(metrics.blp)
     if app.config.get("API_TOKEN"):
         app.before_request(_require_token)
+    app.before_request(_read_without_transaction)
+    app.teardown_request(_end_read)
+
+
+def _read_without_transaction() -> None:
+    """Run a GET's statements outside a transaction.
+
+    Under READ COMMITTED each statement reads its own snapshot whether a transaction
+    wraps it or not, so for a read the transaction buys nothing but two more round trips
+    (BEGIN, ROLLBACK), each a wait for the GIL again under load. A session already in a
+    transaction (a test's own context) is left as it is.
+    """
+    if request.method not in ("GET", "HEAD") or request.blueprint not in DATA_BLUEPRINTS:
+        return
+    if not extensions.db.session().in_transaction():
+        extensions.db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        g.read_without_transaction = True
+
+
+def _end_read(error) -> None:
+    # The session may outlive the request (a context pushed around it): whatever runs
+    # in it next gets a transaction again.
+    if g.pop("read_without_transaction", False):
+        extensions.db.session.close()
 
 
 def _require_token() -> None:

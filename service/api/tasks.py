@@ -17,6 +17,7 @@ from ..schemas import (
     TaskIdsQuerySchema,
     TaskSchema,
     TaskSubmitSchema,
+    TaskSummarySchema,
     TextSubmitQuerySchema,
 )
 from .base import ServiceBlueprint, page_window, require_content_type
@@ -115,10 +116,10 @@ def _takes_a_submission(*more_parameters):
 @blp.route("/")
 class Tasks(MethodView):
     @blp.etag
-    @blp.response(200, TaskSchema(many=True))
+    @blp.response(200, TaskSummarySchema(many=True))
     @blp.paginate()
     def get(self, pagination_parameters):
-        """List ID tasks, newest first"""
+        """List ID tasks, newest first; each task's payload is on its own page"""
         page, pagination_parameters.item_count = id_tasks.list_tasks(
             *page_window(pagination_parameters)
         )
