@@ -24,7 +24,8 @@ from .extensions import db
 from .models import AssignmentStatus, TaskStatus
 from .slots import subtract_loads
 
-# First keys of the two-key advisory locks; service/planning.py uses 0x5107.
+# First key of the claimers' two-key advisory locks, and the top bits of the slots'
+# one-bigint keys; service/planning.py uses 0x5107.
 CLAIMER_LOCK_NAMESPACE = 0x5108
 SLOT_LOCK_NAMESPACE = 0x5109
 # Sent by the worker to its work horse on a warm shutdown: finish the IDs under way,
@@ -57,23 +58,23 @@ def stop_requested() -> bool:
     return _stop_requested
 
 
-def slot_key(slot: datetime) -> int:
-    return int(slot.timestamp()) % 2**31
+def slot_key(limit_id: int, slot: datetime) -> int:
+    """One bigint per slot of a limit, laid out as the planner's window locks are."""
+    return SLOT_LOCK_NAMESPACE << 47 | limit_id << 31 | int(slot.timestamp()) % 2**31
 
 
 @contextmanager
-def claiming(slot: datetime) -> Iterator[int]:
-    """Run as a live claimer of the slot for the duration of the block."""
+def claiming(limit_id: int, slot: datetime) -> Iterator[int]:
+    """Run as a live claimer of a limit's slot for the duration of the block."""
     claimer = _assigned if _assigned is not None else new_claimer_id()
     holder = db.engine.connect()
     try:
         holder.execute(
-            text("SELECT pg_advisory_lock(:ns, :claimer), pg_advisory_lock_shared(:sns, :slot)"),
+            text("SELECT pg_advisory_lock(:ns, :claimer), pg_advisory_lock_shared(:slot)"),
             {
                 "ns": CLAIMER_LOCK_NAMESPACE,
                 "claimer": claimer,
-                "sns": SLOT_LOCK_NAMESPACE,
-                "slot": slot_key(slot),
+                "slot": slot_key(limit_id, slot),
             },
         )
         holder.commit()
@@ -85,16 +86,24 @@ def claiming(slot: datetime) -> Iterator[int]:
 
 
 # Advisory locks belong to a database; other databases on the server hold their own.
+IN_THIS_DATABASE = (
+    "locktype = 'advisory' AND granted "
+    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
 HELD_LOCKS = (
     "SELECT objid::bigint AS key FROM pg_locks "
-    "WHERE locktype = 'advisory' AND classid = :ns AND objsubid = 2 AND granted "
-    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    f"WHERE classid = :ns AND objsubid = 2 AND {IN_THIS_DATABASE}"
+)
+# A one-bigint key shows as its high half (classid) and its low half (objid).
+HELD_SLOT_LOCKS = (
+    "SELECT classid::bigint << 32 | objid::bigint AS key FROM pg_locks "
+    f"WHERE objsubid = 1 AND classid::bigint >> 15 = :ns AND {IN_THIS_DATABASE}"
 )
 
 
 def running_slots() -> set[int]:
     """Keys (`slot_key`) of the slots that a live slot job is running."""
-    rows = db.session.execute(text(HELD_LOCKS), {"ns": SLOT_LOCK_NAMESPACE})
+    rows = db.session.execute(text(HELD_SLOT_LOCKS), {"ns": SLOT_LOCK_NAMESPACE})
     return {row.key for row in rows}
 
 
@@ -106,8 +115,9 @@ RELEASE = (
     "  UPDATE assignments AS a SET claimed_at = NULL, claimed_by = NULL, status = CASE "
     "    WHEN t.status = :task_cancelled THEN :cancelled ELSE :pending END "
     "  FROM id_tasks AS t, live WHERE t.id = a.task_id AND a.status = :running AND ({which}) "
-    "  RETURNING a.slot_start, a.status) "
-    "SELECT slot_start, status, count(*) AS n FROM released GROUP BY slot_start, status"
+    "  RETURNING a.limit_id, a.slot_start, a.status) "
+    "SELECT limit_id, slot_start, status, count(*) AS n FROM released "
+    "GROUP BY limit_id, slot_start, status"
 )
 
 
@@ -125,7 +135,11 @@ def _release(which: str, params: dict) -> int:
         },
     ).all()
     subtract_loads(
-        {row.slot_start: row.n for row in rows if row.status == AssignmentStatus.CANCELLED}
+        {
+            (row.limit_id, row.slot_start): row.n
+            for row in rows
+            if row.status == AssignmentStatus.CANCELLED
+        }
     )
     db.session.commit()
     return sum(row.n for row in rows)

@@ -48,13 +48,15 @@ class Batch:
 
 
 def claim(
+    limit_id: int,
     slot: datetime,
     claimer: int,
-    limit: int,
+    size: int,
     now: datetime | None = None,
     slot_seconds: int | None = None,
 ) -> Batch:
-    """Take up to `limit` pending IDs of the slot, in plan order, and reserve their turns.
+    """Take up to `size` pending IDs of a limit's slot, in plan order, and reserve their
+    turns.
 
     Turns go on from the slot's last reserved one, or from `now` (less a short catch-up)
     if that is further behind: a late slot runs at its planned step from when it starts.
@@ -64,16 +66,17 @@ def claim(
         text(
             "WITH picked AS ("
             "  SELECT task_id, position FROM assignments"
-            "  WHERE slot_start = :slot AND status = :pending"
-            "  ORDER BY task_id, position LIMIT :limit FOR UPDATE SKIP LOCKED) "
+            "  WHERE limit_id = :limit AND slot_start = :slot AND status = :pending"
+            "  ORDER BY task_id, position LIMIT :size FOR UPDATE SKIP LOCKED) "
             "UPDATE assignments AS a SET status = :running, claimed_at = clock_timestamp(), "
             "  claimed_by = :claimer "
             "FROM picked WHERE a.task_id = picked.task_id AND a.position = picked.position "
             "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.claimed_at"
         ),
         {
+            "limit": limit_id,
             "slot": slot,
-            "limit": limit,
+            "size": size,
             "claimer": claimer,
             "pending": AssignmentStatus.PENDING,
             "running": AssignmentStatus.RUNNING,
@@ -91,10 +94,11 @@ def claim(
             "  late = late OR (started_at IS NULL AND clock_timestamp() > slot_start + :late), "
             "  next_turn_at = greatest(coalesce(next_turn_at, slot_start), :now - :catch_up) "
             "    + make_interval(secs => :n * :span / greatest(load, 1)) "
-            "WHERE slot_start = :slot RETURNING next_turn_at, load"
+            "WHERE limit_id = :limit AND slot_start = :slot RETURNING next_turn_at, load"
         ),
         {
             "n": len(rows),
+            "limit": limit_id,
             "slot": slot,
             "late": timedelta(seconds=LATE_AFTER_SECONDS),
             "now": now or datetime.now(UTC),

@@ -12,11 +12,11 @@ from flask import current_app
 from flask.cli import AppGroup, with_appcontext
 from rq import Queue
 
-from . import idempotency, shared_settings
+from . import idempotency, limits, shared_settings
 from .extensions import get_redis
 from .id_tasks import submit_task
 from .ids import InvalidIds, stream_ids
-from .models import Overflow
+from .models import Limit, Overflow
 from .queues import ALL_QUEUES, SLOTS_QUEUE
 from .reconcile import reconcile
 from .scheduling import ServiceScheduler
@@ -94,7 +94,7 @@ settings_group = AppGroup("settings", help="Settings that every process shares."
 @settings_group.command("show")
 def settings_show() -> None:
     """Print the values the deployment runs by."""
-    for name, value in shared_settings.shared().items():
+    for name, value in shared_settings.in_force().items():
         click.echo(f"{name}={value}")
 
 
@@ -105,7 +105,7 @@ def settings_set(assignments: tuple[str, ...], from_env: bool) -> None:
     """Change shared settings for every process of the deployment."""
     changes = {
         name: current_app.config[name]
-        for name in shared_settings.SHARED
+        for name in (*shared_settings.SHARED, *shared_settings.OF_THE_DEFAULT_LIMIT)
         if from_env and name in current_app.config["EXPLICIT_SETTINGS"]
     }
     for assignment in assignments:
@@ -137,12 +137,14 @@ def settings_set(assignments: tuple[str, ...], from_env: bool) -> None:
     type=click.IntRange(0, 1000),
     help="IDs listed under each slot; beyond that, only counts.",
 )
-def plan_show(moment: datetime | None, windows: int, rows: int) -> None:
-    """Print the windows as a grid: a column per slot, its IDs under it, RPM marked."""
+@click.option("--limit", "limit_name", default=limits.DEFAULT, show_default=True)
+def plan_show(moment: datetime | None, windows: int, rows: int, limit_name: str) -> None:
+    """Print a limit's windows as a grid: a column per slot, its IDs under it, RPM marked."""
     start = moment.replace(tzinfo=UTC) if moment else None
-    plan = plan_between(start, None, windows=windows)
+    limit = _limit_named(limit_name)
+    plan = plan_between(start, None, windows=windows, limit_name=limit.name)
     for window in plan["windows"]:
-        listed = ids_by_slot(window["start"], window["end"], rows)
+        listed = ids_by_slot(limit.id, window["start"], window["end"], rows)
         click.echo(render_window(window, plan["rpm"], listed, rows))
         click.echo()
 
@@ -193,7 +195,8 @@ def _label(moment: datetime) -> str:
 @click.option(
     "--overflow", type=click.Choice(list(Overflow)), default=Overflow.SPREAD, show_default=True
 )
-def tasks_submit(source, task_name: str, overflow: str) -> None:
+@click.option("--limit", "limit_name", default=limits.DEFAULT, show_default=True)
+def tasks_submit(source, task_name: str, overflow: str, limit_name: str) -> None:
     """Submit the IDs of SOURCE (a file, or - for stdin), streamed, with a progress bar."""
     size = _size_of(source)
     # A pipe has no known size: the bar then counts bytes without a total.
@@ -202,7 +205,8 @@ def tasks_submit(source, task_name: str, overflow: str) -> None:
         label="sending IDs", file=sys.stderr, show_pos=size is None, **bar_options
     ) as bar:
         try:
-            task = submit_task(task_name, stream_ids(_Progress(source, bar)), overflow)
+            ids = stream_ids(_Progress(source, bar))
+            task = submit_task(task_name, ids, overflow, limit=_limit_named(limit_name).name)
         except InvalidIds as invalid:
             for message in invalid.errors.values():
                 click.echo(message, err=True)
@@ -211,6 +215,13 @@ def tasks_submit(source, task_name: str, overflow: str) -> None:
         f"task {task.id}: {task.total} IDs ({task.duplicates} duplicates dropped), "
         f"queued for planning"
     )
+
+
+def _limit_named(name: str) -> Limit:
+    limit = limits.find(name)
+    if limit is None:
+        raise click.BadParameter(f"no limit is named {name!r}", param_hint="--limit")
+    return limit
 
 
 class _Progress:

@@ -1,5 +1,6 @@
-"""Running a slot: wait for its start, claim its IDs batch by batch, hand each to the
-processor at its turn, record the outcomes; add helper jobs when the slot runs behind.
+"""Running a limit's slot: wait for its start, claim its IDs batch by batch, hand each to
+the limit's processor at its turn, record the outcomes; add helper jobs when the slot
+runs behind.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from datetime import datetime
 from flask import current_app
 from sqlalchemy import text
 
-from workers.processors import Failure, as_failure, is_per_id, load_processor
+from workers.processors import Failure, as_failure, is_per_id, load_processor, takes
 
-from . import claimers
+from . import claimers, limits
 from .claims import Batch, Claim, claim, hold, mark_tasks_running
 from .extensions import db
+from .limits import SlotOfLimit
 from .outcomes import Tally, process_and_record, record_outcomes
 from .pacing import SYSTEM_CLOCK, Clock, paced_groups, step_of
 from .scheduling import add_slot_helper
@@ -42,6 +44,7 @@ class SlotRun:
     """What a slot job did; RQ keeps it as the job's result, the dashboard shows it, the
     worker logs it."""
 
+    limit: str
     slot: datetime
     claimed: int  # IDs this run took from the slot
     done: int
@@ -54,28 +57,34 @@ class SlotRun:
         return self.done + self.failed
 
 
-def run_slot(slot: datetime, clock: Clock = SYSTEM_CLOCK) -> SlotRun:
-    """Process every pending ID of the slot: wait for its start, then claim, pace, record.
+def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> SlotRun:
+    """Process every pending ID of a limit's slot: wait for its start, then claim, pace,
+    record.
 
     A slot job that runs behind its turns (its processor is slower than the slot's rate)
     adds helper jobs for the same slot, which share its IDs through the same claims and
     turns. Stops early, handing back what it has claimed but not processed, when its
     worker is asked to shut down.
     """
-    processor = load_processor(current_app.config["ID_PROCESSOR"])
+    limit = limits.find(limit_name)
+    if limit is None:  # deleted: none of its IDs was waiting
+        return SlotRun(limit_name, start, 0, 0, 0, 0, 0.0)
+    slot = SlotOfLimit.of(limit, start)
+    processor = load_processor(slot.processor)
     # Neither may change while this slot's IDs wait (MAX_ATTEMPTS may, but a change
     # applying from the next slot is soon enough), so they are read once per run.
     settings = shared()
+    db.session.commit()
     slot_seconds, max_attempts = settings["SLOT_SECONDS"], settings["MAX_ATTEMPTS"]
     claimed = 0
-    with claimers.claiming(slot) as claimer:
+    with claimers.claiming(slot.limit_id, start) as claimer:
         calls = _calls(slot, claimer, processor, clock, max_attempts)
         helping = _Helpers(slot, clock)
-        clock.wait_until(slot.timestamp(), claimers.stop_requested)
-        lateness = clock.seconds() - slot.timestamp()
+        clock.wait_until(start.timestamp(), claimers.stop_requested)
+        lateness = clock.seconds() - start.timestamp()
         while not claimers.stop_requested():
             size = _batch_size(slot, slot_seconds)
-            batch = claim(slot, claimer, size, clock.now(), slot_seconds)
+            batch = claim(slot.limit_id, start, claimer, size, clock.now(), slot_seconds)
             if not batch.claims:
                 break
             claimed += len(batch.claims)
@@ -86,15 +95,16 @@ def run_slot(slot: datetime, clock: Clock = SYSTEM_CLOCK) -> SlotRun:
         calls.finish()
         handed_back = claimers.release_held_by(claimer)
     done, failed = calls.tally.done, calls.tally.failed
-    run = SlotRun(slot, claimed, done, failed, handed_back, round(lateness, 3))
+    run = SlotRun(limit_name, start, claimed, done, failed, handed_back, round(lateness, 3))
     _log_run(run)
     return run
 
 
 def _log_run(run: SlotRun) -> None:
     log.info(
-        "slot %s: %d claimed, %d done, %d failed, %d handed back, started %.3f s late",
+        "slot %s of %s: %d claimed, %d done, %d failed, %d handed back, started %.3f s late",
         run.slot.isoformat(),
+        run.limit,
         run.claimed,
         run.done,
         run.failed,
@@ -102,6 +112,7 @@ def _log_run(run: SlotRun) -> None:
         run.lateness_seconds,
         extra={
             "fields": {
+                "limit": run.limit,
                 "slot": run.slot.isoformat(),
                 "claimed": run.claimed,
                 "processed": run.processed,
@@ -114,7 +125,7 @@ def _log_run(run: SlotRun) -> None:
     )
 
 
-def _calls(slot: datetime, claimer: int, processor: Callable, clock: Clock, max_attempts: int):
+def _calls(slot: SlotOfLimit, claimer: int, processor: Callable, clock: Clock, max_attempts: int):
     if is_per_id(processor):
         concurrency = current_app.config["PROCESSOR_CONCURRENCY"]
         return ConcurrentCalls(slot, claimer, processor, clock, max_attempts, concurrency)
@@ -126,7 +137,7 @@ class GroupCalls:
     the group's outcomes."""
 
     def __init__(
-        self, slot: datetime, claimer: int, processor: Callable, clock: Clock, max_attempts: int
+        self, slot: SlotOfLimit, claimer: int, processor: Callable, clock: Clock, max_attempts: int
     ):
         self.slot, self.claimer, self.processor, self.clock = slot, claimer, processor, clock
         self.max_attempts = max_attempts
@@ -152,7 +163,7 @@ class ConcurrentCalls:
 
     def __init__(
         self,
-        slot: datetime,
+        slot: SlotOfLimit,
         claimer: int,
         processor: Callable,
         clock: Clock,
@@ -162,6 +173,7 @@ class ConcurrentCalls:
         self.slot, self.claimer, self.processor, self.clock = slot, claimer, processor, clock
         self.max_attempts = max_attempts
         self.app = current_app._get_current_object()
+        self.extra = {"options": slot.options} if takes(processor, "options") else {}
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="processor")
         self.in_flight: list[tuple[Claim, Future]] = []
         self.recorded_at = time.monotonic()
@@ -188,7 +200,7 @@ class ConcurrentCalls:
         self.start_lag = self.clock.seconds() - turn
         with self.app.app_context():
             try:
-                return as_failure(self.processor(item.user_id, item.idempotency_key))
+                return as_failure(self.processor(item.user_id, item.idempotency_key, **self.extra))
             except Exception as exc:  # a processor's bug fails its ID, not the slot
                 log.exception("processor failed on ID %s", item.user_id)
                 return Failure(f"{type(exc).__name__}: {exc}")
@@ -210,7 +222,7 @@ class ConcurrentCalls:
 class _Helpers:
     """Adds a helper job for the slot when its job runs behind its turns."""
 
-    def __init__(self, slot: datetime, clock: Clock):
+    def __init__(self, slot: SlotOfLimit, clock: Clock):
         self.slot, self.clock = slot, clock
         self.limit = current_app.config["MAX_HELPERS_PER_SLOT"]
         self.asked_at: float | None = None
@@ -222,15 +234,21 @@ class _Helpers:
         if self.asked_at is not None and now - self.asked_at < HELP_EVERY_SECONDS:
             return
         self.asked_at = now
-        if add_slot_helper(self.slot, self.limit):
-            log.info("slot %s runs %.1f s behind its turns: helper added", self.slot, behind)
+        if add_slot_helper(self.slot.limit_name, self.slot.start, self.limit):
+            log.info(
+                "slot %s of %s runs %.1f s behind its turns: helper added",
+                self.slot.start,
+                self.slot.limit_name,
+                behind,
+            )
 
 
-def _batch_size(slot: datetime, slot_seconds: int) -> int:
+def _batch_size(slot: SlotOfLimit, slot_seconds: int) -> int:
     if not current_app.config["PACING"]:
         return CLAIM_BATCH
     load = db.session.execute(
-        text("SELECT load FROM slots WHERE slot_start = :s"), {"s": slot}
+        text("SELECT load FROM slots WHERE limit_id = :l AND slot_start = :s"),
+        {"l": slot.limit_id, "s": slot.start},
     ).scalar()
     step = step_of(slot_seconds, load or 0)
     return max(1, min(CLAIM_BATCH, round(CLAIM_AHEAD_SECONDS / step)))

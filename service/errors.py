@@ -27,6 +27,7 @@ def not_found(what: str, ident) -> NotFound:
 # What each uniqueness constraint means to a client.
 CONFLICT_MESSAGES = {
     "pk_users": "a user with this id already exists",
+    "uq_limits_name": "a limit with this name already exists",
 }
 
 
@@ -48,12 +49,12 @@ def init_app(app, api) -> None:
         if reason is None:
             raise error
         response = ServiceUnavailable(reason)
-        return api.handle_http_exception(_with_errors(response, {}, headers={"Retry-After": "1"}))
+        return api.handle_http_exception(with_errors(response, {}, headers={"Retry-After": "1"}))
 
     def invalid_ids(error: InvalidIds):
         # Raised while a text body streams into the database, after parsing began.
         return api.handle_http_exception(
-            _with_errors(
+            with_errors(
                 UnprocessableEntity("some IDs in the body are invalid"),
                 {"body": {str(index): [message] for index, message in error.errors.items()}},
             )
@@ -102,7 +103,7 @@ def _cannot_connect(error) -> bool:
     return state is None or state.startswith("08") or state in SERVER_GOING_OR_COMING
 
 
-def _with_errors(error: HTTPException, errors: dict, headers: dict | None = None):
+def with_errors(error: HTTPException, errors: dict, headers: dict | None = None):
     error.data = {"message": error.description, "headers": headers or {}}
     if errors:
         error.data["errors"] = errors

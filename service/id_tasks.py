@@ -12,6 +12,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import defer
 from werkzeug.exceptions import Conflict, RequestEntityTooLarge, UnprocessableEntity
 
+from . import limits
 from .errors import not_found
 from .extensions import db, raw_connection
 from .models import (
@@ -35,7 +36,7 @@ PAYLOAD_ECHO_MAX_IDS = 1000
 # The statuses in which no ID has been handed to a worker yet.
 REPLANNABLE = (TaskStatus.RECEIVED, TaskStatus.PLANNING, TaskStatus.SCHEDULED)
 # The fields besides the IDs that decide a task's plan: a change re-plans it.
-PLAN_RULES = ("overflow", "not_before")
+PLAN_RULES = ("limit", "overflow", "not_before")
 
 
 def list_tasks(offset: int, limit: int) -> tuple[list[IdTask], int]:
@@ -47,7 +48,7 @@ def get_task(task_id: int, *, lock: bool = False) -> IdTask:
     query = select(IdTask).where(IdTask.id == task_id)
     if lock:
         # Refresh from the locked row: the session may hold a copy read before the lock.
-        query = query.with_for_update().execution_options(populate_existing=True)
+        query = query.with_for_update(of=IdTask).execution_options(populate_existing=True)
     task = db.session.scalar(query)
     if task is None:
         raise not_found("task", task_id)
@@ -59,10 +60,15 @@ def submit_task(
     ids: Iterable[int],
     overflow: str | None = None,
     not_before: datetime | None = None,
+    limit: str | None = None,
 ) -> IdTask:
-    """Store a task and its distinct IDs in one transaction, then queue its planning."""
+    """Store a task and its distinct IDs in one transaction, then queue its planning.
+
+    The task names its limit (`default` when none; 422 when there is no such limit).
+    """
     task = IdTask(
         task_name=task_name,
+        limit=limits.named_by_request(limit, limits.KEY_SHARE),
         overflow=overflow or Overflow.SPREAD,
         not_before=not_before,
         status=TaskStatus.RECEIVED,
@@ -77,7 +83,8 @@ def submit_task(
 
 def replace_task(task_id: int, fields: dict) -> IdTask:
     """PUT: every field given or set to its default; the same IDs keep their plan."""
-    return update_task(task_id, {"overflow": Overflow.SPREAD, "not_before": None, **fields})
+    defaults = {"limit": limits.DEFAULT, "overflow": Overflow.SPREAD, "not_before": None}
+    return update_task(task_id, {**defaults, **fields})
 
 
 def update_task(task_id: int, changes: dict) -> IdTask:
@@ -86,6 +93,8 @@ def update_task(task_id: int, changes: dict) -> IdTask:
     IDs equal to the task's own (the same distinct IDs in the same order) are no change.
     """
     task = get_task(task_id, lock=True)
+    if "limit" in changes:
+        changes = {**changes, "limit": limits.named_by_request(changes["limit"], limits.KEY_SHARE)}
     if "task_name" in changes:
         task.task_name = changes["task_name"]
     if "ids" in changes and _same_ids(task, changes["ids"]):
@@ -229,12 +238,12 @@ def _release_pending(task: IdTask, new_status: str | None) -> None:
         )
     released = db.session.execute(
         text(
-            f"WITH released AS ({change} RETURNING slot_start) "
-            "SELECT slot_start, count(*) FROM released GROUP BY slot_start"
+            f"WITH released AS ({change} RETURNING limit_id, slot_start) "
+            "SELECT limit_id, slot_start, count(*) FROM released GROUP BY limit_id, slot_start"
         ),
         {"task": task.id, "new_status": new_status, "pending": AssignmentStatus.PENDING},
     ).all()
-    subtract_loads(dict(released))
+    subtract_loads({(limit_id, slot): n for limit_id, slot, n in released})
 
 
 def _release_plan(task: IdTask) -> None:

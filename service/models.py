@@ -18,11 +18,12 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Text,
+    UniqueConstraint,
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from .extensions import db
 
@@ -62,6 +63,31 @@ class User(db.Model):
     times_processed: Mapped[int] = mapped_column(Integer, server_default="0", default=0)
 
 
+class Limit(db.Model):
+    """A named downstream: its own RPM, processor and options, slots and slot jobs.
+
+    `id` is the small key that slots, assignments, locks and joins use; `name` is the
+    public one.
+    """
+
+    __tablename__ = "limits"
+    __table_args__ = (
+        UniqueConstraint("name"),
+        CheckConstraint("rpm >= 1", name="rpm"),
+    )
+
+    id: Mapped[int] = mapped_column(SmallInteger, Identity(start=1), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63))
+    rpm: Mapped[int] = mapped_column(Integer)
+    processor: Mapped[str] = mapped_column(String(255))
+    options: Mapped[dict] = mapped_column(JSONB, server_default=text("'{}'::jsonb"), default=dict)
+    paused: Mapped[bool] = mapped_column(Boolean, server_default=text("false"), default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
 class IdTask(db.Model):
     __tablename__ = "id_tasks"
     __table_args__ = (
@@ -69,10 +95,16 @@ class IdTask(db.Model):
         CheckConstraint(_in("overflow", Overflow), name="overflow"),
         Index("ix_id_tasks_newest", "date_created", "id"),
         Index("ix_id_tasks_status", "status"),
+        Index("ix_id_tasks_limit_id", "limit_id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(start=1), primary_key=True)
     task_name: Mapped[str] = mapped_column(String(255))
+    # Null once its limit was deleted (a limit goes only when none of its IDs waits).
+    limit_id: Mapped[int | None] = mapped_column(
+        SmallInteger, ForeignKey("limits.id", ondelete="SET NULL")
+    )
+    limit: Mapped[Limit | None] = relationship(lazy="joined")
     overflow: Mapped[str] = mapped_column(String(8), default=Overflow.SPREAD)
     status: Mapped[str] = mapped_column(String(16), default=TaskStatus.RECEIVED)
     # The submitted IDs as the original API echoed them; kept only for small tasks.
@@ -131,10 +163,13 @@ class TaskIdChunk(db.Model):
 
 
 class Slot(db.Model):
-    """One slot of the plan; `load` counts its IDs that are not cancelled."""
+    """One slot of a limit's plan; `load` counts its IDs that are not cancelled."""
 
     __tablename__ = "slots"
 
+    limit_id: Mapped[int] = mapped_column(
+        SmallInteger, ForeignKey("limits.id", ondelete="CASCADE"), primary_key=True
+    )
     slot_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
     load: Mapped[int] = mapped_column(Integer, server_default="0")
     done: Mapped[int] = mapped_column(Integer, server_default="0")
@@ -159,6 +194,7 @@ class Assignment(db.Model):
         CheckConstraint(_in("status", AssignmentStatus), name="status"),
         Index(
             "ix_assignments_pending_by_slot",
+            "limit_id",
             "slot_start",
             "task_id",
             "position",
@@ -179,6 +215,8 @@ class Assignment(db.Model):
     task_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(BigInteger)
+    # The task's limit, kept here so that a slot's claims read one index.
+    limit_id: Mapped[int] = mapped_column(SmallInteger)
     slot_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     status: Mapped[str] = mapped_column(String(16), default=AssignmentStatus.PENDING)
     attempts: Mapped[int] = mapped_column(SmallInteger, server_default="0")

@@ -24,17 +24,16 @@ from rq.job import Job
 from rq.timeouts import JobTimeoutException
 from sqlalchemy import text
 
-from workers.processors import Failure, as_failure, takes_keys
+from workers.processors import Failure, as_failure, takes
 
 from .claims import Claim, claim_keys, hold
 from .extensions import db, get_redis, raw_connection
 from .id_tasks import get_task
-from .models import AssignmentStatus, TaskStatus
+from .limits import SlotOfLimit
+from .models import AssignmentStatus, IdTask, TaskStatus
 from .planning import WindowPlanner
 from .queues import PLANNING_QUEUE, get_queue
-from .scheduling import (
-    schedule_slots,
-)
+from .scheduling import schedule_slots
 from .shared_settings import shared
 
 log = logging.getLogger(__name__)
@@ -104,16 +103,17 @@ def plan_retries() -> int:
         {"retrying": AssignmentStatus.RETRYING},
     ).all()
     db.session.commit()
-    planned, slots = 0, set()
+    planned, slots = 0, defaultdict(set)
     for task_id, retry_at in groups:
-        count, used = _plan_group(task_id, retry_at)
+        count, limit_name, used = _plan_group(task_id, retry_at)
         planned += count
-        slots |= used
-    schedule_slots(slots)
+        slots[limit_name] |= used
+    for limit_name, used in slots.items():
+        schedule_slots(limit_name, used)
     return planned
 
 
-def _plan_group(task_id: int, retry_at: datetime) -> tuple[int, set[datetime]]:
+def _plan_group(task_id: int, retry_at: datetime) -> tuple[int, str | None, set[datetime]]:
     task = get_task(task_id, lock=True)
     rows = db.session.execute(
         text(
@@ -138,15 +138,14 @@ def _plan_group(task_id: int, retry_at: datetime) -> tuple[int, set[datetime]]:
         rows = []
     if not rows:
         db.session.commit()
-        return 0, set()
-    used = replan_retries(task_id, task.overflow, [tuple(row) for row in rows], retry_at)
-    task.last_slot = max([task.last_slot, *used]) if task.last_slot else max(used)
+        return 0, None, set()
+    planner = replan_in_place(task, [tuple(row) for row in rows], retry_at)
     db.session.commit()
-    return len(rows), used
+    return len(rows), planner.limit.name, planner.used_slots
 
 
 def process_and_record(
-    slot: datetime,
+    slot: SlotOfLimit,
     claimer: int,
     group: list[Claim],
     processor,
@@ -158,18 +157,22 @@ def process_and_record(
     if not held:
         db.session.commit()
         return Tally()
-    return record_outcomes(slot, held, process(processor, held), max_attempts)
+    failures = process(processor, held, slot.options)
+    return record_outcomes(slot, held, failures, max_attempts)
 
 
-def process(processor, group: list[Claim]) -> dict[int, Failure]:
+def process(processor, group: list[Claim], options: dict) -> dict[int, Failure]:
     """Call a group processor inside a savepoint: what it writes commits with the outcomes.
 
-    A processor that takes `keys` gets each ID's idempotency key alongside it.
+    A processor that takes `keys` gets each ID's idempotency key alongside it; one that
+    takes `options`, its limit's options.
     """
     user_ids = [c.user_id for c in group]
     extra = {}
-    if takes_keys(processor):
+    if takes(processor, "keys"):
         extra["keys"] = [c.idempotency_key for c in group]
+    if takes(processor, "options"):
+        extra["options"] = options
     try:
         with db.session.begin_nested():
             verdicts = processor(user_ids, **extra) or {}
@@ -182,7 +185,7 @@ def process(processor, group: list[Claim]) -> dict[int, Failure]:
 
 
 def record_outcomes(
-    slot: datetime,
+    slot: SlotOfLimit,
     group: list[Claim],
     failures: Mapping[int, Failure],
     max_attempts: int | None = None,
@@ -209,8 +212,16 @@ def record_outcomes(
     written = _write_outcomes(group, verdicts)
     succeeded = [row for row in written if row.status == AssignmentStatus.DONE]
     db.session.execute(
-        text("UPDATE slots SET done = done + :d, failed = failed + :f WHERE slot_start = :s"),
-        {"d": len(succeeded), "f": len(written) - len(succeeded), "s": slot},
+        text(
+            "UPDATE slots SET done = done + :d, failed = failed + :f "
+            "WHERE limit_id = :l AND slot_start = :s"
+        ),
+        {
+            "d": len(succeeded),
+            "f": len(written) - len(succeeded),
+            "l": slot.limit_id,
+            "s": slot.start,
+        },
     )
     _count_on_tasks(written)
     db.session.commit()
@@ -281,21 +292,22 @@ def _count_on_tasks(written: list) -> None:
         )
 
 
-def replan_retries(
-    task_id: int, overflow: str, positions: list[tuple[int, int]], not_before: datetime
-) -> set[datetime]:
-    """Plan a task's retrying IDs, still in their rows, into slots from `not_before` on
-    (or from now, if that has passed).
+def replan_in_place(
+    task: IdTask, positions: list[tuple[int, int]], not_before: datetime
+) -> WindowPlanner:
+    """Plan IDs of a task that are still in their rows (retrying ones, or pending ones
+    whose slot passed) into its limit's slots from `not_before` on (or from now, if that
+    has passed); the task's last slot follows.
 
-    Called with the task's row lock held; returns the slots used, to be scheduled once
-    the transaction commits.
+    Called with the task's row lock held; the planner tells the slots used, to be
+    scheduled once the transaction commits.
     """
 
     def write(pairs: Iterator, slots: list[datetime]) -> list[int]:
         counts = [0] * len(slots)
         moves = []
         for (position, _user_id), index in pairs:
-            moves.append((slots[index], AssignmentStatus.PENDING, task_id, position))
+            moves.append((slots[index], AssignmentStatus.PENDING, task.id, position))
             counts[index] += 1
         with raw_connection().cursor() as cur:
             cur.executemany(
@@ -305,6 +317,10 @@ def replan_retries(
             )
         return counts
 
-    planner = WindowPlanner(overflow, None, expected_ids=len(positions), not_before=not_before)
+    planner = WindowPlanner(
+        task.limit_id, task.overflow, None, expected_ids=len(positions), not_before=not_before
+    )
     planner.plan(iter(positions), write)
-    return planner.used_slots
+    used = planner.used_slots
+    task.last_slot = max([task.last_slot, *used]) if task.last_slot else max(used)
+    return planner

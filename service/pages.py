@@ -42,17 +42,19 @@ class SlotConverter(BaseConverter):
 
 @blp.get("/plan")
 def plan():
-    """The current and the next hour of slots, and the slot jobs rq-scheduler holds."""
-    return render_template(
-        "plan.html", refresh_seconds=REFRESH_SECONDS, **plan_overview.current_plan()
-    )
+    """A limit's current and next hour of slots (`?limit=`, default: the default limit),
+    and the slot jobs rq-scheduler holds."""
+    query = parser.parse(PageQuerySchema(), location="query")
+    overview = plan_overview.current_plan(limit_name=query.get("limit"))
+    return render_template("plan.html", refresh_seconds=REFRESH_SECONDS, **overview)
 
 
 @blp.get("/plan/slots/<slot:slot>")
 def slot_ids(slot):
     """One slot's IDs with task, status, attempts and error, a page at a time."""
     query = parser.parse(PageQuerySchema(), location="query")
-    return render_template("slot.html", **plan_overview.slot_ids(slot, query["page"]))
+    overview = plan_overview.slot_ids(slot, query["page"], query.get("limit"))
+    return render_template("slot.html", **overview)
 
 
 def init_app(app) -> None:

@@ -11,11 +11,11 @@ from redis.exceptions import RedisError
 from sqlalchemy import func, or_, select
 from werkzeug.exceptions import NotFound
 
+from . import limits
 from .extensions import db
 from .models import Assignment, AssignmentStatus, Slot
 from .planner import SlotGrid
 from .scheduling import scheduled_jobs
-from .shared_settings import shared
 from .slots import plan_between, slot_grid
 
 # An hour of the page is 60 slots in whole windows: with one-minute slots the clock
@@ -28,15 +28,17 @@ IDS_PER_PAGE = 100
 SHADES = 4
 
 
-def current_plan(now: datetime | None = None) -> dict:
-    """The current and the next hour as windows of slots, and the upcoming slot jobs."""
+def current_plan(now: datetime | None = None, limit_name: str | None = None) -> dict:
+    """A limit's current and next hour as windows of slots (default: the default
+    limit's), and the upcoming slot jobs."""
     now = now or datetime.now(UTC)
     grid = slot_grid()
     per_hour = math.ceil(HOUR_SLOTS / grid.window_slots)
     start = grid.span_of(now, per_hour)
     end = start + HOURS_SHOWN * per_hour * grid.window_length
-    plan = plan_between(start, end, now=now)
-    waiting = _waiting_by_slot(start, end)
+    plan = plan_between(start, end, now=now, limit_name=limit_name)
+    limit = limits.find(plan["limit"])
+    waiting = _waiting_by_slot(limit.id, start, end)
     current = grid.slot_of(now)
     windows = [
         {
@@ -54,7 +56,10 @@ def current_plan(now: datetime | None = None) -> dict:
     ]
     return {
         "now": now,
+        "limit": plan["limit"],
+        "limits": limits.all_names(),
         "rpm": plan["rpm"],
+        "paused": plan["paused"],
         "slot_seconds": grid.slot_seconds,
         "window_slots": grid.window_slots,
         "hours": hours,
@@ -63,15 +68,19 @@ def current_plan(now: datetime | None = None) -> dict:
     }
 
 
-def slot_ids(slot: datetime, page: int) -> dict:
+def slot_ids(slot: datetime, page: int, limit_name: str | None = None) -> dict:
     """One slot's counts and a page of its IDs (those not cancelled) in plan order."""
-    values = shared()
-    grid = slot_grid(values)
+    limit = limits.get_limit(limit_name or limits.DEFAULT)
+    grid = slot_grid()
     if grid.slot_of(slot) != slot:
         raise NotFound(
             f"{slot.isoformat()} is not the start of a slot: slots are {grid.slot_seconds} s"
         )
-    listed = (Assignment.slot_start == slot, Assignment.status != AssignmentStatus.CANCELLED)
+    listed = (
+        Assignment.limit_id == limit.id,
+        Assignment.slot_start == slot,
+        Assignment.status != AssignmentStatus.CANCELLED,
+    )
     total = db.session.scalar(select(func.count()).select_from(Assignment).where(*listed))
     pages = max(1, math.ceil(total / IDS_PER_PAGE))
     if page > pages:
@@ -85,8 +94,9 @@ def slot_ids(slot: datetime, page: int) -> dict:
     ).all()
     return {
         "slot": slot,
-        "stored": db.session.get(Slot, slot),
-        "rpm": values["RPM"],
+        "limit": limit.name,
+        "stored": db.session.get(Slot, (limit.id, slot)),
+        "rpm": limit.rpm,
         "ids": ids,
         "total": total,
         "first": (page - 1) * IDS_PER_PAGE + 1,
@@ -107,7 +117,7 @@ def _cell(slot: dict, rpm: int, pending: int, current: datetime) -> dict:
     }
 
 
-def _waiting_by_slot(start: datetime, end: datetime) -> dict[datetime, int]:
+def _waiting_by_slot(limit_id: int, start: datetime, end: datetime) -> dict[datetime, int]:
     """IDs of each slot that have not finished: pending, or running under a claim."""
     # Each status on its own, so that each is read from its partial index.
     waiting = or_(
@@ -116,7 +126,12 @@ def _waiting_by_slot(start: datetime, end: datetime) -> dict[datetime, int]:
     )
     rows = db.session.execute(
         select(Assignment.slot_start, func.count())
-        .where(Assignment.slot_start >= start, Assignment.slot_start < end, waiting)
+        .where(
+            Assignment.limit_id == limit_id,
+            Assignment.slot_start >= start,
+            Assignment.slot_start < end,
+            waiting,
+        )
         .group_by(Assignment.slot_start)
     )
     return dict(rows.all())

@@ -1,10 +1,12 @@
 """Planning IDs into slots: the PostgreSQL side of the planner.
 
-One transaction per task. It holds the task's row lock, and an advisory lock per window
-while planning into it, so any number of planners in any number of processes stay
-correct: two never read the same slot's load at once. Killed half way, it leaves
-nothing behind, and the job re-run plans the task from the start. Retries of failed IDs
-go through the same windows, locks and rules.
+One transaction per task. It holds the task's row lock, a share lock on its limit's row
+(a change of the limit's RPM waits for it), and an advisory lock per window of the
+limit while planning into it, so any number of planners in any number of processes stay
+correct: two never read the same slot's load at once. Each limit has windows, slots and
+locks of its own, so two limits never share capacity nor wait for each other. Killed
+half way, it leaves nothing behind, and the job re-run plans the task from the start.
+Retries of failed IDs go through the same windows, locks and rules.
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ from flask import current_app
 from sqlalchemy import update
 from werkzeug.exceptions import NotFound
 
+from . import limits
 from .extensions import db, raw_connection
 from .id_tasks import ID_CHUNKS, get_task, read_ids
-from .models import AssignmentStatus, IdTask, Overflow, TaskStatus
+from .models import AssignmentStatus, IdTask, Limit, Overflow, TaskStatus
 from .planner import EPOCH, distribute, fill
 from .scheduling import schedule_slots
 from .shared_settings import shared
 from .slots import slot_grid
 
-# First key of the two-key advisory locks, so they cannot meet another lock user's.
+# The top bits of the window locks' keys, so they cannot meet another lock user's.
 WINDOW_LOCK_NAMESPACE = 0x5107
 PLANNABLE = (TaskStatus.RECEIVED, TaskStatus.PLANNING)
 
@@ -59,18 +62,20 @@ def plan_stored_task(task_id: int, now: datetime | None = None) -> PlanOutcome:
     if task.status not in PLANNABLE:
         db.session.rollback()
         return PlanOutcome(task_id, skipped=f"already {task.status}")
-    planner = WindowPlanner(task.overflow, now, expected_ids=task.total, not_before=task.not_before)
+    planner = WindowPlanner(
+        task.limit_id, task.overflow, now, expected_ids=task.total, not_before=task.not_before
+    )
     # The IDs stream from a connection of their own, so that each window's rows go out
     # in one COPY that PostgreSQL ingests while Python computes the next ones. They are
     # committed and cannot change meanwhile: changing them takes the task row lock.
     with db.engine.connect() as reader:
         ids = read_ids(reader.connection.driver_connection, ID_CHUNKS, task.id)
-        planner.plan(ids, _copy_writer(task.id))
+        planner.plan(ids, _copy_writer(task.id, task.limit_id))
     task.planned = planner.planned
     task.first_slot, task.last_slot = min(planner.used_slots), max(planner.used_slots)
     task.status = TaskStatus.SCHEDULED
     db.session.commit()
-    schedule_slots(planner.used_slots)
+    schedule_slots(planner.limit.name, planner.used_slots)
     return PlanOutcome(task_id, planner.planned, task.first_slot, task.last_slot)
 
 
@@ -84,7 +89,7 @@ def _mark_planning(task_id: int) -> None:
     db.session.commit()
 
 
-def _copy_writer(task_id: int) -> Writer:
+def _copy_writer(task_id: int, limit_id: int) -> Writer:
     """New assignments, one COPY per window."""
 
     def write(pairs: Iterator, slots: list[datetime]) -> list[int]:
@@ -94,12 +99,13 @@ def _copy_writer(task_id: int) -> Writer:
         with (
             raw_connection().cursor() as cur,
             cur.copy(
-                "COPY assignments (task_id, position, user_id, slot_start, status) FROM STDIN"
+                "COPY assignments (task_id, position, user_id, limit_id, slot_start, status) "
+                "FROM STDIN"
             ) as copy,
         ):
             write_row = copy.write_row
             for (position, user_id), index in pairs:
-                write_row((task_id, position, user_id, slot_texts[index], pending))
+                write_row((task_id, position, user_id, limit_id, slot_texts[index], pending))
                 counts[index] += 1
         return counts
 
@@ -113,8 +119,15 @@ def database_now() -> datetime:
         return cur.fetchone()[0].astimezone(UTC)
 
 
+def window_lock_key(limit_id: int, window_number: int) -> int:
+    """One bigint per window of a limit: the namespace, the limit (a smallint), then the
+    window's number since the epoch, wrapped to 31 bits."""
+    return WINDOW_LOCK_NAMESPACE << 47 | limit_id << 31 | window_number % 2**31
+
+
 class WindowPlanner:
-    """Runs IDs through the generator window by window, from the target window on.
+    """Runs IDs through the generator window by window of one limit, from the target
+    window on.
 
     A slot counts as open only if it starts after the plan is committed: the lead is
     PLAN_LEAD_SECONDS plus the time `expected_ids` take at PLANNING_RATE, so a big task
@@ -125,16 +138,18 @@ class WindowPlanner:
 
     def __init__(
         self,
+        limit_id: int,
         overflow: str,
         now: datetime | None,
         expected_ids: int = 0,
         not_before: datetime | None = None,
     ):
         values = self._settings()
+        self.limit = self._limit(limit_id)
         grid = slot_grid(values)
         writing = expected_ids / current_app.config["PLANNING_RATE"]
         self.grid = replace(grid, lead_seconds=grid.lead_seconds + writing)
-        self.rpm = values["RPM"]
+        self.rpm = self.limit.rpm
         self.spread_min_open_slots = values["SPREAD_MIN_OPEN_SLOTS"]
         self.overflow, self.fixed_now, self.not_before = overflow, now, not_before
         self.planned = 0
@@ -170,6 +185,9 @@ class WindowPlanner:
     def _settings(self) -> dict[str, int]:
         return shared(lock=True)  # a change of settings waits for this plan
 
+    def _limit(self, limit_id: int) -> Limit:
+        return limits.by_id(limit_id, limits.SHARE)  # so does a change of its RPM
+
     def _open_slots(self, window: datetime) -> list[datetime]:
         """The window's slots still open once it is locked."""
         self._lock(window)
@@ -179,13 +197,15 @@ class WindowPlanner:
         number = (window - EPOCH) // self.grid.window_length
         with raw_connection().cursor() as cur:
             cur.execute(
-                "SELECT pg_advisory_xact_lock(%s, %s)",
-                (WINDOW_LOCK_NAMESPACE, number % 2**31),
+                "SELECT pg_advisory_xact_lock(%s)", (window_lock_key(self.limit.id, number),)
             )
 
     def _loads(self, slots: list[datetime]) -> list[int]:
         with raw_connection().cursor() as cur:
-            cur.execute("SELECT slot_start, load FROM slots WHERE slot_start = ANY(%s)", (slots,))
+            cur.execute(
+                "SELECT slot_start, load FROM slots WHERE limit_id = %s AND slot_start = ANY(%s)",
+                (self.limit.id, slots),
+            )
             known = dict(cur.fetchall())
         return [known.get(slot, 0) for slot in slots]
 
@@ -201,8 +221,9 @@ class WindowPlanner:
     def _store_loads(self, used: list[tuple[datetime, int]]) -> None:
         with raw_connection().cursor() as cur:
             cur.execute(
-                "INSERT INTO slots (slot_start, load) "
-                "SELECT * FROM unnest(%s::timestamptz[], %s::int[]) "
-                "ON CONFLICT (slot_start) DO UPDATE SET load = slots.load + EXCLUDED.load",
-                ([slot for slot, _ in used], [n for _, n in used]),
+                "INSERT INTO slots (limit_id, slot_start, load) "
+                "SELECT %s, * FROM unnest(%s::timestamptz[], %s::int[]) "
+                "ON CONFLICT (limit_id, slot_start) "
+                "DO UPDATE SET load = slots.load + EXCLUDED.load",
+                (self.limit.id, [slot for slot, _ in used], [n for _, n in used]),
             )

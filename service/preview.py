@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 
+from . import limits
 from .extensions import db, raw_connection
 from .id_tasks import read_ids, store_distinct_ids
-from .models import Overflow
+from .models import Limit, Overflow
 from .planning import WindowPlanner, database_now
 from .shared_settings import shared
 
@@ -33,6 +34,9 @@ class PreviewPlanner(WindowPlanner):
 
     def _settings(self) -> dict[str, int]:
         return shared()
+
+    def _limit(self, limit_id: int) -> Limit:
+        return limits.by_id(limit_id)
 
     def _lock(self, window: datetime) -> None:
         """Nothing is written, so no other planner needs to wait for this one."""
@@ -62,20 +66,26 @@ def preview_plan(
     overflow: str | None = None,
     not_before: datetime | None = None,
     now: datetime | None = None,
+    limit: str | None = None,
 ) -> dict:
-    """Where the IDs would go if a task of them were planned at `now` (default: the
-    database's clock); stores nothing."""
+    """Where the IDs would go if a task of them were planned into `limit` (default: the
+    default limit) at `now` (default: the database's clock); stores nothing."""
     overflow = overflow or Overflow.SPREAD
     try:
+        # Read before the rollback, which may take a default limit just recorded with it.
+        limit_id, limit_name = _id_and_name(limits.named_by_request(limit))
         submitted, distinct = _stage(ids)
         now = now or database_now()
-        planner = PreviewPlanner(overflow, now, expected_ids=distinct, not_before=not_before)
+        planner = PreviewPlanner(
+            limit_id, overflow, now, expected_ids=distinct, not_before=not_before
+        )
         planner.plan(read_ids(raw_connection(), PREVIEW_CHUNKS, PREVIEW_TASK), _count)
     finally:
         db.session.rollback()
     slots = planner.slots()
     return {
         "now": now,
+        "limit": limit_name,
         "rpm": planner.rpm,
         "overflow": overflow,
         "not_before": not_before,
@@ -86,6 +96,10 @@ def preview_plan(
         "slots_above_rpm": sum(1 for slot in slots if slot["load"] > planner.rpm),
         "slots": slots,
     }
+
+
+def _id_and_name(limit: Limit) -> tuple[int, str]:
+    return limit.id, limit.name
 
 
 def _stage(ids: Iterable[int]) -> tuple[int, int]:

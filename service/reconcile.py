@@ -11,9 +11,9 @@ from datetime import UTC, datetime, timedelta
 from flask import current_app
 from sqlalchemy import text
 
-from . import claimers
+from . import claimers, limits
 from .extensions import db
-from .models import AssignmentStatus, TaskStatus
+from .models import AssignmentStatus, Limit, TaskStatus
 from .outcomes import enqueue_retry_planning, retries_waiting
 from .queues import enqueue_planning
 from .scheduling import ensure_slot_job, get_scheduler, planning_is_queued
@@ -28,9 +28,10 @@ def reconcile() -> dict[str, int]:
     - IDs whose claimer is gone (its worker died) go back to pending at once, as do IDs
       claimed longer ago than CLAIM_TIMEOUT_SECONDS (its worker is stuck); to cancelled
       if their task was cancelled meanwhile;
-    - every slot with pending IDs that starts within RECONCILE_HORIZON gets its job if it
-      has none running; one whose time has passed runs at once and is marked late (later
-      slots are left to later runs: a job only has to exist before its slot starts);
+    - every slot of a limit not paused with pending IDs that starts within
+      RECONCILE_HORIZON gets its job if it has none running; one whose time has passed
+      runs at once and is marked late (later slots are left to later runs: a job only
+      has to exist before its slot starts); a paused limit's slots wait for its resume;
     - tasks still received or planning get their planning job back if it is gone, and
       retrying IDs a run of the retry planning.
     """
@@ -40,21 +41,23 @@ def reconcile() -> dict[str, int]:
     scheduler = get_scheduler()
     running = claimers.running_slots()
 
-    def live(slot: datetime) -> bool:
+    def live(limit: Limit, slot: datetime) -> bool:
         # A job that has not reached its slot yet may still be starting up.
-        return slot > now or claimers.slot_key(slot) in running
+        return slot > now or claimers.slot_key(limit.id, slot) in running
 
-    added = [
-        slot
-        for slot, claiming in _slots_with_pending_ids(timeout, now + RECONCILE_HORIZON)
-        if ensure_slot_job(scheduler, slot, now, trust_started=claiming and live(slot))
-    ]
-    late = [slot for slot in added if slot <= now]
-    if late:
-        db.session.execute(
-            text("UPDATE slots SET late = true WHERE slot_start = ANY(:late)"), {"late": late}
-        )
-        db.session.commit()
+    added = late = 0
+    for limit in limits.active_limits():
+        slots = [
+            slot
+            for slot, claiming in _slots_with_pending_ids(
+                limit.id, timeout, now + RECONCILE_HORIZON
+            )
+            if ensure_slot_job(
+                scheduler, limit.name, slot, now, trust_started=claiming and live(limit, slot)
+            )
+        ]
+        added += len(slots)
+        late += _mark_late(limit.id, [slot for slot in slots if slot <= now])
     waiting = db.session.execute(
         text("SELECT id, total FROM id_tasks WHERE status = ANY(:unplanned) ORDER BY id"),
         {"unplanned": [TaskStatus.RECEIVED, TaskStatus.PLANNING]},
@@ -65,16 +68,28 @@ def reconcile() -> dict[str, int]:
     retries = retries_waiting() and enqueue_retry_planning()
     return {
         "claims released": released,
-        "slot jobs added": len(added),
-        "late slots": len(late),
+        "slot jobs added": added,
+        "late slots": late,
         "planning jobs added": len(requeued),
         "retry planning queued": int(retries),
     }
 
 
-def _slots_with_pending_ids(timeout: timedelta, until: datetime) -> list[tuple[datetime, bool]]:
-    """Each slot up to `until` holding pending IDs, and whether its job claimed within
-    the timeout.
+def _mark_late(limit_id: int, late: list[datetime]) -> int:
+    if late:
+        db.session.execute(
+            text("UPDATE slots SET late = true WHERE limit_id = :l AND slot_start = ANY(:late)"),
+            {"l": limit_id, "late": late},
+        )
+    db.session.commit()
+    return len(late)
+
+
+def _slots_with_pending_ids(
+    limit_id: int, timeout: timedelta, until: datetime
+) -> list[tuple[datetime, bool]]:
+    """Each slot of a limit up to `until` holding pending IDs, and whether its job
+    claimed within the timeout.
 
     The slots are found from the pending rows themselves, one index probe per slot
     (a loose index scan), so no counter can hide one. A slot job claims IDs every
@@ -86,18 +101,26 @@ def _slots_with_pending_ids(timeout: timedelta, until: datetime) -> list[tuple[d
         for row in db.session.execute(
             text(
                 "WITH RECURSIVE pending(slot_start) AS ("
-                "  (SELECT slot_start FROM assignments WHERE status = :pending "
+                "  (SELECT slot_start FROM assignments "
+                "   WHERE limit_id = :limit AND status = :pending "
                 "   ORDER BY slot_start LIMIT 1) "
                 "  UNION ALL "
                 "  SELECT (SELECT a.slot_start FROM assignments AS a "
-                "          WHERE a.status = :pending AND a.slot_start > pending.slot_start "
+                "          WHERE a.limit_id = :limit AND a.status = :pending "
+                "            AND a.slot_start > pending.slot_start "
                 "          ORDER BY a.slot_start LIMIT 1) "
                 "  FROM pending WHERE pending.slot_start <= :until) "
                 "SELECT p.slot_start, clock_timestamp() "
                 "  - coalesce(s.last_claim_at, p.slot_start) < :timeout AS active "
-                "FROM pending AS p LEFT JOIN slots AS s ON s.slot_start = p.slot_start "
+                "FROM pending AS p LEFT JOIN slots AS s "
+                "  ON s.limit_id = :limit AND s.slot_start = p.slot_start "
                 "WHERE p.slot_start <= :until ORDER BY p.slot_start"
             ),
-            {"timeout": timeout, "until": until, "pending": AssignmentStatus.PENDING},
+            {
+                "limit": limit_id,
+                "timeout": timeout,
+                "until": until,
+                "pending": AssignmentStatus.PENDING,
+            },
         )
     ]

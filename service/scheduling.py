@@ -1,4 +1,5 @@
-"""The Redis side of dispatch: one rq-scheduler job per slot, and the planning jobs.
+"""The Redis side of dispatch: one rq-scheduler job per slot of each limit, and the
+planning jobs.
 
 Redis holds only what can be rebuilt: every function here may be called again for the
 same slot or task and adds nothing that is already there.
@@ -19,6 +20,7 @@ from rq.job import Job, JobStatus
 from rq_scheduler import Scheduler
 
 from .extensions import get_redis
+from .limits import DEFAULT
 from .queues import SLOTS_QUEUE, get_queue, planning_job_id
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,13 @@ class ServiceScheduler(Scheduler):
         return super().enqueue_jobs()
 
 
-def slot_job_id(slot: datetime) -> str:
-    return f"slot-{slot.astimezone(UTC):%Y%m%dT%H%M%S}"
+def slot_job_id(limit_name: str, slot: datetime) -> str:
+    return f"slot-{limit_name}-{slot.astimezone(UTC):%Y%m%dT%H%M%S}"
+
+
+def _slot_job_args(limit_name: str, slot: datetime) -> tuple[str, str]:
+    """The slot first: a job queued before limits existed ran its slot of the default."""
+    return slot.isoformat(), limit_name
 
 
 def get_scheduler() -> Scheduler:
@@ -71,8 +78,9 @@ def get_scheduler() -> Scheduler:
 class ScheduledJob:
     id: str
     due: datetime
-    # The slot it runs, for a slot job.
+    # The slot it runs and its limit, for a slot job.
     slot: datetime | None
+    limit: str | None
 
 
 def scheduled_jobs(limit: int) -> tuple[list[ScheduledJob], int]:
@@ -85,37 +93,51 @@ def scheduled_jobs(limit: int) -> tuple[list[ScheduledJob], int]:
         ScheduledJob(
             job.id,
             due.replace(tzinfo=UTC),  # rq-scheduler gives due times as naive UTC
-            datetime.fromisoformat(job.args[0]) if job.func_name == SLOT_JOB else None,
+            *_slot_of(job),
         )
         for job, due in held
     ]
     return jobs, scheduler.count()
 
 
-def schedule_slots(slots: Iterable[datetime]) -> int:
-    """Give each slot its job, due just before its start; return how many were added.
+def _slot_of(job: Job) -> tuple[datetime | None, str | None]:
+    if job.func_name != SLOT_JOB:
+        return None, None
+    slot, limit_name = (*job.args, DEFAULT)[:2]
+    return datetime.fromisoformat(slot), limit_name
+
+
+def schedule_slots(limit_name: str, slots: Iterable[datetime]) -> int:
+    """Give each of a limit's slots its job, due just before its start; return how many
+    were added.
 
     When Redis cannot be reached the plan is still in PostgreSQL, and reconciling
     schedules it later.
     """
     try:
         scheduler = get_scheduler()
-        return sum(ensure_slot_job(scheduler, slot) for slot in sorted(slots))
+        return sum(ensure_slot_job(scheduler, limit_name, slot) for slot in sorted(slots))
     except RedisError:
         log.warning("could not schedule slot jobs; reconciling will")
         return 0
 
 
 def ensure_slot_job(
-    scheduler: Scheduler, slot: datetime, now: datetime | None = None, *, trust_started=True
+    scheduler: Scheduler,
+    limit_name: str,
+    slot: datetime,
+    now: datetime | None = None,
+    *,
+    trust_started=True,
 ) -> bool:
-    """Schedule the slot's job unless one is waiting or running; True if one was added.
+    """Schedule a limit's slot's job unless one is waiting or running; True if one was
+    added.
 
     A slot whose time is near or past goes straight onto the queue. With
     `trust_started` False, a job that Redis says is running is taken for dead (its
     worker was killed) and replaced.
     """
-    job_id = slot_job_id(slot)
+    job_id = slot_job_id(limit_name, slot)
     if job_id in scheduler:
         return False
     status = _job_status(job_id)
@@ -129,7 +151,7 @@ def ensure_slot_job(
         scheduler.enqueue_at(
             due,
             SLOT_JOB,
-            slot.isoformat(),
+            *_slot_job_args(limit_name, slot),
             job_id=job_id,
             timeout=timeout,
             job_result_ttl=RESULT_TTL_SECONDS,
@@ -138,7 +160,7 @@ def ensure_slot_job(
         # A slot already under way (or overdue) goes ahead of slots yet to start.
         get_queue(SLOTS_QUEUE).enqueue(
             SLOT_JOB,
-            slot.isoformat(),
+            *_slot_job_args(limit_name, slot),
             job_id=job_id,
             job_timeout=timeout,
             result_ttl=RESULT_TTL_SECONDS,
@@ -147,24 +169,24 @@ def ensure_slot_job(
     return True
 
 
-def add_slot_helper(slot: datetime, limit: int) -> bool:
-    """Queue one more job for a slot that is under way, ahead of later slots, unless
-    `limit` helpers are waiting or running already; True if one was added."""
-    for number in range(1, limit + 1):
-        job_id = f"{slot_job_id(slot)}-helper-{number}"
+def add_slot_helper(limit_name: str, slot: datetime, most: int) -> bool:
+    """Queue one more job for a limit's slot that is under way, ahead of later slots,
+    unless `most` helpers are waiting or running already; True if one was added."""
+    for number in range(1, most + 1):
+        job_id = f"{slot_job_id(limit_name, slot)}-helper-{number}"
         if _job_status(job_id) in (*WAITING_STATUSES, JobStatus.STARTED):
             continue
         try:
             get_queue(SLOTS_QUEUE).enqueue(
                 SLOT_JOB,
-                slot.isoformat(),
+                *_slot_job_args(limit_name, slot),
                 job_id=job_id,
                 job_timeout=_slot_job_timeout(),
                 result_ttl=RESULT_TTL_SECONDS,
                 at_front=True,
             )
         except RedisError:
-            log.warning("could not queue a helper for slot %s", slot)
+            log.warning("could not queue a helper for slot %s of %s", slot, limit_name)
             return False
         return True
     return False

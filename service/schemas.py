@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from flask import g, url_for
 from flask_smorest.error_handler import ErrorSchema
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, missing, validates_schema
-from marshmallow.validate import Length, OneOf, Range
+from marshmallow.validate import Length, OneOf, Range, Regexp
 
 from .ids import (
     IDS_TEXT_PATTERN,
@@ -17,6 +17,7 @@ from .ids import (
     parse_json_ids,
     parse_payload,
 )
+from .limits import DEFAULT, DEFAULT_PROCESSOR
 from .models import AssignmentStatus, Overflow, TaskStatus
 
 # Text that PostgreSQL can store, for the OpenAPI document (a lone surrogate is not JSON).
@@ -204,6 +205,28 @@ def _not_before(**kwargs) -> fields.AwareDateTime:
     )
 
 
+# A limit's name: a slug, so that it reads well in paths, job ids and logs.
+LIMIT_NAME_PATTERN = "^[a-z0-9]+(-[a-z0-9]+)*$"
+MAX_LIMIT_NAME = 63
+PROCESSOR_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+MAX_RPM = 2**31 - 1
+
+
+def limit_name(description: str, **kwargs) -> fields.String:
+    return fields.String(
+        validate=[
+            Length(min=1, max=MAX_LIMIT_NAME),
+            Regexp(LIMIT_NAME_PATTERN, error="must be lower-case letters, digits and hyphens"),
+        ],
+        metadata={"description": description},
+        **kwargs,
+    )
+
+
+def _naming_a_limit(**kwargs) -> fields.String:
+    return limit_name(f"the limit it is planned under (default: {DEFAULT!r})", **kwargs)
+
+
 class UserSchema(RowSchema):
     """A user as answered; one first met as a processed ID has no name."""
 
@@ -232,6 +255,7 @@ class TaskSubmitSchema(Schema):
     ids = _IdList(metadata={"description": "IDs as a list: [1, 2, 3]"})
     overflow = fields.String(validate=OneOf(list(Overflow)))
     not_before = _not_before(allow_none=True)
+    limit = _naming_a_limit()
 
     @validates_schema
     def _one_id_source(self, data, partial=None, **kwargs):
@@ -255,7 +279,7 @@ class TaskSubmitSchema(Schema):
         in a partial update, which changes something."""
         if partial:
             # Only the fields of one form or of the other: never both sources.
-            others = ["task_name", "overflow", "not_before"]
+            others = ["task_name", "overflow", "not_before", "limit"]
             return {
                 "minProperties": 1,
                 "anyOf": [
@@ -275,6 +299,14 @@ class TaskSummarySchema(RowSchema):
     task_status = fields.Boolean(metadata={"description": "true once the task has finished"})
     date_created = fields.DateTime()
     status = fields.String(metadata={"enum": list(TaskStatus)})
+    limit = fields.Method(
+        "_limit",
+        metadata={
+            "type": "string",
+            "nullable": True,
+            "description": "its limit's name; null once the limit was deleted",
+        },
+    )
     overflow = fields.String()
     total = fields.Integer()
     duplicates = fields.Integer()
@@ -290,6 +322,9 @@ class TaskSummarySchema(RowSchema):
     def _ids_url(self, task) -> str:
         before, after = _ids_url_around_the_id()
         return f"{before}{task.id}{after}"
+
+    def _limit(self, task) -> str | None:
+        return task.limit.name if task.limit else None
 
 
 def _ids_url_around_the_id() -> tuple[str, str]:
@@ -337,6 +372,7 @@ class TextSubmitQuerySchema(Schema):
     task_name = _name(load_default=UNNAMED_TEXT_TASK)
     overflow = fields.String(validate=OneOf(list(Overflow)))
     not_before = _not_before()
+    limit = _naming_a_limit()
 
 
 ID_STATUSES = ("received", *AssignmentStatus)
@@ -350,6 +386,7 @@ class TaskIdsQuerySchema(Schema):
 class SlotsQuerySchema(Schema):
     start = moment("first moment shown (default: the current window's start)", data_key="from")
     end = moment("end, exclusive (default: four windows after the start)", data_key="to")
+    limit = limit_name(f"whose slots (default: {DEFAULT!r})")
 
 
 class PageQuerySchema(Schema):
@@ -360,6 +397,7 @@ class PageQuerySchema(Schema):
         unknown = EXCLUDE
 
     page = fields.Integer(load_default=1, validate=Range(min=1))
+    limit = limit_name("whose plan")
 
 
 class SlotSchema(Schema):
@@ -384,6 +422,8 @@ class WindowSchema(Schema):
 
 
 class PlanSchema(Schema):
+    limit = fields.String(metadata={"description": "whose slots these are"})
+    paused = fields.Boolean(metadata={"description": "its slots do not run until resumed"})
     rpm = fields.Integer()
     slot_seconds = fields.Integer()
     window_slots = fields.Integer()
@@ -428,6 +468,7 @@ class PreviewSchema(Schema):
     """Where a task's IDs would land if it were submitted now."""
 
     now = fields.AwareDateTime(metadata={"description": "the planning time of the preview"})
+    limit = fields.String(metadata={"description": "the limit it was planned under"})
     rpm = fields.Integer()
     overflow = fields.String(metadata={"enum": list(Overflow)})
     not_before = fields.AwareDateTime(allow_none=True)
@@ -439,3 +480,46 @@ class PreviewSchema(Schema):
     slots = fields.List(
         fields.Nested(PreviewSlotSchema), metadata={"description": "the slots it would use"}
     )
+
+
+class LimitSchema(Schema):
+    """A limit as answered, with the counts of its tasks' IDs."""
+
+    name = fields.String()
+    rpm = fields.Integer()
+    processor = fields.String()
+    options = fields.Dict(keys=fields.String())
+    paused = fields.Boolean(metadata={"description": "its slots do not run until resumed"})
+    pending = fields.Integer(metadata={"description": "IDs of its tasks not yet finished"})
+    done = fields.Integer()
+    failed = fields.Integer(metadata={"description": "IDs failed after every attempt"})
+    slots_url = fields.Function(
+        lambda limit: url_for("slots.Plan", limit=limit["name"], _external=True),
+        metadata={"type": "string"},
+    )
+
+
+class LimitUpdateSchema(Schema):
+    """A limit's fields as a client sets them; its name is its key, in the path."""
+
+    rpm = fields.Integer(
+        required=True,
+        strict=True,
+        validate=Range(min=1, max=MAX_RPM),
+        metadata={"description": "IDs a slot takes before any slot of a window takes more"},
+    )
+    processor = fields.String(
+        validate=[Length(max=255), Regexp(PROCESSOR_PATTERN, error="must be module:function")],
+        metadata={
+            "description": "module:function, importable (default: "
+            f"{DEFAULT_PROCESSOR}); see the processor contract in the README"
+        },
+    )
+    options = fields.Dict(
+        keys=fields.String(),
+        metadata={"description": "what the processor needs, checked by its own schema"},
+    )
+
+
+class LimitCreateSchema(LimitUpdateSchema):
+    name = limit_name("the limit's key", required=True)

@@ -7,6 +7,9 @@ sets a different value refuses to start and says which, and how to change it for
 whole deployment: `flask settings set NAME=VALUE`. RPM, SPREAD_MIN_OPEN_SLOTS and
 MAX_ATTEMPTS may change at any time; SLOT_SECONDS and WINDOW_SLOTS redraw every slot,
 so only while no ID is waiting to run.
+
+RPM is the `default` limit's (service/limits.py), recorded in its row and nowhere else:
+the setting, the environment's check and `flask settings` read and change that row.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ from flask import current_app
 from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert
 
+from . import limits
 from .config import ConfigError
 from .extensions import db
 from .models import AssignmentStatus, SharedSetting, TaskStatus
 
-SHARED = ("RPM", "SLOT_SECONDS", "WINDOW_SLOTS", "SPREAD_MIN_OPEN_SLOTS", "MAX_ATTEMPTS")
+SHARED = ("SLOT_SECONDS", "WINDOW_SLOTS", "SPREAD_MIN_OPEN_SLOTS", "MAX_ATTEMPTS")
+# Settings that are the default limit's fields.
+OF_THE_DEFAULT_LIMIT = ("RPM",)
 REDRAWING = ("SLOT_SECONDS", "WINDOW_SLOTS")
 
 
@@ -50,11 +56,11 @@ def record_and_check() -> dict[str, int]:
         .values([{"name": name, "value": config[name]} for name in SHARED])
         .on_conflict_do_nothing()
     )
-    recorded = shared()
+    recorded = in_force()
     db.session.commit()
     differing = [
         name
-        for name in SHARED
+        for name in (*SHARED, *OF_THE_DEFAULT_LIMIT)
         if name in config["EXPLICIT_SETTINGS"] and config[name] != recorded[name]
     ]
     if differing:
@@ -70,17 +76,18 @@ def record_and_check() -> dict[str, int]:
 
 def change(changes: dict[str, int]) -> dict[str, int]:
     """Change shared settings for the whole deployment; returns the values now in force."""
-    unknown = sorted(set(changes) - set(SHARED))
+    unknown = sorted(set(changes) - set(SHARED) - set(OF_THE_DEFAULT_LIMIT))
     if unknown:
         raise SettingsConflict(f"not a shared setting: {', '.join(unknown)}")
     # Waits for planning under way (it share-locks the rows it planned by), and holds
     # off new planning until the change commits.
     db.session.execute(text("LOCK TABLE settings IN EXCLUSIVE MODE"))
     current = shared()
+    rpm = changes.pop("RPM", None)
     values = {**current, **changes}
     if "WINDOW_SLOTS" in changes and "SPREAD_MIN_OPEN_SLOTS" not in changes:
         values["SPREAD_MIN_OPEN_SLOTS"] = -(-values["WINDOW_SLOTS"] // 2)
-    _check(values)
+    _check(values if rpm is None else {**values, "RPM": rpm})
     redrawn = [name for name in REDRAWING if values[name] != current[name]]
     if redrawn and _ids_waiting():
         db.session.rollback()
@@ -96,8 +103,15 @@ def change(changes: dict[str, int]) -> dict[str, int]:
             set_={"value": insert(SharedSetting).excluded.value, "updated_at": text("now()")},
         )
     )
+    if rpm is not None:
+        limits.set_default_rpm(rpm)
     db.session.commit()
-    return values
+    return in_force()
+
+
+def in_force() -> dict[str, int]:
+    """Every shared setting, RPM read from the default limit."""
+    return {"RPM": limits.find(limits.DEFAULT).rpm, **shared()}
 
 
 def _check(values: dict[str, int]) -> None:

@@ -1,5 +1,6 @@
-"""Slots: the grid of the deployment's slots and windows, their loads, and the plan as
-it is read back, slot by slot, grouped by window."""
+"""Slots: the grid of the deployment's slots and windows, each limit's slot loads, and a
+limit's plan as it is read back, slot by slot, grouped by window. Every limit has slots
+of its own on the same grid."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from flask import current_app
 from sqlalchemy import select, text
 
 from .extensions import db
+from .limits import named_by_request
 from .models import AssignmentStatus, Slot
 from .planner import SlotGrid
 from .shared_settings import shared
@@ -26,23 +28,31 @@ def slot_grid(values: dict[str, int] | None = None) -> SlotGrid:
     )
 
 
-def subtract_loads(released: dict[datetime, int]) -> None:
-    """Lower slots' loads, locking their rows in time order as planners add to them,
-    so that the two never wait on each other in a circle."""
+def subtract_loads(released: dict[tuple[int, datetime], int]) -> None:
+    """Lower the loads of slots, keyed by limit and start, locking their rows in time
+    order as planners add to them, so that the two never wait on each other in a circle."""
     if not released:
         return
-    slots = sorted(released)
+    keys = sorted(released)
+    limit_ids, slots = [limit_id for limit_id, _ in keys], [slot for _, slot in keys]
+    params = {"limits": limit_ids, "slots": slots}
     db.session.execute(
-        text("SELECT 1 FROM slots WHERE slot_start = ANY(:slots) ORDER BY slot_start FOR UPDATE"),
-        {"slots": slots},
+        text(
+            "SELECT 1 FROM slots JOIN unnest(CAST(:limits AS smallint[]), "
+            "  CAST(:slots AS timestamptz[])) AS r(limit_id, slot) "
+            "  ON slots.limit_id = r.limit_id AND slots.slot_start = r.slot "
+            "ORDER BY slots.limit_id, slots.slot_start FOR UPDATE OF slots"
+        ),
+        params,
     )
     db.session.execute(
         text(
             "UPDATE slots SET load = slots.load - r.n "
-            "FROM unnest(CAST(:slots AS timestamptz[]), CAST(:counts AS int[])) AS r(slot, n) "
-            "WHERE slots.slot_start = r.slot"
+            "FROM unnest(CAST(:limits AS smallint[]), CAST(:slots AS timestamptz[]), "
+            "  CAST(:counts AS int[])) AS r(limit_id, slot, n) "
+            "WHERE slots.limit_id = r.limit_id AND slots.slot_start = r.slot"
         ),
-        {"slots": slots, "counts": [released[slot] for slot in slots]},
+        {**params, "counts": [released[key] for key in keys]},
     )
 
 
@@ -51,11 +61,12 @@ def plan_between(
     end: datetime | None,
     windows: int = DEFAULT_WINDOWS_SHOWN,
     now: datetime | None = None,
+    limit_name: str | None = None,
 ) -> dict:
-    """The slots from `start`'s window to `end` (default: `windows` windows later), as
-    they stand at `now` (default: the clock's)."""
-    values = shared()
-    grid = slot_grid(values)
+    """A limit's slots (default: the default limit's) from `start`'s window to `end`
+    (default: `windows` windows later), as they stand at `now` (default: the clock's)."""
+    limit = named_by_request(limit_name)
+    grid = slot_grid()
     now = now or datetime.now(UTC)
     start = grid.window_of(start or now)
     # A range ending before it starts is empty; a long one is cut: the client asks again
@@ -63,11 +74,13 @@ def plan_between(
     end = min(
         end or start + windows * grid.window_length, start + MAX_SLOTS_SHOWN * grid.slot_length
     )
-    rpm = values["RPM"]
+    rpm = limit.rpm
     stored = {
         slot.slot_start: slot
         for slot in db.session.scalars(
-            select(Slot).where(Slot.slot_start >= start, Slot.slot_start < end)
+            select(Slot).where(
+                Slot.limit_id == limit.id, Slot.slot_start >= start, Slot.slot_start < end
+            )
         )
     }
     windows = []
@@ -89,6 +102,8 @@ def plan_between(
         )
         window = grid.next_window(window)
     return {
+        "limit": limit.name,
+        "paused": limit.paused,
         "rpm": rpm,
         "slot_seconds": grid.slot_seconds,
         "window_slots": grid.window_slots,
@@ -110,18 +125,23 @@ def _slot(moment: datetime, stored: Slot | None, rpm: int, is_open: bool) -> dic
     }
 
 
-def ids_by_slot(start: datetime, end: datetime, per_slot: int) -> dict[datetime, list[int]]:
-    """The first `per_slot` IDs planned into each slot of [start, end), in plan order."""
+def ids_by_slot(
+    limit_id: int, start: datetime, end: datetime, per_slot: int
+) -> dict[datetime, list[int]]:
+    """The first `per_slot` IDs planned into each of a limit's slots of [start, end), in
+    plan order."""
     rows = db.session.execute(
         text(
             "SELECT slot_start, user_id FROM ("
             "  SELECT slot_start, user_id, row_number() OVER ("
             "    PARTITION BY slot_start ORDER BY task_id, position) AS rank"
             "  FROM assignments"
-            "  WHERE slot_start >= :start AND slot_start < :end AND status <> :cancelled"
+            "  WHERE limit_id = :limit AND slot_start >= :start AND slot_start < :end"
+            "    AND status <> :cancelled"
             ") AS ranked WHERE rank <= :per_slot ORDER BY slot_start, rank"
         ),
         {
+            "limit": limit_id,
             "start": start,
             "end": end,
             "per_slot": per_slot,

@@ -5,6 +5,7 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
+from service import limits
 from service.extensions import db
 from service.id_tasks import submit_task
 
@@ -18,8 +19,8 @@ def minute(m: int) -> datetime:
     return at("2030-01-07 10:00") + timedelta(minutes=m)
 
 
-def submit(ids, overflow=None, name="t", not_before=None) -> int:
-    return submit_task(name, ids, overflow, not_before).id
+def submit(ids, overflow=None, name="t", not_before=None, limit=None) -> int:
+    return submit_task(name, ids, overflow, not_before, limit).id
 
 
 def slots_by_id(task_id: int) -> dict[int, datetime]:
@@ -29,22 +30,34 @@ def slots_by_id(task_id: int) -> dict[int, datetime]:
     return dict(rows.all())
 
 
-def loads(start: datetime, end: datetime) -> dict[datetime, int]:
+def limit_id(name: str = limits.DEFAULT) -> int:
+    return limits.find(name).id
+
+
+def loads(start: datetime, end: datetime, limit: str = limits.DEFAULT) -> dict[datetime, int]:
+    """The loads of a limit's slots in [start, end)."""
     rows = db.session.execute(
         text(
-            "SELECT slot_start, load FROM slots WHERE slot_start >= :s AND slot_start < :e "
-            "ORDER BY slot_start"
+            "SELECT slot_start, load FROM slots "
+            "WHERE limit_id = :l AND slot_start >= :s AND slot_start < :e ORDER BY slot_start"
         ),
-        {"s": start, "e": end},
+        {"l": limit_id(limit), "s": start, "e": end},
     )
     return dict(rows.all())
 
 
-def set_load(slot: datetime, load: int) -> None:
+def set_load(slot: datetime, load: int, limit: str = limits.DEFAULT) -> None:
     db.session.execute(
-        text("INSERT INTO slots (slot_start, load) VALUES (:s, :l)"), {"s": slot, "l": load}
+        text("INSERT INTO slots (limit_id, slot_start, load) VALUES (:i, :s, :l)"),
+        {"i": limit_id(limit), "s": slot, "l": load},
     )
     db.session.commit()
+
+
+def add_limit(name: str, rpm: int, processor: str = limits.DEFAULT_PROCESSOR, **options) -> int:
+    """A limit made as POST /limits/ makes it; returns its id."""
+    limits.create_limit({"name": name, "rpm": rpm, "processor": processor, "options": options})
+    return limit_id(name)
 
 
 def just_before_a_window(ahead: timedelta) -> datetime:

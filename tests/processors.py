@@ -1,6 +1,8 @@
-"""Processors for the tests, named in ID_PROCESSOR like the built-in ones."""
+"""Processors for the tests, named in ID_PROCESSOR or a limit like the built-in ones."""
 
 import time
+
+from marshmallow import Schema, fields
 
 from workers.processors import Failure, record_user
 
@@ -40,3 +42,20 @@ def record_slowly(user_ids):
     """`record_user`, with the time of a slow downstream call on top."""
     time.sleep(0.1)
     return record_user(user_ids)
+
+
+class TagOptions(Schema):
+    tag = fields.String(required=True)
+
+
+# What `note_tag` saw: (its limit's tag, ID) per ID.
+tagged: list = []
+
+
+def note_tag(user_ids, options):
+    """`record_user`, noting each ID under the tag its limit's options give."""
+    tagged.extend((options["tag"], user_id) for user_id in user_ids)
+    return record_user(user_ids)
+
+
+note_tag.options_schema = TagOptions

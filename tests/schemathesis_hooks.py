@@ -1,8 +1,13 @@
 """Loaded by schemathesis in tests/test_openapi_contract.py (SCHEMATHESIS_HOOKS).
 
-A client sends a fresh Idempotency-Key with each new request; schemathesis draws the same
-few keys for different bodies, which the API rightly refuses (422). A well-formed key is
-made fresh before each call, a malformed one is left as drawn, to be refused.
+What a client sends that no document can state, it sends as a client would:
+
+- a fresh Idempotency-Key with each new request; schemathesis draws the same few keys for
+  different bodies, which the API rightly refuses (422);
+- the name of a limit that exists, and a processor that can be imported with options it
+  takes: which limits and modules exist is the deployment's, not the document's.
+
+Only well-formed values are replaced; a malformed one is left as drawn, to be refused.
 """
 
 import re
@@ -11,8 +16,28 @@ import uuid
 import schemathesis
 
 from service.idempotency import HEADER
+from service.limits import DEFAULT, DEFAULT_PROCESSOR
+from service.schemas import LIMIT_NAME_PATTERN, MAX_LIMIT_NAME, PROCESSOR_PATTERN
 
 WELL_FORMED_KEY = re.compile(r"[ -~]{1,255}")
+EXISTING = {"limit": DEFAULT, "processor": DEFAULT_PROCESSOR, "options": {}}
+WELL_FORMED = {
+    "limit": lambda value: _matches(LIMIT_NAME_PATTERN, value) and len(value) <= MAX_LIMIT_NAME,
+    "processor": lambda value: _matches(PROCESSOR_PATTERN, value),
+    "options": lambda value: isinstance(value, dict),
+}
+
+
+def _matches(pattern: str, value) -> bool:
+    return isinstance(value, str) and re.fullmatch(pattern, value) is not None
+
+
+def _as_a_client_would(fields) -> None:
+    if not isinstance(fields, dict):
+        return
+    for name, well_formed in WELL_FORMED.items():
+        if name in fields and well_formed(fields[name]):
+            fields[name] = EXISTING[name]
 
 
 @schemathesis.hook
@@ -20,3 +45,5 @@ def before_call(context, case, kwargs):
     key = (case.headers or {}).get(HEADER)
     if isinstance(key, str) and WELL_FORMED_KEY.fullmatch(key):
         case.headers[HEADER] = uuid.uuid4().hex
+    _as_a_client_would(case.body)
+    _as_a_client_would(case.query)

@@ -3,6 +3,7 @@
 import pytest
 from sqlalchemy import text
 
+from service import limits
 from service.extensions import db, get_redis
 
 TASKS = "/celery_ids_tasks/"
@@ -10,6 +11,7 @@ TASKS = "/celery_ids_tasks/"
 
 def snapshot(app):
     with app.app_context():
+        limits.find(limits.DEFAULT)  # recorded once for all, as the first process would
         counts = {
             table: db.session.execute(text(f"SELECT count(*) FROM {table}")).scalar()
             for table in db.metadata.tables

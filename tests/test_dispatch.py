@@ -6,6 +6,7 @@ from sqlalchemy import text
 
 from service.dispatch import run_slot
 from service.extensions import db
+from service.limits import DEFAULT
 from service.models import IdTask
 from service.planning import plan_stored_task
 
@@ -21,14 +22,14 @@ from .helpers import (
 def test_a_slot_job_processes_its_ids_and_records_users(rpm3):
     task_id = submit(range(1, 8))
     plan_stored_task(task_id, now=PAST)
-    run = run_slot(FIRST_SLOT)
+    run = run_slot(DEFAULT, FIRST_SLOT)
     assert (run.slot, run.claimed, run.done, run.failed) == (FIRST_SLOT, 3, 3, 0)
     assert run.handed_back == 0
     assert run.lateness_seconds > 86400  # the slot was months ago
     assert times_processed() == {1: 1, 2: 1, 3: 1}
     assert db.session.get(IdTask, task_id).status == "running"
     for minute in (1, 2):
-        run_slot(FIRST_SLOT + timedelta(minutes=minute))
+        run_slot(DEFAULT, FIRST_SLOT + timedelta(minutes=minute))
     task = db.session.get(IdTask, task_id)
     db.session.refresh(task)
     assert (task.status, task.done, task.pending, task.task_status) == ("done", 7, 0, True)
@@ -42,7 +43,7 @@ def test_a_slot_job_processes_its_ids_and_records_users(rpm3):
 
 def test_users_received_by_ids_are_listed(rpm3):
     plan_stored_task(submit([41, 42]), now=PAST)
-    run_slot(FIRST_SLOT)
+    run_slot(DEFAULT, FIRST_SLOT)
     listed = rpm3.test_client().get("/users/").json
     assert {user["id"] for user in listed} == {41, 42}
     assert all(user["times_processed"] == 1 and user["last_processed_at"] for user in listed)
@@ -50,8 +51,8 @@ def test_users_received_by_ids_are_listed(rpm3):
 
 def test_running_a_slot_twice_processes_each_id_once(rpm3):
     plan_stored_task(submit(range(1, 4)), now=PAST)
-    run_slot(FIRST_SLOT)
-    assert run_slot(FIRST_SLOT).processed == 0
+    run_slot(DEFAULT, FIRST_SLOT)
+    assert run_slot(DEFAULT, FIRST_SLOT).processed == 0
     assert times_processed() == {1: 1, 2: 1, 3: 1}
 
 
@@ -59,7 +60,7 @@ def test_cancel_before_the_slot_runs_releases_the_ids(rpm3):
     task_id = submit(range(1, 4))
     plan_stored_task(task_id, now=PAST)
     rpm3.test_client().delete(f"/celery_ids_tasks/{task_id}/")
-    assert run_slot(FIRST_SLOT).processed == 0
+    assert run_slot(DEFAULT, FIRST_SLOT).processed == 0
     assert times_processed() == {}
 
 
@@ -77,6 +78,6 @@ def test_new_ids_are_refused_once_a_claim_took_some(rpm3):
 
 def test_a_user_created_by_hand_after_processing_gets_a_free_id(rpm3):
     plan_stored_task(submit([41, 42]), now=PAST)
-    run_slot(FIRST_SLOT)
+    run_slot(DEFAULT, FIRST_SLOT)
     created = rpm3.test_client().post("/users/", json={"name": "by hand"})
     assert (created.status_code, created.json["id"]) == (201, 43)

@@ -6,6 +6,7 @@ from sqlalchemy import text
 from service.config import Config
 from service.dispatch import run_slot
 from service.extensions import db
+from service.limits import DEFAULT
 from service.outcomes import plan_retries
 from service.planning import plan_stored_task
 
@@ -36,7 +37,7 @@ def test_each_id_is_one_request_and_its_answer_decides_the_outcome(make_app, dow
     with app.app_context():
         task_id = submit([1, 2, 3, 4, 5])
         plan_stored_task(task_id, now=PAST)
-        run_slot(at("2026-01-05 09:00"))
+        run_slot(DEFAULT, at("2026-01-05 09:00"))
         rows = db.session.execute(
             text("SELECT user_id, status, attempts, error FROM assignments ORDER BY user_id")
         ).all()
@@ -68,12 +69,12 @@ def test_a_retried_call_carries_the_same_idempotency_key(make_app, downstream):
     with app.app_context():
         task_id = submit([7, 2])  # 2 answers 429 every time
         plan_stored_task(task_id, now=PAST)
-        run_slot(at("2026-01-05 08:59:51"))
+        run_slot(DEFAULT, at("2026-01-05 08:59:51"))
         assert plan_retries() == 1
         retry_slot = db.session.execute(
             text("SELECT slot_start FROM assignments WHERE user_id = 2")
         ).scalar()
-        run_slot(retry_slot)
+        run_slot(DEFAULT, retry_slot)
     assert record.keys() == {7: [f"{task_id}-0"], 2: [f"{task_id}-1"] * 2}
 
 
@@ -89,7 +90,7 @@ def test_calls_overlap_on_reused_connections_with_the_authorization_header(make_
         )
         with app.app_context():
             plan_stored_task(submit(range(1, 41)), now=PAST)
-            run_slot(at("2026-01-05 09:00"))
+            run_slot(DEFAULT, at("2026-01-05 09:00"))
             done = db.session.execute(
                 text("SELECT count(*) FROM assignments WHERE status = 'done'")
             ).scalar()

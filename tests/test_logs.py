@@ -8,6 +8,7 @@ import pytest
 
 from service.access import request_id_from
 from service.dispatch import run_slot
+from service.limits import DEFAULT
 from service.logs import JsonFormatter, TextFormatter
 from service.planning import plan_stored_task
 
@@ -79,7 +80,7 @@ def test_an_id_of_only_unsafe_characters_is_replaced(client):
 def test_a_slot_run_gets_one_line_with_its_figures(rpm3, caplog):
     caplog.set_level(logging.INFO)
     plan_stored_task(submit(range(1, 8)), now=PAST)
-    run_slot(FIRST_SLOT)
+    run_slot(DEFAULT, FIRST_SLOT)
     [line] = [r.fields for r in caplog.records if r.name == "service.dispatch"]
     assert line["slot"] == FIRST_SLOT.isoformat()
     assert (line["claimed"], line["processed"], line["done"], line["failed"]) == (3, 3, 3, 0)

@@ -3,6 +3,7 @@
 from datetime import UTC, datetime, timedelta
 
 from service.dispatch import run_slot
+from service.limits import DEFAULT
 from service.planning import plan_stored_task
 from service.slots import slot_grid
 
@@ -56,7 +57,7 @@ def test_the_plan_figures_after_a_task_ran(rpm3):
     earlier = submit(range(1, 8))
     plan_stored_task(earlier, now=now - timedelta(minutes=20))
     first = min(slots_by_id(earlier).values())
-    assert run_slot(first).done == 3
+    assert run_slot(DEFAULT, first).done == 3
     # 4 IDs in two slots ten minutes ahead: their jobs wait in rq-scheduler.
     later = submit(range(101, 105))
     plan_stored_task(later, now=now + timedelta(minutes=10))

@@ -9,6 +9,7 @@ from service.claimers import new_claimer_id, release_dead_or_stuck
 from service.claims import claim
 from service.dispatch import run_slot
 from service.extensions import db, get_redis
+from service.limits import DEFAULT, SlotOfLimit
 from service.models import IdTask
 from service.outcomes import plan_retries, process_and_record, record_outcomes
 from service.planner import EPOCH
@@ -23,6 +24,7 @@ from .helpers import (
     PAST,
     assignment_rows,
     at,
+    limit_id,
     submit,
     times_processed,
 )
@@ -43,7 +45,7 @@ def test_a_failing_id_is_retried_in_a_later_slot_then_stays_failed(make_app):
     with app.app_context():
         task_id = submit([5])
         plan_stored_task(task_id, now=PAST)
-        run_slot(first_slot)
+        run_slot(DEFAULT, first_slot)
         (row,) = assignment_rows(task_id)
         assert (row.status, row.attempts, row.error) == ("retrying", 1, "downstream said no")
         queued = Queue(PLANNING_QUEUE, connection=get_redis()).job_ids
@@ -52,12 +54,12 @@ def test_a_failing_id_is_retried_in_a_later_slot_then_stays_failed(make_app):
         (row,) = assignment_rows(task_id)
         assert row.status == "pending"
         assert row.slot_start > datetime.now(UTC)  # planned again, like any ID
-        retry_job = slot_job_id(row.slot_start)
+        retry_job = slot_job_id(DEFAULT, row.slot_start)
         assert (
             retry_job in get_scheduler()
             or retry_job in Queue(SLOTS_QUEUE, connection=get_redis()).job_ids
         )
-        run_slot(row.slot_start)
+        run_slot(DEFAULT, row.slot_start)
         (row,) = assignment_rows(task_id)
         assert (row.status, row.attempts) == ("failed", 2)
         task = db.session.get(IdTask, task_id)
@@ -73,7 +75,7 @@ def test_a_failure_marked_final_is_not_retried(make_app):
     with app.app_context():
         task_id = submit([5])
         plan_stored_task(task_id, now=PAST)
-        run_slot(FIRST_SLOT)
+        run_slot(DEFAULT, FIRST_SLOT)
         (row,) = assignment_rows(task_id)
         assert (row.status, row.attempts, row.error) == ("failed", 1, "no such user downstream")
 
@@ -83,23 +85,27 @@ def test_a_processor_that_crashes_leaves_nothing_it_wrote(make_app):
     with app.app_context():
         task_id = submit([5, 6])
         plan_stored_task(task_id, now=PAST)
-        run_slot(FIRST_SLOT)
+        run_slot(DEFAULT, FIRST_SLOT)
         assert times_processed() == {}
         assert {row.error for row in assignment_rows(task_id)} == {
             "RuntimeError: crashed after writing"
         }
 
 
+def first_slot_of_default() -> SlotOfLimit:
+    return SlotOfLimit(limit_id(), DEFAULT, FIRST_SLOT)
+
+
 def test_a_slow_worker_whose_claim_was_taken_over_processes_nothing(rpm3):
     task_id = submit([11, 12])
     plan_stored_task(task_id, now=PAST)
     slow, fast = new_claimer_id(), new_claimer_id()
-    stale = claim(FIRST_SLOT, slow, 10).claims
+    stale = claim(limit_id(), FIRST_SLOT, slow, 10).claims
     # The slow worker's claim timed out; reconcile gave the IDs back and another took them.
     assert release_dead_or_stuck(timedelta(0)) == 2
-    fresh = claim(FIRST_SLOT, fast, 10).claims
-    assert process_and_record(FIRST_SLOT, fast, fresh, record_user).processed == 2
-    assert process_and_record(FIRST_SLOT, slow, stale, record_user).processed == 0
+    fresh = claim(limit_id(), FIRST_SLOT, fast, 10).claims
+    assert process_and_record(first_slot_of_default(), fast, fresh, record_user).processed == 2
+    assert process_and_record(first_slot_of_default(), slow, stale, record_user).processed == 0
     assert times_processed() == {11: 1, 12: 1}
     assert {row.status for row in assignment_rows(task_id)} == {"done"}
     task = db.session.get(IdTask, task_id)
@@ -112,9 +118,9 @@ def test_a_cancelled_tasks_failed_ids_are_not_retried(make_app):
     with app.app_context():
         task_id = submit([1, 2])
         plan_stored_task(task_id, now=PAST)
-        claims = claim(FIRST_SLOT, new_claimer_id(), 10).claims
+        claims = claim(limit_id(), FIRST_SLOT, new_claimer_id(), 10).claims
         app.test_client().delete(f"/celery_ids_tasks/{task_id}/")  # while they run
-        record_outcomes(FIRST_SLOT, claims, {1: Failure("busy"), 2: Failure("busy")})
+        record_outcomes(first_slot_of_default(), claims, {1: Failure("busy"), 2: Failure("busy")})
         rows = assignment_rows(task_id)
         assert {(row.status, row.error) for row in rows} == {("cancelled", "busy")}
         assert list(get_scheduler().get_jobs()) == []
@@ -138,7 +144,7 @@ def test_recording_failures_never_waits_for_a_planners_window_lock(make_app):
                     {"ns": WINDOW_LOCK_NAMESPACE, "n": number},
                 )
             db.session.execute(text("SET lock_timeout = '3s'"))  # waiting would fail
-            assert run_slot(FIRST_SLOT).processed == 2
+            assert run_slot(DEFAULT, FIRST_SLOT).processed == 2
             assert {row.status for row in assignment_rows(task_id)} == {"retrying"}
             planner.execute(text("SELECT pg_advisory_unlock_all()"))
         db.session.remove()

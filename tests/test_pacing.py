@@ -7,11 +7,12 @@ import pytest
 from service.claimers import new_claimer_id, release_held_by
 from service.claims import claim
 from service.dispatch import run_slot
+from service.limits import DEFAULT
 from service.pacing import Clock, paced_groups, step_of
 from service.planning import plan_stored_task
 
 from . import processors
-from .helpers import at, submit
+from .helpers import at, limit_id, submit
 
 PAST = at("2026-01-05 08:59:50")
 SLOT = at("2026-01-05 09:00")
@@ -46,7 +47,7 @@ def test_a_slot_starting_30_s_late_paces_its_ids_from_then(noted):
     plan_stored_task(submit(range(1, 601)), now=PAST)
     start = SLOT.timestamp() + 30
     processors.clock = FakeClock(start)
-    assert run_slot(SLOT, clock=processors.clock).processed == 600
+    assert run_slot(DEFAULT, SLOT, clock=processors.clock).processed == 600
     step = step_of(60, 600)  # 0.09 s: the same step as on time
     first_time, first_ids = processors.calls[0]
     assert first_time == pytest.approx(start, abs=0.01)
@@ -59,7 +60,7 @@ def test_a_slot_starting_30_s_late_paces_its_ids_from_then(noted):
 def test_a_slot_on_time_spreads_its_ids_through_it(noted):
     plan_stored_task(submit(range(1, 601)), now=PAST)
     processors.clock = FakeClock(SLOT.timestamp())
-    run_slot(SLOT, clock=processors.clock)
+    run_slot(DEFAULT, SLOT, clock=processors.clock)
     offsets = [moment - SLOT.timestamp() for moment, ids in processors.calls for _ in ids]
     step = step_of(60, 600)
     assert all(abs(offset - k * step) <= 0.06 for k, offset in enumerate(offsets)), offsets[:20]
@@ -69,9 +70,9 @@ def test_ids_handed_back_get_turns_after_those_already_handed_out(noted):
     plan_stored_task(submit(range(1, 601)), now=PAST)
     now = SLOT + timedelta(seconds=2)
     dead_claimer = new_claimer_id()
-    dead = claim(SLOT, dead_claimer, 11, now)
+    dead = claim(limit_id(), SLOT, dead_claimer, 11, now)
     assert release_held_by(dead_claimer) == 11  # its worker died
-    again = claim(SLOT, new_claimer_id(), 11, now + timedelta(seconds=0.1))
+    again = claim(limit_id(), SLOT, new_claimer_id(), 11, now + timedelta(seconds=0.1))
     assert [c.position for c in again.claims] == [c.position for c in dead.claims]
     assert again.first_turn == pytest.approx(dead.first_turn + 11 * dead.step)
     assert dead.first_turn == pytest.approx(now.timestamp() - 0.25)

@@ -169,18 +169,19 @@ import sys
 from datetime import datetime
 from service import create_app
 from service.dispatch import run_slot
+from service.limits import DEFAULT
 app = create_app()
 with app.app_context():
     print("ready", flush=True)
     sys.stdin.readline()  # the barrier: both start once both are ready
-    print(run_slot(datetime.fromisoformat(sys.argv[1])).processed)
+    print(run_slot(DEFAULT, datetime.fromisoformat(sys.argv[1])).processed)
 """
 
 
 def test_two_workers_share_one_big_slot_without_overlap(make_app):
     # Each call takes 0.1 s, so the slot lasts about a second: both runners take part.
     settings = {"RPM": "4000", "PACING": "false", "ID_PROCESSOR": "tests.processors:record_slowly"}
-    app = make_app(RPM=4000, PACING=False)
+    app = make_app(RPM=4000, PACING=False, ID_PROCESSOR="tests.processors:record_slowly")
     with app.app_context():
         task_id = submit(range(1, 8001))
         plan_stored_task(task_id, now=datetime(2026, 1, 5, 8, 59, 50, tzinfo=UTC))

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 
 from service.dispatch import run_slot
+from service.limits import DEFAULT
 from service.plan_overview import current_plan
 from service.planning import plan_stored_task
 from service.scheduling import slot_job_id
@@ -43,7 +44,7 @@ def test_two_hours_of_windows_with_each_slot_against_rpm(rpm3):
     # RPM 3: 45 IDs fill the window, the other 5 are spread over its first five slots.
     task_id = submit(range(1, 51))
     plan_stored_task(task_id, now=PAST)
-    run_slot(FIRST_SLOT)  # long after its time: it ran late
+    run_slot(DEFAULT, FIRST_SLOT)  # long after its time: it ran late
     plan = current_plan(now=at("2026-01-05 09:07:20"))
     hours = plan["hours"]
     assert [(hour["start"], hour["end"]) for hour in hours] == [
@@ -107,7 +108,7 @@ def test_the_page_draws_cells_links_them_and_lists_the_scheduled_jobs(rpm3):
     current = [slot for slot, classes in cells.classes.items() if "now" in classes]
     assert current in ([iso(now)[:17] + "00Z"], [iso(later)[:17] + "00Z"])
     assert "shade-4" in cells.classes[iso(window + timedelta(minutes=5))]
-    assert slot_job_id(window) in page.text
+    assert slot_job_id(DEFAULT, window) in page.text
     assert "15 in all" in page.text
     ids = rpm3.test_client().get(cells.links[over[0]])
     assert ids.status_code == 200

@@ -18,10 +18,10 @@ from service.claims import claim
 from service.extensions import db
 from service.models import IdTask
 from service.planner import EPOCH
-from service.planning import WINDOW_LOCK_NAMESPACE, plan_stored_task
+from service.planning import plan_stored_task, window_lock_key
 from service.slots import slot_grid
 
-from .helpers import at, loads, submit
+from .helpers import at, limit_id, loads, submit
 
 pytestmark = pytest.mark.slow
 
@@ -154,10 +154,10 @@ def test_planning_reads_the_clock_after_it_holds_the_window_lock(make_app):
         windows = {grid.window_of(now), grid.window_of(first_open)}
         with db.engine.connect() as other:  # another planner, busy in these windows
             for window in windows:
-                number = (window - EPOCH) // grid.window_length % 2**31
+                number = (window - EPOCH) // grid.window_length
                 other.execute(
-                    text("SELECT pg_advisory_lock(:ns, :n)"),
-                    {"ns": WINDOW_LOCK_NAMESPACE, "n": number},
+                    text("SELECT pg_advisory_lock(:key)"),
+                    {"key": window_lock_key(limit_id(), number)},
                 )
             planner = threading.Thread(target=plan_in_thread, args=(app, task_id))
             planner.start()
@@ -191,6 +191,6 @@ def test_a_claim_skips_rows_another_transaction_holds(make_app):
             )  # held, not committed
             claimer = new_claimer_id()
             db.session.execute(text("SET LOCAL lock_timeout = '1s'"))  # waiting would fail
-            batch = claim(slot, claimer, 10)
+            batch = claim(limit_id(), slot, claimer, 10)
             other.rollback()
     assert [item.user_id for item in batch.claims] == [3, 4, 5]

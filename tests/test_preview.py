@@ -6,12 +6,13 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
+from service import limits
 from service.extensions import db, get_redis
 from service.planner import EPOCH
-from service.planning import WINDOW_LOCK_NAMESPACE, plan_stored_task
+from service.planning import plan_stored_task, window_lock_key
 from service.preview import preview_plan
 
-from .helpers import at, loads, minute, set_load, slots_by_id, submit
+from .helpers import at, limit_id, loads, minute, set_load, slots_by_id, submit
 
 PREVIEW = "/celery_ids_tasks/preview"
 NOW = at("2030-01-07 10:05:20")
@@ -20,6 +21,7 @@ WINDOW = at("2030-01-07 10:00")
 
 def stored(app) -> dict:
     with app.app_context():
+        limits.find(limits.DEFAULT)  # recorded once for all, as the first process would
         counts = {
             table: db.session.execute(text(f"SELECT count(*) FROM {table}")).scalar()
             for table in db.metadata.tables
@@ -70,8 +72,7 @@ def test_a_preview_waits_for_no_planner(rpm5):
     window = (WINDOW - EPOCH) // timedelta(minutes=15)
     with db.engine.connect() as planner:
         planner.execute(
-            text("SELECT pg_advisory_xact_lock(:ns, :n)"),
-            {"ns": WINDOW_LOCK_NAMESPACE, "n": window},
+            text("SELECT pg_advisory_xact_lock(:key)"), {"key": window_lock_key(limit_id(), window)}
         )
         planner.execute(text("SELECT 1 FROM slots FOR UPDATE"))
         db.session.execute(text("SET lock_timeout = '5s'"))

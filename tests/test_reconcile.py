@@ -7,6 +7,7 @@ from sqlalchemy import text
 
 from service.dispatch import run_slot
 from service.extensions import db, get_redis
+from service.limits import DEFAULT
 from service.planning import plan_stored_task
 from service.queues import PLANNING_QUEUE, SLOTS_QUEUE
 from service.reconcile import reconcile
@@ -41,7 +42,7 @@ def test_reconcile_rebuilds_what_redis_lost(rpm3):
         "retry planning queued": 0,
     }
     assert len(list(get_scheduler().get_jobs())) == 2
-    assert Queue(SLOTS_QUEUE, connection=get_redis()).job_ids == [slot_job_id(FIRST_SLOT)]
+    assert Queue(SLOTS_QUEUE, connection=get_redis()).job_ids == [slot_job_id(DEFAULT, FIRST_SLOT)]
     assert Queue(PLANNING_QUEUE, connection=get_redis()).job_ids == [f"plan-{waiting}"]
     assert db.session.execute(
         text("SELECT late FROM slots WHERE slot_start = :s"), {"s": FIRST_SLOT}
@@ -60,9 +61,9 @@ def test_reconcile_releases_claims_of_a_dead_worker(make_app):
             )
         )
         db.session.commit()
-        assert run_slot(FIRST_SLOT).processed == 0  # claimed by someone (dead)
+        assert run_slot(DEFAULT, FIRST_SLOT).processed == 0  # claimed by someone (dead)
         assert reconcile()["claims released"] == 3
-        run_slot(FIRST_SLOT)
+        run_slot(DEFAULT, FIRST_SLOT)
         assert times_processed() == {1: 1, 2: 1, 3: 1}
 
 

@@ -7,6 +7,7 @@ from rq import Queue
 from rq_scheduler import Scheduler
 
 from service.extensions import db, get_redis
+from service.limits import DEFAULT
 from service.models import IdTask
 from service.planning import plan_stored_task
 from service.queues import SLOTS_QUEUE
@@ -32,14 +33,14 @@ def test_planning_schedules_one_job_per_slot_due_just_before_it(rpm3):
     scheduler = get_scheduler()
     jobs = {job.id: when for job, when in scheduler.get_jobs(with_times=True)}
     slots = [task.first_slot + timedelta(minutes=m) for m in range(3)]
-    assert set(jobs) == {slot_job_id(slot) for slot in slots}
-    due = jobs[slot_job_id(slots[0])].replace(tzinfo=UTC)
+    assert set(jobs) == {slot_job_id(DEFAULT, slot) for slot in slots}
+    due = jobs[slot_job_id(DEFAULT, slots[0])].replace(tzinfo=UTC)
     assert slots[0] - due == timedelta(seconds=EARLY_SECONDS // 1 + 1)  # whole seconds kept
-    assert schedule_slots(slots) == 0  # scheduling again adds nothing
+    assert schedule_slots(DEFAULT, slots) == 0  # scheduling again adds nothing
     assert len(list(scheduler.get_jobs())) == 3
 
 
-def test_a_scheduled_slot_job_runs_with_the_slot_as_only_argument(rpm3):
+def test_a_scheduled_slot_job_runs_with_the_slot_and_its_limit_as_arguments(rpm3):
     future = just_before_a_window(timedelta(hours=2))
     task_id = submit([1])
     plan_stored_task(task_id, now=future)
@@ -47,7 +48,7 @@ def test_a_scheduled_slot_job_runs_with_the_slot_as_only_argument(rpm3):
     slot = db.session.get(IdTask, task_id).first_slot
     assert (job.func_name, job.args, job.kwargs) == (
         "workers.slots.run_slot",
-        (slot.isoformat(),),
+        (slot.isoformat(), DEFAULT),
         {},
     )
     assert job.result_ttl == 3600
@@ -73,7 +74,9 @@ def test_the_scheduler_reconciles_at_its_start(app, runner):
         get_redis().flushdb()  # the slot's job and the planning job are lost
     assert runner.invoke(args=["scheduler", "--burst"]).exit_code == 0
     with app.app_context():
-        assert Queue(SLOTS_QUEUE, connection=get_redis()).job_ids == ["slot-20260105T090000"]
+        assert Queue(SLOTS_QUEUE, connection=get_redis()).job_ids == [
+            "slot-default-20260105T090000"
+        ]
 
 
 def test_the_scheduler_reconciles_every_interval_between_its_polls(app):

@@ -7,10 +7,13 @@ import pytest
 from rq.job import Job
 from sqlalchemy import text
 
+from service import limits
 from service.extensions import db, get_redis
+from service.limits import DEFAULT
 from service.pacing import step_of
 from service.planning import plan_stored_task
 from service.scheduling import slot_job_id
+from workers.processors import HTTP_PROCESSOR
 
 from .downstream import Record, Server
 from .helpers import submit
@@ -34,11 +37,8 @@ def planned_turns(task_id: int) -> dict[int, tuple[datetime, int]]:
 
 def run_through(settings: dict, ids: range, workers: int, record: Record) -> int:
     with Server(record) as url:
-        settings = {
-            **settings,
-            "ID_PROCESSOR": "workers.processors:http_request",
-            "PROCESSOR_HTTP_URL": url,
-        }
+        # Every process runs by the limit's processor and options, recorded in PostgreSQL.
+        limits.update_limit(DEFAULT, {"processor": HTTP_PROCESSOR, "options": {"url": url}})
         processes = [start(["scheduler"], settings)]
         processes += [start(["worker"], settings) for _ in range(workers)]
         try:
@@ -97,7 +97,7 @@ def test_a_slot_too_big_for_one_job_is_shared_by_helpers(make_app):
         helpers = [
             job_id
             for number in range(1, 5)
-            if Job.exists(job_id := f"{slot_job_id(slot)}-helper-{number}", get_redis())
+            if Job.exists(job_id := f"{slot_job_id(DEFAULT, slot)}-helper-{number}", get_redis())
         ]
         assert helpers, "no helper job was added"
         users = len({user_id for _, user_id, _, _ in record.calls})

@@ -1,6 +1,7 @@
 """Processors: the contract a slot job hands IDs through, and the built-in ones.
 
-`ID_PROCESSOR` names a function (`module:function`) of one of two kinds:
+Each limit names its processor, a function given as `module:function` (the `default`
+limit's comes from `ID_PROCESSOR`), of one of two kinds:
 
 - a **group** processor, `process(user_ids: list[int]) -> {user_id: Failure | str}`,
   called with the IDs due together and returning those that failed. It runs inside the
@@ -16,12 +17,19 @@
 Either kind signals a failure by returning it; an exception fails the ID (a group
 processor's, every ID of the call).
 
+A processor may take **options**, what it needs to know about its downstream (a URL, a
+timeout), set on each limit that uses it: it declares a marshmallow schema as its
+`options_schema` attribute, which checks a limit's options when they are written (a
+limit refuses options for a processor that declares none), and an `options` parameter,
+through which each call gets its limit's options as that schema loaded them.
+
 Built in:
 
 - `record_user`, a group processor: records each user in the database, in the
   transaction that records the outcomes;
-- `http_request`, a per-ID processor: one HTTP call per ID to a downstream, made
-  concurrently from a pool of threads over pooled keep-alive connections.
+- `http_request`, a per-ID processor: one HTTP call per ID to the downstream its
+  options name (`url`, `method`, `timeout`), made concurrently from a pool of threads
+  over pooled keep-alive connections.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from importlib import import_module
 
 import httpx
 from flask import current_app
+from marshmallow import Schema, ValidationError, fields
+from marshmallow.validate import URL, OneOf, Range
 from sqlalchemy import text
 
 from service.extensions import db
@@ -48,6 +58,9 @@ class Failure:
 
     message: str
     retry: bool = True
+
+
+HTTP_PROCESSOR = "workers.processors:http_request"
 
 
 def per_id(function: Callable) -> Callable:
@@ -66,8 +79,8 @@ def is_per_id(processor: Callable) -> bool:
 
 
 @functools.cache  # asked once per group of IDs; a signature is slow to read
-def takes_keys(processor: Callable) -> bool:
-    return "keys" in inspect.signature(processor).parameters
+def takes(processor: Callable, parameter: str) -> bool:
+    return parameter in inspect.signature(processor).parameters
 
 
 def as_failure(verdict) -> Failure | None:
@@ -98,23 +111,45 @@ def record_user(user_ids: list[int]) -> dict[int, Failure]:
     return {}
 
 
+def _holds_id(url: str) -> None:
+    if "{id}" not in url:
+        raise ValidationError("must hold {id}, where each user ID goes")
+
+
+class HttpOptions(Schema):
+    """Options of `http_request`: where and how to call, and how long to wait."""
+
+    url = fields.String(
+        required=True,
+        validate=[URL(schemes={"http", "https"}, require_tld=False), _holds_id],
+        metadata={"description": "the URL of each call, with {id} where the ID goes"},
+    )
+    method = fields.String(
+        load_default="POST", validate=OneOf(["GET", "POST", "PUT", "PATCH", "DELETE"])
+    )
+    timeout = fields.Float(
+        load_default=10.0,
+        validate=Range(min=0, max=300, min_inclusive=False),
+        metadata={"description": "seconds to wait for each answer"},
+    )
+
+
 @per_id
-def http_request(user_id: int, key: str) -> Failure | None:
-    """One HTTP request to PROCESSOR_HTTP_URL, `{id}` replaced by the ID.
+def http_request(user_id: int, key: str, options: dict) -> Failure | None:
+    """One HTTP request to the `url` of the options, `{id}` replaced by the ID.
 
     It carries the ID's `Idempotency-Key` (its task and position, the same on every
     attempt), so a downstream that deduplicates by key knows a repeated call. 2xx is
     done. 429, 408, 425, 5xx, timeouts and connection errors are retried; any other
     answer fails the ID for good.
     """
-    config = current_app.config
-    template = config["PROCESSOR_HTTP_URL"]
-    if not template:
-        return Failure("PROCESSOR_HTTP_URL is not set", retry=False)
+    template = options.get("url")
+    if not template:  # a default limit recorded from settings that set no URL
+        return Failure("the limit's options name no url", retry=False)
     url = template.replace("{id}", str(user_id))
     try:
-        answer = _client().request(
-            config["PROCESSOR_HTTP_METHOD"], url, headers={"Idempotency-Key": key}
+        answer = _client(options["timeout"]).request(
+            options["method"], url, headers={"Idempotency-Key": key}
         )
     except httpx.TimeoutException:
         return Failure(f"timed out calling {url}")
@@ -126,17 +161,19 @@ def http_request(user_id: int, key: str) -> Failure | None:
     return Failure(f"HTTP {answer.status_code} from {url}", retry=retry)
 
 
+http_request.options_schema = HttpOptions
+
+
 _clients: dict[tuple, httpx.Client] = {}
 _clients_lock = threading.Lock()
 
 
-def _client() -> httpx.Client:
-    """One pooled client per process and settings (a forked job must not share its
-    parent's sockets), holding up to PROCESSOR_CONCURRENCY keep-alive connections."""
+def _client(timeout: float) -> httpx.Client:
+    """One pooled client per process, settings and timeout (a forked job must not share
+    its parent's sockets), holding up to PROCESSOR_CONCURRENCY keep-alive connections."""
     config = current_app.config
     size = config["PROCESSOR_CONCURRENCY"]
     authorization = config["PROCESSOR_HTTP_AUTHORIZATION"]
-    timeout = config["PROCESSOR_HTTP_TIMEOUT"]
     key = (os.getpid(), size, authorization, timeout)
     with _clients_lock:
         if key not in _clients:

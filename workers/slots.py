@@ -5,11 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 
 from service import dispatch
+from service.limits import DEFAULT
 
 from .context import job_context
 
 
-def run_slot(slot_start: str) -> dispatch.SlotRun:
-    """Process the slot's pending IDs, paced through it; `slot_start` is ISO 8601."""
+def run_slot(slot_start: str, limit: str = DEFAULT) -> dispatch.SlotRun:
+    """Process the pending IDs of a limit's slot, paced through it; `slot_start` is
+    ISO 8601. Jobs queued before limits existed name no limit: theirs is the default."""
     with job_context():
-        return dispatch.run_slot(datetime.fromisoformat(slot_start))
+        return dispatch.run_slot(limit, datetime.fromisoformat(slot_start))

@@ -36,13 +36,16 @@ class IdConverter(IntegerConverter):
 
 def init_app(app, api) -> None:
     # Imported here: the blueprints use the extensions, which use .base of this package.
-    from . import health, metrics, root, slots, tasks, users
+    from . import health, limits, metrics, root, slots, tasks, users
 
     app.url_map.converters["id"] = IdConverter
+    app.url_map.converters["limit"] = limits.LimitNameConverter
+    api.register_converter(limits.LimitNameConverter, limits.limit_name_schema)
     api.register_blueprint(root.blp)
     api.register_blueprint(users.blp)
     api.register_blueprint(tasks.blp)
     api.register_blueprint(slots.blp)
+    api.register_blueprint(limits.blp)
     api.register_blueprint(health.blp)
     api.register_blueprint(metrics.blp)
     if app.config.get("API_TOKEN"):

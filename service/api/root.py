@@ -18,6 +18,7 @@ class Root(MethodView):
             "users": url_for("users.Users", _external=True),
             "celery_ids_tasks": url_for("tasks.Tasks", _external=True),
             "slots": url_for("slots.Plan", _external=True),
+            "limits": url_for("limits.Limits", _external=True),
             "plan": url_for("pages.plan", _external=True),
             "docs": url_for("api-docs.openapi_swagger_ui", _external=True),
             "openapi": url_for("api-docs.openapi_json", _external=True),

@@ -15,8 +15,10 @@ class Plan(MethodView):
     @blp.arguments(SlotsQuerySchema, location="query")
     @blp.response(200, PlanSchema)
     def get(self, query):
-        """Each slot's load, capacity, done and failed counts, grouped by window"""
-        plan = slots.plan_between(query.get("start"), query.get("end"))
+        """A limit's slots: load, capacity, done and failed counts, grouped by window"""
+        plan = slots.plan_between(
+            query.get("start"), query.get("end"), limit_name=query.get("limit")
+        )
         # `now` differs in every answer: the tag follows the plan alone.
         blp.set_etag(plan, PlanSchema(exclude=("now",)))
         return plan
