@@ -49,6 +49,9 @@ class Config:
     CLAIM_TIMEOUT_SECONDS: int = 300
     RECONCILE_INTERVAL_SECONDS: int = 10
     ID_PROCESSOR: str = "workers.processors:record_user"
+    # The modules a limit's processor may come from, comma-separated: naming a processor
+    # over the API imports its module, so only the operator's choice of modules can be.
+    PROCESSOR_MODULES: str = "workers.processors"
     PROCESSOR_HTTP_URL: str | None = None
     PROCESSOR_HTTP_METHOD: str = "POST"
     PROCESSOR_HTTP_TIMEOUT: float = 10.0
@@ -125,10 +128,17 @@ class Config:
                 f"got {self.SPREAD_MIN_OPEN_SLOTS}"
             )
 
+    @property
+    def processor_modules(self) -> frozenset[str]:
+        """PROCESSOR_MODULES, and ID_PROCESSOR's module, which the operator named too."""
+        listed = {name.strip() for name in self.PROCESSOR_MODULES.split(",") if name.strip()}
+        return frozenset({*listed, self.ID_PROCESSOR.partition(":")[0]})
+
     def flask_settings(self) -> dict:
         settings = asdict(self)
         settings["EXPLICIT_SETTINGS"] = settings.pop("explicit")
         settings["SPREAD_MIN_OPEN_SLOTS"] = self.spread_min_open_slots
+        settings["ALLOWED_PROCESSOR_MODULES"] = self.processor_modules
         settings["SQLALCHEMY_DATABASE_URI"] = _sqlalchemy_url(self.DATABASE_URL)
         return settings
 

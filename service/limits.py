@@ -186,7 +186,13 @@ def delete_limit(name: str) -> None:
 
 def checked_options(processor_path: str, options: dict) -> dict:
     """The options as the processor's own schema loads them; 422 when the processor
-    cannot be imported or refuses them. A processor without a schema takes none."""
+    lies outside PROCESSOR_MODULES, cannot be imported or refuses them. A processor
+    without a schema takes none."""
+    module = processor_path.partition(":")[0]
+    allowed = current_app.config["ALLOWED_PROCESSOR_MODULES"]
+    if module not in allowed:
+        reason = f"its module must be one of PROCESSOR_MODULES: {', '.join(sorted(allowed))}"
+        raise _invalid("the processor is not usable", {"processor": [reason]})
     try:
         processor = load_processor(processor_path)
     except Exception as exc:  # importing a module may raise anything; the name is the client's

@@ -26,6 +26,8 @@ def pytest_configure(config):
     os.environ["DATABASE_URL"] = database_url
     os.environ["REDIS_URL"] = redis_url
     os.environ.pop("API_TOKEN", None)
+    # The tests' own processors may serve a limit too.
+    os.environ["PROCESSOR_MODULES"] = "workers.processors,tests.processors"
 
 
 def pytest_unconfigure(config):

@@ -1,6 +1,8 @@
 """Limits as a resource: created, read, changed and deleted over the API, each checked
 when written; the default limit recorded from the settings."""
 
+import sys
+
 import pytest
 from sqlalchemy import text
 
@@ -134,8 +136,12 @@ BAD_LIMITS = {
     "rpm beyond 32 bits": ({"name": "x", "rpm": 2**31}, "rpm"),
     "a processor that is no path": ({"name": "x", "rpm": 5, "processor": "nope"}, "processor"),
     "a processor not importable": (
-        {"name": "x", "rpm": 5, "processor": "no_such_module:f"},
+        {"name": "x", "rpm": 5, "processor": "tests.processors_gone:f"},
         "processor",
+    ),
+    "a processor outside PROCESSOR_MODULES": (
+        {"name": "x", "rpm": 5, "processor": "os:getcwd"},
+        "PROCESSOR_MODULES",
     ),
     "a processor that is missing": (
         {"name": "x", "rpm": 5, "processor": "workers.processors:nope"},
@@ -241,3 +247,12 @@ def test_unknown_limits_elsewhere(client):
         "/celery_ids_tasks/preview", json={"task_name": "t", "ids": [1], "limit": "nowhere"}
     )
     assert answer.status_code == 422
+
+
+def test_a_processor_outside_processor_modules_is_never_imported(client):
+    # Importing runs a module's code: a client naming any module could run it.
+    assert "wave" not in sys.modules
+    answer = client.post("/limits/", json={"name": "x", "rpm": 5, "processor": "wave:open"})
+    assert answer.status_code == 422
+    assert "PROCESSOR_MODULES" in str(answer.json["errors"]["processor"])
+    assert "wave" not in sys.modules
