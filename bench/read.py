@@ -77,6 +77,10 @@ class BareTask(_Reflected, bare.Model):
     __tablename__ = "id_tasks"
 
 
+class BareLimit(_Reflected, bare.Model):
+    __tablename__ = "limits"
+
+
 def bare_app() -> Flask:
     """gunicorn 'bench.read:bare_app()'."""
     app = Flask("bare")
@@ -93,24 +97,34 @@ def bare_app() -> Flask:
 
 def bare_users():
     query = select(BareUser).order_by(BareUser.date_created.desc(), BareUser.id.desc())
-    return _bare_page(query, BareUser, _user_json)
+    return _bare_page(query, BareUser, lambda row: _user_json(*row))
+
+
+def _tasks_with_their_limit():
+    joined = select(BareTask, BareLimit.name)
+    return joined.outerjoin(BareLimit, BareTask.limit_id == BareLimit.id)
 
 
 def bare_tasks():
     order = (BareTask.date_created.desc(), BareTask.id.desc())
-    query = select(BareTask).options(defer(BareTask.payload)).order_by(*order)
-    return _bare_page(query, BareTask, _task_json)
+    query = _tasks_with_their_limit().options(defer(BareTask.payload)).order_by(*order)
+    return _bare_page(query, BareTask, lambda row: _task_json(*row))
 
 
 def bare_task(task_id: int):
-    task = bare.get_or_404(BareTask, task_id)
-    return jsonify({**_task_json(task), "payload": task.payload})
+    row = bare.session.execute(
+        _tasks_with_their_limit().where(BareTask.id == task_id)
+    ).one_or_none()
+    if row is None:
+        return jsonify({"message": "not found"}), 404
+    task, limit = row
+    return jsonify({**_task_json(task, limit), "payload": task.payload})
 
 
 def _bare_page(query, model, to_json):
     page = request.args.get("page", 1, type=int)
     page_size = request.args.get("page_size", 10, type=int)
-    rows = bare.session.scalars(query.offset((page - 1) * page_size).limit(page_size)).all()
+    rows = bare.session.execute(query.offset((page - 1) * page_size).limit(page_size)).all()
     total = bare.session.scalar(select(func.count()).select_from(model))
     response = jsonify([to_json(row) for row in rows])
     response.headers["X-Pagination"] = json.dumps(_pagination(total, page, page_size))
@@ -140,7 +154,7 @@ def _user_json(user) -> dict:
     }
 
 
-def _task_json(task) -> dict:
+def _task_json(task, limit: str | None) -> dict:
     cancelled = task.status == "cancelled"
     return {
         "id": task.id,
@@ -148,6 +162,7 @@ def _task_json(task) -> dict:
         "task_status": task.status in FINISHED,
         "date_created": _moment(task.date_created),
         "status": task.status,
+        "limit": limit,
         "overflow": task.overflow,
         "total": task.total,
         "duplicates": task.duplicates,
@@ -155,6 +170,7 @@ def _task_json(task) -> dict:
         "done": task.done,
         "failed": task.failed,
         "pending": 0 if cancelled else task.total - task.done - task.failed,
+        "not_before": _moment(task.not_before),
         "first_slot": _moment(task.first_slot),
         "last_slot": _moment(task.last_slot),
         "ids_url": f"{request.host_url}celery_ids_tasks/{task.id}/ids/",

@@ -105,6 +105,7 @@ class IdTask(db.Model):
         SmallInteger, ForeignKey("limits.id", ondelete="SET NULL")
     )
     limit: Mapped[Limit | None] = relationship(lazy="joined")
+
     overflow: Mapped[str] = mapped_column(String(8), default=Overflow.SPREAD)
     status: Mapped[str] = mapped_column(String(16), default=TaskStatus.RECEIVED)
     # The submitted IDs as the original API echoed them; kept only for small tasks.
@@ -134,6 +135,10 @@ class IdTask(db.Model):
         if self.status == TaskStatus.CANCELLED:
             return 0
         return self.total - self.done - self.failed
+
+    @property
+    def limit_name(self) -> str | None:
+        return self.limit.name if self.limit else None
 
 
 class AssignmentStatus(StrEnum):

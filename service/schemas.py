@@ -299,13 +299,10 @@ class TaskSummarySchema(RowSchema):
     task_status = fields.Boolean(metadata={"description": "true once the task has finished"})
     date_created = fields.DateTime()
     status = fields.String(metadata={"enum": list(TaskStatus)})
-    limit = fields.Method(
-        "_limit",
-        metadata={
-            "type": "string",
-            "nullable": True,
-            "description": "its limit's name; null once the limit was deleted",
-        },
+    limit = fields.String(
+        attribute="limit_name",
+        allow_none=True,
+        metadata={"description": "its limit's name; null once the limit was deleted"},
     )
     overflow = fields.String()
     total = fields.Integer()
@@ -322,9 +319,6 @@ class TaskSummarySchema(RowSchema):
     def _ids_url(self, task) -> str:
         before, after = _ids_url_around_the_id()
         return f"{before}{task.id}{after}"
-
-    def _limit(self, task) -> str | None:
-        return task.limit.name if task.limit else None
 
 
 def _ids_url_around_the_id() -> tuple[str, str]:
