@@ -1,6 +1,7 @@
 """Pausing a limit stops its slots; resuming plans its overdue IDs again from then on,
 by the usual rules, so that a resume never becomes a burst."""
 
+import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -79,6 +80,67 @@ def test_ids_of_slots_still_open_keep_them(partner):
     pausing.resume("partner", now=RESUMED)
     after = slots_by_id(partner)
     assert {i: after[i] for i in range(19, 31)} == {i: before[i] for i in range(19, 31)}
+
+
+def test_a_resume_and_a_planner_at_once_share_the_window_without_a_peak(rpm3, partner):
+    pausing.pause("partner")
+    other = submit(range(101, 121), limit="partner")
+    barrier = threading.Barrier(2)
+    failures = []
+
+    def at_once(work) -> None:
+        with rpm3.app_context():
+            barrier.wait(10)
+            try:
+                work()
+            except Exception as exc:  # noqa: BLE001 - reported by the test below
+                failures.append(exc)
+
+    threads = [
+        threading.Thread(target=at_once, args=(work,))
+        for work in (
+            lambda: pausing.resume("partner", now=RESUMED),
+            lambda: plan_stored_task(other, now=RESUMED),
+        )
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert failures == []
+    db.session.remove()
+    # 12 IDs stayed in 09:06 to 09:09; 18 moved and 20 new joined them: 50 over 9 slots,
+    # whichever went first, and every load is what its slot holds.
+    after = loads(*HOUR, "partner")
+    held = Counter([*slots_by_id(partner).values(), *slots_by_id(other).values()])
+    assert {s: n for s, n in after.items() if n} == held
+    assert sorted(held[slot(m)] for m in range(6, 15)) == [5] * 4 + [6] * 5
+
+
+def test_a_resume_that_dies_half_way_leaves_the_limit_paused_for_a_second_one(partner, monkeypatch):
+    second = submit(range(201, 204), limit="partner")
+    plan_stored_task(second, now=PAST)  # into 09:10, after the first task's
+    later = RESUMED + timedelta(minutes=5)  # 09:00 to 09:10 have passed
+    pausing.pause("partner")
+    planned, planned_loads = slots_by_id(partner), loads(*HOUR, "partner")
+    replan = pausing.replan_in_place
+    tasks_replanned = []
+
+    def dies_at_the_second_task(task, *args, **kwargs):
+        tasks_replanned.append(task.id)
+        if len(tasks_replanned) == 2:
+            raise RuntimeError("the worker died")
+        return replan(task, *args, **kwargs)
+
+    monkeypatch.setattr(pausing, "replan_in_place", dies_at_the_second_task)
+    with pytest.raises(RuntimeError):
+        pausing.resume("partner", now=later)
+    db.session.rollback()
+    assert tasks_replanned == [partner, second]
+    assert db.session.get(IdTask, partner).limit.paused is True
+    assert (slots_by_id(partner), loads(*HOUR, "partner")) == (planned, planned_loads)
+    monkeypatch.undo()
+    assert pausing.resume("partner", now=later) == 30 + 3
 
 
 def test_resuming_twice_plans_nothing_twice(partner):
