@@ -1,25 +1,32 @@
 """Operator commands: `flask worker`, `flask scheduler`, `flask plan show`,
-`flask tasks submit` (and `flask db` from Flask-Migrate)."""
+`flask tasks submit`, `flask limits ...` (and `flask db` from Flask-Migrate)."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from itertools import repeat
 
 import click
 from flask import current_app
 from flask.cli import AppGroup, with_appcontext
+from marshmallow import ValidationError
 from rq import Queue
+from sqlalchemy.exc import IntegrityError
+from werkzeug.exceptions import HTTPException
 
-from . import idempotency, limits, shared_settings
-from .extensions import get_redis
+from . import idempotency, limits, pausing, shared_settings
+from .errors import conflict_message
+from .extensions import db, get_redis
 from .id_tasks import submit_task
 from .ids import InvalidIds, stream_ids
 from .models import Limit, Overflow
 from .queues import ALL_QUEUES, SLOTS_QUEUE
 from .reconcile import reconcile
 from .scheduling import ServiceScheduler
+from .schemas import LimitCreateSchema
 from .shared_settings import SettingsConflict
 from .slots import ids_by_slot, plan_between
 from .worker import ClaimingWorker
@@ -89,6 +96,7 @@ MOMENT_FORMATS = [
 plan_group = AppGroup("plan", help="Read the plan.")
 tasks_group = AppGroup("tasks", help="Submit and follow ID tasks.")
 settings_group = AppGroup("settings", help="Settings that every process shares.")
+limits_group = AppGroup("limits", help="Limits: named downstreams, each with its own RPM.")
 
 
 @settings_group.command("show")
@@ -224,6 +232,101 @@ def _limit_named(name: str) -> Limit:
     return limit
 
 
+@limits_group.command("list")
+def limits_list() -> None:
+    """Print each limit: name, RPM, processor, whether paused, IDs pending."""
+    rows = [("name", "rpm", "processor", "paused", "pending")]
+    rows += [
+        (
+            row["name"],
+            row["rpm"],
+            row["processor"],
+            "yes" if row["paused"] else "no",
+            row["pending"],
+        )
+        for row in limits.list_limits()
+    ]
+    widths = [max(len(str(row[column])) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip())
+
+
+@limits_group.command("create")
+@click.argument("name")
+@click.option("--rpm", type=int, required=True, help="IDs a slot takes before spreading.")
+@click.option("--processor", default=limits.DEFAULT_PROCESSOR, show_default=True)
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="An option of the processor; repeat for several.",
+)
+def limits_create(name: str, rpm: int, processor: str, options: tuple[str, ...]) -> None:
+    """Create a limit NAME, checked as POST /limits/ checks it."""
+    given = {"name": name, "rpm": rpm, "processor": processor, "options": _options(options)}
+    with _refusals_as_errors():
+        created = limits.create_limit(LimitCreateSchema().load(given))
+    click.echo(f"limit {created['name']}: rpm {created['rpm']}, processor {created['processor']}")
+
+
+@limits_group.command("pause")
+@click.argument("name")
+def limits_pause(name: str) -> None:
+    """Stop the slots of limit NAME from running; its IDs wait, pending."""
+    with _refusals_as_errors():
+        pausing.pause(name)
+    click.echo(f"limit {name} paused: its slots run nothing until it is resumed")
+
+
+@limits_group.command("resume")
+@click.argument("name")
+def limits_resume(name: str) -> None:
+    """Let the slots of limit NAME run again; IDs whose slot passed meanwhile are planned
+    again from now, by the usual rules."""
+    with _refusals_as_errors():
+        replanned = pausing.resume(name)
+    click.echo(f"limit {name} resumed: {replanned} IDs whose slot had passed planned again")
+
+
+def _options(assignments: tuple[str, ...]) -> dict[str, str]:
+    """KEY=VALUE pairs as text; the processor's schema converts what it needs."""
+    options = {}
+    for assignment in assignments:
+        key, equals, value = assignment.partition("=")
+        if not (key and equals):
+            raise click.BadParameter(f"{assignment!r} is not KEY=VALUE", param_hint="--option")
+        options[key] = value
+    return options
+
+
+@contextmanager
+def _refusals_as_errors() -> Iterator[None]:
+    """What the API answers with a 4xx, said in one line, the command failing."""
+    try:
+        yield
+    except ValidationError as refusal:
+        raise click.ClickException(_described(refusal.messages)) from None
+    except IntegrityError as refusal:
+        db.session.rollback()
+        raise click.ClickException(conflict_message(refusal)) from None
+    except HTTPException as refusal:
+        errors = getattr(refusal, "data", {}).get("errors")
+        details = f": {_described(errors)}" if errors else ""
+        raise click.ClickException(f"{refusal.description}{details}") from None
+
+
+def _described(errors, where: str = "") -> str:
+    """Marshmallow's nested messages as `field: message; other.field: message`."""
+    if isinstance(errors, dict):
+        return "; ".join(
+            _described(inner, f"{where}.{key}" if where else str(key))
+            for key, inner in errors.items()
+        )
+    messages = errors if isinstance(errors, list) else [errors]
+    return f"{where}: {' '.join(str(message) for message in messages)}"
+
+
 class _Progress:
     """A binary stream that advances a progress bar as it is read."""
 
@@ -249,3 +352,4 @@ def init_app(app) -> None:
     app.cli.add_command(plan_group)
     app.cli.add_command(tasks_group)
     app.cli.add_command(settings_group)
+    app.cli.add_command(limits_group)

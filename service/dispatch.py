@@ -51,6 +51,7 @@ class SlotRun:
     failed: int  # attempts that failed, to be retried or not
     handed_back: int  # claimed but not processed: its worker was asked to stop
     lateness_seconds: float  # from the slot's start to this run's first claim
+    paused: bool = False  # its limit was paused: it stopped claiming, or never began
 
     @property
     def processed(self) -> int:
@@ -64,7 +65,8 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
     A slot job that runs behind its turns (its processor is slower than the slot's rate)
     adds helper jobs for the same slot, which share its IDs through the same claims and
     turns. Stops early, handing back what it has claimed but not processed, when its
-    worker is asked to shut down.
+    worker is asked to shut down. Claims nothing once its limit is paused, which it
+    asks before each claim: the IDs left stay pending for the resume to plan again.
     """
     limit = limits.find(limit_name)
     if limit is None:  # deleted: none of its IDs was waiting
@@ -76,13 +78,16 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
     settings = shared()
     db.session.commit()
     slot_seconds, max_attempts = settings["SLOT_SECONDS"], settings["MAX_ATTEMPTS"]
-    claimed = 0
+    claimed, paused = 0, False
     with claimers.claiming(slot.limit_id, start) as claimer:
         calls = _calls(slot, claimer, processor, clock, max_attempts)
         helping = _Helpers(slot, clock)
         clock.wait_until(start.timestamp(), claimers.stop_requested)
         lateness = clock.seconds() - start.timestamp()
         while not claimers.stop_requested():
+            if paused := limits.is_paused(slot.limit_id):
+                db.session.commit()
+                break
             size = _batch_size(slot, slot_seconds)
             batch = claim(slot.limit_id, start, claimer, size, clock.now(), slot_seconds)
             if not batch.claims:
@@ -95,14 +100,14 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
         calls.finish()
         handed_back = claimers.release_held_by(claimer)
     done, failed = calls.tally.done, calls.tally.failed
-    run = SlotRun(limit_name, start, claimed, done, failed, handed_back, round(lateness, 3))
+    run = SlotRun(limit_name, start, claimed, done, failed, handed_back, round(lateness, 3), paused)
     _log_run(run)
     return run
 
 
 def _log_run(run: SlotRun) -> None:
     log.info(
-        "slot %s of %s: %d claimed, %d done, %d failed, %d handed back, started %.3f s late",
+        "slot %s of %s: %d claimed, %d done, %d failed, %d handed back, started %.3f s late%s",
         run.slot.isoformat(),
         run.limit,
         run.claimed,
@@ -110,6 +115,7 @@ def _log_run(run: SlotRun) -> None:
         run.failed,
         run.handed_back,
         run.lateness_seconds,
+        ", its limit paused" if run.paused else "",
         extra={
             "fields": {
                 "limit": run.limit,
@@ -120,6 +126,7 @@ def _log_run(run: SlotRun) -> None:
                 "failed": run.failed,
                 "handed_back": run.handed_back,
                 "lateness_seconds": run.lateness_seconds,
+                "paused": run.paused,
             }
         },
     )

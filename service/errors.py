@@ -31,15 +31,17 @@ CONFLICT_MESSAGES = {
 }
 
 
+def conflict_message(error: IntegrityError) -> str:
+    """What a uniqueness constraint's refusal means to a client."""
+    constraint = getattr(getattr(error.orig, "diag", None), "constraint_name", None)
+    return CONFLICT_MESSAGES.get(constraint, f"conflicts with an existing record ({constraint})")
+
+
 def init_app(app, api) -> None:
     """Map refusals raised below the views to 4xx; the session rolls back at teardown."""
 
     def integrity_error(error: IntegrityError):
-        constraint = getattr(getattr(error.orig, "diag", None), "constraint_name", None)
-        message = CONFLICT_MESSAGES.get(
-            constraint, f"conflicts with an existing record ({constraint})"
-        )
-        return api.handle_http_exception(Conflict(message))
+        return api.handle_http_exception(Conflict(conflict_message(error)))
 
     def data_error(error: DataError):
         return api.handle_http_exception(BadRequest("a value in the request is out of range"))

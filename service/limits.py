@@ -135,7 +135,11 @@ def list_limits() -> list[dict]:
 
 
 def read_limit(name: str) -> dict:
-    limit = get_limit(name)
+    return answer(get_limit(name))
+
+
+def answer(limit: Limit) -> dict:
+    """A limit as the API shows it, with the counts of its IDs."""
     return _answer(limit, _counts([limit.id]))
 
 
@@ -143,30 +147,29 @@ def create_limit(fields: dict) -> dict:
     """A new limit; its name is taken (409, mapped from the unique constraint) or not."""
     processor = fields.get("processor", DEFAULT_PROCESSOR)
     options = checked_options(processor, fields.get("options", {}))
-    limit = Limit(name=fields["name"], rpm=fields["rpm"], processor=processor, options=options)
+    limit = Limit(
+        name=fields["name"],
+        rpm=fields["rpm"],
+        processor=processor,
+        options=options,
+        paused=fields.get("paused", False),
+    )
     db.session.add(limit)
     db.session.commit()
     return _answer(limit, {})
 
 
-def replace_limit(name: str, fields: dict) -> dict:
-    """PUT: the fields not given take their defaults."""
-    return update_limit(name, {"processor": DEFAULT_PROCESSOR, "options": {}, **fields})
-
-
-def update_limit(name: str, changes: dict) -> dict:
-    """A new RPM applies to planning from then on (it waits for planning under way); the
-    IDs planned already keep their slots. A new processor or options apply from the
-    next slot that runs."""
-    limit = get_limit(name, CHANGE)
+def change_fields(limit: Limit, changes: dict) -> None:
+    """Apply a change of RPM, processor or options to a limit whose row is locked
+    (CHANGE); `paused` is service/pausing.py's. A new RPM applies to planning from then
+    on (it waits for planning under way); the IDs planned already keep their slots. A
+    new processor or options apply from the next slot that runs."""
     processor = changes.get("processor", limit.processor)
     options = changes.get("options", limit.options)
     if "processor" in changes or "options" in changes:
         limit.processor, limit.options = processor, checked_options(processor, options)
     if "rpm" in changes:
         limit.rpm = changes["rpm"]
-    db.session.commit()
-    return _answer(limit, _counts([limit.id]))
 
 
 def delete_limit(name: str) -> None:
@@ -256,6 +259,11 @@ def set_default_rpm(rpm: int) -> None:
 def active_limits() -> list[Limit]:
     """The limits whose slots run: every one not paused."""
     return db.session.scalars(select(Limit).where(Limit.paused.is_(False)).order_by(Limit.id)).all()
+
+
+def is_paused(limit_id: int) -> bool:
+    """Read afresh, not from the session: a slot job asks before each claim."""
+    return bool(db.session.scalar(select(Limit.paused).where(Limit.id == limit_id)))
 
 
 def all_names() -> list[str]:

@@ -293,11 +293,16 @@ def _count_on_tasks(written: list) -> None:
 
 
 def replan_in_place(
-    task: IdTask, positions: list[tuple[int, int]], not_before: datetime
+    task: IdTask,
+    positions: list[tuple[int, int]],
+    not_before: datetime | None,
+    now: datetime | None = None,
+    expected_ids: int | None = None,
 ) -> WindowPlanner:
     """Plan IDs of a task that are still in their rows (retrying ones, or pending ones
     whose slot passed) into its limit's slots from `not_before` on (or from now, if that
-    has passed); the task's last slot follows.
+    has passed); the task's last slot follows. `now` and `expected_ids` are the
+    planner's (default: the database's clock, and the IDs given).
 
     Called with the task's row lock held; the planner tells the slots used, to be
     scheduled once the transaction commits.
@@ -318,7 +323,11 @@ def replan_in_place(
         return counts
 
     planner = WindowPlanner(
-        task.limit_id, task.overflow, None, expected_ids=len(positions), not_before=not_before
+        task.limit_id,
+        task.overflow,
+        now,
+        expected_ids=expected_ids or len(positions),
+        not_before=not_before,
     )
     planner.plan(iter(positions), write)
     used = planner.used_slots

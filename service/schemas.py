@@ -117,6 +117,16 @@ class _UserId(fields.Integer):
             raise ValidationError(str(exc)) from None
 
 
+class _JsonBoolean(fields.Boolean):
+    """true or false as JSON has them; "yes", 1 or "true" in quotes are refused, as the
+    OpenAPI document's boolean says."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
 class _IdList(fields.Field):
     """A JSON list of user IDs; errors are keyed by the index of each bad one."""
 
@@ -512,6 +522,13 @@ class LimitUpdateSchema(Schema):
     options = fields.Dict(
         keys=fields.String(),
         metadata={"description": "what the processor needs, checked by its own schema"},
+    )
+    paused = _JsonBoolean(
+        metadata={
+            "description": "true: its slots stop running, its IDs stay pending; false: "
+            "resumed, its IDs whose slot passed meanwhile are planned again from now "
+            "(default false)"
+        }
     )
 
 

@@ -2,8 +2,10 @@
 
 import time
 
+from flask import current_app
 from marshmallow import Schema, fields
 
+from service import pausing
 from workers.processors import Failure, record_user
 
 
@@ -59,3 +61,11 @@ def note_tag(user_ids, options):
 
 
 note_tag.options_schema = TagOptions
+
+
+def record_then_pause(user_ids):
+    """`record_user`; meanwhile an operator pauses the limit named `partner`."""
+    # A context of its own: the operator's session and transaction, not the slot job's.
+    with current_app._get_current_object().app_context():
+        pausing.pause("partner")
+    return record_user(user_ids)

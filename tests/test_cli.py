@@ -5,13 +5,17 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from rq import Queue
 from rq.job import Job
 from sqlalchemy import text
 
+from service import limits
 from service.extensions import db, get_redis
 from service.planning import plan_stored_task
 from service.queues import PLANNING_QUEUE
+
+from .helpers import PAST, add_limit, slots_by_id, submit
 
 
 def test_worker_burst_runs_the_queued_planning_job(app, client, runner):
@@ -82,3 +86,83 @@ def test_tasks_submit_takes_a_pipe_of_unknown_size(app):
     )
     assert piped.returncode == 0, piped.stderr.decode()[-2000:]
     assert b"2000 IDs (0 duplicates dropped)" in piped.stdout
+
+
+def test_limits_are_created_listed_paused_and_resumed(app, runner):
+    created = runner.invoke(
+        args=[
+            "limits",
+            "create",
+            "partner-api",
+            "--rpm",
+            "30",
+            "--processor",
+            "workers.processors:http_request",
+            "--option",
+            "url=https://partner.example/v1/users/{id}/sync",
+            "--option",
+            "timeout=5",
+        ]
+    )
+    assert created.exit_code == 0, created.output
+    assert "limit partner-api: rpm 30" in created.output
+    with app.app_context():
+        assert limits.find("partner-api").options["timeout"] == 5.0
+    assert runner.invoke(args=["limits", "pause", "partner-api"]).exit_code == 0
+    listed = runner.invoke(args=["limits", "list"]).output.splitlines()
+    assert [line.split() for line in listed] == [
+        ["name", "rpm", "processor", "paused", "pending"],
+        ["default", "120", "workers.processors:record_user", "no", "0"],
+        ["partner-api", "30", "workers.processors:http_request", "yes", "0"],
+    ]
+    resumed = runner.invoke(args=["limits", "resume", "partner-api"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "0 IDs whose slot had passed planned again" in resumed.output
+    with app.app_context():
+        assert limits.find("partner-api").paused is False
+
+
+def test_a_resume_from_the_command_line_plans_the_overdue_ids_again(app, runner):
+    with app.app_context():
+        add_limit("partner", 3)
+        plan_stored_task(submit([1, 2, 3, 4], limit="partner"), now=PAST)
+    runner.invoke(args=["limits", "pause", "partner"])
+    resumed = runner.invoke(args=["limits", "resume", "partner"])
+    assert "4 IDs whose slot had passed planned again" in resumed.output
+    with app.app_context():
+        assert min(slots_by_id(1).values()) > datetime.now(UTC)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["pause", "nowhere"], "limit 'nowhere' does not exist"),
+        (["resume", "Not A Slug"], "limit 'Not A Slug' does not exist"),
+        (["create", "Not A Slug", "--rpm", "3"], "name: "),
+        (["create", "x", "--rpm", "0"], "rpm: Must be greater than or equal to 1"),
+        (
+            ["create", "x", "--rpm", "3", "--processor", "nowhere:f"],
+            "processor: its module must be one of PROCESSOR_MODULES",
+        ),
+        (
+            ["create", "x", "--rpm", "3", "--processor", "tests.processors_gone:f"],
+            "processor: cannot be imported",
+        ),
+        (["create", "x", "--rpm", "3", "--option", "tag=a"], "options: the processor takes none"),
+        (["create", "x", "--rpm", "3", "--option", "tag"], "'tag' is not KEY=VALUE"),
+        (["create", "default", "--rpm", "3"], "a limit with this name already exists"),
+        (
+            ["create", "x", "--rpm", "3", "--processor", "workers.processors:http_request"],
+            "options.url: Missing data for required field",
+        ),
+    ],
+)
+def test_a_refused_limits_command_says_why_in_one_line(app, runner, args, message):
+    runner.invoke(args=["limits", "list"])  # the default limit exists
+    result = runner.invoke(args=["limits", *args])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit)  # no traceback
+    last = result.output.splitlines()[-1]  # a usage mistake shows the usage above it
+    assert last.startswith("Error: ") and message in last
+    with app.app_context():
+        assert limits.all_names() == ["default"]

@@ -6,7 +6,7 @@ import sys
 import pytest
 from sqlalchemy import text
 
-from service import limits
+from service import limits, pausing
 from service.extensions import db
 from service.planning import plan_stored_task
 
@@ -88,7 +88,7 @@ def test_the_default_limit_stays(client):
 def test_a_new_rpm_applies_from_then_on_and_planned_ids_keep_their_slots(rpm5):
     first = submit(range(1, 11))
     plan_stored_task(first, now=NOW)
-    limits.update_limit(limits.DEFAULT, {"rpm": 2})
+    pausing.update_limit(limits.DEFAULT, {"rpm": 2})
     later = submit(range(11, 15))
     plan_stored_task(later, now=NOW)
     planned = loads(at("2030-01-07 10:00"), at("2030-01-07 10:15"))

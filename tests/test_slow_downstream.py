@@ -7,7 +7,7 @@ import pytest
 from rq.job import Job
 from sqlalchemy import text
 
-from service import limits
+from service import pausing
 from service.extensions import db, get_redis
 from service.limits import DEFAULT
 from service.pacing import step_of
@@ -38,7 +38,7 @@ def planned_turns(task_id: int) -> dict[int, tuple[datetime, int]]:
 def run_through(settings: dict, ids: range, workers: int, record: Record) -> int:
     with Server(record) as url:
         # Every process runs by the limit's processor and options, recorded in PostgreSQL.
-        limits.update_limit(DEFAULT, {"processor": HTTP_PROCESSOR, "options": {"url": url}})
+        pausing.update_limit(DEFAULT, {"processor": HTTP_PROCESSOR, "options": {"url": url}})
         processes = [start(["scheduler"], settings)]
         processes += [start(["worker"], settings) for _ in range(workers)]
         try:

@@ -3,7 +3,7 @@
 from flask.views import MethodView
 from werkzeug.routing import BaseConverter, ValidationError
 
-from .. import limits
+from .. import limits, pausing
 from ..schemas import (
     LIMIT_NAME_PATTERN,
     MAX_LIMIT_NAME,
@@ -69,14 +69,15 @@ class LimitByName(MethodView):
     @blp.alt_response(404, response="DEFAULT_ERROR")
     def put(self, fields, limit_name):
         """Replace a limit's fields; a new RPM applies to planning from then on"""
-        return limits.replace_limit(limit_name, fields)
+        return pausing.replace_limit(limit_name, fields)
 
     @blp.arguments(LimitUpdateSchema(partial=True))
     @blp.response(200, LimitSchema)
     @blp.alt_response(404, response="DEFAULT_ERROR")
     def patch(self, fields, limit_name):
-        """Change some of a limit's fields; a new RPM applies to planning from then on"""
-        return limits.update_limit(limit_name, fields)
+        """Change some of a limit's fields: a new RPM applies to planning from then on;
+        `paused` pauses or resumes it"""
+        return pausing.update_limit(limit_name, fields)
 
     @blp.response(204)
     @blp.alt_response(404, response="DEFAULT_ERROR")
