@@ -145,7 +145,7 @@ def test_a_resume_from_the_command_line_plans_the_overdue_ids_again(app, runner)
             "processor: its module must be one of PROCESSOR_MODULES",
         ),
         (
-            ["create", "x", "--rpm", "3", "--processor", "tests.processors_gone:f"],
+            ["create", "x", "--rpm", "3", "--processor", "workers.processors:nope"],
             "processor: cannot be imported",
         ),
         (["create", "x", "--rpm", "3", "--option", "tag=a"], "options: the processor takes none"),

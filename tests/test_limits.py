@@ -135,10 +135,6 @@ BAD_LIMITS = {
     "rpm a string": ({"name": "x", "rpm": "5"}, "rpm"),
     "rpm beyond 32 bits": ({"name": "x", "rpm": 2**31}, "rpm"),
     "a processor that is no path": ({"name": "x", "rpm": 5, "processor": "nope"}, "processor"),
-    "a processor not importable": (
-        {"name": "x", "rpm": 5, "processor": "tests.processors_gone:f"},
-        "processor",
-    ),
     "a processor outside PROCESSOR_MODULES": (
         {"name": "x", "rpm": 5, "processor": "os:getcwd"},
         "PROCESSOR_MODULES",
