@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import flask_migrate
 from sqlalchemy import text
 
-from service import create_app
+from service import create_app, limits
 from service.extensions import db, raw_connection
 from service.id_tasks import submit_task
 from service.planner import distribute
@@ -75,15 +75,16 @@ def preview_seconds(app, body: bytes) -> float:
 def bare_copy_seconds(count: int) -> float:
     """The same rows COPYed straight into assignments, as the planner writes them."""
     slot = SLOT.isoformat()
+    limit_id = limits.find(limits.DEFAULT).id
     started = time.perf_counter()
     with (
         raw_connection().cursor() as cur,
         cur.copy(
-            "COPY assignments (task_id, position, user_id, slot_start, status) FROM STDIN"
+            "COPY assignments (task_id, position, user_id, limit_id, slot_start, status) FROM STDIN"
         ) as copy,
     ):
         for position in range(count):
-            copy.write_row((1, position, 1_000_000_000 + position, slot, "pending"))
+            copy.write_row((1, position, 1_000_000_000 + position, limit_id, slot, "pending"))
     db.session.commit()
     return time.perf_counter() - started
 
