@@ -85,10 +85,10 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
         clock.wait_until(start.timestamp(), claimers.stop_requested)
         lateness = clock.seconds() - start.timestamp()
         while not claimers.stop_requested():
-            if paused := limits.is_paused(slot.limit_id):
+            size = _batch_size_unless_paused(slot, slot_seconds)
+            if paused := size is None:
                 db.session.commit()
                 break
-            size = _batch_size(slot, slot_seconds)
             batch = claim(slot.limit_id, start, claimer, size, clock.now(), slot_seconds)
             if not batch.claims:
                 break
@@ -250,14 +250,22 @@ class _Helpers:
             )
 
 
-def _batch_size(slot: SlotOfLimit, slot_seconds: int) -> int:
+def _batch_size_unless_paused(slot: SlotOfLimit, slot_seconds: int) -> int | None:
+    """How many IDs the next claim takes, or None once the limit is paused: both read
+    afresh before each claim, in one statement."""
+    row = db.session.execute(
+        text(
+            "SELECT l.paused, s.load FROM limits AS l "
+            "LEFT JOIN slots AS s ON s.limit_id = l.id AND s.slot_start = :s "
+            "WHERE l.id = :l"
+        ),
+        {"l": slot.limit_id, "s": slot.start},
+    ).one_or_none()
+    if row is None or row.paused:  # a limit deleted meanwhile has nothing left to claim
+        return None
     if not current_app.config["PACING"]:
         return CLAIM_BATCH
-    load = db.session.execute(
-        text("SELECT load FROM slots WHERE limit_id = :l AND slot_start = :s"),
-        {"l": slot.limit_id, "s": slot.start},
-    ).scalar()
-    step = step_of(slot_seconds, load or 0)
+    step = step_of(slot_seconds, row.load or 0)
     return max(1, min(CLAIM_BATCH, round(CLAIM_AHEAD_SECONDS / step)))
 
 

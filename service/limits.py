@@ -261,10 +261,5 @@ def active_limits() -> list[Limit]:
     return db.session.scalars(select(Limit).where(Limit.paused.is_(False)).order_by(Limit.id)).all()
 
 
-def is_paused(limit_id: int) -> bool:
-    """Read afresh, not from the session: a slot job asks before each claim."""
-    return bool(db.session.scalar(select(Limit.paused).where(Limit.id == limit_id)))
-
-
 def all_names() -> list[str]:
     return list(db.session.scalars(select(Limit.name).order_by(Limit.name)))
