@@ -25,10 +25,8 @@ API_SETTINGS = {
     "OPENAPI_SWAGGER_UI_PATH": "/docs",
     # Served by the app itself (_serve_swagger_ui).
     "OPENAPI_SWAGGER_UI_URL": "/docs/assets/",
-    # Statements are never prepared: a generic plan cannot match a bound status to the
-    # partial indexes on status that claims and reconcile rely on. No pool_pre_ping: it
-    # costs every request a round trip; extensions.init_db pings outside requests only.
-    "SQLALCHEMY_ENGINE_OPTIONS": {"connect_args": {"prepare_threshold": None}},
+    # No pool_pre_ping: it costs every request a round trip; extensions.init_db pings
+    # outside requests only. The engine's connect arguments come from Config.
     "SQLALCHEMY_TRACK_MODIFICATIONS": False,
     "JSON_SORT_KEYS": False,
 }

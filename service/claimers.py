@@ -13,6 +13,7 @@ however it ended, the worker can hand back what the job still held (`release_hel
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import text
 
+from .claims import Claim, claim_keys
 from .extensions import db
 from .models import AssignmentStatus, TaskStatus
 from .slots import subtract_loads
@@ -63,8 +65,37 @@ def slot_key(limit_id: int, slot: datetime) -> int:
     return SLOT_LOCK_NAMESPACE << 47 | limit_id << 31 | int(slot.timestamp()) % 2**31
 
 
+class Claimer:
+    """A live claimer: its number, and the connection of its own whose session holds its
+    lock. Asking that connection whether rows are still this claim's answers two things
+    at once: the lock still holds (the connection is alive), and no reconcile has taken
+    the rows back."""
+
+    def __init__(self, claimer_id: int, holder):
+        self.id = claimer_id
+        self._holder = holder
+
+    def still_ours(self, group: list[Claim]) -> list[Claim]:
+        """The members of the group still claimed by this claimer; raises if its lock's
+        connection is gone, when nothing can be known to be ours."""
+        rows = self._holder.execute(
+            text(
+                "SELECT a.task_id, a.position FROM assignments AS a "
+                "JOIN unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
+                "            CAST(:claimed AS timestamptz[])) AS k(task_id, position, claimed_at) "
+                "  ON a.task_id = k.task_id AND a.position = k.position "
+                "WHERE a.status = :running AND a.claimed_at = k.claimed_at "
+                "  AND a.claimed_by = :claimer"
+            ),
+            {**claim_keys(group), "claimer": self.id, "running": AssignmentStatus.RUNNING},
+        ).all()
+        self._holder.commit()
+        ours = {tuple(row) for row in rows}
+        return [item for item in group if (item.task_id, item.position) in ours]
+
+
 @contextmanager
-def claiming(limit_id: int, slot: datetime) -> Iterator[int]:
+def claiming(limit_id: int, slot: datetime) -> Iterator[Claimer]:
     """Run as a live claimer of a limit's slot for the duration of the block."""
     claimer = _assigned if _assigned is not None else new_claimer_id()
     holder = db.engine.connect()
@@ -78,11 +109,12 @@ def claiming(limit_id: int, slot: datetime) -> Iterator[int]:
             },
         )
         holder.commit()
-        yield claimer
+        yield Claimer(claimer, holder)
     finally:
         # Closing the session, not returning it to the pool, is what drops its locks.
-        holder.invalidate()
-        holder.close()
+        with contextlib.suppress(Exception):  # a connection already dead drops them too
+            holder.invalidate()
+            holder.close()
 
 
 # Advisory locks belong to a database; other databases on the server hold their own.
@@ -112,7 +144,8 @@ def running_slots() -> set[int]:
 RELEASE = (
     f"WITH live AS MATERIALIZED (SELECT array_agg(key) AS keys FROM ({HELD_LOCKS}) AS held), "
     "released AS ("
-    "  UPDATE assignments AS a SET claimed_at = NULL, claimed_by = NULL, status = CASE "
+    "  UPDATE assignments AS a SET claimed_at = NULL, claimed_by = NULL, claimed_until = NULL, "
+    "    status = CASE "
     "    WHEN t.status = :task_cancelled THEN :cancelled ELSE :pending END "
     "  FROM id_tasks AS t, live WHERE t.id = a.task_id AND a.status = :running AND ({which}) "
     "  RETURNING a.limit_id, a.slot_start, a.status) "
@@ -151,12 +184,15 @@ def release_held_by(claimer: int) -> int:
 
 
 def release_dead_or_stuck(timeout: timedelta) -> int:
-    """Hand back IDs whose claimer is gone, or that were claimed longer ago than `timeout`.
+    """Hand back IDs whose claimer is gone, or whose claim has run out: its claimer is
+    alive but stuck.
 
-    Claims made before claimers existed (no `claimed_by`) wait for the timeout.
+    A claim runs out at its `claimed_until`, which outlives the longest call its
+    processor may make; claims made before claims had one, `timeout` after they were
+    made. Claims made before claimers existed (no `claimed_by`) wait for that too.
     """
     return _release(
         "NOT coalesce(a.claimed_by = ANY(live.keys), a.claimed_by IS NULL) "
-        "OR a.claimed_at < clock_timestamp() - :timeout",
+        "OR coalesce(a.claimed_until, a.claimed_at + :timeout) < clock_timestamp()",
         {"timeout": timeout},
     )

@@ -10,9 +10,12 @@ meanwhile (its worker was stuck past the timeout) processes nothing.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from flask import current_app
 from sqlalchemy import text
 
 from .extensions import db
@@ -31,11 +34,25 @@ class Claim:
     user_id: int
     attempts: int  # before this one
     claimed_at: datetime  # tells this claim from a later one of the same ID
+    # time.monotonic() until which the claim surely holds (it was taken no earlier
+    # than this process's moment before the claim, for `life`).
+    holds_until: float = math.inf
 
-    @property
-    def idempotency_key(self) -> str:
-        """The same on every attempt: the ID's task and place in it."""
-        return f"{self.task_id}-{self.position}"
+    def key(self, deployment: str) -> str:
+        """The ID's idempotency key: the same on every attempt (its task and place in
+        it), and unique to the deployment."""
+        return f"{deployment}-{self.task_id}-{self.position}"
+
+
+def deployment_id() -> str:
+    """This deployment's random id, made by the migrations (and again, should a
+    database have lost its row)."""
+    found = db.session.execute(text("SELECT id FROM deployment")).scalar()
+    if found is None:
+        db.session.execute(text("INSERT INTO deployment DEFAULT VALUES ON CONFLICT DO NOTHING"))
+        found = db.session.execute(text("SELECT id FROM deployment")).scalar()
+    db.session.commit()
+    return str(found)
 
 
 @dataclass(frozen=True)
@@ -54,14 +71,18 @@ def claim(
     size: int,
     now: datetime | None = None,
     slot_seconds: int | None = None,
+    life: timedelta | None = None,
 ) -> Batch:
     """Take up to `size` pending IDs of a limit's slot, in plan order, and reserve their
     turns.
 
     Turns go on from the slot's last reserved one, or from `now` (less a short catch-up)
     if that is further behind: a late slot runs at its planned step from when it starts.
-    `slot_seconds` is the deployment's, read here when the caller has not.
+    `slot_seconds` is the deployment's, read here when the caller has not. The claim
+    holds for `life` (by default CLAIM_TIMEOUT_SECONDS) even if this worker looks stuck.
     """
+    life = life or timedelta(seconds=current_app.config["CLAIM_TIMEOUT_SECONDS"])
+    asked_at = time.monotonic()
     rows = db.session.execute(
         text(
             "WITH picked AS ("
@@ -69,7 +90,7 @@ def claim(
             "  WHERE limit_id = :limit AND slot_start = :slot AND status = :pending"
             "  ORDER BY task_id, position LIMIT :size FOR UPDATE SKIP LOCKED) "
             "UPDATE assignments AS a SET status = :running, claimed_at = clock_timestamp(), "
-            "  claimed_by = :claimer "
+            "  claimed_by = :claimer, claimed_until = clock_timestamp() + :life "
             "FROM picked WHERE a.task_id = picked.task_id AND a.position = picked.position "
             "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.claimed_at"
         ),
@@ -78,6 +99,7 @@ def claim(
             "slot": slot,
             "size": size,
             "claimer": claimer,
+            "life": life,
             "pending": AssignmentStatus.PENDING,
             "running": AssignmentStatus.RUNNING,
         },
@@ -108,7 +130,8 @@ def claim(
     ).one()
     db.session.commit()
     step = step_of(slot_seconds, turns.load)
-    claims = [Claim(*row) for row in sorted(rows)]
+    holds_until = asked_at + life.total_seconds()
+    claims = [Claim(*row, holds_until=holds_until) for row in sorted(rows)]
     return Batch(claims, turns.next_turn_at.timestamp() - len(claims) * step, step)
 
 

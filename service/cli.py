@@ -19,17 +19,18 @@ from werkzeug.exceptions import HTTPException
 
 from . import idempotency, limits, pausing, shared_settings
 from .errors import conflict_message
-from .extensions import db, get_redis
+from .extensions import db, get_redis, worker_redis
 from .id_tasks import submit_task
 from .ids import InvalidIds, stream_ids
 from .models import Limit, Overflow
+from .outages import keep_running, quiet_library_tracebacks, wait_for_servers
 from .queues import ALL_QUEUES, SLOTS_QUEUE
 from .reconcile import reconcile
 from .scheduling import ServiceScheduler
 from .schemas import LimitCreateSchema
 from .shared_settings import SettingsConflict
 from .slots import ids_by_slot, plan_between
-from .worker import ClaimingWorker
+from .worker import serve
 
 # rq-scheduler polls every 60 s by default, which would start slots up to a minute late.
 SCHEDULER_INTERVAL_SECONDS = 1
@@ -48,11 +49,16 @@ SCHEDULER_INTERVAL_SECONDS = 1
 @click.option("--burst", is_flag=True, help="Quit once the queues are empty.")
 @with_appcontext
 def worker_command(queues: tuple[str, ...], burst: bool) -> None:
-    """Run an RQ worker inside the app context."""
+    """Run an RQ worker inside the app context; it outlives any outage of PostgreSQL or
+    Redis."""
+    quiet_library_tracebacks()
     _agree_with_the_deployment()
-    redis = get_redis()
-    worker = ClaimingWorker([Queue(name, connection=redis) for name in queues], connection=redis)
-    worker.work(burst=burst)
+
+    def make_queues() -> list[Queue]:
+        connection = worker_redis()
+        return [Queue(name, connection=connection) for name in queues]
+
+    serve(make_queues, burst)
 
 
 @click.command("scheduler")
@@ -60,16 +66,22 @@ def worker_command(queues: tuple[str, ...], burst: bool) -> None:
 @with_appcontext
 def scheduler_command(burst: bool) -> None:
     """Run rq-scheduler, polling every second, and reconcile (and delete expired
-    idempotency keys) every RECONCILE_INTERVAL_SECONDS."""
+    idempotency keys) every RECONCILE_INTERVAL_SECONDS; it outlives any outage of
+    PostgreSQL or Redis."""
+    quiet_library_tracebacks()
     _agree_with_the_deployment()
-    scheduler = ServiceScheduler(
-        queue_name=SLOTS_QUEUE,
-        connection=get_redis(),
-        interval=SCHEDULER_INTERVAL_SECONDS,
-        maintenance=_maintenance,
-        maintenance_seconds=current_app.config["RECONCILE_INTERVAL_SECONDS"],
-    )
-    scheduler.run(burst=burst)
+
+    def run_once() -> bool:
+        ServiceScheduler(
+            queue_name=SLOTS_QUEUE,
+            connection=get_redis(),
+            interval=SCHEDULER_INTERVAL_SECONDS,
+            maintenance=_maintenance,
+            maintenance_seconds=current_app.config["RECONCILE_INTERVAL_SECONDS"],
+        ).run(burst=burst)
+        return True  # it returns only in burst mode; a stop signal exits the process
+
+    keep_running(run_once, "the scheduler")
 
 
 def _maintenance() -> None:
@@ -79,8 +91,10 @@ def _maintenance() -> None:
 
 
 def _agree_with_the_deployment() -> None:
+    """Record the shared settings, or refuse to start if they differ; a database that is
+    away is waited for, not a reason to exit."""
     try:
-        shared_settings.record_and_check()
+        wait_for_servers(shared_settings.record_and_check, "waiting for PostgreSQL")
     except SettingsConflict as conflict:
         raise click.ClickException(str(conflict)) from None
 

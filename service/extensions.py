@@ -50,7 +50,21 @@ def _ping_outside_requests(dialect, dbapi_connection, record, proxy) -> None:
 
 def init_redis(app) -> None:
     # Lazy: redis-py connects on first command, so nothing touches the network here.
-    app.extensions["redis"] = Redis.from_url(app.config["REDIS_URL"])
+    # Every command gives up after REDIS_TIMEOUT_SECONDS: a Redis that answers nobody
+    # (paused, failing over) must not hang a request or a slot job.
+    timeout = app.config["REDIS_TIMEOUT_SECONDS"]
+    app.extensions["redis"] = Redis.from_url(
+        app.config["REDIS_URL"], socket_timeout=timeout, socket_connect_timeout=timeout
+    )
+
+
+def worker_redis() -> Redis:
+    """A client of its own for RQ's work loop: RQ raises its socket timeout above its
+    blocking dequeue's, which the app's client, shared with the jobs, must not get."""
+    return Redis.from_url(
+        current_app.config["REDIS_URL"],
+        socket_connect_timeout=current_app.config["REDIS_TIMEOUT_SECONDS"],
+    )
 
 
 def get_redis() -> Redis:

@@ -49,10 +49,12 @@ class SlotOfLimit:
     start: datetime
     processor: str = DEFAULT_PROCESSOR
     options: dict = field(default_factory=dict)
+    # The deployment's id, the first part of every idempotency key sent downstream.
+    deployment: str = ""
 
     @classmethod
-    def of(cls, limit: Limit, start: datetime) -> SlotOfLimit:
-        return cls(limit.id, limit.name, start, limit.processor, limit.options)
+    def of(cls, limit: Limit, start: datetime, deployment: str = "") -> SlotOfLimit:
+        return cls(limit.id, limit.name, start, limit.processor, limit.options, deployment)
 
 
 def find(name: str, lock: str | None = None) -> Limit | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from enum import StrEnum
 
@@ -19,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    Uuid,
     func,
     text,
 )
@@ -230,6 +232,9 @@ class Assignment(db.Model):
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The claimer (see service/claimers.py) whose slot job holds this running ID.
     claimed_by: Mapped[int | None] = mapped_column(Integer)
+    # The claim holds until then even if its worker looks stuck: it outlives the
+    # longest call its processor may make.
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # When a retrying ID may run again.
     retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -244,6 +249,20 @@ class SharedSetting(db.Model):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
+
+
+class Deployment(db.Model):
+    """This deployment's identity, made once at random. The idempotency key of every
+    call downstream starts with it, so a rebuilt database or a second deployment never
+    sends a key that another one sent."""
+
+    __tablename__ = "deployment"
+    __table_args__ = (CheckConstraint("single", name="single"),)
+
+    # One row only: the primary key can only be true.
+    single: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default=text("true"))
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, server_default=text("gen_random_uuid()"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class IdempotencyKey(db.Model):

@@ -157,11 +157,11 @@ def process_and_record(
     if not held:
         db.session.commit()
         return Tally()
-    failures = process(processor, held, slot.options)
+    failures = process(processor, held, slot)
     return record_outcomes(slot, held, failures, max_attempts)
 
 
-def process(processor, group: list[Claim], options: dict) -> dict[int, Failure]:
+def process(processor, group: list[Claim], slot: SlotOfLimit) -> dict[int, Failure]:
     """Call a group processor inside a savepoint: what it writes commits with the outcomes.
 
     A processor that takes `keys` gets each ID's idempotency key alongside it; one that
@@ -170,9 +170,9 @@ def process(processor, group: list[Claim], options: dict) -> dict[int, Failure]:
     user_ids = [c.user_id for c in group]
     extra = {}
     if takes(processor, "keys"):
-        extra["keys"] = [c.idempotency_key for c in group]
+        extra["keys"] = [c.key(slot.deployment) for c in group]
     if takes(processor, "options"):
-        extra["options"] = options
+        extra["options"] = slot.options
     try:
         with db.session.begin_nested():
             verdicts = processor(user_ids, **extra) or {}
@@ -247,7 +247,8 @@ def _write_outcomes(group: list[Claim], verdicts: list[tuple]) -> list:
     return db.session.execute(
         text(
             "UPDATE assignments AS a SET status = k.status, attempts = a.attempts + 1, "
-            "  error = k.error, claimed_at = NULL, claimed_by = NULL, retry_at = k.retry_at, "
+            "  error = k.error, claimed_at = NULL, claimed_by = NULL, claimed_until = NULL, "
+            "  retry_at = k.retry_at, "
             "  finished_at = CASE WHEN k.status = :retrying THEN NULL "
             "                ELSE clock_timestamp() END "
             "FROM unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "

@@ -13,10 +13,10 @@ from sqlalchemy import text
 
 from . import claimers, limits
 from .extensions import db
-from .models import AssignmentStatus, Limit, TaskStatus
+from .models import AssignmentStatus, TaskStatus
 from .outcomes import enqueue_retry_planning, retries_waiting
-from .queues import enqueue_planning
-from .scheduling import ensure_slot_job, get_scheduler, planning_is_queued
+from .queues import enqueue_planning, planning_job_id
+from .scheduling import ensure_slot_job, forget_lost_job, get_scheduler, planning_is_queued
 
 # Reconcile gives jobs to the slots starting within this; each run moves it on.
 RECONCILE_HORIZON = timedelta(hours=1)
@@ -29,9 +29,11 @@ def reconcile() -> dict[str, int]:
       claimed longer ago than CLAIM_TIMEOUT_SECONDS (its worker is stuck); to cancelled
       if their task was cancelled meanwhile;
     - every slot of a limit not paused with pending IDs that starts within
-      RECONCILE_HORIZON gets its job if it has none running; one whose time has passed
-      runs at once and is marked late (later slots are left to later runs: a job only
-      has to exist before its slot starts); a paused limit's slots wait for its resume;
+      RECONCILE_HORIZON gets its job if it has none waiting or running (a running one
+      holds the slot's lock); one whose time has passed runs at once and is marked late
+      (later slots are left to later runs: a job only has to exist before its slot
+      starts); a paused limit's slots wait for its resume. A job that a worker took
+      from its queue and died before starting counts as none;
     - tasks still received or planning get their planning job back if it is gone, and
       retrying IDs a run of the retry planning.
     """
@@ -41,20 +43,16 @@ def reconcile() -> dict[str, int]:
     scheduler = get_scheduler()
     running = claimers.running_slots()
 
-    def live(limit: Limit, slot: datetime) -> bool:
-        # A job that has not reached its slot yet may still be starting up.
-        return slot > now or claimers.slot_key(limit.id, slot) in running
-
     added = late = 0
     for limit in limits.active_limits():
         slots = [
             slot
-            for slot, claiming in _slots_with_pending_ids(
-                limit.id, timeout, now + RECONCILE_HORIZON
-            )
-            if ensure_slot_job(
-                scheduler, limit.name, slot, now, trust_started=claiming and live(limit, slot)
-            )
+            for slot in _slots_with_pending_ids(limit.id, now + RECONCILE_HORIZON)
+            # A slot whose job holds its lock is running: never a second job for it.
+            # Without the lock, a job Redis calls started is dead once its slot has
+            # begun (before, it may still be starting up).
+            if claimers.slot_key(limit.id, slot) not in running
+            and ensure_slot_job(scheduler, limit.name, slot, now, trust_started=slot > now)
         ]
         added += len(slots)
         late += _mark_late(limit.id, [slot for slot in slots if slot <= now])
@@ -64,6 +62,7 @@ def reconcile() -> dict[str, int]:
     ).all()
     requeued = [task for task in waiting if not planning_is_queued(task.id)]
     for task in requeued:
+        forget_lost_job(planning_job_id(task.id))
         enqueue_planning(task.id, task.total)
     retries = retries_waiting() and enqueue_retry_planning()
     return {
@@ -85,20 +84,14 @@ def _mark_late(limit_id: int, late: list[datetime]) -> int:
     return len(late)
 
 
-def _slots_with_pending_ids(
-    limit_id: int, timeout: timedelta, until: datetime
-) -> list[tuple[datetime, bool]]:
-    """Each slot of a limit up to `until` holding pending IDs, and whether its job
-    claimed within the timeout.
+def _slots_with_pending_ids(limit_id: int, until: datetime) -> list[datetime]:
+    """Each slot of a limit up to `until` holding pending IDs.
 
     The slots are found from the pending rows themselves, one index probe per slot
-    (a loose index scan), so no counter can hide one. A slot job claims IDs every
-    second or so while it runs: one that has claimed nothing for CLAIM_TIMEOUT_SECONDS
-    is stuck, even if its worker is alive.
+    (a loose index scan), so no counter can hide one.
     """
-    return [
-        (row.slot_start, row.active)
-        for row in db.session.execute(
+    return list(
+        db.session.execute(
             text(
                 "WITH RECURSIVE pending(slot_start) AS ("
                 "  (SELECT slot_start FROM assignments "
@@ -110,17 +103,8 @@ def _slots_with_pending_ids(
                 "            AND a.slot_start > pending.slot_start "
                 "          ORDER BY a.slot_start LIMIT 1) "
                 "  FROM pending WHERE pending.slot_start <= :until) "
-                "SELECT p.slot_start, clock_timestamp() "
-                "  - coalesce(s.last_claim_at, p.slot_start) < :timeout AS active "
-                "FROM pending AS p LEFT JOIN slots AS s "
-                "  ON s.limit_id = :limit AND s.slot_start = p.slot_start "
-                "WHERE p.slot_start <= :until ORDER BY p.slot_start"
+                "SELECT slot_start FROM pending WHERE slot_start <= :until ORDER BY slot_start"
             ),
-            {
-                "limit": limit_id,
-                "timeout": timeout,
-                "until": until,
-                "pending": AssignmentStatus.PENDING,
-            },
-        )
-    ]
+            {"limit": limit_id, "until": until, "pending": AssignmentStatus.PENDING},
+        ).scalars()
+    )

@@ -7,6 +7,7 @@ same slot or task and adds nothing that is already there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -21,7 +22,8 @@ from rq_scheduler import Scheduler
 
 from .extensions import get_redis
 from .limits import DEFAULT
-from .queues import SLOTS_QUEUE, get_queue, planning_job_id
+from .outages import describe, forget_session, is_outage
+from .queues import ALL_QUEUES, SLOTS_QUEUE, get_queue, planning_job_id
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,11 @@ EARLY_SECONDS = 1.5
 # Results of finished slot jobs are kept this long, for the dashboard.
 RESULT_TTL_SECONDS = 3600
 WAITING_STATUSES = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
+# A job marked queued that no queue holds is taken for lost after this (see
+# _waits_for_real); the marker that times it expires by itself.
+LOST_AFTER_SECONDS = 5.0
+LOST_MARKER = "slotted:off-queue:{}"
+LOST_MARKER_TTL_SECONDS = 3600
 
 
 class ServiceScheduler(Scheduler):
@@ -40,7 +47,9 @@ class ServiceScheduler(Scheduler):
 
     Run in the scheduler's own process, reconcile never waits for a free worker: when
     every worker has died, a fresh one finds the dead one's slot queued again.
-    Redis losing everything cannot lose it either.
+    Redis losing everything cannot lose it either. A run that fails leaves no broken
+    session behind, so the next one starts clean; a stop signal stops it even while
+    Redis is away (its own bookkeeping there expires by itself).
     """
 
     def __init__(
@@ -56,9 +65,21 @@ class ServiceScheduler(Scheduler):
             self._maintenance_due = time.monotonic() + self._maintenance_seconds
             try:
                 self._maintenance()
-            except Exception:  # a failed run is retried at the next one; keep scheduling
-                log.exception("reconcile failed")
+            except Exception as error:  # retried at the next run; keep scheduling
+                forget_session()
+                if is_outage(error):
+                    log.warning("reconcile failed: %s", describe(error))
+                else:
+                    log.exception("reconcile failed")
         return super().enqueue_jobs()
+
+    def register_death(self):
+        with contextlib.suppress(RedisError):
+            super().register_death()
+
+    def remove_lock(self):
+        with contextlib.suppress(RedisError):
+            super().remove_lock()
 
 
 def slot_job_id(limit_name: str, slot: datetime) -> str:
@@ -140,9 +161,13 @@ def ensure_slot_job(
     job_id = slot_job_id(limit_name, slot)
     if job_id in scheduler:
         return False
-    status = _job_status(job_id)
-    if status in WAITING_STATUSES or (status == JobStatus.STARTED and trust_started):
+    job = _job(job_id)
+    status = job.get_status(refresh=False) if job else None
+    if status in WAITING_STATUSES and _waits_for_real(job):
         return False
+    if status == JobStatus.STARTED and trust_started:
+        return False
+    forget_lost_job(job_id)
     now = now or datetime.now(UTC)
     due = slot - timedelta(seconds=EARLY_SECONDS)
     timeout = _slot_job_timeout()
@@ -192,16 +217,49 @@ def add_slot_helper(limit_name: str, slot: datetime, most: int) -> bool:
     return False
 
 
-def _job_status(job_id: str) -> JobStatus | None:
+def _job(job_id: str) -> Job | None:
     try:
-        return Job.fetch(job_id, connection=get_redis()).get_status(refresh=False)
+        return Job.fetch(job_id, connection=get_redis())
     except NoSuchJobError:
         return None
 
 
+def _job_status(job_id: str) -> JobStatus | None:
+    job = _job(job_id)
+    return job.get_status(refresh=False) if job else None
+
+
+def _waits_for_real(job: Job) -> bool:
+    """Whether a job that RQ calls queued is on its queue. A worker pops a job before it
+    marks it started: one that died in between (or between RQ's intermediate queue and
+    the start) leaves a job marked queued that no queue holds. Such a job is taken for
+    lost once it has been seen off its queue for LOST_AFTER_SECONDS, which a live worker
+    never takes to start a job."""
+    if job.get_status(refresh=False) != JobStatus.QUEUED:
+        return True
+    redis = get_redis()
+    if redis.lpos(get_queue(job.origin).key, job.id) is not None:
+        return True
+    marker = LOST_MARKER.format(job.id)
+    if redis.set(marker, time.time(), nx=True, ex=LOST_MARKER_TTL_SECONDS):
+        return True  # first seen off its queue: it may be starting this very moment
+    first_seen = float(redis.get(marker) or time.time())
+    return time.time() - first_seen < LOST_AFTER_SECONDS
+
+
+def forget_lost_job(job_id: str) -> None:
+    """Before a job is queued again under its id: drop the marker, and the copy that a
+    worker's death may have left in RQ's intermediate queue (RQ would fail it later)."""
+    redis = get_redis()
+    redis.delete(LOST_MARKER.format(job_id))
+    for name in ALL_QUEUES:
+        redis.lrem(get_queue(name).intermediate_queue_key, 0, job_id)
+
+
 def planning_is_queued(task_id: int) -> bool:
-    status = _job_status(planning_job_id(task_id))
-    return status in WAITING_STATUSES or status == JobStatus.STARTED
+    job = _job(planning_job_id(task_id))
+    status = job.get_status(refresh=False) if job else None
+    return (status in WAITING_STATUSES and _waits_for_real(job)) or status == JobStatus.STARTED
 
 
 def _slot_job_timeout() -> int:

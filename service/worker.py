@@ -5,6 +5,12 @@ however it ended (finished, crashed, killed by a cold shutdown), it hands back w
 that claimer still holds, so no ID waits for a timeout because its worker stopped. On a
 warm shutdown (the first Ctrl-C or SIGTERM) it asks the running slot job to stop after
 the IDs it is processing, rather than waiting for the rest of the slot.
+
+Neither server being away stops it: a claimer that cannot be had lets the job run
+without one (it fails at once if PostgreSQL is away, and reconcile runs it again), a
+hand-back that cannot be made is left to reconcile (the claimer's lock went with the
+job's connection), and `serve` starts RQ's loop again, after a capped backoff, whenever
+Redis or PostgreSQL ended it.
 """
 
 from __future__ import annotations
@@ -13,25 +19,61 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Callable
 
-from rq import Worker
+from rq import Queue, Worker
+from rq.exceptions import StopRequested
 
 from . import claimers
+from .outages import Backoff, describe, forget_session, is_outage, keep_running, sleep_unless
 
 log = logging.getLogger(__name__)
 
 
 class ClaimingWorker(Worker):
+    def __init__(self, *args, backoff: Backoff | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Shared by every loop of one `flask worker`: an outage met between jobs makes
+        # the next job wait a little longer, so a queue is not drained into failures.
+        self.backoff = backoff or Backoff()
+
     def execute_job(self, job, queue):
-        claimer = claimers.new_claimer_id()
+        claimer = self._new_claimer(job)
         claimers.assign(claimer)  # the forked job inherits it
         try:
             super().execute_job(job, queue)
         finally:
             claimers.assign(None)
+            if claimer is not None:
+                self._hand_back(claimer, job)
+        if claimer is None:
+            sleep_unless(self.backoff.next(), lambda: self._stop_requested)
+        else:
+            self.backoff.reset()
+
+    def _new_claimer(self, job) -> int | None:
+        try:
+            return claimers.new_claimer_id()
+        except Exception as error:
+            if not is_outage(error):
+                raise
+            forget_session()
+            log.warning("job %s runs without a claimer: %s", job.id, describe(error))
+            return None
+
+    def _hand_back(self, claimer: int, job) -> None:
+        try:
             handed_back = claimers.release_held_by(claimer)
-            if handed_back:
-                log.info("job %s left %d claimed IDs; handed back", job.id, handed_back)
+        except Exception as error:
+            if not is_outage(error):
+                raise
+            forget_session()
+            log.warning(
+                "job %s: its claimed IDs are left to reconcile: %s", job.id, describe(error)
+            )
+            return
+        if handed_back:
+            log.info("job %s left %d claimed IDs; handed back", job.id, handed_back)
 
     def handle_warm_shutdown_request(self):
         if self.horse_pid:
@@ -41,3 +83,23 @@ class ClaimingWorker(Worker):
     def setup_work_horse_signals(self):
         super().setup_work_horse_signals()
         signal.signal(claimers.STOP_SIGNAL, claimers.request_stop)
+
+
+def serve(make_queues: Callable[[], list[Queue]], burst: bool) -> None:
+    """Run RQ's work loop until it is asked to stop (or, in burst mode, runs dry),
+    starting it again, with a fresh worker, whenever a server's absence ended it."""
+    backoff = Backoff()
+    current: list[ClaimingWorker] = []
+
+    def stopping() -> bool:
+        return bool(current) and current[0]._stop_requested
+
+    def work_once() -> bool:
+        queues = make_queues()
+        current[:] = [ClaimingWorker(queues, connection=queues[0].connection, backoff=backoff)]
+        current[0].work(burst=burst)
+        return burst or stopping()
+
+    # A stop request between two loops (RQ's signal handler raises it when idle).
+    with contextlib.suppress(StopRequested):
+        keep_running(work_once, "the worker", stopping=stopping, backoff=backoff)

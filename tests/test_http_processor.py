@@ -3,6 +3,7 @@
 import pytest
 from sqlalchemy import text
 
+from service.claims import deployment_id
 from service.config import Config
 from service.dispatch import run_slot
 from service.extensions import db
@@ -41,6 +42,7 @@ def test_each_id_is_one_request_and_its_answer_decides_the_outcome(make_app, dow
         rows = db.session.execute(
             text("SELECT user_id, status, attempts, error FROM assignments ORDER BY user_id")
         ).all()
+        deployment = deployment_id()
     outcome = {row.user_id: (row.status, row.attempts) for row in rows}
     assert outcome == {
         1: ("done", 1),
@@ -52,7 +54,7 @@ def test_each_id_is_one_request_and_its_answer_decides_the_outcome(make_app, dow
     errors = {row.user_id: row.error for row in rows}
     assert "HTTP 429" in errors[2] and "HTTP 503" in errors[3] and "HTTP 404" in errors[5]
     assert "timed out" in errors[4]
-    assert record.keys() == {u: [f"{task_id}-{u - 1}"] for u in range(1, 6)}
+    assert record.keys() == {u: [f"{deployment}-{task_id}-{u - 1}"] for u in range(1, 6)}
 
 
 def test_a_retried_call_carries_the_same_idempotency_key(make_app, downstream):
@@ -75,7 +77,32 @@ def test_a_retried_call_carries_the_same_idempotency_key(make_app, downstream):
             text("SELECT slot_start FROM assignments WHERE user_id = 2")
         ).scalar()
         run_slot(DEFAULT, retry_slot)
-    assert record.keys() == {7: [f"{task_id}-0"], 2: [f"{task_id}-1"] * 2}
+        key = f"{deployment_id()}-{task_id}"
+    assert record.keys() == {7: [f"{key}-0"], 2: [f"{key}-1"] * 2}
+
+
+def test_keys_are_unique_to_the_deployment(make_app, downstream):
+    """A rebuilt database (or a second deployment) makes a new deployment id: the same
+    task and position never send a key that was sent before."""
+    record, url = downstream
+    app = http_app(make_app, url, PACING=False)
+    with app.app_context():
+        first = deployment_id()
+        task_id = submit([1])
+        plan_stored_task(task_id, now=PAST)
+        run_slot(DEFAULT, at("2026-01-05 09:00"))
+        # Rebuilt: the same task id and position come again.
+        db.session.execute(
+            text("TRUNCATE assignments, id_tasks, slots, deployment RESTART IDENTITY CASCADE")
+        )
+        db.session.commit()
+        again = submit([1])
+        plan_stored_task(again, now=PAST)
+        run_slot(DEFAULT, at("2026-01-05 09:00"))
+        second = deployment_id()
+    assert again == task_id
+    assert first != second and len(first) == len(second) == 36
+    assert record.keys()[1] == [f"{first}-{task_id}-0", f"{second}-{task_id}-0"]
 
 
 def test_calls_overlap_on_reused_connections_with_the_authorization_header(make_app):

@@ -38,6 +38,7 @@ import functools
 import inspect
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +77,13 @@ def load_processor(path: str) -> Callable:
 
 def is_per_id(processor: Callable) -> bool:
     return getattr(processor, "per_id", False)
+
+
+def longest_call(processor: Callable, options: dict) -> float | None:
+    """Seconds that one call of a per-ID processor may last at most, when it says so (a
+    `longest_call` attribute, given its limit's options): a claim must outlive it."""
+    declared = getattr(processor, "longest_call", None)
+    return declared(options) if declared else None
 
 
 @functools.cache  # asked once per group of IDs; a signature is slow to read
@@ -138,8 +146,9 @@ class HttpOptions(Schema):
 def http_request(user_id: int, key: str, options: dict) -> Failure | None:
     """One HTTP request to the `url` of the options, `{id}` replaced by the ID.
 
-    It carries the ID's `Idempotency-Key` (its task and position, the same on every
-    attempt), so a downstream that deduplicates by key knows a repeated call. 2xx is
+    It carries the ID's `Idempotency-Key` (the deployment's id, its task and position:
+    the same on every attempt), so a downstream that deduplicates by key knows a
+    repeated call. It lasts at most `longest_call`, four times the timeout. 2xx is
     done. 429, 408, 425, 5xx, timeouts and connection errors are retried; any other
     answer fails the ID for good.
     """
@@ -147,10 +156,12 @@ def http_request(user_id: int, key: str, options: dict) -> Failure | None:
     if not template:  # a default limit recorded from settings that set no URL
         return Failure("the limit's options name no url", retry=False)
     url = template.replace("{id}", str(user_id))
+    timeout = options["timeout"]
     try:
-        answer = _client(options["timeout"]).request(
+        with _client(timeout).stream(
             options["method"], url, headers={"Idempotency-Key": key}
-        )
+        ) as answer:
+            _read_briefly(answer, time.monotonic() + (HTTP_CALL_PHASES - 1) * timeout)
     except httpx.TimeoutException:
         return Failure(f"timed out calling {url}")
     except httpx.HTTPError as exc:
@@ -161,7 +172,25 @@ def http_request(user_id: int, key: str, options: dict) -> Failure | None:
     return Failure(f"HTTP {answer.status_code} from {url}", retry=retry)
 
 
+# Each waits at most `timeout`: connecting, sending, the answer's first byte, its last.
+HTTP_CALL_PHASES = 4
+# Of an answer's body (unused) this much is read, so the connection can serve again.
+ANSWER_BYTES = 64 * 1024
+
+
+def _read_briefly(answer: httpx.Response, deadline: float) -> None:
+    """Read the answer, but no more than ANSWER_BYTES and not past the deadline: a
+    downstream that trickles its answer cannot stretch a call beyond its budget. An
+    answer cut short closes its connection instead of returning it to the pool."""
+    read = 0
+    for chunk in answer.iter_raw():
+        read += len(chunk)
+        if read > ANSWER_BYTES or time.monotonic() > deadline:
+            return
+
+
 http_request.options_schema = HttpOptions
+http_request.longest_call = lambda options: HTTP_CALL_PHASES * options.get("timeout", 10.0)
 
 
 _clients: dict[tuple, httpx.Client] = {}
