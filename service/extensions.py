@@ -6,6 +6,9 @@ from flask import current_app, has_request_context
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from redis import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
 from sqlalchemy import MetaData, event
 from sqlalchemy.exc import InvalidatePoolError
 
@@ -52,9 +55,14 @@ def init_redis(app) -> None:
     # Lazy: redis-py connects on first command, so nothing touches the network here.
     # Every command gives up after REDIS_TIMEOUT_SECONDS: a Redis that answers nobody
     # (paused, failing over) must not hang a request or a slot job.
+    # A dropped connection is tried once more at once; a timeout is not tried again
+    # (redis-py's default would try three more times, a request then waiting 20 s).
     timeout = app.config["REDIS_TIMEOUT_SECONDS"]
     app.extensions["redis"] = Redis.from_url(
-        app.config["REDIS_URL"], socket_timeout=timeout, socket_connect_timeout=timeout
+        app.config["REDIS_URL"],
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
     )
 
 

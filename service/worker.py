@@ -36,6 +36,12 @@ class ClaimingWorker(Worker):
         # Shared by every loop of one `flask worker`: an outage met between jobs makes
         # the next job wait a little longer, so a queue is not drained into failures.
         self.backoff = backoff or Backoff()
+        # RQ's own flag stays down when a stop arrives between jobs.
+        self.stop_asked = False
+
+    def request_stop(self, signum, frame):
+        self.stop_asked = True
+        super().request_stop(signum, frame)
 
     def execute_job(self, job, queue):
         claimer = self._new_claimer(job)
@@ -47,7 +53,7 @@ class ClaimingWorker(Worker):
             if claimer is not None:
                 self._hand_back(claimer, job)
         if claimer is None:
-            sleep_unless(self.backoff.next(), lambda: self._stop_requested)
+            sleep_unless(self.backoff.next(), lambda: self.stop_asked)
         else:
             self.backoff.reset()
 
@@ -92,7 +98,7 @@ def serve(make_queues: Callable[[], list[Queue]], burst: bool) -> None:
     current: list[ClaimingWorker] = []
 
     def stopping() -> bool:
-        return bool(current) and current[0]._stop_requested
+        return bool(current) and current[0].stop_asked
 
     def work_once() -> bool:
         queues = make_queues()

@@ -1,0 +1,213 @@
+"""Servers that go away under a running task: every process stays up, every ID is done
+once. PostgreSQL and Redis of the tests' own are stopped and started for real; the
+machine's PostgreSQL has its connections terminated."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import psycopg
+import pytest
+from redis import Redis
+from rq import Worker
+from sqlalchemy import text
+
+from service.extensions import db, get_redis
+from service.models import IdTask
+from service.planning import plan_stored_task
+from service.queues import SLOTS_QUEUE, get_queue
+from service.reconcile import reconcile
+from service.scheduling import slot_job_id
+
+from .helpers import submit, times_processed
+from .processes import ROOT, run_flask, start, stop, wait_until
+from .servers import StoppablePostgres, StoppableRedis
+
+pytestmark = pytest.mark.slow
+
+# One slot of 40 IDs a few seconds ahead, paced over 3.6 s; reconcile every 2 s.
+SLOT = {
+    "SLOT_SECONDS": 4,
+    "WINDOW_SLOTS": 2,
+    "PLAN_LEAD_SECONDS": 0.3,
+    "RPM": 60,
+    "RECONCILE_INTERVAL_SECONDS": 2,
+}
+IDS = range(1, 41)
+
+
+@pytest.fixture(scope="module")
+def own_postgres():
+    server = StoppablePostgres(ROOT / "var" / "test" / "outage-postgres")
+    upgraded = run_flask("db", "upgrade", DATABASE_URL=server.url)
+    assert upgraded.returncode == 0, upgraded.stderr
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory):
+    server = StoppableRedis(tmp_path_factory.mktemp("outage-redis"))
+    yield server
+    server.stop()
+
+
+def _empty(app) -> None:
+    with app.app_context():
+        tables = ", ".join(db.metadata.tables)
+        db.session.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+        db.session.commit()
+        get_redis().flushdb()
+
+
+@contextmanager
+def stack(settings: dict, workers: int = 2, scheduler: bool = True):
+    processes = {f"worker-{n}": start(["worker"], settings) for n in range(1, workers + 1)}
+    if scheduler:
+        processes["scheduler"] = start(["scheduler"], settings)
+    try:
+        yield processes
+    finally:
+        stop(processes.values())
+
+
+def exited(processes: dict) -> dict:
+    return {name: p.returncode for name, p in processes.items() if p.poll() is not None}
+
+
+def task_status(task_id: int) -> str:
+    return db.session.get(IdTask, task_id).status
+
+
+def start_task_under_way() -> int:
+    task_id = submit(IDS)
+    plan_stored_task(task_id)
+    wait_until(lambda: len(times_processed()) >= 8, 40, "the slot to be under way")
+    return task_id
+
+
+def finish_and_check(task_id: int, processes: dict, also: tuple[int, ...] = ()) -> None:
+    wait_until(lambda: task_status(task_id) == "done", 90, "the task to be done")
+    assert exited(processes) == {}
+    assert times_processed() == dict.fromkeys([*IDS, *also], 1)
+
+
+def test_a_postgres_restart_under_a_running_slot(make_app, own_postgres):
+    settings = {**SLOT, "DATABASE_URL": own_postgres.url}
+    app = make_app(**settings)
+    _empty(app)
+    with app.app_context(), stack(settings) as processes:
+        task_id = start_task_under_way()
+        db.session.remove()
+        own_postgres.halt()
+        time.sleep(3)
+        own_postgres.resume()
+        assert exited(processes) == {}
+        assert len(times_processed()) < len(IDS)
+        finish_and_check(task_id, processes)
+
+
+def test_every_connection_terminated_under_a_running_slot(make_app):
+    app = make_app(**SLOT)
+    with app.app_context(), stack(SLOT) as processes:
+        task_id = start_task_under_way()
+        killed = db.session.execute(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ).scalar()
+        db.session.commit()
+        assert killed >= 3  # a claimer's lock, and each process's session
+        finish_and_check(task_id, processes)
+
+
+@pytest.mark.parametrize("outage", ["restart", "pause", "flushall"])
+def test_redis_away_under_a_running_slot(make_app, own_redis, outage):
+    settings = {**SLOT, "REDIS_URL": own_redis.url}
+    app = make_app(**settings)
+    _empty(app)
+    with app.app_context(), stack(settings) as processes:
+        task_id = start_task_under_way()
+        later = None
+        if outage == "restart":  # it keeps nothing: the schedule is gone too
+            own_redis.halt()
+            time.sleep(3)
+            own_redis.resume()
+        elif outage == "pause":  # answering nobody, as a hung or failing-over Redis
+            later = _submit_during_a_pause(app, own_redis, seconds=12)
+        else:
+            Redis.from_url(own_redis.url).flushall()
+        if later is not None:
+            wait_until(lambda: task_status(later) == "done", 90, "the later task to be done")
+        finish_and_check(task_id, processes, also=(41, 42) if later else ())
+
+
+def _submit_during_a_pause(app, own_redis, seconds: int) -> int:
+    """A task posted while Redis answers nobody is stored and answered at once, not
+    after the pause; its planning is queued by reconcile once Redis answers again."""
+    Redis.from_url(own_redis.url).execute_command("CLIENT", "PAUSE", seconds * 1000, "ALL")
+    asked = time.monotonic()
+    answer = app.test_client().post(
+        "/celery_ids_tasks/", json={"task_name": "during a pause", "ids": [41, 42]}
+    )
+    assert time.monotonic() - asked < seconds - 4
+    assert (answer.status_code, answer.json["status"]) == (202, "received")
+    time.sleep(max(0.0, seconds - (time.monotonic() - asked)))
+    return answer.json["id"]
+
+
+def test_a_worker_whose_database_went_away_between_jobs_keeps_working(make_app, own_postgres):
+    settings = {**SLOT, "DATABASE_URL": own_postgres.url}
+    app = make_app(**settings)
+    _empty(app)
+    with app.app_context(), stack(settings, workers=1, scheduler=False) as processes:
+        task_id = submit(IDS)
+        plan_stored_task(task_id)
+        slot = db.session.get(IdTask, task_id).first_slot
+        db.session.remove()
+        wait_until(lambda: Worker.count(connection=get_redis()) == 1, 30, "the worker to listen")
+        own_postgres.halt()
+        # Its slot job reaches the worker while PostgreSQL is away.
+        get_redis().delete("rq:scheduler:scheduled_jobs")
+        get_queue(SLOTS_QUEUE).enqueue(
+            "workers.slots.run_slot",
+            slot.isoformat(),
+            "default",
+            job_id=slot_job_id("default", slot),
+        )
+        wait_until(lambda: get_queue(SLOTS_QUEUE).count == 0, 20, "the worker to take the job")
+        time.sleep(2)
+        assert exited(processes) == {}
+        own_postgres.resume()
+        assert reconcile()["slot jobs added"] == 1  # its job failed: run again, late
+        finish_and_check(task_id, processes)
+
+
+def test_the_schedulers_reconcile_works_again_after_its_session_broke(rpm3, caplog):
+    from service.scheduling import ServiceScheduler
+
+    task_id = submit([1, 2])
+    plan_stored_task(task_id)
+    get_redis().flushdb()  # the schedule is gone: reconcile must rebuild it
+    # The scheduler's session holds a connection in a transaction, which dies.
+    pid = db.session.execute(text("SELECT pg_backend_pid()")).scalar()
+    with psycopg.connect(_url(rpm3), autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    scheduler = ServiceScheduler(
+        queue_name=SLOTS_QUEUE,
+        connection=get_redis(),
+        interval=1,
+        maintenance=reconcile,
+        maintenance_seconds=0,
+    )
+    scheduler.enqueue_jobs()
+    assert "reconcile failed" in caplog.text
+    assert scheduler.count() == 0
+    scheduler.enqueue_jobs()
+    assert scheduler.count() == 1
+
+
+def _url(app) -> str:
+    return app.config["DATABASE_URL"]
