@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import text
 
-from .claims import Claim, claim_keys
+from .claims import Claim, still_claimed
 from .extensions import db
 from .models import AssignmentStatus, TaskStatus
 from .slots import subtract_loads
@@ -78,20 +78,9 @@ class Claimer:
     def still_ours(self, group: list[Claim]) -> list[Claim]:
         """The members of the group still claimed by this claimer; raises if its lock's
         connection is gone, when nothing can be known to be ours."""
-        rows = self._holder.execute(
-            text(
-                "SELECT a.task_id, a.position FROM assignments AS a "
-                "JOIN unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
-                "            CAST(:claimed AS timestamptz[])) AS k(task_id, position, claimed_at) "
-                "  ON a.task_id = k.task_id AND a.position = k.position "
-                "WHERE a.status = :running AND a.claimed_at = k.claimed_at "
-                "  AND a.claimed_by = :claimer"
-            ),
-            {**claim_keys(group), "claimer": self.id, "running": AssignmentStatus.RUNNING},
-        ).all()
+        ours = still_claimed(self._holder, group, self.id)
         self._holder.commit()
-        ours = {tuple(row) for row in rows}
-        return [item for item in group if (item.task_id, item.position) in ours]
+        return ours
 
 
 @contextmanager

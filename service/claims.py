@@ -151,24 +151,29 @@ def hold(group: list[Claim], claimer: int) -> list[Claim]:
     A claim that timed out and went to another worker is no longer ours: reconcile's
     release waits on these locks, and finds the rows finished once they are released.
     """
-    held = db.session.execute(
-        text(
-            "SELECT a.task_id, a.position FROM assignments AS a "
-            "JOIN unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
-            "            CAST(:claimed AS timestamptz[])) AS k(task_id, position, claimed_at) "
-            "  ON a.task_id = k.task_id AND a.position = k.position "
-            "WHERE a.status = :running AND a.claimed_at = k.claimed_at "
-            "  AND a.claimed_by = :claimer "
-            "ORDER BY a.task_id, a.position FOR UPDATE OF a"
-        ),
-        {
-            **claim_keys(group),
-            "claimer": claimer,
-            "running": AssignmentStatus.RUNNING,
-        },
+    return still_claimed(db.session, group, claimer, lock=True)
+
+
+def still_claimed(executor, group: list[Claim], claimer: int, lock: bool = False) -> list[Claim]:
+    """The members of the group whose rows are still under this claim (the same claimer,
+    the same claim of the ID), read through `executor`, a session or a connection; with
+    `lock`, their rows locked in one order until its transaction ends."""
+    query = (
+        "SELECT a.task_id, a.position FROM assignments AS a "
+        "JOIN unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
+        "            CAST(:claimed AS timestamptz[])) AS k(task_id, position, claimed_at) "
+        "  ON a.task_id = k.task_id AND a.position = k.position "
+        "WHERE a.status = :running AND a.claimed_at = k.claimed_at "
+        "  AND a.claimed_by = :claimer"
+    )
+    if lock:
+        query += " ORDER BY a.task_id, a.position FOR UPDATE OF a"
+    rows = executor.execute(
+        text(query),
+        {**claim_keys(group), "claimer": claimer, "running": AssignmentStatus.RUNNING},
     ).all()
-    still_ours = {tuple(row) for row in held}
-    return [item for item in group if (item.task_id, item.position) in still_ours]
+    ours = {tuple(row) for row in rows}
+    return [item for item in group if (item.task_id, item.position) in ours]
 
 
 def claim_keys(group: list[Claim]) -> dict[str, list]:

@@ -173,10 +173,8 @@ def _calls(
     return GroupCalls(slot, claimer, processor, clock, max_attempts)
 
 
-class GroupCalls:
-    """A group processor gets each paced group at once, in the transaction that records
-    the group's outcomes: locking the rows still claimed there is the check before the
-    call, so each ID runs exactly once."""
+class _Calls:
+    """How a slot job hands its claimed IDs to its limit's processor."""
 
     def __init__(
         self,
@@ -189,6 +187,12 @@ class GroupCalls:
         self.slot, self.claimer, self.processor, self.clock = slot, claimer, processor, clock
         self.max_attempts = max_attempts
         self.tally = Tally()
+
+
+class GroupCalls(_Calls):
+    """A group processor gets each paced group at once, in the transaction that records
+    the group's outcomes: locking the rows still claimed there is the check before the
+    call, so each ID runs exactly once."""
 
     def hand(self, group: list[Claim], turn: float) -> None:
         self.tally += process_and_record(
@@ -206,7 +210,7 @@ class GroupCalls:
         pass
 
 
-class ConcurrentCalls:
+class ConcurrentCalls(_Calls):
     """A per-ID processor gets each ID at its turn on a pool of threads, whatever the
     calls before it are still waiting for; outcomes are recorded in batches, each in a
     transaction that keeps only the IDs the claim still holds.
@@ -226,8 +230,7 @@ class ConcurrentCalls:
         max_attempts: int,
         concurrency: int,
     ):
-        self.slot, self.claimer, self.processor, self.clock = slot, claimer, processor, clock
-        self.max_attempts = max_attempts
+        super().__init__(slot, claimer, processor, clock, max_attempts)
         self.app = current_app._get_current_object()
         self.extra = {"options": slot.options} if takes(processor, "options") else {}
         self.longest = longest_call(processor, slot.options) or 0.0
@@ -236,7 +239,6 @@ class ConcurrentCalls:
         self.in_flight: list[tuple[Claim, Future]] = []
         self.recorded_at = time.monotonic()
         self.start_lag = 0.0
-        self.tally = Tally()
 
     def hand(self, group: list[Claim], turn: float) -> None:
         for item in self.claimer.still_ours(group):

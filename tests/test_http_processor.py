@@ -1,15 +1,21 @@
 """The HTTP processor against a local server standing in for the downstream."""
 
+import time
+from datetime import timedelta
+
+import psycopg
 import pytest
 from sqlalchemy import text
 
 from service.claims import deployment_id
 from service.config import Config
-from service.dispatch import run_slot
+from service.dispatch import claim_life, run_slot
 from service.extensions import db
 from service.limits import DEFAULT
 from service.outcomes import plan_retries
+from service.pacing import Clock
 from service.planning import plan_stored_task
+from workers.processors import http_request, record_user
 
 from .downstream import Record, Server
 from .helpers import at, submit
@@ -127,3 +133,52 @@ def test_calls_overlap_on_reused_connections_with_the_authorization_header(make_
     assert {auth for *_, auth in record.calls} == {"Bearer s3cret"}
     settings = Config(DATABASE_URL="x", REDIS_URL="y", PROCESSOR_HTTP_AUTHORIZATION="Bearer s3cret")
     assert "s3cret" not in repr(settings)  # what a log line of the settings would show
+
+
+def test_a_live_worker_calls_no_id_whose_claim_was_taken_over(make_app):
+    """Taken over mid-batch (as reconcile takes back a claim that ran out), the IDs not
+    yet called are not called by the worker that claimed them: they go back to pending,
+    are claimed again, and each is called once."""
+    record = Record()
+    with Server(record) as url:
+        app = http_app(make_app, url, SLOT_SECONDS=1, WINDOW_SLOTS=5, PLAN_LEAD_SECONDS=0.2)
+        taken_over = []
+
+        def take_over_after_the_first_calls(seconds: float) -> None:
+            if not taken_over:
+                time.sleep(0.3)  # the calls handed out so far reach the downstream
+                called = sorted({user_id for _, user_id, _, _ in record.calls})
+                with psycopg.connect(app.config["DATABASE_URL"], autocommit=True) as other:
+                    taken_over.append(
+                        other.execute(
+                            "UPDATE assignments SET status = 'pending', claimed_at = NULL, "
+                            "claimed_by = NULL, claimed_until = NULL "
+                            "WHERE status = 'running' AND user_id <> ALL(%s)",
+                            (called,),
+                        ).rowcount
+                    )
+            time.sleep(seconds)
+
+        with app.app_context():
+            task_id = submit([1, 2, 3, 4])
+            plan_stored_task(task_id, now=PAST)
+            clock = Clock(sleep=take_over_after_the_first_calls)
+            run = run_slot(DEFAULT, at("2026-01-05 08:59:51"), clock=clock)
+            statuses = db.session.execute(text("SELECT status FROM assignments")).scalars()
+            assert set(statuses) == {"done"}
+    assert 1 <= taken_over[0] <= 3
+    assert run.claimed == 4 + taken_over[0]  # the ones taken over were claimed again
+    assert {user_id: len(keys) for user_id, keys in record.keys().items()} == {
+        1: 1,
+        2: 1,
+        3: 1,
+        4: 1,
+    }
+
+
+def test_a_claim_outlives_the_longest_call_of_its_processor(app):
+    with app.app_context():
+        assert claim_life(record_user, {}) == timedelta(seconds=300)
+        assert claim_life(http_request, {"timeout": 1.0}) == timedelta(seconds=300)
+        # Four phases of 100 s each, the claim taken a second ahead, and a margin.
+        assert claim_life(http_request, {"timeout": 100.0}) == timedelta(seconds=406)

@@ -4,6 +4,7 @@ machine's PostgreSQL has its connections terminated."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from contextlib import contextmanager
 
@@ -13,15 +14,17 @@ from redis import Redis
 from rq import Worker
 from sqlalchemy import text
 
+from service import devstack
 from service.extensions import db, get_redis
 from service.models import IdTask
+from service.outages import Backoff
 from service.planning import plan_stored_task
 from service.queues import SLOTS_QUEUE, get_queue
 from service.reconcile import reconcile
-from service.scheduling import slot_job_id
+from service.scheduling import ServiceScheduler, slot_job_id
 
 from .helpers import submit, times_processed
-from .processes import ROOT, run_flask, start, stop, wait_until
+from .processes import ROOT, free_port, run_flask, start, stop, wait_until
 from .servers import StoppablePostgres, StoppableRedis
 
 pytestmark = pytest.mark.slow
@@ -186,8 +189,6 @@ def test_a_worker_whose_database_went_away_between_jobs_keeps_working(make_app, 
 
 
 def test_the_schedulers_reconcile_works_again_after_its_session_broke(rpm3, caplog):
-    from service.scheduling import ServiceScheduler
-
     task_id = submit([1, 2])
     plan_stored_task(task_id)
     get_redis().flushdb()  # the schedule is gone: reconcile must rebuild it
@@ -211,3 +212,28 @@ def test_the_schedulers_reconcile_works_again_after_its_session_broke(rpm3, capl
 
 def _url(app) -> str:
     return app.config["DATABASE_URL"]
+
+
+def test_with_redis_away_tasks_are_accepted_and_its_pages_answer_503(make_app):
+    app = make_app(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", REDIS_TIMEOUT_SECONDS=1.0)
+    client = app.test_client()
+    accepted = client.post("/celery_ids_tasks/", json={"task_name": "t", "ids": [1, 2]})
+    assert (accepted.status_code, accepted.json["status"]) == (202, "received")
+    queues = client.get("/rq/0/data/queues.json")
+    assert (queues.status_code, queues.headers["Retry-After"]) == (503, "1")
+    assert "retry" in queues.json["message"]
+
+
+def test_make_run_starts_again_a_process_that_exits(monkeypatch):
+    launched = []
+
+    def launch(name: str) -> subprocess.Popen:
+        launched.append(name)
+        if len(launched) == 3:
+            raise devstack.Stop("SIGTERM")
+        return subprocess.Popen(["true"])
+
+    monkeypatch.setattr(devstack, "Backoff", lambda: Backoff(first=0.05))
+    with pytest.raises(devstack.Stop):
+        devstack._supervise({"worker-1": launch("worker-1")}, launch)
+    assert launched == ["worker-1"] * 3

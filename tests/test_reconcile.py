@@ -2,14 +2,18 @@
 
 from datetime import timedelta
 
+import psycopg
+import pytest
 from rq import Queue
+from rq.job import Job
 from sqlalchemy import text
 
+from service import claimers, limits, scheduling
 from service.dispatch import run_slot
 from service.extensions import db, get_redis
 from service.limits import DEFAULT
 from service.planning import plan_stored_task
-from service.queues import PLANNING_QUEUE, SLOTS_QUEUE
+from service.queues import PLANNING_QUEUE, SLOTS_QUEUE, get_queue
 from service.reconcile import reconcile
 from service.scheduling import get_scheduler, slot_job_id
 
@@ -74,3 +78,35 @@ def test_reconcile_command_prints_what_it_did(rpm3):
     assert result.exit_code == 0, result.output
     assert "slot jobs added: 1" in result.output
     assert "late slots: 1" in result.output
+
+
+def test_reconcile_never_adds_a_job_for_a_slot_whose_job_holds_its_lock(rpm3):
+    task_id = submit([1, 2])
+    plan_stored_task(task_id, now=PAST)
+    get_redis().flushall()  # Redis forgot the job; the job itself still runs
+    running = claimers.slot_key(limits.find(DEFAULT).id, FIRST_SLOT)
+    with psycopg.connect(rpm3.config["DATABASE_URL"], autocommit=True) as job:
+        job.execute("SELECT pg_advisory_lock_shared(%s)", (running,))
+        assert reconcile()["slot jobs added"] == 0
+    assert reconcile()["slot jobs added"] == 1  # its job ended: the IDs left get one
+
+
+@pytest.mark.parametrize("left_in", ["nowhere", "intermediate queue"])
+def test_a_job_a_worker_took_and_died_with_is_queued_again(rpm3, monkeypatch, left_in):
+    task_id = submit([1, 2])
+    plan_stored_task(task_id, now=PAST)  # its slot has passed: its job is on the queue
+    queue = get_queue(SLOTS_QUEUE)
+    job_id = slot_job_id(DEFAULT, FIRST_SLOT)
+    assert queue.job_ids == [job_id]
+    # A worker took it and died before starting it: RQ still calls it queued.
+    if left_in == "nowhere":
+        get_redis().lpop(queue.key)
+    else:
+        get_redis().lmove(queue.key, queue.intermediate_queue_key)
+    assert Job.fetch(job_id, connection=get_redis()).get_status() == "queued"
+    assert reconcile()["slot jobs added"] == 0  # it may be starting this very moment
+    monkeypatch.setattr(scheduling, "LOST_AFTER_SECONDS", 0.0)
+    assert reconcile()["slot jobs added"] == 1
+    assert queue.job_ids == [job_id]
+    assert get_redis().llen(queue.intermediate_queue_key) == 0  # RQ will not fail it later
+    assert reconcile()["slot jobs added"] == 0  # now it waits on its queue for real
