@@ -16,7 +16,13 @@ from .extensions import db
 from .models import AssignmentStatus, TaskStatus
 from .outcomes import enqueue_retry_planning, retries_waiting
 from .queues import enqueue_planning, planning_job_id
-from .scheduling import ensure_slot_job, forget_lost_job, get_scheduler, planning_is_queued
+from .scheduling import (
+    clean_abandoned_jobs,
+    ensure_slot_job,
+    forget_lost_job,
+    get_scheduler,
+    planning_is_queued,
+)
 
 # Reconcile gives jobs to the slots starting within this; each run moves it on.
 RECONCILE_HORIZON = timedelta(hours=1)
@@ -26,8 +32,10 @@ def reconcile() -> dict[str, int]:
     """Rebuild the schedule from PostgreSQL; Redis may have lost any part of it.
 
     - IDs whose claimer is gone (its worker died) go back to pending at once, as do IDs
-      claimed longer ago than CLAIM_TIMEOUT_SECONDS (its worker is stuck); to cancelled
-      if their task was cancelled meanwhile;
+      whose claim ran out (its worker is stuck); to cancelled if their task was
+      cancelled meanwhile;
+    - jobs that RQ still calls started but whose worker stopped beating (it died) are
+      marked failed by RQ's own registry clean-up, so that they count as gone below;
     - every slot of a limit not paused with pending IDs that starts within
       RECONCILE_HORIZON gets its job if it has none waiting or running (a running one
       holds the slot's lock); one whose time has passed runs at once and is marked late
@@ -42,6 +50,7 @@ def reconcile() -> dict[str, int]:
     now = datetime.now(UTC)
     scheduler = get_scheduler()
     running = claimers.running_slots()
+    clean_abandoned_jobs()
 
     added = late = 0
     for limit in limits.active_limits():

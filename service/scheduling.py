@@ -18,6 +18,7 @@ from flask import current_app
 from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
 from rq_scheduler import Scheduler
 
 from .extensions import get_redis
@@ -254,6 +255,13 @@ def forget_lost_job(job_id: str) -> None:
     redis.delete(LOST_MARKER.format(job_id))
     for name in ALL_QUEUES:
         redis.lrem(get_queue(name).intermediate_queue_key, 0, job_id)
+
+
+def clean_abandoned_jobs() -> None:
+    """Let RQ mark failed the jobs it calls started whose worker stopped beating (it
+    died): RQ's workers do it only every few minutes."""
+    for name in ALL_QUEUES:
+        StartedJobRegistry(queue=get_queue(name)).cleanup()
 
 
 def planning_is_queued(task_id: int) -> bool:

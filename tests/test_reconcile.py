@@ -1,11 +1,13 @@
 """Reconcile: rebuilding the schedule from PostgreSQL, handing back dead claims."""
 
+import time
 from datetime import timedelta
 
 import psycopg
 import pytest
 from rq import Queue
-from rq.job import Job
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
 from sqlalchemy import text
 
 from service import claimers, limits, scheduling
@@ -110,3 +112,16 @@ def test_a_job_a_worker_took_and_died_with_is_queued_again(rpm3, monkeypatch, le
     assert queue.job_ids == [job_id]
     assert get_redis().llen(queue.intermediate_queue_key) == 0  # RQ will not fail it later
     assert reconcile()["slot jobs added"] == 0  # now it waits on its queue for real
+
+
+def test_a_planning_job_whose_worker_died_mid_job_is_queued_again(rpm3):
+    task_id = submit([1, 2])  # stored, its planning job queued
+    queue = get_queue(PLANNING_QUEUE)
+    job = Job.fetch(f"plan-{task_id}", connection=get_redis())
+    # A worker started it, then died: its heartbeat in RQ's registry has run out.
+    queue.remove(job)
+    job.set_status(JobStatus.STARTED)
+    registry = StartedJobRegistry(queue=queue)
+    get_redis().zadd(registry.key, {f"{job.id}:a-dead-execution": time.time() - 1})
+    assert reconcile()["planning jobs added"] == 1
+    assert queue.job_ids == [job.id]
