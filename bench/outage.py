@@ -105,20 +105,26 @@ def say(scenario: str, message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} [{scenario}] {message}", flush=True)
 
 
-def end(process: subprocess.Popen | None, first=signal.SIGTERM) -> None:
-    """Stop a process started in a session of its own, then anything left in its group
-    (a work horse, a backend) once it is gone."""
-    if process is None:
-        return
-    if process.poll() is None:
+def end(processes: list[subprocess.Popen], first=signal.SIGTERM) -> list[subprocess.Popen]:
+    """Stop processes started in sessions of their own: one signal each (a second one
+    would ask RQ for a cold shutdown), SIGKILL for those still running after the grace,
+    then for anything left in their groups (a work horse, a backend). Those killed."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
         process.send_signal(first)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    killed = []
+    for process in running:
         try:
-            process.wait(STOP_GRACE_SECONDS)
+            process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
+            killed.append(process)
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+    return killed
 
 
 class Postgres:
@@ -199,7 +205,8 @@ class Postgres:
 
     def stop(self) -> None:
         """A fast shutdown (SIGINT), as `pg_ctl stop` does: sessions are ended."""
-        end(self.process, signal.SIGINT)
+        if self.process is not None:
+            end([self.process], signal.SIGINT)
 
     def terminate_others(self) -> int:
         with self.connect("postgres") as conn:
@@ -246,7 +253,8 @@ class RedisServer:
         wait_for(self._answers, 30, f"redis-server on 127.0.0.1:{self.port}")
 
     def stop(self) -> None:
-        end(self.process)
+        if self.process is not None:
+            end([self.process])
 
     def pause(self, seconds: float) -> None:
         self.client().execute_command("CLIENT", "PAUSE", int(seconds * 1000), "ALL")
@@ -266,6 +274,7 @@ class Stack:
         self.env["VAR_DIR"] = str(folder / "var")
         self.processes: dict[str, subprocess.Popen] = {}
         self.exited_at: dict[str, float] = {}
+        self.killed: list[str] = []
         self._stopping = threading.Event()
 
     def _commands(self) -> dict[str, list[str]]:
@@ -325,12 +334,11 @@ class Stack:
         return any(self.processes[name].poll() is None for name in ("worker-1", "worker-2"))
 
     def stop(self) -> None:
+        """SIGTERM to each, as a supervisor stops them; the names of those that had not
+        exited STOP_GRACE_SECONDS later, and were killed, in `killed`."""
         self._stopping.set()
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            end(process)
+        killed = end(list(self.processes.values()))
+        self.killed = [name for name, process in self.processes.items() if process in killed]
 
 
 class Watch:
@@ -487,6 +495,10 @@ def measure(
         calls = list(record.calls)
     per_key = Counter(key for _, _, key, _ in calls)
     called_ids = {user_id for _, user_id, _, _ in calls}
+    repeated = sorted((key for key, count in per_key.items() if count > 1), key=str)
+    if repeated:
+        listed = ", ".join(map(str, repeated[:5])) + (", ..." * (len(repeated) > 5))
+        notes.append(f"keys the downstream got more than once: {listed}")
     if None in per_key:
         notes.append(f"{per_key[None]} calls came without an Idempotency-Key")
     if len(per_key) != len(called_ids):
@@ -578,11 +590,16 @@ def run(scenario: str, args, root: Path) -> Result:
             back = outage(scenario, pg, rds, args.outage_seconds)
             wait_to_finish(scenario, stack, watch, back, args.wait)
             result = measure(scenario, stack, pg, record, watch, back, args.ids)
-        say(scenario, f"logs in {logs}")
-        return result
     finally:
         with signals_ignored():
             cleanup.close()
+    if stack.killed:
+        late = ", ".join(stack.killed)
+        result.notes.append(
+            f"at the end, {late}: still running {STOP_GRACE_SECONDS} s after SIGTERM, killed"
+        )
+    say(scenario, f"logs in {logs}")
+    return result
 
 
 def submit(api: str, count: int) -> int:
