@@ -9,13 +9,15 @@ import sys
 def on_starting(server):
     from service import create_app
     from service.metrics import clear_multiprocess_dir
+    from service.outages import wait_for_servers
     from service.shared_settings import SettingsConflict, record_and_check
 
     # Before any worker is forked: counts of an earlier run would be added to this one's.
     clear_multiprocess_dir()
     with create_app().app_context():
         try:
-            record_and_check()
+            # A database that is away is waited for: it is no reason not to start.
+            wait_for_servers(record_and_check, "waiting for PostgreSQL")
         except SettingsConflict as conflict:
             print(f"Error: {conflict}", file=sys.stderr)
             sys.exit(1)

@@ -57,6 +57,7 @@ class StoppablePostgres(EmbeddedPostgres):
         )
 
     def resume(self) -> None:
+        """Start it again; a server already running is left as it is."""
         self._server.ensure_postgres_running()
 
 

@@ -237,3 +237,23 @@ def test_make_run_starts_again_a_process_that_exits(monkeypatch):
     with pytest.raises(devstack.Stop):
         devstack._supervise({"worker-1": launch("worker-1")}, launch)
     assert launched == ["worker-1"] * 3
+
+
+def test_processes_started_while_postgres_is_away_wait_for_it(make_app, own_postgres):
+    settings = {**SLOT, "DATABASE_URL": own_postgres.url}
+    app = make_app(**settings)
+    _empty(app)
+    own_postgres.halt()
+    try:
+        with stack(settings, workers=1) as processes:
+            time.sleep(4)
+            assert exited(processes) == {}
+            own_postgres.resume()
+            with app.app_context():
+                task_id = submit([1, 2, 3])
+                plan_stored_task(task_id)
+                wait_until(lambda: task_status(task_id) == "done", 60, "the task to be done")
+                assert exited(processes) == {}
+                assert times_processed() == dict.fromkeys([1, 2, 3], 1)
+    finally:
+        own_postgres.resume()
