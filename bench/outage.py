@@ -472,6 +472,23 @@ def final_state(api: str, pg: Postgres, task_id: int) -> tuple[dict | None, dict
         return None, {}, "nothing"
 
 
+def busiest_seconds(record: Record, began: float, back: float, rpm: int) -> str:
+    """The most calls the downstream got in one second, before the outage and after the
+    return, beside the plan's pace: a slot's RPM IDs spread over 90 % of it."""
+    with record.lock:
+        times = [t for t, *_ in record.calls]
+
+    def most(since: float, until: float) -> int:
+        per_second = Counter(int(t - since) for t in times if since <= t < until)
+        return max(per_second.values(), default=0)
+
+    pace = rpm / (0.9 * SLOT_SECONDS)
+    return (
+        f"most calls in one second: {most(0, began)} before the outage, "
+        f"{most(back, math.inf)} after the return (the plan's pace: {pace:.0f} a second)"
+    )
+
+
 def measure(
     scenario: str,
     stack: Stack,
@@ -587,9 +604,11 @@ def run(scenario: str, args, root: Path) -> Result:
             first = rpm if args.ids > rpm else 1
             wait_for(lambda: (watch.task or {}).get("done", 0) >= first, 120, f"{first} IDs done")
             say(scenario, f"task {task_id}: {watch.task['done']} of {args.ids} IDs done")
+            began = time.time()
             back = outage(scenario, pg, rds, args.outage_seconds)
             wait_to_finish(scenario, stack, watch, back, args.wait)
             result = measure(scenario, stack, pg, record, watch, back, args.ids)
+            result.notes.append(busiest_seconds(record, began, back, rpm))
     finally:
         with signals_ignored():
             cleanup.close()
