@@ -66,13 +66,26 @@ def slot_key(limit_id: int, slot: datetime) -> int:
 
 
 class Claimer:
-    """A live claimer: its number, and the connection of its own whose session holds its
-    lock. Asking that connection whether rows are still this claim's answers two things
-    at once: the lock still holds (the connection is alive), and no reconcile has taken
-    the rows back."""
+    """A live claimer of a limit's slot: its number, and a connection of its own whose
+    session holds its lock and a shared lock on the slot. Asking that connection whether
+    rows are still this claim's answers two things at once: the lock still holds (the
+    connection is alive), and no reconcile has taken the rows back. When the connection
+    dies (PostgreSQL restarted), `take_again` takes both locks on a new one."""
 
-    def __init__(self, claimer_id: int, holder):
+    def __init__(self, claimer_id: int, limit_id: int, slot: datetime):
         self.id = claimer_id
+        self._slot_key = slot_key(limit_id, slot)
+        self._holder = None
+        self.take_again()
+
+    def take_again(self) -> None:
+        self.close()
+        holder = db.engine.connect()
+        holder.execute(
+            text("SELECT pg_advisory_lock(:ns, :claimer), pg_advisory_lock_shared(:slot)"),
+            {"ns": CLAIMER_LOCK_NAMESPACE, "claimer": self.id, "slot": self._slot_key},
+        )
+        holder.commit()
         self._holder = holder
 
     def still_ours(self, group: list[Claim]) -> list[Claim]:
@@ -82,28 +95,23 @@ class Claimer:
         self._holder.commit()
         return ours
 
+    def close(self) -> None:
+        # Closing the session, not returning it to the pool, is what drops its locks.
+        if self._holder is not None:
+            with contextlib.suppress(Exception):  # a connection already dead drops them too
+                self._holder.invalidate()
+                self._holder.close()
+            self._holder = None
+
 
 @contextmanager
 def claiming(limit_id: int, slot: datetime) -> Iterator[Claimer]:
     """Run as a live claimer of a limit's slot for the duration of the block."""
-    claimer = _assigned if _assigned is not None else new_claimer_id()
-    holder = db.engine.connect()
+    claimer = Claimer(_assigned if _assigned is not None else new_claimer_id(), limit_id, slot)
     try:
-        holder.execute(
-            text("SELECT pg_advisory_lock(:ns, :claimer), pg_advisory_lock_shared(:slot)"),
-            {
-                "ns": CLAIMER_LOCK_NAMESPACE,
-                "claimer": claimer,
-                "slot": slot_key(limit_id, slot),
-            },
-        )
-        holder.commit()
-        yield Claimer(claimer, holder)
+        yield claimer
     finally:
-        # Closing the session, not returning it to the pool, is what drops its locks.
-        with contextlib.suppress(Exception):  # a connection already dead drops them too
-            holder.invalidate()
-            holder.close()
+        claimer.close()
 
 
 # Advisory locks belong to a database; other databases on the server hold their own.
@@ -172,16 +180,14 @@ def release_held_by(claimer: int) -> int:
     return _release("a.claimed_by = :claimer", {"claimer": claimer})
 
 
-def release_dead_or_stuck(timeout: timedelta) -> int:
-    """Hand back IDs whose claimer is gone, or whose claim has run out: its claimer is
-    alive but stuck.
+def release_dead_or_stuck(timeout: timedelta, dead: bool = True) -> int:
+    """Hand back IDs whose claimer is gone (unless `dead` is False), or whose claim has
+    run out: its claimer is alive but stuck.
 
     A claim runs out at its `claimed_until`, which outlives the longest call its
     processor may make; claims made before claims had one, `timeout` after they were
     made. Claims made before claimers existed (no `claimed_by`) wait for that too.
     """
-    return _release(
-        "NOT coalesce(a.claimed_by = ANY(live.keys), a.claimed_by IS NULL) "
-        "OR coalesce(a.claimed_until, a.claimed_at + :timeout) < clock_timestamp()",
-        {"timeout": timeout},
-    )
+    ran_out = "coalesce(a.claimed_until, a.claimed_at + :timeout) < clock_timestamp()"
+    gone = "NOT coalesce(a.claimed_by = ANY(live.keys), a.claimed_by IS NULL)"
+    return _release(f"{gone} OR {ran_out}" if dead else ran_out, {"timeout": timeout})

@@ -71,23 +71,30 @@ def scheduler_command(burst: bool) -> None:
     quiet_library_tracebacks()
     _agree_with_the_deployment()
 
+    # A scheduler started again (its last run met an outage) reconciles as after one.
+    started_before = False
+
     def run_once() -> bool:
-        ServiceScheduler(
+        nonlocal started_before
+        scheduler = ServiceScheduler(
             queue_name=SLOTS_QUEUE,
             connection=get_redis(),
             interval=SCHEDULER_INTERVAL_SECONDS,
             maintenance=_maintenance,
             maintenance_seconds=current_app.config["RECONCILE_INTERVAL_SECONDS"],
-        ).run(burst=burst)
+            after_outage=started_before,
+        )
+        started_before = True
+        scheduler.run(burst=burst)
         return True  # it returns only in burst mode; a stop signal exits the process
 
     keep_running(run_once, "the scheduler")
 
 
-def _maintenance() -> None:
+def _maintenance(after_outage: bool = False) -> None:
     # Keys first: deleting them needs only PostgreSQL, reconcile needs Redis too.
     idempotency.delete_expired()
-    reconcile()
+    reconcile(after_outage)
 
 
 def _agree_with_the_deployment() -> None:

@@ -29,6 +29,7 @@ from .claimers import Claimer
 from .claims import Batch, Claim, claim, deployment_id, hold, mark_tasks_running
 from .extensions import db
 from .limits import SlotOfLimit
+from .outages import Backoff, describe, forget_session, is_outage, wait_for_servers
 from .outcomes import Tally, process_and_record, record_outcomes
 from .pacing import SYSTEM_CLOCK, Clock, paced_groups, step_of
 from .scheduling import add_slot_helper
@@ -42,6 +43,10 @@ CLAIM_BATCH = 500
 CLAIM_AHEAD_SECONDS = 1.0
 # A per-ID processor's outcomes are recorded this often.
 RECORD_EVERY_SECONDS = 0.25
+# A slot job that met an outage asks whether PostgreSQL is back this often (doubling):
+# soon enough to take its claimer's lock again before reconcile gives its IDs away.
+RIDE_OUT_FIRST_WAIT = 0.5
+RIDE_OUT_LONGEST_WAIT = 2.0
 # A claim of a processor whose calls may last long outlives its longest call by this.
 CLAIM_MARGIN_SECONDS = 5.0
 # What a call that was not made (its claim could have run out mid-call) gives back.
@@ -90,32 +95,18 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
     settings = shared()
     db.session.commit()
     slot_seconds, max_attempts = settings["SLOT_SECONDS"], settings["MAX_ATTEMPTS"]
-    life = claim_life(processor, slot.options)
-    claimed, paused = 0, False
     with claimers.claiming(slot.limit_id, start) as claimer:
         calls = _calls(slot, claimer, processor, clock, max_attempts)
-        helping = _Helpers(slot, clock)
+        runner = _Claims(
+            slot, claimer, calls, clock, slot_seconds, claim_life(processor, slot.options)
+        )
         clock.wait_until(start.timestamp(), claimers.stop_requested)
         lateness = clock.seconds() - start.timestamp()
         try:
-            while not claimers.stop_requested():
-                size = _batch_size_unless_paused(slot, slot_seconds)
-                if paused := size is None:
-                    db.session.commit()
-                    break
-                batch = claim(
-                    slot.limit_id, start, claimer.id, size, clock.now(), slot_seconds, life
-                )
-                if not batch.claims:
-                    break
-                claimed += len(batch.claims)
-                mark_tasks_running({c.task_id for c in batch.claims})
-                for turn, group in _groups(batch, clock):
-                    calls.hand(group, turn)
-                    helping.note(calls.behind(turn))
+            claimed, paused = runner.run()
         except BaseException:
-            # PostgreSQL went away, or the job's time is up: no call starts from now on
-            # (none could be known to be this claim's). Reconcile hands the rest back.
+            # A bug, or the job's time is up: no call starts from now on. Reconcile hands
+            # the rest back once this job's connection is gone.
             calls.abandon()
             raise
         calls.finish()
@@ -124,6 +115,87 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
     run = SlotRun(limit_name, start, claimed, done, failed, handed_back, round(lateness, 3), paused)
     _log_run(run)
     return run
+
+
+class _Claims:
+    """A slot job's claims, batch after batch, each group handed out at its turn; an
+    outage of PostgreSQL on the way is ridden out, not a reason to stop."""
+
+    def __init__(
+        self,
+        slot: SlotOfLimit,
+        claimer: Claimer,
+        calls,
+        clock: Clock,
+        slot_seconds: int,
+        life: timedelta,
+    ):
+        self.slot, self.claimer, self.calls, self.clock = slot, claimer, calls, clock
+        self.slot_seconds, self.life = slot_seconds, life
+        self.helping = _Helpers(slot, clock)
+        self.taken = 0  # by the batch under way
+
+    def run(self) -> tuple[int, bool]:
+        """Claim until the slot has no pending ID left, or the limit is paused, or the
+        worker is stopping; returns (IDs claimed, paused)."""
+        claimed, paused = 0, False
+        while not claimers.stop_requested() and not paused:
+            try:
+                taken, paused = self._claim_and_hand()
+            except Exception as error:
+                if not is_outage(error):
+                    raise
+                claimed += self.taken
+                self._ride_out(error)
+                continue
+            if not taken and not paused:
+                break
+            claimed += taken
+        return claimed, paused
+
+    def _claim_and_hand(self) -> tuple[int, bool]:
+        """One batch; returns how many were claimed, and whether the limit is paused."""
+        slot = self.slot
+        self.taken = 0
+        size = _batch_size_unless_paused(slot, self.slot_seconds)
+        if size is None:
+            db.session.commit()
+            return 0, True
+        batch = claim(
+            slot.limit_id,
+            slot.start,
+            self.claimer.id,
+            size,
+            self.clock.now(),
+            self.slot_seconds,
+            self.life,
+        )
+        self.taken = len(batch.claims)
+        if batch.claims:
+            mark_tasks_running({c.task_id for c in batch.claims})
+        for turn, group in _groups(batch, self.clock):
+            self.calls.hand(group, turn)
+            self.helping.note(self.calls.behind(turn))
+        return len(batch.claims), False
+
+    def _ride_out(self, error: Exception) -> None:
+        """PostgreSQL went away mid-slot (or dropped this job's connections). Start no
+        call; let those under way end; once PostgreSQL answers again, take the claimer's
+        lock again, record what the calls did while their claims are still this job's,
+        and hand back what was claimed but not called. The slot then goes on, late and
+        paced: nothing called is called again, unless reconcile took the claims first."""
+        what = f"slot {self.slot.start.isoformat()} of {self.slot.limit_name}"
+        log.warning("%s: %s; going on once PostgreSQL answers", what, describe(error))
+        self.calls.hold_back()
+
+        def recover() -> None:
+            forget_session()
+            self.claimer.take_again()
+            self.calls.record_finished()
+            claimers.release_held_by(self.claimer.id)
+
+        wait_for_servers(recover, what, backoff=Backoff(RIDE_OUT_FIRST_WAIT, RIDE_OUT_LONGEST_WAIT))
+        self.calls.go_on()
 
 
 def _log_run(run: SlotRun) -> None:
@@ -188,26 +260,38 @@ class _Calls:
         self.max_attempts = max_attempts
         self.tally = Tally()
 
+    def hold_back(self) -> None:
+        """Start no more calls, and wait for those under way."""
+
+    def go_on(self) -> None:
+        """Calls may start again."""
+
+    def record_finished(self) -> None:
+        """Record the outcomes of the calls that ended and are not recorded yet."""
+
+    def finish(self) -> None:
+        """Wait for the calls under way and record them."""
+
+    def abandon(self) -> None:
+        """Start no more calls: the job is ending."""
+
 
 class GroupCalls(_Calls):
     """A group processor gets each paced group at once, in the transaction that records
     the group's outcomes: locking the rows still claimed there is the check before the
-    call, so each ID runs exactly once."""
+    call, so each ID runs exactly once. The claimer's lock is checked first too, so
+    that a job whose lock went with its connection takes it again (reconcile would
+    otherwise take its slot for one whose job is gone)."""
 
     def hand(self, group: list[Claim], turn: float) -> None:
+        ours = self.claimer.still_ours(group)
         self.tally += process_and_record(
-            self.slot, self.claimer.id, group, self.processor, self.max_attempts
+            self.slot, self.claimer.id, ours, self.processor, self.max_attempts
         )
 
     def behind(self, turn: float) -> float:
         """How late the calls start against their turns."""
         return self.clock.seconds() - turn
-
-    def finish(self) -> None:
-        pass
-
-    def abandon(self) -> None:
-        pass
 
 
 class ConcurrentCalls(_Calls):
@@ -234,9 +318,11 @@ class ConcurrentCalls(_Calls):
         self.app = current_app._get_current_object()
         self.extra = {"options": slot.options} if takes(processor, "options") else {}
         self.longest = longest_call(processor, slot.options) or 0.0
-        self.abandoned = False
+        self.abandoned = self.holding = False
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="processor")
         self.in_flight: list[tuple[Claim, Future]] = []
+        # Outcomes of calls that ended, kept until a transaction has recorded them.
+        self.unrecorded: list[tuple[Claim, Failure | None]] = []
         self.recorded_at = time.monotonic()
         self.start_lag = 0.0
 
@@ -244,7 +330,7 @@ class ConcurrentCalls(_Calls):
         for item in self.claimer.still_ours(group):
             self.in_flight.append((item, self.pool.submit(self._call, item, turn)))
         if time.monotonic() - self.recorded_at >= RECORD_EVERY_SECONDS:
-            self._record(self._take_finished())
+            self.record_finished()
 
     def behind(self, turn: float) -> float:
         """How late the latest call started against its turn: with every thread busy,
@@ -253,16 +339,35 @@ class ConcurrentCalls(_Calls):
 
     def finish(self) -> None:
         wait([future for _, future in self.in_flight])
-        self._record(self._take_finished())
+        self.record_finished()
         self.pool.shutdown()
 
     def abandon(self) -> None:
         self.abandoned = True
         self.pool.shutdown(wait=False, cancel_futures=True)
 
+    def hold_back(self) -> None:
+        self.holding = True
+        wait([future for _, future in self.in_flight])
+
+    def go_on(self) -> None:
+        self.holding = False
+
+    def record_finished(self) -> None:
+        self.recorded_at = time.monotonic()
+        self.unrecorded += self._take_finished()
+        if not self.unrecorded:
+            return
+        held = hold([item for item, _ in self.unrecorded], self.claimer.id)
+        failures = {item.user_id: failure for item, failure in self.unrecorded if failure}
+        self.tally += record_outcomes(self.slot, held, failures, self.max_attempts)
+        self.unrecorded = []
+
     def _call(self, item: Claim, turn: float) -> Failure | None | object:
-        if self.abandoned or time.monotonic() + self.longest > item.holds_until:
-            return NOT_CALLED  # its claim may run out mid-call: handed back instead
+        if self.abandoned or self.holding or time.monotonic() + self.longest > item.holds_until:
+            # Not called: the job is ending or waiting for PostgreSQL, or the claim may
+            # run out mid-call. The ID is handed back and claimed again.
+            return NOT_CALLED
         self.start_lag = self.clock.seconds() - turn
         with self.app.app_context():
             try:
@@ -277,14 +382,6 @@ class ConcurrentCalls(_Calls):
         self.in_flight = [pair for pair in self.in_flight if not pair[1].done()]
         outcomes = [(item, future.result()) for item, future in finished]
         return [(item, verdict) for item, verdict in outcomes if verdict is not NOT_CALLED]
-
-    def _record(self, outcomes: list[tuple[Claim, Failure | None]]) -> None:
-        self.recorded_at = time.monotonic()
-        if not outcomes:
-            return
-        held = hold([item for item, _ in outcomes], self.claimer.id)
-        failures = {item.user_id: failure for item, failure in outcomes if failure}
-        self.tally += record_outcomes(self.slot, held, failures, self.max_attempts)
 
 
 class _Helpers:

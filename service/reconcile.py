@@ -28,12 +28,15 @@ from .scheduling import (
 RECONCILE_HORIZON = timedelta(hours=1)
 
 
-def reconcile() -> dict[str, int]:
+def reconcile(after_outage: bool = False) -> dict[str, int]:
     """Rebuild the schedule from PostgreSQL; Redis may have lost any part of it.
 
     - IDs whose claimer is gone (its worker died) go back to pending at once, as do IDs
       whose claim ran out (its worker is stuck); to cancelled if their task was
-      cancelled meanwhile;
+      cancelled meanwhile. Right `after_outage` (the previous run met one), gone
+      claimers keep their IDs for one more run: a slot job that rode the outage out
+      takes its lock again and records what it called, which would otherwise be
+      called again;
     - jobs that RQ still calls started but whose worker stopped beating (it died) are
       marked failed by RQ's own registry clean-up, so that they count as gone below;
     - every slot of a limit not paused with pending IDs that starts within
@@ -46,7 +49,7 @@ def reconcile() -> dict[str, int]:
       retrying IDs a run of the retry planning.
     """
     timeout = timedelta(seconds=current_app.config["CLAIM_TIMEOUT_SECONDS"])
-    released = claimers.release_dead_or_stuck(timeout)
+    released = claimers.release_dead_or_stuck(timeout, dead=not after_outage)
     now = datetime.now(UTC)
     scheduler = get_scheduler()
     running = claimers.running_slots()

@@ -54,21 +54,30 @@ class ServiceScheduler(Scheduler):
     """
 
     def __init__(
-        self, *args, maintenance: Callable[[], object], maintenance_seconds: float, **kwargs
+        self,
+        *args,
+        maintenance: Callable[[bool], object],
+        maintenance_seconds: float,
+        after_outage: bool = False,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self._maintenance = maintenance
         self._maintenance_seconds = maintenance_seconds
         self._maintenance_due = time.monotonic()
+        # Whether the last run met an outage: `maintenance` is told, see reconcile().
+        self.after_outage = after_outage
 
     def enqueue_jobs(self):
         if time.monotonic() >= self._maintenance_due:
             self._maintenance_due = time.monotonic() + self._maintenance_seconds
             try:
-                self._maintenance()
+                self._maintenance(self.after_outage)
+                self.after_outage = False
             except Exception as error:  # retried at the next run; keep scheduling
                 forget_session()
-                if is_outage(error):
+                self.after_outage = is_outage(error)
+                if self.after_outage:
                     log.warning("reconcile failed: %s", describe(error))
                 else:
                     log.exception("reconcile failed")

@@ -15,17 +15,23 @@ from rq import Worker
 from sqlalchemy import text
 
 from service import devstack
+from service.dispatch import run_slot
 from service.extensions import db, get_redis
+from service.limits import DEFAULT
 from service.models import IdTask
 from service.outages import Backoff
+from service.pacing import Clock
 from service.planning import plan_stored_task
 from service.queues import SLOTS_QUEUE, get_queue
 from service.reconcile import reconcile
 from service.scheduling import ServiceScheduler, slot_job_id
 
-from .helpers import submit, times_processed
+from .downstream import Record, Server
+from .helpers import PAST, submit, times_processed
 from .processes import ROOT, free_port, run_flask, start, stop, wait_until
 from .servers import StoppablePostgres, StoppableRedis
+
+HTTP_PROCESSOR = "workers.processors:http_request"
 
 pytestmark = pytest.mark.slow
 
@@ -206,8 +212,10 @@ def test_the_schedulers_reconcile_works_again_after_its_session_broke(rpm3, capl
     scheduler.enqueue_jobs()
     assert "reconcile failed" in caplog.text
     assert scheduler.count() == 0
+    assert scheduler.after_outage  # its next run spares gone claimers once
     scheduler.enqueue_jobs()
     assert scheduler.count() == 1
+    assert not scheduler.after_outage
 
 
 def _url(app) -> str:
@@ -257,3 +265,46 @@ def test_processes_started_while_postgres_is_away_wait_for_it(make_app, own_post
                 assert times_processed() == dict.fromkeys([1, 2, 3], 1)
     finally:
         own_postgres.resume()
+
+
+@pytest.mark.parametrize("processor", ["http_request", "record_user"])
+def test_a_slot_job_rides_out_its_connections_dropping_and_calls_each_id_once(make_app, processor):
+    """Every connection of the job (its session, its claimer's lock) is cut mid-slot: it
+    takes its lock again, records what it had called, and finishes the slot itself."""
+    record = Record()
+    with Server(record) as url:
+        settings = {"SLOT_SECONDS": 1, "WINDOW_SLOTS": 5, "PLAN_LEAD_SECONDS": 0.2}
+        if processor == "http_request":
+            settings.update(ID_PROCESSOR=HTTP_PROCESSOR, PROCESSOR_HTTP_URL=url)
+        app = make_app(**settings)
+        cut = []
+
+        def cut_every_connection_once(seconds: float) -> None:
+            if not cut:
+                time.sleep(0.3)  # the calls handed out so far end
+                with psycopg.connect(app.config["DATABASE_URL"], autocommit=True) as other:
+                    cut.append(
+                        other.execute(
+                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                        ).fetchone()[0]
+                    )
+            time.sleep(seconds)
+
+        with app.app_context():
+            task_id = submit([1, 2, 3, 4, 5, 6])
+            plan_stored_task(task_id, now=PAST)
+            slot = db.session.get(IdTask, task_id).first_slot
+            run = run_slot(DEFAULT, slot, clock=Clock(sleep=cut_every_connection_once))
+            db.session.remove()
+            statuses = db.session.execute(text("SELECT status FROM assignments")).scalars()
+            assert set(statuses) == {"done"}
+            processed = times_processed()
+    assert cut[0] >= 2  # its session and its claimer's lock
+    assert run.done == 6 and run.handed_back == 0
+    if processor == "http_request":
+        assert {user_id: len(keys) for user_id, keys in record.keys().items()} == dict.fromkeys(
+            range(1, 7), 1
+        )
+    else:
+        assert processed == dict.fromkeys(range(1, 7), 1)

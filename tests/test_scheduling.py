@@ -85,9 +85,9 @@ def test_the_scheduler_reconciles_every_interval_between_its_polls(app):
         scheduler = ServiceScheduler(
             queue_name=SLOTS_QUEUE,
             connection=get_redis(),
-            maintenance=lambda: runs.append(1),
+            maintenance=lambda after_outage: runs.append(after_outage),
             maintenance_seconds=3600,
         )
         scheduler.enqueue_jobs()
         scheduler.enqueue_jobs()  # its next poll, long before the next run is due
-    assert runs == [1]
+    assert runs == [False]
