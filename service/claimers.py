@@ -65,6 +65,10 @@ def slot_key(limit_id: int, slot: datetime) -> int:
     return SLOT_LOCK_NAMESPACE << 47 | limit_id << 31 | int(slot.timestamp()) % 2**31
 
 
+class ClaimerLockBusy(Exception):
+    """A claimer's lock is held by a session other than its own connection's."""
+
+
 class Claimer:
     """A live claimer of a limit's slot: its number, and a connection of its own whose
     session holds its lock and a shared lock on the slot. Asking that connection whether
@@ -79,14 +83,30 @@ class Claimer:
         self.take_again()
 
     def take_again(self) -> None:
+        """Hold both locks: still on the same connection if it answers (giving a held
+        lock up, even for a moment, would let reconcile take this claimer for dead),
+        else on a new one. Raises ClaimerLockBusy while another session still holds the
+        claimer's lock (a connection that died without the server noticing yet)."""
+        if self._holder is not None and self._answers():
+            return
         self.close()
         holder = db.engine.connect()
-        holder.execute(
-            text("SELECT pg_advisory_lock(:ns, :claimer), pg_advisory_lock_shared(:slot)"),
-            {"ns": CLAIMER_LOCK_NAMESPACE, "claimer": self.id, "slot": self._slot_key},
-        )
+        params = {"ns": CLAIMER_LOCK_NAMESPACE, "claimer": self.id, "slot": self._slot_key}
+        taken = holder.execute(text("SELECT pg_try_advisory_lock(:ns, :claimer)"), params).scalar()
+        if not taken:
+            holder.close()
+            raise ClaimerLockBusy(f"claimer {self.id}'s lock is still held by another session")
+        holder.execute(text("SELECT pg_advisory_lock_shared(:slot)"), params)
         holder.commit()
         self._holder = holder
+
+    def _answers(self) -> bool:
+        try:
+            self._holder.execute(text("SELECT 1"))
+            self._holder.commit()
+            return True
+        except Exception:  # dead: its locks went with it
+            return False
 
     def still_ours(self, group: list[Claim]) -> list[Claim]:
         """The members of the group still claimed by this claimer; raises if its lock's

@@ -25,11 +25,11 @@ from workers.processors import (
 )
 
 from . import claimers, limits
-from .claimers import Claimer
+from .claimers import Claimer, ClaimerLockBusy
 from .claims import Batch, Claim, claim, deployment_id, hold, mark_tasks_running
 from .extensions import db
 from .limits import SlotOfLimit
-from .outages import Backoff, describe, forget_session, is_outage, wait_for_servers
+from .outages import Backoff, describe, forget_session, is_database_outage, wait_for_servers
 from .outcomes import Tally, process_and_record, record_outcomes
 from .pacing import SYSTEM_CLOCK, Clock, paced_groups, step_of
 from .scheduling import add_slot_helper
@@ -104,13 +104,13 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
         lateness = clock.seconds() - start.timestamp()
         try:
             claimed, paused = runner.run()
+            handed_back = runner.finish()
         except BaseException:
-            # A bug, or the job's time is up: no call starts from now on. Reconcile hands
-            # the rest back once this job's connection is gone.
+            # A bug, a stop while PostgreSQL is away, or the job's time is up: no call
+            # starts from now on. Reconcile hands the rest back once this job's
+            # connection is gone.
             calls.abandon()
             raise
-        calls.finish()
-        handed_back = claimers.release_held_by(claimer.id)
     done, failed = calls.tally.done, calls.tally.failed
     run = SlotRun(limit_name, start, claimed, done, failed, handed_back, round(lateness, 3), paused)
     _log_run(run)
@@ -143,7 +143,7 @@ class _Claims:
             try:
                 taken, paused = self._claim_and_hand()
             except Exception as error:
-                if not is_outage(error):
+                if not is_database_outage(error):
                     raise
                 claimed += self.taken
                 self._ride_out(error)
@@ -152,6 +152,18 @@ class _Claims:
                 break
             claimed += taken
         return claimed, paused
+
+    def finish(self) -> int:
+        """Wait for the calls under way, record them, hand back what is left; returns
+        how many were handed back."""
+        while True:
+            try:
+                self.calls.finish()
+                return claimers.release_held_by(self.claimer.id)
+            except Exception as error:
+                if not is_database_outage(error):
+                    raise
+                self._ride_out(error)
 
     def _claim_and_hand(self) -> tuple[int, bool]:
         """One batch; returns how many were claimed, and whether the limit is paused."""
@@ -187,15 +199,27 @@ class _Claims:
         what = f"slot {self.slot.start.isoformat()} of {self.slot.limit_name}"
         log.warning("%s: %s; going on once PostgreSQL answers", what, describe(error))
         self.calls.hold_back()
-
-        def recover() -> None:
-            forget_session()
-            self.claimer.take_again()
-            self.calls.record_finished()
-            claimers.release_held_by(self.claimer.id)
-
-        wait_for_servers(recover, what, backoff=Backoff(RIDE_OUT_FIRST_WAIT, RIDE_OUT_LONGEST_WAIT))
+        # The lock first: until it is held again, reconcile may take this job for dead.
+        self._until_back(self.claimer.take_again, what)
+        self.calls.wait_under_way()
+        self._until_back(self._record_and_hand_back, what)
         self.calls.go_on()
+
+    def _until_back(self, attempt: Callable[[], object], what: str) -> None:
+        backoff = Backoff(RIDE_OUT_FIRST_WAIT, RIDE_OUT_LONGEST_WAIT)
+        wait_for_servers(
+            attempt,
+            what,
+            stopping=claimers.stop_requested,
+            backoff=backoff,
+            also_retry=(ClaimerLockBusy,),
+        )
+
+    def _record_and_hand_back(self) -> None:
+        forget_session()
+        self.claimer.take_again()
+        self.calls.record_finished()
+        claimers.release_held_by(self.claimer.id)
 
 
 def _log_run(run: SlotRun) -> None:
@@ -261,7 +285,10 @@ class _Calls:
         self.tally = Tally()
 
     def hold_back(self) -> None:
-        """Start no more calls, and wait for those under way."""
+        """Start no more calls."""
+
+    def wait_under_way(self) -> None:
+        """Wait for the calls under way to end."""
 
     def go_on(self) -> None:
         """Calls may start again."""
@@ -348,6 +375,8 @@ class ConcurrentCalls(_Calls):
 
     def hold_back(self) -> None:
         self.holding = True
+
+    def wait_under_way(self) -> None:
         wait([future for _, future in self.in_flight])
 
     def go_on(self) -> None:

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 
 from psycopg import Error as DriverError
 from psycopg import InterfaceError, OperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from sqlalchemy.exc import DBAPIError, PendingRollbackError, ResourceClosedError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DBAPIError, PendingRollbackError
 
 from .extensions import db
 
@@ -32,18 +34,31 @@ WAIT_SLICE_SECONDS = 0.2
 
 
 def is_outage(error: BaseException) -> bool:
-    """Whether an error says a server is away or a connection broke, not that a
-    statement or a command was wrong."""
-    if isinstance(error, RedisError | PendingRollbackError | ResourceClosedError):
-        return not _is_command_error(error)
+    """Whether an error says a server is away, failing over or a connection broke, not
+    that a statement or a command was wrong."""
+    if isinstance(error, RedisError):
+        return _redis_says_away(error)
+    if isinstance(error, PendingRollbackError):  # an earlier statement lost its connection
+        return True
     if isinstance(error, DBAPIError):
         return error.connection_invalidated or _driver_says_connection(error.orig)
     return _driver_says_connection(error)
 
 
-def _is_command_error(error: BaseException) -> bool:
+def is_database_outage(error: BaseException) -> bool:
+    return is_outage(error) and not isinstance(error, RedisError)
+
+
+READ_ONLY_TRANSACTION = "25006"
+# Answers of a Redis that is loading, failing over, or a replica for now.
+REDIS_AWAY_ANSWERS = ("LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def _redis_says_away(error: RedisError) -> bool:
+    if isinstance(error, RedisConnectionError | RedisTimeoutError):
+        return True
     # Redis answered, and refused: a wrong command is a bug, not an outage.
-    return isinstance(error, ResponseError) and not str(error).startswith(("LOADING", "BUSY"))
+    return isinstance(error, ResponseError) and str(error).startswith(REDIS_AWAY_ANSWERS)
 
 
 def _driver_says_connection(error: BaseException | None) -> bool:
@@ -52,10 +67,12 @@ def _driver_says_connection(error: BaseException | None) -> bool:
     if isinstance(error, InterfaceError):
         return True
     state = getattr(error, "sqlstate", None)
+    if state == READ_ONLY_TRANSACTION:  # a primary just demoted by a failover
+        return True
     # No SQLSTATE: the driver's own error about the connection. 08: connection
     # exceptions. 57P0x: the server shutting down, crashed, or starting up.
     return isinstance(error, OperationalError) and (
-        state is None or state.startswith("08") or state.startswith("57P")
+        state is None or state.startswith(("08", "57P"))
     )
 
 
@@ -116,6 +133,8 @@ def keep_running(
                 return
             reason = "its loop ended"
         except Exception as error:
+            if stopping():  # a stop request raised inside the run
+                return
             reason = describe(error)
             if not is_outage(error):
                 log.exception("%s failed", what)
@@ -134,15 +153,17 @@ def wait_for_servers(
     what: str,
     stopping: Callable[[], bool] = lambda: False,
     backoff: Backoff | None = None,
+    also_retry: tuple[type[Exception], ...] = (),
 ):
     """Return what `attempt` returns once it succeeds, trying again after each outage
-    error with a capped backoff; any other error is raised."""
+    error (or one of `also_retry`) with a capped backoff; any other error, or any error
+    once `stopping` says so, is raised."""
     backoff = backoff or Backoff()
     while True:
         try:
             return attempt()
         except Exception as error:
-            if not is_outage(error) or stopping():
+            if not (is_outage(error) or isinstance(error, also_retry)) or stopping():
                 raise
             forget_session()
             wait = backoff.next()

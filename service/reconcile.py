@@ -26,6 +26,10 @@ from .scheduling import (
 
 # Reconcile gives jobs to the slots starting within this; each run moves it on.
 RECONCILE_HORIZON = timedelta(hours=1)
+# A slot job that rode out a restart of PostgreSQL has its claimer's lock again within
+# seconds of its return: until this long after the server started, a claimer whose lock
+# is missing is taken to be on its way back, not dead.
+CLAIMERS_RETURN_SECONDS = 15
 
 
 def reconcile(after_outage: bool = False) -> dict[str, int]:
@@ -33,10 +37,10 @@ def reconcile(after_outage: bool = False) -> dict[str, int]:
 
     - IDs whose claimer is gone (its worker died) go back to pending at once, as do IDs
       whose claim ran out (its worker is stuck); to cancelled if their task was
-      cancelled meanwhile. Right `after_outage` (the previous run met one), gone
-      claimers keep their IDs for one more run: a slot job that rode the outage out
-      takes its lock again and records what it called, which would otherwise be
-      called again;
+      cancelled meanwhile. Right after an outage (`after_outage`: the previous run met
+      one; or PostgreSQL started less than CLAIMERS_RETURN_SECONDS ago), gone claimers
+      keep their IDs a little longer: a slot job that rode the outage out takes its
+      lock again and records what it called, which would otherwise be called again;
     - jobs that RQ still calls started but whose worker stopped beating (it died) are
       marked failed by RQ's own registry clean-up, so that they count as gone below;
     - every slot of a limit not paused with pending IDs that starts within
@@ -49,7 +53,8 @@ def reconcile(after_outage: bool = False) -> dict[str, int]:
       retrying IDs a run of the retry planning.
     """
     timeout = timedelta(seconds=current_app.config["CLAIM_TIMEOUT_SECONDS"])
-    released = claimers.release_dead_or_stuck(timeout, dead=not after_outage)
+    spare_gone = after_outage or _server_just_started()
+    released = claimers.release_dead_or_stuck(timeout, dead=not spare_gone)
     now = datetime.now(UTC)
     scheduler = get_scheduler()
     running = claimers.running_slots()
@@ -84,6 +89,13 @@ def reconcile(after_outage: bool = False) -> dict[str, int]:
         "planning jobs added": len(requeued),
         "retry planning queued": int(retries),
     }
+
+
+def _server_just_started() -> bool:
+    return db.session.execute(
+        text("SELECT pg_postmaster_start_time() > clock_timestamp() - :grace"),
+        {"grace": timedelta(seconds=CLAIMERS_RETURN_SECONDS)},
+    ).scalar()
 
 
 def _mark_late(limit_id: int, late: list[datetime]) -> int:

@@ -37,7 +37,7 @@ RESULT_TTL_SECONDS = 3600
 WAITING_STATUSES = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
 # A job marked queued that no queue holds is taken for lost after this (see
 # _waits_for_real); the marker that times it expires by itself.
-LOST_AFTER_SECONDS = 5.0
+LOST_AFTER_SECONDS = 15.0
 LOST_MARKER = "slotted:off-queue:{}"
 LOST_MARKER_TTL_SECONDS = 3600
 
@@ -206,23 +206,28 @@ def ensure_slot_job(
 
 def add_slot_helper(limit_name: str, slot: datetime, most: int) -> bool:
     """Queue one more job for a limit's slot that is under way, ahead of later slots,
-    unless `most` helpers are waiting or running already; True if one was added."""
+    unless `most` helpers are waiting or running already; True if one was added. With
+    Redis away, none is: the slot job goes on alone."""
+    try:
+        return _add_slot_helper(limit_name, slot, most)
+    except RedisError:
+        log.warning("could not queue a helper for slot %s of %s", slot, limit_name)
+        return False
+
+
+def _add_slot_helper(limit_name: str, slot: datetime, most: int) -> bool:
     for number in range(1, most + 1):
         job_id = f"{slot_job_id(limit_name, slot)}-helper-{number}"
         if _job_status(job_id) in (*WAITING_STATUSES, JobStatus.STARTED):
             continue
-        try:
-            get_queue(SLOTS_QUEUE).enqueue(
-                SLOT_JOB,
-                *_slot_job_args(limit_name, slot),
-                job_id=job_id,
-                job_timeout=_slot_job_timeout(),
-                result_ttl=RESULT_TTL_SECONDS,
-                at_front=True,
-            )
-        except RedisError:
-            log.warning("could not queue a helper for slot %s of %s", slot, limit_name)
-            return False
+        get_queue(SLOTS_QUEUE).enqueue(
+            SLOT_JOB,
+            *_slot_job_args(limit_name, slot),
+            job_id=job_id,
+            job_timeout=_slot_job_timeout(),
+            result_ttl=RESULT_TTL_SECONDS,
+            at_front=True,
+        )
         return True
     return False
 
@@ -244,7 +249,8 @@ def _waits_for_real(job: Job) -> bool:
     marks it started: one that died in between (or between RQ's intermediate queue and
     the start) leaves a job marked queued that no queue holds. Such a job is taken for
     lost once it has been seen off its queue for LOST_AFTER_SECONDS, which a live worker
-    never takes to start a job."""
+    never takes to start a job (three times the longest a new PostgreSQL connection may
+    take it before the fork)."""
     if job.get_status(refresh=False) != JobStatus.QUEUED:
         return True
     redis = get_redis()

@@ -19,8 +19,10 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable
 
+from redis.exceptions import RedisError
 from rq import Queue, Worker
 from rq.exceptions import StopRequested
 
@@ -36,12 +38,26 @@ class ClaimingWorker(Worker):
         # Shared by every loop of one `flask worker`: an outage met between jobs makes
         # the next job wait a little longer, so a queue is not drained into failures.
         self.backoff = backoff or Backoff()
-        # RQ's own flag stays down when a stop arrives between jobs.
-        self.stop_asked = False
 
     def request_stop(self, signum, frame):
-        self.stop_asked = True
+        # RQ's own flag stays down when a stop arrives between jobs; this one is the
+        # process's, whichever of its successive workers took the signal.
+        _stop_asked.set()
         super().request_stop(signum, frame)
+
+    def maintain_heartbeats(self, job, execution):
+        """RQ's heartbeats while a job runs: with Redis away they are skipped (RQ would
+        stop watching the job and leave its work horse running unwatched)."""
+        try:
+            super().maintain_heartbeats(job, execution)
+        except RedisError as error:
+            log.warning("job %s: heartbeat skipped: %s", job.id, describe(error))
+
+    def set_shutdown_requested_date(self):
+        # Called from the stop signal's handler: Redis being away must not turn a stop
+        # into an error inside whatever the worker was doing.
+        with contextlib.suppress(RedisError):
+            super().set_shutdown_requested_date()
 
     def execute_job(self, job, queue):
         claimer = self._new_claimer(job)
@@ -50,10 +66,11 @@ class ClaimingWorker(Worker):
             super().execute_job(job, queue)
         finally:
             claimers.assign(None)
-            if claimer is not None:
+            # Only once the work horse is gone: a horse still running holds its claims.
+            if claimer is not None and not self.horse_pid:
                 self._hand_back(claimer, job)
         if claimer is None:
-            sleep_unless(self.backoff.next(), lambda: self.stop_asked)
+            sleep_unless(self.backoff.next(), _stop_asked.is_set)
         else:
             self.backoff.reset()
 
@@ -91,21 +108,20 @@ class ClaimingWorker(Worker):
         signal.signal(claimers.STOP_SIGNAL, claimers.request_stop)
 
 
+_stop_asked = threading.Event()
+
+
 def serve(make_queues: Callable[[], list[Queue]], burst: bool) -> None:
     """Run RQ's work loop until it is asked to stop (or, in burst mode, runs dry),
     starting it again, with a fresh worker, whenever a server's absence ended it."""
     backoff = Backoff()
-    current: list[ClaimingWorker] = []
-
-    def stopping() -> bool:
-        return bool(current) and current[0].stop_asked
+    _stop_asked.clear()
 
     def work_once() -> bool:
         queues = make_queues()
-        current[:] = [ClaimingWorker(queues, connection=queues[0].connection, backoff=backoff)]
-        current[0].work(burst=burst)
-        return burst or stopping()
+        ClaimingWorker(queues, connection=queues[0].connection, backoff=backoff).work(burst=burst)
+        return burst or _stop_asked.is_set()
 
     # A stop request between two loops (RQ's signal handler raises it when idle).
     with contextlib.suppress(StopRequested):
-        keep_running(work_once, "the worker", stopping=stopping, backoff=backoff)
+        keep_running(work_once, "the worker", stopping=_stop_asked.is_set, backoff=backoff)

@@ -7,24 +7,32 @@ from __future__ import annotations
 import subprocess
 import time
 from contextlib import contextmanager
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
 from redis import Redis
-from rq import Worker
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import DataError as RedisDataError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from rq import Queue, Worker
+from rq.executions import Execution
+from rq.job import Job
 from sqlalchemy import text
 
-from service import devstack
+from service import claimers, devstack, limits
 from service.dispatch import run_slot
 from service.extensions import db, get_redis
 from service.limits import DEFAULT
 from service.models import IdTask
-from service.outages import Backoff
+from service.outages import Backoff, is_outage, keep_running
 from service.pacing import Clock
 from service.planning import plan_stored_task
 from service.queues import SLOTS_QUEUE, get_queue
 from service.reconcile import reconcile
 from service.scheduling import ServiceScheduler, slot_job_id
+from service.worker import ClaimingWorker
 
 from .downstream import Record, Server
 from .helpers import PAST, submit, times_processed
@@ -308,3 +316,71 @@ def test_a_slot_job_rides_out_its_connections_dropping_and_calls_each_id_once(ma
         )
     else:
         assert processed == dict.fromkeys(range(1, 7), 1)
+
+
+def test_a_claimer_keeps_a_lock_it_still_holds_and_retakes_one_it_lost(rpm3):
+    task_id = submit([1])
+    plan_stored_task(task_id, now=PAST)
+    slot = db.session.get(IdTask, task_id).first_slot
+    db.session.commit()
+    with claimers.claiming(limits.find(DEFAULT).id, slot) as claimer:
+        backend = claimer._holder.execute(text("SELECT pg_backend_pid()")).scalar()
+        claimer.take_again()  # its connection answers: the very same lock, never let go
+        assert claimer._holder.execute(text("SELECT pg_backend_pid()")).scalar() == backend
+        with psycopg.connect(_url(rpm3), autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(%s)", (backend,))
+            claimer.take_again()  # a new connection, the same claimer
+            assert db.session.execute(
+                text(claimers.HELD_LOCKS), {"ns": claimers.CLAIMER_LOCK_NAMESPACE}
+            ).scalars().all() == [claimer.id]
+            # Another session holding the claimer's lock (a connection the server has
+            # not seen die yet): not taken, said so, to be tried again.
+            claimer.close()
+            other.execute(
+                "SELECT pg_advisory_lock(%s, %s)", (claimers.CLAIMER_LOCK_NAMESPACE, claimer.id)
+            )
+            with pytest.raises(claimers.ClaimerLockBusy):
+                claimer.take_again()
+
+
+def test_rq_heartbeats_skipped_while_redis_is_away_do_not_end_the_watch(app):
+    dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
+    with app.app_context():
+        worker = ClaimingWorker(
+            [Queue(SLOTS_QUEUE, connection=get_redis())], connection=get_redis()
+        )
+    worker.connection = dead  # Redis went away while the job ran
+    job = Job.create("workers.slots.run_slot", args=("2026-01-05T09:00:00+00:00",), connection=dead)
+    worker.maintain_heartbeats(job, Execution("e1", job.id, connection=dead))  # no raise
+    worker._shutdown_requested_date = datetime.now(UTC)  # as a stop signal's handler sets
+    worker.set_shutdown_requested_date()  # called from that handler: no raise either
+
+
+@pytest.mark.parametrize(
+    ("error", "away"),
+    [
+        (RedisConnectionError("refused"), True),
+        (RedisTimeoutError("timed out"), True),
+        (ResponseError("READONLY You can't write against a read only replica."), True),
+        (ResponseError("WRONGTYPE Operation against a key holding the wrong kind"), False),
+        (RedisDataError("Invalid input of type: 'dict'"), False),
+        (psycopg.OperationalError("connection failed"), True),
+        (psycopg.errors.AdminShutdown("terminating connection"), True),
+        (psycopg.errors.ReadOnlySqlTransaction("read-only transaction"), True),
+        (psycopg.errors.UniqueViolation("duplicate key"), False),
+        (ValueError("a bug"), False),
+    ],
+)
+def test_what_counts_as_a_server_away(error, away):
+    assert is_outage(error) is away
+
+
+def test_keep_running_stops_on_a_stop_raised_inside_a_run():
+    stopping = []
+
+    def run() -> bool:
+        stopping.append(True)
+        raise RuntimeError("raised by a stop signal's handler")
+
+    keep_running(run, "a loop", stopping=lambda: bool(stopping))
+    assert stopping == [True]  # not started again, and not waited for
