@@ -84,6 +84,7 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
     turns. Stops early, handing back what it has claimed but not processed, when its
     worker is asked to shut down. Claims nothing once its limit is paused, which it
     asks before each claim: the IDs left stay pending for the resume to plan again.
+    PostgreSQL going away mid-slot is ridden out: the job waits for it and goes on.
     """
     limit = limits.find(limit_name)
     if limit is None:  # deleted: none of its IDs was waiting
