@@ -4,6 +4,7 @@ machine's PostgreSQL has its connections terminated."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import time
 from contextlib import contextmanager
@@ -56,6 +57,8 @@ IDS = range(1, 41)
 
 @pytest.fixture(scope="module")
 def own_postgres():
+    # pgserver logs again as the interpreter exits, after pytest has closed its streams.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
     server = StoppablePostgres(ROOT / "var" / "test" / "outage-postgres")
     upgraded = run_flask("db", "upgrade", DATABASE_URL=server.url)
     assert upgraded.returncode == 0, upgraded.stderr
