@@ -264,10 +264,8 @@ def claim_life(processor: Callable, options: dict) -> timedelta:
 def _calls(
     slot: SlotOfLimit, claimer: Claimer, processor: Callable, clock: Clock, max_attempts: int
 ):
-    if is_per_id(processor):
-        concurrency = current_app.config["PROCESSOR_CONCURRENCY"]
-        return ConcurrentCalls(slot, claimer, processor, clock, max_attempts, concurrency)
-    return GroupCalls(slot, claimer, processor, clock, max_attempts)
+    kind = ConcurrentCalls if is_per_id(processor) else GroupCalls
+    return kind(slot, claimer, processor, clock, max_attempts)
 
 
 class _Calls:
@@ -333,19 +331,13 @@ class ConcurrentCalls(_Calls):
     call the processor may make.
     """
 
-    def __init__(
-        self,
-        slot: SlotOfLimit,
-        claimer: Claimer,
-        processor: Callable,
-        clock: Clock,
-        max_attempts: int,
-        concurrency: int,
-    ):
-        super().__init__(slot, claimer, processor, clock, max_attempts)
+    def __init__(self, *args):
+        super().__init__(*args)
         self.app = current_app._get_current_object()
-        self.extra = {"options": slot.options} if takes(processor, "options") else {}
-        self.longest = longest_call(processor, slot.options) or 0.0
+        concurrency = self.app.config["PROCESSOR_CONCURRENCY"]
+        options = self.slot.options
+        self.extra = {"options": options} if takes(self.processor, "options") else {}
+        self.longest = longest_call(self.processor, options) or 0.0
         self.abandoned = self.holding = False
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="processor")
         self.in_flight: list[tuple[Claim, Future]] = []

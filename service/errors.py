@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from flask import request
-from psycopg import OperationalError as DriverOperationalError
 from psycopg.errors import DeadlockDetected, SerializationFailure
 from redis.exceptions import RedisError, ResponseError
 from rq.exceptions import NoSuchJobError
@@ -18,6 +17,7 @@ from werkzeug.exceptions import (
 )
 
 from .ids import InvalidIds
+from .outages import is_outage
 
 
 def not_found(what: str, ident) -> NotFound:
@@ -55,7 +55,10 @@ def init_app(app, api) -> None:
 
     def redis_unavailable(error: RedisError):
         # Redis away or answering nobody (paused, failing over): the request may simply
-        # be sent again. A refused command (ResponseError) is handled apart.
+        # be sent again. A refused command (ResponseError) is handled apart; any other
+        # Redis error is a bug.
+        if not is_outage(error):
+            raise error
         response = ServiceUnavailable("the queue server could not be reached; retry")
         return api.handle_http_exception(with_errors(response, {}, headers={"Retry-After": "1"}))
 
@@ -86,10 +89,6 @@ def init_app(app, api) -> None:
         app.register_error_handler(kind, dashboard_refusal)
 
 
-# PostgreSQL shutting down, recovering from a crash, or starting up.
-SERVER_GOING_OR_COMING = ("57P01", "57P02", "57P03")
-
-
 def _retry_reason(error: DBAPIError) -> str | None:
     """Why the same request may simply be sent again, when it may."""
     if isinstance(error.orig, DeadlockDetected | SerializationFailure):
@@ -99,17 +98,9 @@ def _retry_reason(error: DBAPIError) -> str | None:
     # A connection that died in the pool (PostgreSQL restarted, or a backend killed)
     # fails the one request that used it; SQLAlchemy then drops it and every older one
     # in the pool, so the retry gets a fresh connection.
-    if error.connection_invalidated or _cannot_connect(error.orig):
+    if is_outage(error):
         return "the connection to the database was lost or could not be made; retry"
     return None
-
-
-def _cannot_connect(error) -> bool:
-    # The driver's own errors (no SQLSTATE) are about the connection itself.
-    if not isinstance(error, DriverOperationalError):
-        return False
-    state = error.sqlstate
-    return state is None or state.startswith("08") or state in SERVER_GOING_OR_COMING
 
 
 def with_errors(error: HTTPException, errors: dict, headers: dict | None = None):
