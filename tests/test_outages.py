@@ -134,7 +134,7 @@ def test_every_connection_terminated_under_a_running_slot(make_app):
         task_id = start_task_under_way()
         killed = db.session.execute(
             text(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
         ).scalar()
@@ -212,7 +212,7 @@ def test_the_schedulers_reconcile_works_again_after_its_session_broke(rpm3, capl
     # The scheduler's session holds a connection in a transaction, which dies.
     pid = db.session.execute(text("SELECT pg_backend_pid()")).scalar()
     with psycopg.connect(_url(rpm3), autocommit=True) as other:
-        other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        other.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
     scheduler = ServiceScheduler(
         queue_name=SLOTS_QUEUE,
         connection=get_redis(),
@@ -296,7 +296,7 @@ def test_a_slot_job_rides_out_its_connections_dropping_and_calls_each_id_once(ma
                 with psycopg.connect(app.config["DATABASE_URL"], autocommit=True) as other:
                     cut.append(
                         other.execute(
-                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                            "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
                             "WHERE datname = current_database() AND pid <> pg_backend_pid()"
                         ).fetchone()[0]
                     )
@@ -331,7 +331,7 @@ def test_a_claimer_keeps_a_lock_it_still_holds_and_retakes_one_it_lost(rpm3):
         claimer.take_again()  # its connection answers: the very same lock, never let go
         assert claimer._holder.execute(text("SELECT pg_backend_pid()")).scalar() == backend
         with psycopg.connect(_url(rpm3), autocommit=True) as other:
-            other.execute("SELECT pg_terminate_backend(%s)", (backend,))
+            other.execute("SELECT pg_terminate_backend(%s, 5000)", (backend,))
             claimer.take_again()  # a new connection, the same claimer
             assert db.session.execute(
                 text(claimers.HELD_LOCKS), {"ns": claimers.CLAIMER_LOCK_NAMESPACE}
