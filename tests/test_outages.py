@@ -120,9 +120,8 @@ def test_a_postgres_restart_under_a_running_slot(make_app, own_postgres):
     with app.app_context(), stack(settings) as processes:
         task_id = start_task_under_way()
         db.session.remove()
-        own_postgres.halt()
-        time.sleep(3)
-        own_postgres.resume()
+        with _halted(own_postgres):
+            time.sleep(3)
         assert exited(processes) == {}
         assert len(times_processed()) < len(IDS)
         finish_and_check(task_id, processes)
@@ -182,27 +181,37 @@ def test_a_worker_whose_database_went_away_between_jobs_keeps_working(make_app, 
     settings = {**SLOT, "DATABASE_URL": own_postgres.url}
     app = make_app(**settings)
     _empty(app)
-    with app.app_context(), stack(settings, workers=1, scheduler=False) as processes:
+    with app.app_context():
         task_id = submit(IDS)
         plan_stored_task(task_id)
         slot = db.session.get(IdTask, task_id).first_slot
         db.session.remove()
-        wait_until(lambda: Worker.count(connection=get_redis()) == 1, 30, "the worker to listen")
-        own_postgres.halt()
-        # Its slot job reaches the worker while PostgreSQL is away.
-        get_redis().delete("rq:scheduler:scheduled_jobs")
-        get_queue(SLOTS_QUEUE).enqueue(
-            "workers.slots.run_slot",
-            slot.isoformat(),
-            "default",
-            job_id=slot_job_id("default", slot),
-        )
-        wait_until(lambda: get_queue(SLOTS_QUEUE).count == 0, 20, "the worker to take the job")
-        time.sleep(2)
-        assert exited(processes) == {}
-        own_postgres.resume()
+        get_redis().flushdb()  # the worker starts idle: its only job comes below
+    with app.app_context(), stack(settings, workers=1, scheduler=False) as processes:
+        wait_until(lambda: Worker.count(connection=get_redis()) == 1, 60, "the worker to listen")
+        with _halted(own_postgres):
+            # Its slot job reaches the worker while PostgreSQL is away.
+            get_queue(SLOTS_QUEUE).enqueue(
+                "workers.slots.run_slot",
+                slot.isoformat(),
+                "default",
+                job_id=slot_job_id("default", slot),
+            )
+            wait_until(lambda: get_queue(SLOTS_QUEUE).count == 0, 60, "the worker to take it")
+            time.sleep(2)
+            assert exited(processes) == {}
         assert reconcile()["slot jobs added"] == 1  # its job failed: run again, late
         finish_and_check(task_id, processes)
+
+
+@contextmanager
+def _halted(server: StoppablePostgres):
+    """The server stopped for the block, and started again however the block ends."""
+    server.halt()
+    try:
+        yield
+    finally:
+        server.resume()
 
 
 def test_the_schedulers_reconcile_works_again_after_its_session_broke(rpm3, caplog):
