@@ -13,7 +13,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m service.devstack
+	$(PY) -m service.ops.devstack
 
 test: $(STAMP)
 	$(PY) -m ruff check .

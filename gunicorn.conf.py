@@ -8,9 +8,9 @@ import sys
 
 def on_starting(server):
     from service import create_app
-    from service.metrics import clear_multiprocess_dir
-    from service.outages import wait_for_servers
-    from service.shared_settings import SettingsConflict, record_and_check
+    from service.core.outages import wait_for_servers
+    from service.limits.settings import SettingsConflict, record_and_check
+    from service.ops.metrics import clear_multiprocess_dir
 
     # Before any worker is forked: counts of an earlier run would be added to this one's.
     clear_multiprocess_dir()
@@ -24,6 +24,6 @@ def on_starting(server):
 
 
 def child_exit(server, worker):
-    from service.metrics import forget_process
+    from service.ops.metrics import forget_process
 
     forget_process(worker.pid)

@@ -1,7 +1,7 @@
 """Entry point for gunicorn (`gunicorn wsgi:app`) and the flask command."""
 
 from service import create_app
-from service.config import ConfigError
+from service.core.config import ConfigError
 
 try:
     app = create_app()

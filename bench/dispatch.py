@@ -28,13 +28,13 @@ from rq import Queue, SimpleWorker
 from sqlalchemy import text
 
 from service import create_app
-from service.dispatch import run_slot
-from service.extensions import db, get_redis
-from service.id_tasks import submit_task
-from service.planning import plan_stored_task
-from service.scheduling import get_scheduler
+from service.core.extensions import db, get_redis
+from service.dispatch.slot_runs import run_slot
+from service.jobs import get_scheduler
+from service.planning.windows import plan_stored_task
+from service.processors.builtin import record_user
+from service.tasks.store import submit_task
 from workers.context import job_context
-from workers.processors import record_user
 
 PROBE_KEY = "bench:probe-delays"
 NAIVE_QUEUE = "bench-naive"

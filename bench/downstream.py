@@ -28,10 +28,10 @@ import flask_migrate
 from sqlalchemy import text
 
 from service import create_app
-from service.extensions import db, get_redis
-from service.id_tasks import submit_task
-from service.pacing import step_of
-from service.planning import plan_stored_task
+from service.core.extensions import db, get_redis
+from service.dispatch.pacing import step_of
+from service.planning.windows import plan_stored_task
+from service.tasks.store import submit_task
 from tests.downstream import Record, Server
 from tests.processes import start, stop
 

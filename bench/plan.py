@@ -29,11 +29,12 @@ sys.path.insert(0, str(ROOT))
 import flask_migrate
 from sqlalchemy import text
 
-from service import create_app, limits
-from service.extensions import db, raw_connection
-from service.id_tasks import submit_task
-from service.planner import distribute
-from service.planning import plan_stored_task
+from service import create_app
+from service.core.extensions import db, raw_connection
+from service.limits import store as limits
+from service.planning.planner import distribute
+from service.planning.windows import plan_stored_task
+from service.tasks.store import submit_task
 
 # Far enough ahead that every slot of the window is open whatever the clock says.
 PLAN_AT = datetime(2030, 1, 7, 9, 59, 50, tzinfo=UTC)
@@ -95,7 +96,7 @@ PLANNER_CHILD = """
 import sys
 from datetime import datetime
 from service import create_app
-from service.planning import plan_stored_task
+from service.planning.windows import plan_stored_task
 app = create_app()
 with app.app_context():
     print(plan_stored_task(int(sys.argv[1]), now=datetime.fromisoformat(sys.argv[2])))
@@ -127,7 +128,7 @@ def child_peak_rss_mib(script: str, *args: str) -> tuple[str, float]:
 PREVIEW_CHILD = """
 import sys
 from service import create_app
-from service.preview import preview_plan
+from service.planning.preview import preview_plan
 app = create_app()
 with app.app_context():
     count = int(sys.argv[1])

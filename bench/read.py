@@ -52,9 +52,9 @@ from sqlalchemy.ext.declarative import DeferredReflection
 from sqlalchemy.orm import defer
 
 from service import create_app
-from service.extensions import db, get_redis
-from service.id_tasks import submit_task
-from service.planning import plan_stored_task
+from service.core.extensions import db, get_redis
+from service.planning.windows import plan_stored_task
+from service.tasks.store import submit_task
 
 # Far enough ahead that every slot of the window is open whatever the clock says.
 PLAN_AT = datetime(2030, 1, 7, 9, 59, 50, tzinfo=UTC)

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import rq_dashboard
-from flask import Blueprint, Flask
-from swagger_ui_bundle import swagger_ui_path
+from flask import Flask
 
-from . import access, cli, errors, logs, pages
-from . import api as api_package
-from .api.base import SchemaRulesPlugin, schema_name
-from .config import Config
-from .extensions import api, db, init_db, init_redis, migrate
+from service import cli, web
+from service.core import logs
+from service.core.config import Config
+from service.core.extensions import db, init_db, init_redis, migrate
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -58,35 +55,10 @@ def create_app(config: Config | None = None) -> Flask:
         app.config["API_SPEC_OPTIONS"] = TOKEN_SECURITY
     logs.configure(config.LOG_FORMAT)
 
-    # First among the request hooks: the token check may refuse a request, and its
-    # answer is logged and carries its request id too.
-    access.init_app(app)
+    web.init_access(app)
     init_db(app)
     migrate.init_app(app, db, directory=str(MIGRATIONS))
     init_redis(app)
-    api.init_app(
-        app,
-        spec_kwargs={"marshmallow_plugin": SchemaRulesPlugin(schema_name_resolver=schema_name)},
-    )
-    errors.init_app(app, api)
-    api_package.init_app(app, api)
-    pages.init_app(app)
-    _serve_swagger_ui(app)
-    _mount_dashboard(app)
+    web.init_app(app)
     cli.init_app(app)
     return app
-
-
-def _serve_swagger_ui(app: Flask) -> None:
-    # From an installed package rather than a CDN: /docs renders on a machine that
-    # reaches no internet, as many operators' do.
-    assets = Blueprint(
-        "swagger_ui", __name__, static_folder=str(swagger_ui_path), static_url_path="/docs/assets"
-    )
-    app.register_blueprint(assets)
-
-
-def _mount_dashboard(app: Flask) -> None:
-    app.config["RQ_DASHBOARD_REDIS_URL"] = app.config["REDIS_URL"]
-    rq_dashboard.web.setup_rq_connection(app)
-    app.register_blueprint(rq_dashboard.blueprint, url_prefix="/rq")

@@ -15,22 +15,23 @@ from flask.cli import AppGroup, with_appcontext
 from marshmallow import ValidationError
 from rq import Queue
 from sqlalchemy.exc import IntegrityError
-from werkzeug.exceptions import HTTPException
 
-from . import idempotency, limits, pausing, shared_settings
-from .errors import conflict_message
-from .extensions import db, get_redis, worker_redis
-from .id_tasks import submit_task
-from .ids import InvalidIds, stream_ids
-from .models import Limit, Overflow
-from .outages import keep_running, quiet_library_tracebacks, wait_for_servers
-from .queues import ALL_QUEUES, SLOTS_QUEUE
-from .reconcile import reconcile
-from .scheduling import ServiceScheduler
-from .schemas import LimitCreateSchema
-from .shared_settings import SettingsConflict
-from .slots import ids_by_slot, plan_between
-from .worker import serve
+from service.core.errors import DomainError, unique_violation
+from service.core.extensions import db, get_redis, worker_redis
+from service.core.models import Limit, Overflow
+from service.core.outages import keep_running, quiet_library_tracebacks, wait_for_servers
+from service.dispatch.reconcile import reconcile
+from service.dispatch.worker import serve
+from service.jobs import ALL_QUEUES, SLOTS_QUEUE, ServiceScheduler
+from service.limits import settings as shared_settings
+from service.limits import store as limits
+from service.limits.settings import SettingsConflict
+from service.planning import resume as pausing
+from service.planning.reading import ids_by_slot, plan_between
+from service.tasks.ids import InvalidIds, stream_ids
+from service.tasks.store import submit_task
+from service.web import idempotency
+from service.web.schemas import LimitCreateSchema
 
 # rq-scheduler polls every 60 s by default, which would start slots up to a minute late.
 SCHEDULER_INTERVAL_SECONDS = 1
@@ -328,13 +329,15 @@ def _refusals_as_errors() -> Iterator[None]:
         yield
     except ValidationError as refusal:
         raise click.ClickException(_described(refusal.messages)) from None
-    except IntegrityError as refusal:
+    except IntegrityError as error:
         db.session.rollback()
-        raise click.ClickException(conflict_message(refusal)) from None
-    except HTTPException as refusal:
-        errors = getattr(refusal, "data", {}).get("errors")
-        details = f": {_described(errors)}" if errors else ""
-        raise click.ClickException(f"{refusal.description}{details}") from None
+        conflict = unique_violation(error)
+        if conflict is None:
+            raise
+        raise click.ClickException(conflict.message) from None
+    except DomainError as refusal:
+        details = f": {_described(refusal.errors)}" if refusal.errors else ""
+        raise click.ClickException(f"{refusal.message}{details}") from None
 
 
 def _described(errors, where: str = "") -> str:

@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import text
 
 from service import create_app
-from service.config import Config
-from service.extensions import db, get_redis
+from service.core.config import Config
+from service.core.extensions import db, get_redis
 
 from . import servers
 from .processes import ROOT

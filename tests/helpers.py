@@ -5,9 +5,9 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-from service import limits
-from service.extensions import db
-from service.id_tasks import submit_task
+from service.core.extensions import db
+from service.limits import store as limits
+from service.tasks.store import submit_task
 
 
 def at(moment: str) -> datetime:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from service.extensions import db
+from service.core.extensions import db
 
 ROOT = Path(__file__).resolve().parent.parent
 

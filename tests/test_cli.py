@@ -10,10 +10,10 @@ from rq import Queue
 from rq.job import Job
 from sqlalchemy import text
 
-from service import limits
-from service.extensions import db, get_redis
-from service.planning import plan_stored_task
-from service.queues import PLANNING_QUEUE
+from service.core.extensions import db, get_redis
+from service.jobs import PLANNING_QUEUE
+from service.limits import store as limits
+from service.planning.windows import plan_stored_task
 
 from .helpers import PAST, add_limit, slots_by_id, submit
 
@@ -32,7 +32,7 @@ def test_worker_burst_runs_the_queued_planning_job(app, client, runner):
 
 
 def test_plan_show_prints_the_window_as_a_grid_with_rpm_marked(make_app):
-    from service.id_tasks import submit_task
+    from service.tasks.store import submit_task
 
     app = make_app(RPM=2)
     with app.app_context():

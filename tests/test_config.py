@@ -1,6 +1,6 @@
 import pytest
 
-from service.config import Config, ConfigError, with_stack_addresses
+from service.core.config import Config, ConfigError, with_stack_addresses
 
 REQUIRED = {"DATABASE_URL": "postgresql://db/x", "REDIS_URL": "redis://r/0"}
 

@@ -7,7 +7,7 @@ from contextlib import ExitStack
 import psycopg
 from sqlalchemy import text
 
-from service.extensions import db
+from service.core.extensions import db
 
 POOLED = 4
 

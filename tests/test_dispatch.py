@@ -4,11 +4,11 @@ from datetime import timedelta
 
 from sqlalchemy import text
 
-from service.dispatch import run_slot
-from service.extensions import db
-from service.limits import DEFAULT
-from service.models import IdTask
-from service.planning import plan_stored_task
+from service.core.extensions import db
+from service.core.models import IdTask
+from service.dispatch.slot_runs import run_slot
+from service.limits.store import DEFAULT
+from service.planning.windows import plan_stored_task
 
 from .helpers import (
     FIRST_SLOT,

@@ -5,9 +5,15 @@ from datetime import UTC, datetime
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields
 
-from service.api.base import ServiceBlueprint
-from service.models import IdTask, TaskStatus, User
-from service.schemas import RowSchema, TaskAcceptedSchema, TaskSchema, TaskSummarySchema, UserSchema
+from service.core.models import IdTask, TaskStatus, User
+from service.web.base import ServiceBlueprint
+from service.web.schemas import (
+    RowSchema,
+    TaskAcceptedSchema,
+    TaskSchema,
+    TaskSummarySchema,
+    UserSchema,
+)
 
 MOMENT = datetime(2026, 1, 5, 9, 0, 30, 123456, tzinfo=UTC)
 

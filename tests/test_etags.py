@@ -1,6 +1,6 @@
 """ETag and If-None-Match on every GET: 304 while the answer is unchanged."""
 
-from service.planning import plan_stored_task
+from service.planning.windows import plan_stored_task
 
 from .helpers import at
 

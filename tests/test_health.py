@@ -6,8 +6,8 @@ import time
 import pytest
 from sqlalchemy import text
 
-from service.extensions import db
-from service.health import migration_heads
+from service.core.extensions import db
+from service.ops.health import migration_heads
 
 
 @pytest.fixture

@@ -7,15 +7,15 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
-from service.claims import deployment_id
-from service.config import Config
-from service.dispatch import claim_life, run_slot
-from service.extensions import db
-from service.limits import DEFAULT
-from service.outcomes import plan_retries
-from service.pacing import Clock
-from service.planning import plan_stored_task
-from workers.processors import http_request, record_user
+from service.core.config import Config
+from service.core.extensions import db
+from service.dispatch.claims import deployment_id
+from service.dispatch.pacing import Clock
+from service.dispatch.slot_runs import claim_life, run_slot
+from service.limits.store import DEFAULT
+from service.planning.retries import plan_retries
+from service.planning.windows import plan_stored_task
+from service.processors.builtin import http_request, record_user
 
 from .downstream import Record, Server
 from .helpers import at, submit

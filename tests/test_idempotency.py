@@ -7,10 +7,10 @@ import pytest
 from rq import Queue
 from sqlalchemy import text
 
-from service.extensions import db, get_redis
-from service.idempotency import KEY_LOCK_NAMESPACE, delete_expired, idempotent
-from service.models import User
-from service.queues import PLANNING_QUEUE
+from service.core.extensions import db, get_redis
+from service.core.models import User
+from service.jobs import PLANNING_QUEUE
+from service.web.idempotency import KEY_LOCK_NAMESPACE, delete_expired, idempotent
 
 from .processes import wait_until
 

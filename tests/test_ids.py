@@ -1,6 +1,6 @@
 import pytest
 
-from service.ids import MAX_ID, InvalidIds, parse_json_ids, parse_payload, split_payload
+from service.tasks.ids import MAX_ID, InvalidIds, parse_json_ids, parse_payload, split_payload
 
 
 def test_payload_accepts_commas_spaces_and_newlines():

@@ -9,13 +9,13 @@ import pytest
 from rq import Queue
 from sqlalchemy import text
 
-from service.dispatch import run_slot
-from service.extensions import db, get_redis
-from service.planner import EPOCH
-from service.planning import plan_stored_task, window_lock_key
-from service.preview import preview_plan
-from service.queues import SLOTS_QUEUE
-from service.reconcile import reconcile
+from service.core.extensions import db, get_redis
+from service.dispatch.reconcile import reconcile
+from service.dispatch.slot_runs import run_slot
+from service.jobs import SLOTS_QUEUE
+from service.planning.planner import EPOCH
+from service.planning.preview import preview_plan
+from service.planning.windows import plan_stored_task, window_lock_key
 
 from .helpers import (
     FIRST_SLOT,

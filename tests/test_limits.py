@@ -6,9 +6,10 @@ import sys
 import pytest
 from sqlalchemy import text
 
-from service import limits, pausing
-from service.extensions import db
-from service.planning import plan_stored_task
+from service.core.extensions import db
+from service.limits import store as limits
+from service.planning import resume as pausing
+from service.planning.windows import plan_stored_task
 
 from .helpers import add_limit, at, loads, minute, submit
 from .test_bad_input import snapshot
@@ -115,7 +116,7 @@ def test_the_processor_gets_its_limits_options(make_app):
         for tag in ("a", "b"):
             add_limit(f"limit-{tag}", 5, "tests.processors:note_tag", tag=tag)
             plan_stored_task(submit([1, 2], limit=f"limit-{tag}"), now=at("2026-01-05 08:59:50"))
-        from service.dispatch import run_slot
+        from service.dispatch.slot_runs import run_slot
 
         assert run_slot("limit-b", at("2026-01-05 09:00")).done == 2
         assert processors.tagged == [("b", 1), ("b", 2)]  # only limit-b's slot ran

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from service.access import request_id_from
-from service.dispatch import run_slot
-from service.limits import DEFAULT
-from service.logs import JsonFormatter, TextFormatter
-from service.planning import plan_stored_task
+from service.core.logs import JsonFormatter, TextFormatter
+from service.dispatch.slot_runs import run_slot
+from service.limits.store import DEFAULT
+from service.planning.windows import plan_stored_task
+from service.web.access import request_id_from
 
 from .helpers import FIRST_SLOT, PAST, submit
 from .processes import run_python
@@ -81,7 +81,7 @@ def test_a_slot_run_gets_one_line_with_its_figures(rpm3, caplog):
     caplog.set_level(logging.INFO)
     plan_stored_task(submit(range(1, 8)), now=PAST)
     run_slot(DEFAULT, FIRST_SLOT)
-    [line] = [r.fields for r in caplog.records if r.name == "service.dispatch"]
+    [line] = [r.fields for r in caplog.records if r.name == "service.dispatch.slot_runs"]
     assert line["slot"] == FIRST_SLOT.isoformat()
     assert (line["claimed"], line["processed"], line["done"], line["failed"]) == (3, 3, 3, 0)
     assert line["handed_back"] == 0

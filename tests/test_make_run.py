@@ -12,7 +12,7 @@ import psutil
 import pytest
 from redis import Redis
 
-from service.config import with_stack_addresses
+from service.core.config import with_stack_addresses
 
 from .helpers import parse_metrics, requests_counted
 from .processes import ROOT, free_port, run_flask, wait_for_http

@@ -2,10 +2,10 @@
 
 from datetime import UTC, datetime, timedelta
 
-from service.dispatch import run_slot
-from service.limits import DEFAULT
-from service.planning import plan_stored_task
-from service.slots import slot_grid
+from service.dispatch.slot_runs import run_slot
+from service.limits.store import DEFAULT
+from service.planning.reading import slot_grid
+from service.planning.windows import plan_stored_task
 
 from .helpers import parse_metrics, requests_counted, set_load, slots_by_id, submit
 from .processes import run_python

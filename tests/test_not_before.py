@@ -4,9 +4,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from service.extensions import db
-from service.models import IdTask
-from service.planning import plan_stored_task
+from service.core.extensions import db
+from service.core.models import IdTask
+from service.planning.windows import plan_stored_task
 
 from .helpers import at, just_before_a_window, minute, slots_by_id, submit
 

@@ -22,18 +22,19 @@ from rq.executions import Execution
 from rq.job import Job
 from sqlalchemy import text
 
-from service import claimers, devstack, limits
-from service.dispatch import run_slot
-from service.extensions import db, get_redis
-from service.limits import DEFAULT
-from service.models import IdTask
-from service.outages import Backoff, is_outage, keep_running
-from service.pacing import Clock
-from service.planning import plan_stored_task
-from service.queues import SLOTS_QUEUE, get_queue
-from service.reconcile import reconcile
-from service.scheduling import ServiceScheduler, slot_job_id
-from service.worker import ClaimingWorker
+from service.core.extensions import db, get_redis
+from service.core.models import IdTask
+from service.core.outages import Backoff, is_outage, keep_running
+from service.dispatch import claimers
+from service.dispatch.pacing import Clock
+from service.dispatch.reconcile import reconcile
+from service.dispatch.slot_runs import run_slot
+from service.dispatch.worker import ClaimingWorker
+from service.jobs import SLOTS_QUEUE, ServiceScheduler, get_queue, slot_job_id
+from service.limits import store as limits
+from service.limits.store import DEFAULT
+from service.ops import devstack
+from service.planning.windows import plan_stored_task
 
 from .downstream import Record, Server
 from .helpers import PAST, submit, times_processed

@@ -5,19 +5,20 @@ from datetime import UTC, datetime, timedelta
 from rq import Queue
 from sqlalchemy import text
 
-from service.claimers import new_claimer_id, release_dead_or_stuck
-from service.claims import claim
-from service.dispatch import run_slot
-from service.extensions import db, get_redis
-from service.limits import DEFAULT, SlotOfLimit
-from service.models import IdTask
-from service.outcomes import plan_retries, process_and_record, record_outcomes
-from service.planner import EPOCH
-from service.planning import WINDOW_LOCK_NAMESPACE, plan_stored_task
-from service.queues import PLANNING_QUEUE, SLOTS_QUEUE
-from service.scheduling import get_scheduler, slot_job_id
-from service.slots import slot_grid
-from workers.processors import Failure, record_user
+from service.core.extensions import db, get_redis
+from service.core.models import IdTask
+from service.dispatch.claimers import new_claimer_id, release_dead_or_stuck
+from service.dispatch.claims import claim
+from service.dispatch.outcomes import process_and_record, record_outcomes
+from service.dispatch.slot_runs import run_slot
+from service.jobs import PLANNING_QUEUE, SLOTS_QUEUE, get_scheduler, slot_job_id
+from service.limits.store import DEFAULT, SlotOfLimit
+from service.planning.planner import EPOCH
+from service.planning.reading import slot_grid
+from service.planning.retries import plan_retries
+from service.planning.windows import WINDOW_LOCK_NAMESPACE, plan_stored_task
+from service.processors.builtin import record_user
+from service.processors.contract import Failure
 
 from .helpers import (
     FIRST_SLOT,

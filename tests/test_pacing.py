@@ -4,12 +4,12 @@ from datetime import timedelta
 
 import pytest
 
-from service.claimers import new_claimer_id, release_held_by
-from service.claims import claim
-from service.dispatch import run_slot
-from service.limits import DEFAULT
-from service.pacing import Clock, paced_groups, step_of
-from service.planning import plan_stored_task
+from service.dispatch.claimers import new_claimer_id, release_held_by
+from service.dispatch.claims import claim
+from service.dispatch.pacing import Clock, paced_groups, step_of
+from service.dispatch.slot_runs import run_slot
+from service.limits.store import DEFAULT
+from service.planning.windows import plan_stored_task
 
 from . import processors
 from .helpers import at, limit_id, submit

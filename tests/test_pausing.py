@@ -7,13 +7,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from service import pausing
-from service.dispatch import run_slot
-from service.extensions import db, get_redis
-from service.models import IdTask
-from service.planning import plan_stored_task
-from service.preview import preview_plan
-from service.reconcile import reconcile
+from service.core.extensions import db, get_redis
+from service.core.models import IdTask
+from service.dispatch.reconcile import reconcile
+from service.dispatch.slot_runs import run_slot
+from service.planning import resume as pausing
+from service.planning.preview import preview_plan
+from service.planning.windows import plan_stored_task
 
 from .helpers import (
     FIRST_SLOT,

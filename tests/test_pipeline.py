@@ -11,10 +11,10 @@ import pytest
 from rq import Queue, SimpleWorker
 from sqlalchemy import text
 
-from service.extensions import db, get_redis
-from service.models import IdTask
-from service.planning import plan_stored_task
-from service.queues import ALL_QUEUES
+from service.core.extensions import db, get_redis
+from service.core.models import IdTask
+from service.jobs import ALL_QUEUES
+from service.planning.windows import plan_stored_task
 
 from .helpers import submit, times_processed
 from .processes import ROOT, kill_hard, start, stop, wait_until
@@ -168,8 +168,8 @@ SLOT_RUNNER = """
 import sys
 from datetime import datetime
 from service import create_app
-from service.dispatch import run_slot
-from service.limits import DEFAULT
+from service.dispatch.slot_runs import run_slot
+from service.limits.store import DEFAULT
 app = create_app()
 with app.app_context():
     print("ready", flush=True)

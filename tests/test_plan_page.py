@@ -5,11 +5,11 @@ import re
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 
-from service.dispatch import run_slot
-from service.limits import DEFAULT
-from service.plan_overview import current_plan
-from service.planning import plan_stored_task
-from service.scheduling import slot_job_id
+from service.dispatch.slot_runs import run_slot
+from service.jobs import slot_job_id
+from service.limits.store import DEFAULT
+from service.planning.windows import plan_stored_task
+from service.web.plan_overview import current_plan
 
 from .helpers import FIRST_SLOT, PAST, at, submit
 

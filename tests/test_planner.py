@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.planner import SlotGrid, distribute, fill
+from service.planning.planner import SlotGrid, distribute, fill
 
 from .helpers import at
 

@@ -8,11 +8,11 @@ import pytest
 from rq import Queue
 from sqlalchemy import text
 
-from service.extensions import db, get_redis
-from service.id_tasks import IDS_PER_CHUNK
-from service.models import IdTask
-from service.planning import plan_stored_task
-from service.queues import PLANNING_QUEUE
+from service.core.extensions import db, get_redis
+from service.core.models import IdTask
+from service.jobs import PLANNING_QUEUE
+from service.planning.windows import plan_stored_task
+from service.tasks.store import IDS_PER_CHUNK
 
 from .helpers import at, loads, minute, set_load, slots_by_id, submit
 

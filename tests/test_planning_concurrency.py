@@ -13,13 +13,13 @@ import pytest
 from sqlalchemy import text
 
 from service import create_app
-from service.claimers import new_claimer_id
-from service.claims import claim
-from service.extensions import db
-from service.models import IdTask
-from service.planner import EPOCH
-from service.planning import plan_stored_task, window_lock_key
-from service.slots import slot_grid
+from service.core.extensions import db
+from service.core.models import IdTask
+from service.dispatch.claimers import new_claimer_id
+from service.dispatch.claims import claim
+from service.planning.planner import EPOCH
+from service.planning.reading import slot_grid
+from service.planning.windows import plan_stored_task, window_lock_key
 
 from .helpers import at, limit_id, loads, submit
 
@@ -92,7 +92,7 @@ KILLABLE_PLANNER = """
 import os
 from datetime import datetime
 from service import create_app
-from service.planning import plan_stored_task
+from service.planning.windows import plan_stored_task
 app = create_app()
 with app.app_context():
     plan_stored_task({task_id}, now=datetime.fromisoformat("{now}"))

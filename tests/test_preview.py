@@ -6,11 +6,11 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from service import limits
-from service.extensions import db, get_redis
-from service.planner import EPOCH
-from service.planning import plan_stored_task, window_lock_key
-from service.preview import preview_plan
+from service.core.extensions import db, get_redis
+from service.limits import store as limits
+from service.planning.planner import EPOCH
+from service.planning.preview import preview_plan
+from service.planning.windows import plan_stored_task, window_lock_key
 
 from .helpers import at, limit_id, loads, minute, set_load, slots_by_id, submit
 

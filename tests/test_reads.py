@@ -4,7 +4,7 @@ from contextlib import contextmanager
 
 from sqlalchemy import event, text
 
-from service.extensions import db
+from service.core.extensions import db
 
 
 @contextmanager

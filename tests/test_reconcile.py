@@ -10,14 +10,15 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from sqlalchemy import text
 
-from service import claimers, limits, scheduling
-from service.dispatch import run_slot
-from service.extensions import db, get_redis
-from service.limits import DEFAULT
-from service.planning import plan_stored_task
-from service.queues import PLANNING_QUEUE, SLOTS_QUEUE, get_queue
-from service.reconcile import reconcile
-from service.scheduling import get_scheduler, slot_job_id
+from service import jobs as scheduling
+from service.core.extensions import db, get_redis
+from service.dispatch import claimers
+from service.dispatch.reconcile import reconcile
+from service.dispatch.slot_runs import run_slot
+from service.jobs import PLANNING_QUEUE, SLOTS_QUEUE, get_queue, get_scheduler, slot_job_id
+from service.limits import store as limits
+from service.limits.store import DEFAULT
+from service.planning.windows import plan_stored_task
 
 from .helpers import (
     FIRST_SLOT,

@@ -6,18 +6,18 @@ from datetime import UTC, datetime, timedelta
 from rq import Queue
 from rq_scheduler import Scheduler
 
-from service.extensions import db, get_redis
-from service.limits import DEFAULT
-from service.models import IdTask
-from service.planning import plan_stored_task
-from service.queues import SLOTS_QUEUE
-from service.scheduling import (
+from service.core.extensions import db, get_redis
+from service.core.models import IdTask
+from service.jobs import (
     EARLY_SECONDS,
+    SLOTS_QUEUE,
     ServiceScheduler,
     get_scheduler,
     schedule_slots,
     slot_job_id,
 )
+from service.limits.store import DEFAULT
+from service.planning.windows import plan_stored_task
 
 from .helpers import (
     just_before_a_window,

@@ -6,8 +6,8 @@ import sys
 
 from sqlalchemy import text
 
-from service.extensions import db
-from service.planning import plan_stored_task
+from service.core.extensions import db
+from service.planning.windows import plan_stored_task
 
 from .helpers import submit
 from .processes import ROOT

@@ -3,8 +3,8 @@ import json
 from rq import Queue
 from sqlalchemy import text
 
-from service.extensions import db, get_redis
-from service.queues import PLAN_TASK_JOB, PLANNING_QUEUE
+from service.core.extensions import db, get_redis
+from service.jobs import PLAN_TASK_JOB, PLANNING_QUEUE
 
 
 def planning_jobs(app):

@@ -5,8 +5,8 @@ import io
 import pytest
 from sqlalchemy import text
 
-from service.extensions import db
-from service.ids import InvalidIds, stream_ids
+from service.core.extensions import db
+from service.tasks.ids import InvalidIds, stream_ids
 
 from .processes import ROOT
 

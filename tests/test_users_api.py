@@ -1,6 +1,6 @@
 import json
 
-from service.models import User
+from service.core.models import User
 
 
 def test_create_then_read_a_user(client):

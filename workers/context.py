@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from flask import Flask, current_app, has_app_context
 
 from service import create_app
-from service.extensions import db
+from service.core.extensions import db
 
 _process_app: Flask | None = None
 _pool_owner_pid: int | None = None

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from service import outcomes, planning
+from service.planning import retries, windows
+from workers.context import job_context
 
-from .context import job_context
 
-
-def plan_task(task_id: int) -> planning.PlanOutcome:
+def plan_task(task_id: int) -> windows.PlanOutcome:
     """Plan every ID of a task into a slot; re-running it finishes an interrupted plan."""
     with job_context():
-        return planning.plan_stored_task(task_id)
+        return windows.plan_stored_task(task_id)
 
 
 def plan_retries() -> int:
     """Plan the retrying IDs of every task into later slots; returns how many."""
     with job_context():
-        return outcomes.plan_retries()
+        return retries.plan_retries()

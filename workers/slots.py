@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from service import dispatch
-from service.limits import DEFAULT
-
-from .context import job_context
+from service.dispatch import slot_runs as dispatch
+from service.limits.store import DEFAULT
+from workers.context import job_context
 
 
 def run_slot(slot_start: str, limit: str = DEFAULT) -> dispatch.SlotRun:

@@ -1,0 +1,211 @@
+"""Settings, read once from the environment, converted and checked."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from service.core.logs import LOG_FORMATS
+
+ROOT = Path(__file__).resolve().parents[2]
+# `make run` writes the addresses of the servers it uses here while it runs, so that a
+# `flask ...` command in the same folder reaches its stack with no setup.
+STACK_FILE = "stack.env"
+STACK_ADDRESSES = ("DATABASE_URL", "REDIS_URL")
+
+
+class ConfigError(RuntimeError):
+    """A setting is missing or malformed; the process must not start."""
+
+
+def _sqlalchemy_url(url: str) -> str:
+    # Operators write plain postgresql:// URLs; SQLAlchemy needs the driver named.
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of the service; README.md documents each one."""
+
+    DATABASE_URL: str = ""
+    REDIS_URL: str = ""
+    RPM: int = 120
+    PLAN_LEAD_SECONDS: float = 2.0
+    SLOT_SECONDS: int = 60
+    WINDOW_SLOTS: int = 15
+    # Unset: half the window, rounded up.
+    SPREAD_MIN_OPEN_SLOTS: int | None = None
+    # IDs a second that planning is assumed to write at least; it sets how far ahead a
+    # task's first slot must start (see service/planning.py).
+    PLANNING_RATE: int = 100_000
+    MAX_ATTEMPTS: int = 3
+    RETRY_BACKOFF_SECONDS: float = 60.0
+    PACING: bool = True
+    CLAIM_TIMEOUT_SECONDS: int = 300
+    # Every Redis command, and every new PostgreSQL connection, gives up after this.
+    REDIS_TIMEOUT_SECONDS: float = 5.0
+    DATABASE_CONNECT_TIMEOUT_SECONDS: int = 5
+    RECONCILE_INTERVAL_SECONDS: int = 10
+    ID_PROCESSOR: str = "workers.processors:record_user"
+    # The modules a limit's processor may come from, comma-separated: naming a processor
+    # over the API imports its module, so only the operator's choice of modules can be.
+    PROCESSOR_MODULES: str = "workers.processors"
+    PROCESSOR_HTTP_URL: str | None = None
+    PROCESSOR_HTTP_METHOD: str = "POST"
+    PROCESSOR_HTTP_TIMEOUT: float = 10.0
+    # Sent as the Authorization header of every downstream call; never shown or logged.
+    PROCESSOR_HTTP_AUTHORIZATION: str | None = field(default=None, repr=False)
+    # Calls of a per-ID processor in flight at once, per slot job.
+    PROCESSOR_CONCURRENCY: int = 64
+    # Helper jobs a slot that runs behind its turns may add, to share it.
+    MAX_HELPERS_PER_SLOT: int = 4
+    API_TOKEN: str | None = field(default=None, repr=False)
+    MAX_IDS_PER_TASK: int = 10_000_000
+    MAX_CONTENT_LENGTH: int = 16 * 1024 * 1024
+    # A POST's Idempotency-Key and its first answer are kept at least this long.
+    IDEMPOTENCY_KEY_HOURS: int = 24
+    # "text" for people reading a terminal, "json" for a log collector.
+    LOG_FORMAT: str = "text"
+    # The names the environment gave; the others took their defaults.
+    explicit: frozenset[str] = field(default=frozenset(), repr=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """The settings of `environ`, by default this process's environment, where a
+        running `make run` stack fills in the server addresses left unset."""
+        environ = with_stack_addresses(os.environ) if environ is None else environ
+        values = {}
+        for setting in fields(cls):
+            raw = environ.get(setting.name, "").strip()
+            if raw and setting.name.isupper():
+                values[setting.name] = _convert(setting.name, raw, setting.type)
+        return cls(**values, explicit=frozenset(values))
+
+    def __post_init__(self) -> None:
+        for name in ("DATABASE_URL", "REDIS_URL"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is required")
+        positive = (
+            "RPM",
+            "SLOT_SECONDS",
+            "WINDOW_SLOTS",
+            "MAX_ATTEMPTS",
+            "MAX_IDS_PER_TASK",
+            "MAX_CONTENT_LENGTH",
+            "PLANNING_RATE",
+            "RECONCILE_INTERVAL_SECONDS",
+            "PROCESSOR_CONCURRENCY",
+            "IDEMPOTENCY_KEY_HOURS",
+            "DATABASE_CONNECT_TIMEOUT_SECONDS",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("PLAN_LEAD_SECONDS", "RETRY_BACKOFF_SECONDS", "MAX_HELPERS_PER_SLOT"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative")
+        if self.REDIS_TIMEOUT_SECONDS <= 0:
+            raise ConfigError("REDIS_TIMEOUT_SECONDS must be more than 0")
+        self._check_spread_min_open_slots()
+        if self.PROCESSOR_HTTP_URL and "{id}" not in self.PROCESSOR_HTTP_URL:
+            raise ConfigError("PROCESSOR_HTTP_URL must hold {id}, where each user ID goes")
+        if ":" not in self.ID_PROCESSOR:
+            raise ConfigError("ID_PROCESSOR must be a 'module:function' path")
+        if self.LOG_FORMAT not in LOG_FORMATS:
+            choices = " or ".join(LOG_FORMATS)
+            raise ConfigError(f"LOG_FORMAT must be {choices}, got {self.LOG_FORMAT!r}")
+
+    @property
+    def spread_min_open_slots(self) -> int:
+        """SPREAD_MIN_OPEN_SLOTS, by default half the window rounded up."""
+        if self.SPREAD_MIN_OPEN_SLOTS is None:
+            return -(-self.WINDOW_SLOTS // 2)
+        return self.SPREAD_MIN_OPEN_SLOTS
+
+    def _check_spread_min_open_slots(self) -> None:
+        if not 1 <= self.spread_min_open_slots <= self.WINDOW_SLOTS:
+            raise ConfigError(
+                f"SPREAD_MIN_OPEN_SLOTS must be from 1 to WINDOW_SLOTS ({self.WINDOW_SLOTS}), "
+                f"got {self.SPREAD_MIN_OPEN_SLOTS}"
+            )
+
+    @property
+    def processor_modules(self) -> frozenset[str]:
+        """PROCESSOR_MODULES, and ID_PROCESSOR's module, which the operator named too."""
+        listed = {name.strip() for name in self.PROCESSOR_MODULES.split(",") if name.strip()}
+        return frozenset({*listed, self.ID_PROCESSOR.partition(":")[0]})
+
+    def flask_settings(self) -> dict:
+        settings = asdict(self)
+        settings["EXPLICIT_SETTINGS"] = settings.pop("explicit")
+        settings["SPREAD_MIN_OPEN_SLOTS"] = self.spread_min_open_slots
+        settings["ALLOWED_PROCESSOR_MODULES"] = self.processor_modules
+        settings["SQLALCHEMY_DATABASE_URI"] = _sqlalchemy_url(self.DATABASE_URL)
+        settings["SQLALCHEMY_ENGINE_OPTIONS"] = {"connect_args": self._connect_args()}
+        return settings
+
+    def _connect_args(self) -> dict:
+        # Statements are never prepared: a generic plan cannot match a bound status to
+        # the partial indexes on status that claims and reconcile rely on. A connection
+        # gives up connecting after the timeout, and TCP keepalives find a peer that
+        # vanished (a failed-over host) instead of waiting on it for ever.
+        return {
+            "prepare_threshold": None,
+            "connect_timeout": self.DATABASE_CONNECT_TIMEOUT_SECONDS,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            # Data the server never acknowledges (its host failed) fails the connection
+            # after this many milliseconds instead of the kernel's quarter of an hour.
+            "tcp_user_timeout": 30_000,
+        }
+
+
+def stack_file(environ: Mapping[str, str]) -> Path:
+    return Path(environ.get("VAR_DIR") or ROOT / "var") / STACK_FILE
+
+
+def with_stack_addresses(environ: Mapping[str, str]) -> Mapping[str, str]:
+    if all(environ.get(name) for name in STACK_ADDRESSES):
+        return environ
+    try:
+        lines = stack_file(environ).read_text().splitlines()
+    except OSError:
+        return environ
+    written = dict(line.split("=", 1) for line in lines if "=" in line)
+    unset = {name: written[name] for name in STACK_ADDRESSES if name in written}
+    return {**environ, **{name: value for name, value in unset.items() if not environ.get(name)}}
+
+
+_BOOLEANS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
+
+
+def _convert(name: str, raw: str, type_name: str):
+    kind = type_name.split("|")[0].strip()
+    if kind == "bool":
+        if raw.lower() not in _BOOLEANS:
+            raise ConfigError(f"{name} must be true or false, got {raw!r}")
+        return _BOOLEANS[raw.lower()]
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    return raw

@@ -1,0 +1,287 @@
+"""Tables of the service. The schema itself comes only from migrations/."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from service.core.extensions import db
+
+# The largest user ID: IDs are stored as BIGINT.
+MAX_ID = 2**63 - 1
+
+
+class TaskStatus(StrEnum):
+    RECEIVED = "received"
+    PLANNING = "planning"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED = (TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
+class Overflow(StrEnum):
+    SPREAD = "spread"
+    DEFER = "defer"
+
+
+def _in(column: str, values) -> str:
+    return f"{column} IN ({', '.join(repr(str(v)) for v in values)})"
+
+
+class User(db.Model):
+    __tablename__ = "users"
+    __table_args__ = (Index("ix_users_newest", "date_created", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(start=1), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(255))
+    date_created: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    last_processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    times_processed: Mapped[int] = mapped_column(Integer, server_default="0", default=0)
+
+
+class Limit(db.Model):
+    """A named downstream: its own RPM, processor and options, slots and slot jobs.
+
+    `id` is the small key that slots, assignments, locks and joins use; `name` is the
+    public one.
+    """
+
+    __tablename__ = "limits"
+    __table_args__ = (
+        UniqueConstraint("name"),
+        CheckConstraint("rpm >= 1", name="rpm"),
+    )
+
+    id: Mapped[int] = mapped_column(SmallInteger, Identity(start=1), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63))
+    rpm: Mapped[int] = mapped_column(Integer)
+    processor: Mapped[str] = mapped_column(String(255))
+    options: Mapped[dict] = mapped_column(JSONB, server_default=text("'{}'::jsonb"), default=dict)
+    paused: Mapped[bool] = mapped_column(Boolean, server_default=text("false"), default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
+class IdTask(db.Model):
+    __tablename__ = "id_tasks"
+    __table_args__ = (
+        CheckConstraint(_in("status", TaskStatus), name="status"),
+        CheckConstraint(_in("overflow", Overflow), name="overflow"),
+        Index("ix_id_tasks_newest", "date_created", "id"),
+        Index("ix_id_tasks_status", "status"),
+        Index("ix_id_tasks_limit_id", "limit_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(start=1), primary_key=True)
+    task_name: Mapped[str] = mapped_column(String(255))
+    # Null once its limit was deleted (a limit goes only when none of its IDs waits).
+    limit_id: Mapped[int | None] = mapped_column(
+        SmallInteger, ForeignKey("limits.id", ondelete="SET NULL")
+    )
+    limit: Mapped[Limit | None] = relationship(lazy="joined")
+
+    overflow: Mapped[str] = mapped_column(String(8), default=Overflow.SPREAD)
+    status: Mapped[str] = mapped_column(String(16), default=TaskStatus.RECEIVED)
+    # The submitted IDs as the original API echoed them; kept only for small tasks.
+    payload: Mapped[str | None] = mapped_column(Text)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    duplicates: Mapped[int] = mapped_column(Integer, default=0)
+    planned: Mapped[int] = mapped_column(Integer, default=0)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    # Planning starts at the window holding this moment, never in a slot before it.
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    first_slot: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_slot: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    date_created: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    date_updated: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+    @property
+    def task_status(self) -> bool:
+        return self.status in FINISHED
+
+    @property
+    def pending(self) -> int:
+        if self.status == TaskStatus.CANCELLED:
+            return 0
+        return self.total - self.done - self.failed
+
+    @property
+    def limit_name(self) -> str | None:
+        return self.limit.name if self.limit else None
+
+
+class AssignmentStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    # Failed, to be tried again: waiting for its retry to be planned into a slot.
+    RETRYING = "retrying"
+
+
+class TaskIdChunk(db.Model):
+    """The distinct IDs of a task, in submission order, stored as arrays of IDS_PER_CHUNK.
+
+    A million IDs are a hundred rows: written with one COPY and read back in a fraction
+    of a second, which a row per ID would take several seconds to do.
+    """
+
+    __tablename__ = "task_id_chunks"
+
+    task_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("id_tasks.id", ondelete="CASCADE"), primary_key=True
+    )
+    chunk_no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
+
+
+class Slot(db.Model):
+    """One slot of a limit's plan; `load` counts its IDs that are not cancelled."""
+
+    __tablename__ = "slots"
+
+    limit_id: Mapped[int] = mapped_column(
+        SmallInteger, ForeignKey("limits.id", ondelete="CASCADE"), primary_key=True
+    )
+    slot_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    load: Mapped[int] = mapped_column(Integer, server_default="0")
+    done: Mapped[int] = mapped_column(Integer, server_default="0")
+    failed: Mapped[int] = mapped_column(Integer, server_default="0")
+    # The turn after the last one handed to a worker: pacing goes on from there.
+    next_turn_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_claim_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    late: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+
+
+class Assignment(db.Model):
+    """One ID of a task planned into a slot, with its outcome.
+
+    No foreign key to id_tasks: rows arrive by the million through COPY, where a key
+    check per row would cost more than the rest of the write; only the planner, holding
+    the task's row lock, writes here.
+    """
+
+    __tablename__ = "assignments"
+    __table_args__ = (
+        CheckConstraint(_in("status", AssignmentStatus), name="status"),
+        Index(
+            "ix_assignments_pending_by_slot",
+            "limit_id",
+            "slot_start",
+            "task_id",
+            "position",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index(
+            "ix_assignments_retrying",
+            "task_id",
+            postgresql_where=text("status = 'retrying'"),
+        ),
+        Index(
+            "ix_assignments_running_since",
+            "claimed_at",
+            postgresql_where=text("status = 'running'"),
+        ),
+    )
+
+    task_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(BigInteger)
+    # The task's limit, kept here so that a slot's claims read one index.
+    limit_id: Mapped[int] = mapped_column(SmallInteger)
+    slot_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    status: Mapped[str] = mapped_column(String(16), default=AssignmentStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The claimer (see service/claimers.py) whose slot job holds this running ID.
+    claimed_by: Mapped[int | None] = mapped_column(Integer)
+    # The claim holds until then even if its worker looks stuck: it outlives the
+    # longest call its processor may make.
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When a retrying ID may run again.
+    retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SharedSetting(db.Model):
+    """A setting that every process of the deployment shares (service/shared_settings.py)."""
+
+    __tablename__ = "settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
+class Deployment(db.Model):
+    """This deployment's identity, made once at random. The idempotency key of every
+    call downstream starts with it, so a rebuilt database or a second deployment never
+    sends a key that another one sent."""
+
+    __tablename__ = "deployment"
+    __table_args__ = (CheckConstraint("single", name="single"),)
+
+    # One row only: the primary key can only be true.
+    single: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default=text("true"))
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, server_default=text("gen_random_uuid()"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class IdempotencyKey(db.Model):
+    """The first answer to a POST that carried this Idempotency-Key (service/idempotency.py).
+
+    Its row commits together with what the request did; until the answer is recorded
+    beside it, `status_code` is null.
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # sha256 of the method, path, query and body, in hex.
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    status_code: Mapped[int | None] = mapped_column(SmallInteger)
+    content_type: Mapped[str | None] = mapped_column(String(255))
+    body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -1,0 +1,213 @@
+"""Who holds a claim, and whether it is still alive.
+
+A slot job runs as a *claimer*: a number from the `claimer_ids` sequence, stood for by a
+session advisory lock that a connection of its own holds while the job runs, together
+with a shared lock on the slot. PostgreSQL drops both with the connection, so the moment
+a worker dies (kill -9, a lost machine once TCP gives up) its claimer is gone from
+`pg_locks`, and reconcile hands its IDs back at once instead of after
+CLAIM_TIMEOUT_SECONDS, which stays for workers that are alive but stuck.
+
+An RQ worker gives each job a claimer before it forks (`assign`), so that after the job,
+however it ended, the worker can hand back what the job still held (`release_held_by`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+
+from sqlalchemy import text
+
+from service.core.extensions import db
+from service.core.models import AssignmentStatus, TaskStatus
+from service.dispatch.claims import Claim, still_claimed
+from service.limits.store import subtract_loads
+
+# First key of the claimers' two-key advisory locks, and the top bits of the slots'
+# one-bigint keys; service/planning.py uses 0x5107.
+CLAIMER_LOCK_NAMESPACE = 0x5108
+SLOT_LOCK_NAMESPACE = 0x5109
+# Sent by the worker to its work horse on a warm shutdown: finish the IDs under way,
+# hand back the rest, return.
+STOP_SIGNAL = signal.SIGUSR1
+
+_assigned: int | None = None
+_stop_requested = False
+
+
+def new_claimer_id() -> int:
+    claimer = db.session.execute(text("SELECT nextval('claimer_ids')")).scalar()
+    db.session.commit()
+    return claimer
+
+
+def assign(claimer: int | None) -> None:
+    """The claimer that the next slot job of this process (or of its fork) runs as."""
+    global _assigned
+    _assigned = claimer
+
+
+def request_stop(signum=None, frame=None) -> None:
+    """Signal handler: the slot job under way stops after the IDs it is processing."""
+    global _stop_requested
+    _stop_requested = True
+
+
+def stop_requested() -> bool:
+    return _stop_requested
+
+
+def slot_key(limit_id: int, slot: datetime) -> int:
+    """One bigint per slot of a limit, laid out as the planner's window locks are."""
+    return SLOT_LOCK_NAMESPACE << 47 | limit_id << 31 | int(slot.timestamp()) % 2**31
+
+
+class ClaimerLockBusy(Exception):
+    """A claimer's lock is held by a session other than its own connection's."""
+
+
+class Claimer:
+    """A live claimer of a limit's slot: its number, and a connection of its own whose
+    session holds its lock and a shared lock on the slot. Asking that connection whether
+    rows are still this claim's answers two things at once: the lock still holds (the
+    connection is alive), and no reconcile has taken the rows back. When the connection
+    dies (PostgreSQL restarted), `take_again` takes both locks on a new one."""
+
+    def __init__(self, claimer_id: int, limit_id: int, slot: datetime):
+        self.id = claimer_id
+        self._slot_key = slot_key(limit_id, slot)
+        self._holder = None
+        self.take_again()
+
+    def take_again(self) -> None:
+        """Hold both locks: still on the same connection if it answers (giving a held
+        lock up, even for a moment, would let reconcile take this claimer for dead),
+        else on a new one. Raises ClaimerLockBusy while another session still holds the
+        claimer's lock (a connection that died without the server noticing yet)."""
+        if self._holder is not None and self._answers():
+            return
+        self.close()
+        holder = db.engine.connect()
+        params = {"ns": CLAIMER_LOCK_NAMESPACE, "claimer": self.id, "slot": self._slot_key}
+        taken = holder.execute(text("SELECT pg_try_advisory_lock(:ns, :claimer)"), params).scalar()
+        if not taken:
+            holder.close()
+            raise ClaimerLockBusy(f"claimer {self.id}'s lock is still held by another session")
+        holder.execute(text("SELECT pg_advisory_lock_shared(:slot)"), params)
+        holder.commit()
+        self._holder = holder
+
+    def _answers(self) -> bool:
+        try:
+            self._holder.execute(text("SELECT 1"))
+            self._holder.commit()
+            return True
+        except Exception:  # dead: its locks went with it
+            return False
+
+    def still_ours(self, group: list[Claim]) -> list[Claim]:
+        """The members of the group still claimed by this claimer; raises if its lock's
+        connection is gone, when nothing can be known to be ours."""
+        ours = still_claimed(self._holder, group, self.id)
+        self._holder.commit()
+        return ours
+
+    def close(self) -> None:
+        # Closing the session, not returning it to the pool, is what drops its locks.
+        if self._holder is not None:
+            with contextlib.suppress(Exception):  # a connection already dead drops them too
+                self._holder.invalidate()
+                self._holder.close()
+            self._holder = None
+
+
+@contextmanager
+def claiming(limit_id: int, slot: datetime) -> Iterator[Claimer]:
+    """Run as a live claimer of a limit's slot for the duration of the block."""
+    claimer = Claimer(_assigned if _assigned is not None else new_claimer_id(), limit_id, slot)
+    try:
+        yield claimer
+    finally:
+        claimer.close()
+
+
+# Advisory locks belong to a database; other databases on the server hold their own.
+IN_THIS_DATABASE = (
+    "locktype = 'advisory' AND granted "
+    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
+HELD_LOCKS = (
+    "SELECT objid::bigint AS key FROM pg_locks "
+    f"WHERE classid = :ns AND objsubid = 2 AND {IN_THIS_DATABASE}"
+)
+# A one-bigint key shows as its high half (classid) and its low half (objid).
+HELD_SLOT_LOCKS = (
+    "SELECT classid::bigint << 32 | objid::bigint AS key FROM pg_locks "
+    f"WHERE objsubid = 1 AND classid::bigint >> 15 = :ns AND {IN_THIS_DATABASE}"
+)
+
+
+def running_slots() -> set[int]:
+    """Keys (`slot_key`) of the slots that a live slot job is running."""
+    rows = db.session.execute(text(HELD_SLOT_LOCKS), {"ns": SLOT_LOCK_NAMESPACE})
+    return {row.key for row in rows}
+
+
+# The live claimers are read inside the statement, after its snapshot: a claimer takes
+# its lock before it claims, so every claim the statement sees has its lock visible.
+RELEASE = (
+    f"WITH live AS MATERIALIZED (SELECT array_agg(key) AS keys FROM ({HELD_LOCKS}) AS held), "
+    "released AS ("
+    "  UPDATE assignments AS a SET claimed_at = NULL, claimed_by = NULL, claimed_until = NULL, "
+    "    status = CASE "
+    "    WHEN t.status = :task_cancelled THEN :cancelled ELSE :pending END "
+    "  FROM id_tasks AS t, live WHERE t.id = a.task_id AND a.status = :running AND ({which}) "
+    "  RETURNING a.limit_id, a.slot_start, a.status) "
+    "SELECT limit_id, slot_start, status, count(*) AS n FROM released "
+    "GROUP BY limit_id, slot_start, status"
+)
+
+
+def _release(which: str, params: dict) -> int:
+    """Claimed IDs back to pending (cancelled if their task was); returns how many."""
+    rows = db.session.execute(
+        text(RELEASE.format(which=which)),
+        {
+            "ns": CLAIMER_LOCK_NAMESPACE,
+            "task_cancelled": TaskStatus.CANCELLED,
+            "cancelled": AssignmentStatus.CANCELLED,
+            "pending": AssignmentStatus.PENDING,
+            "running": AssignmentStatus.RUNNING,
+            **params,
+        },
+    ).all()
+    subtract_loads(
+        {
+            (row.limit_id, row.slot_start): row.n
+            for row in rows
+            if row.status == AssignmentStatus.CANCELLED
+        }
+    )
+    db.session.commit()
+    return sum(row.n for row in rows)
+
+
+def release_held_by(claimer: int) -> int:
+    """Hand back what a claimer still holds: its job has stopped."""
+    return _release("a.claimed_by = :claimer", {"claimer": claimer})
+
+
+def release_dead_or_stuck(timeout: timedelta, dead: bool = True) -> int:
+    """Hand back IDs whose claimer is gone (unless `dead` is False), or whose claim has
+    run out: its claimer is alive but stuck.
+
+    A claim runs out at its `claimed_until`, which outlives the longest call its
+    processor may make; claims made before claims had one, `timeout` after they were
+    made. Claims made before claimers existed (no `claimed_by`) wait for that too.
+    """
+    ran_out = "coalesce(a.claimed_until, a.claimed_at + :timeout) < clock_timestamp()"
+    gone = "NOT coalesce(a.claimed_by = ANY(live.keys), a.claimed_by IS NULL)"
+    return _release(f"{gone} OR {ran_out}" if dead else ran_out, {"timeout": timeout})

@@ -1,0 +1,206 @@
+"""Outcomes: what becomes of each processed ID.
+
+An ID becomes `done`, `failed` (after MAX_ATTEMPTS, or a failure marked final), or
+`retrying`: a retry is a request too, so it is planned into a later slot like any ID,
+after a backoff, by service/planning/retries.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from flask import current_app
+from rq.timeouts import JobTimeoutException
+from sqlalchemy import text
+
+from service.core.extensions import db
+from service.core.models import AssignmentStatus, TaskStatus
+from service.dispatch.claims import Claim, claim_keys, hold
+from service.jobs import enqueue_retry_planning
+from service.limits.settings import shared
+from service.limits.store import SlotOfLimit
+from service.processors.contract import Failure, as_failure, takes
+
+log = logging.getLogger(__name__)
+
+# The statuses a task's counters move it to.
+TASK_OUTCOMES = {
+    "cancelled": TaskStatus.CANCELLED,
+    "running": TaskStatus.RUNNING,
+    "failed": TaskStatus.FAILED,
+    "done": TaskStatus.DONE,
+}
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Outcomes recorded: IDs done, and attempts that failed (to be retried or not)."""
+
+    done: int = 0
+    failed: int = 0
+
+    @property
+    def processed(self) -> int:
+        return self.done + self.failed
+
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(self.done + other.done, self.failed + other.failed)
+
+
+def backoff(attempts: int) -> timedelta:
+    """RETRY_BACKOFF_SECONDS, doubled for each attempt after the first."""
+    base = current_app.config["RETRY_BACKOFF_SECONDS"]
+    return timedelta(seconds=base * 2 ** (attempts - 1))
+
+
+def process_and_record(
+    slot: SlotOfLimit,
+    claimer: int,
+    group: list[Claim],
+    processor,
+    max_attempts: int | None = None,
+) -> Tally:
+    """Process the IDs of the group that this claim still holds, and record their
+    outcomes, in one transaction."""
+    held = hold(group, claimer)
+    if not held:
+        db.session.commit()
+        return Tally()
+    failures = process(processor, held, slot)
+    return record_outcomes(slot, held, failures, max_attempts)
+
+
+def process(processor, group: list[Claim], slot: SlotOfLimit) -> dict[int, Failure]:
+    """Call a group processor inside a savepoint: what it writes commits with the outcomes.
+
+    A processor that takes `keys` gets each ID's idempotency key alongside it; one that
+    takes `options`, its limit's options.
+    """
+    user_ids = [c.user_id for c in group]
+    extra = {}
+    if takes(processor, "keys"):
+        extra["keys"] = [c.key(slot.deployment) for c in group]
+    if takes(processor, "options"):
+        extra["options"] = slot.options
+    try:
+        with db.session.begin_nested():
+            verdicts = processor(user_ids, **extra) or {}
+    except JobTimeoutException:
+        raise  # the job's own time is up: not the processor's failure
+    except Exception as exc:  # a processor's bug fails its IDs, not the slot
+        log.exception("processor failed on %d IDs", len(user_ids))
+        return {user_id: Failure(f"{type(exc).__name__}: {exc}") for user_id in user_ids}
+    return {user_id: as_failure(verdict) for user_id, verdict in verdicts.items()}
+
+
+def record_outcomes(
+    slot: SlotOfLimit,
+    group: list[Claim],
+    failures: Mapping[int, Failure],
+    max_attempts: int | None = None,
+) -> Tally:
+    """Done, failed for good, or retrying (planned again by a job of its own); counters
+    follow. `max_attempts` is the deployment's, read here when the caller has not.
+
+    Only rows still held by this claim are written: if the claim timed out and the IDs
+    went to another worker meanwhile, that worker's outcome is the one that counts.
+    """
+    task_ids = sorted({item.task_id for item in group})
+    # Task rows first, in id order, as every writer of several tasks takes them.
+    statuses = dict(
+        db.session.execute(
+            text("SELECT id, status FROM id_tasks WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"),
+            {"ids": task_ids},
+        ).all()
+    )
+    max_attempts = max_attempts or shared()["MAX_ATTEMPTS"]
+    verdicts = [
+        _verdict(item, failures.get(item.user_id), statuses.get(item.task_id), max_attempts)
+        for item in group
+    ]
+    written = _write_outcomes(group, verdicts)
+    succeeded = [row for row in written if row.status == AssignmentStatus.DONE]
+    db.session.execute(
+        text(
+            "UPDATE slots SET done = done + :d, failed = failed + :f "
+            "WHERE limit_id = :l AND slot_start = :s"
+        ),
+        {
+            "d": len(succeeded),
+            "f": len(written) - len(succeeded),
+            "l": slot.limit_id,
+            "s": slot.start,
+        },
+    )
+    _count_on_tasks(written)
+    db.session.commit()
+    if any(row.status == AssignmentStatus.RETRYING for row in written):
+        enqueue_retry_planning()
+    return Tally(len(succeeded), len(written) - len(succeeded))
+
+
+def _verdict(item: Claim, failure: Failure | None, task_status: str | None, max_attempts: int):
+    """(new status, error, retry at) of one claimed ID."""
+    if failure is None:
+        return AssignmentStatus.DONE, None, None
+    if not failure.retry or item.attempts + 1 >= max_attempts:
+        return AssignmentStatus.FAILED, failure.message, None
+    if task_status == TaskStatus.CANCELLED:
+        return AssignmentStatus.CANCELLED, failure.message, None  # no retry for a cancelled task
+    retry_at = datetime.now(UTC) + backoff(item.attempts + 1)
+    return AssignmentStatus.RETRYING, failure.message, retry_at
+
+
+def _write_outcomes(group: list[Claim], verdicts: list[tuple]) -> list:
+    """One statement for the whole group; returns the rows that were still ours."""
+    return db.session.execute(
+        text(
+            "UPDATE assignments AS a SET status = k.status, attempts = a.attempts + 1, "
+            "  error = k.error, claimed_at = NULL, claimed_by = NULL, claimed_until = NULL, "
+            "  retry_at = k.retry_at, "
+            "  finished_at = CASE WHEN k.status = :retrying THEN NULL "
+            "                ELSE clock_timestamp() END "
+            "FROM unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
+            "            CAST(:claimed AS timestamptz[]), CAST(:statuses AS text[]), "
+            "            CAST(:errors AS text[]), CAST(:retry_at AS timestamptz[])) "
+            "  AS k(task_id, position, claimed_at, status, error, retry_at) "
+            "WHERE a.task_id = k.task_id AND a.position = k.position "
+            "  AND a.status = :running AND a.claimed_at = k.claimed_at "
+            "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.status"
+        ),
+        {
+            **claim_keys(group),
+            "statuses": [status for status, _, _ in verdicts],
+            "errors": [error for _, error, _ in verdicts],
+            "retry_at": [retry_at for _, _, retry_at in verdicts],
+            "retrying": AssignmentStatus.RETRYING,
+            "running": AssignmentStatus.RUNNING,
+        },
+    ).all()
+
+
+def _count_on_tasks(written: list) -> None:
+    """Add the outcomes to their tasks; one whose IDs have all finished becomes done, or
+    failed if any failed."""
+    counts: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for row in written:
+        if row.status == AssignmentStatus.DONE:
+            counts[row.task_id][0] += 1
+        elif row.status == AssignmentStatus.FAILED:
+            counts[row.task_id][1] += 1
+    for task_id in sorted(counts):
+        n_done, n_failed = counts[task_id]
+        db.session.execute(
+            text(
+                "UPDATE id_tasks SET done = done + :d, failed = failed + :f, "
+                "  status = CASE WHEN status = :cancelled THEN status "
+                "    WHEN done + :d + failed + :f < total THEN :running "
+                "    WHEN failed + :f > 0 THEN :failed ELSE :done END "
+                "WHERE id = :t"
+            ),
+            {"d": n_done, "f": n_failed, "t": task_id, **TASK_OUTCOMES},
+        )

@@ -1,0 +1,137 @@
+"""Reconcile: rebuild from PostgreSQL what Redis may have lost and what dead workers left.
+
+Run by `flask scheduler` every RECONCILE_INTERVAL_SECONDS, in its own process so that it
+never waits for a free worker, and by `flask plan reconcile`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from flask import current_app
+from sqlalchemy import text
+
+from service.core.extensions import db
+from service.core.models import AssignmentStatus, TaskStatus
+from service.dispatch import claimers
+from service.jobs import (
+    clean_abandoned_jobs,
+    enqueue_planning,
+    enqueue_retry_planning,
+    ensure_slot_job,
+    forget_lost_job,
+    get_scheduler,
+    planning_is_queued,
+    planning_job_id,
+)
+from service.limits import store as limits
+from service.planning.retries import retries_waiting
+
+# Reconcile gives jobs to the slots starting within this; each run moves it on.
+RECONCILE_HORIZON = timedelta(hours=1)
+# A slot job that rode out a restart of PostgreSQL has its claimer's lock again within
+# seconds of its return: until this long after the server started, a claimer whose lock
+# is missing is taken to be on its way back, not dead.
+CLAIMERS_RETURN_SECONDS = 15
+
+
+def reconcile(after_outage: bool = False) -> dict[str, int]:
+    """Rebuild the schedule from PostgreSQL; Redis may have lost any part of it.
+
+    - IDs whose claimer is gone (its worker died) go back to pending at once, as do IDs
+      whose claim ran out (its worker is stuck); to cancelled if their task was
+      cancelled meanwhile. Right after an outage (`after_outage`: the previous run met
+      one; or PostgreSQL started less than CLAIMERS_RETURN_SECONDS ago), gone claimers
+      keep their IDs a little longer: a slot job that rode the outage out takes its
+      lock again and records what it called, which would otherwise be called again;
+    - jobs that RQ still calls started but whose worker stopped beating (it died) are
+      marked failed by RQ's own registry clean-up, so that they count as gone below;
+    - every slot of a limit not paused with pending IDs that starts within
+      RECONCILE_HORIZON gets its job if it has none waiting or running (a running one
+      holds the slot's lock); one whose time has passed runs at once and is marked late
+      (later slots are left to later runs: a job only has to exist before its slot
+      starts); a paused limit's slots wait for its resume. A job that a worker took
+      from its queue and died before starting counts as none;
+    - tasks still received or planning get their planning job back if it is gone, and
+      retrying IDs a run of the retry planning.
+    """
+    timeout = timedelta(seconds=current_app.config["CLAIM_TIMEOUT_SECONDS"])
+    spare_gone = after_outage or _server_just_started()
+    released = claimers.release_dead_or_stuck(timeout, dead=not spare_gone)
+    now = datetime.now(UTC)
+    scheduler = get_scheduler()
+    running = claimers.running_slots()
+    clean_abandoned_jobs()
+
+    added = late = 0
+    for limit in limits.active_limits():
+        slots = [
+            slot
+            for slot in _slots_with_pending_ids(limit.id, now + RECONCILE_HORIZON)
+            # A slot whose job holds its lock is running: never a second job for it.
+            # Without the lock, a job Redis calls started is dead once its slot has
+            # begun (before, it may still be starting up).
+            if claimers.slot_key(limit.id, slot) not in running
+            and ensure_slot_job(scheduler, limit.name, slot, now, trust_started=slot > now)
+        ]
+        added += len(slots)
+        late += _mark_late(limit.id, [slot for slot in slots if slot <= now])
+    waiting = db.session.execute(
+        text("SELECT id, total FROM id_tasks WHERE status = ANY(:unplanned) ORDER BY id"),
+        {"unplanned": [TaskStatus.RECEIVED, TaskStatus.PLANNING]},
+    ).all()
+    requeued = [task for task in waiting if not planning_is_queued(task.id)]
+    for task in requeued:
+        forget_lost_job(planning_job_id(task.id))
+        enqueue_planning(task.id, task.total)
+    retries = retries_waiting() and enqueue_retry_planning()
+    return {
+        "claims released": released,
+        "slot jobs added": added,
+        "late slots": late,
+        "planning jobs added": len(requeued),
+        "retry planning queued": int(retries),
+    }
+
+
+def _server_just_started() -> bool:
+    return db.session.execute(
+        text("SELECT pg_postmaster_start_time() > clock_timestamp() - :grace"),
+        {"grace": timedelta(seconds=CLAIMERS_RETURN_SECONDS)},
+    ).scalar()
+
+
+def _mark_late(limit_id: int, late: list[datetime]) -> int:
+    if late:
+        db.session.execute(
+            text("UPDATE slots SET late = true WHERE limit_id = :l AND slot_start = ANY(:late)"),
+            {"l": limit_id, "late": late},
+        )
+    db.session.commit()
+    return len(late)
+
+
+def _slots_with_pending_ids(limit_id: int, until: datetime) -> list[datetime]:
+    """Each slot of a limit up to `until` holding pending IDs.
+
+    The slots are found from the pending rows themselves, one index probe per slot
+    (a loose index scan), so no counter can hide one.
+    """
+    return list(
+        db.session.execute(
+            text(
+                "WITH RECURSIVE pending(slot_start) AS ("
+                "  (SELECT slot_start FROM assignments "
+                "   WHERE limit_id = :limit AND status = :pending "
+                "   ORDER BY slot_start LIMIT 1) "
+                "  UNION ALL "
+                "  SELECT (SELECT a.slot_start FROM assignments AS a "
+                "          WHERE a.limit_id = :limit AND a.status = :pending "
+                "            AND a.slot_start > pending.slot_start "
+                "          ORDER BY a.slot_start LIMIT 1) "
+                "  FROM pending WHERE pending.slot_start <= :until) "
+                "SELECT slot_start FROM pending WHERE slot_start <= :until ORDER BY slot_start"
+            ),
+            {"limit": limit_id, "until": until, "pending": AssignmentStatus.PENDING},
+        ).scalars()
+    )

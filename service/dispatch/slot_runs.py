@@ -1,0 +1,461 @@
+"""Running a limit's slot: wait for its start, claim its IDs batch by batch, hand each to
+the limit's processor at its turn, record the outcomes; add helper jobs when the slot
+runs behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from flask import current_app
+from sqlalchemy import text
+
+from service.core.extensions import db
+from service.core.outages import (
+    Backoff,
+    describe,
+    forget_session,
+    is_database_outage,
+    wait_for_servers,
+)
+from service.dispatch import claimers
+from service.dispatch.claimers import Claimer, ClaimerLockBusy
+from service.dispatch.claims import Batch, Claim, claim, deployment_id, hold, mark_tasks_running
+from service.dispatch.outcomes import Tally, process_and_record, record_outcomes
+from service.dispatch.pacing import SYSTEM_CLOCK, Clock, paced_groups, step_of
+from service.jobs import add_slot_helper
+from service.limits import store as limits
+from service.limits.settings import shared
+from service.limits.store import SlotOfLimit
+from service.processors.contract import (
+    Failure,
+    as_failure,
+    is_per_id,
+    load_processor,
+    longest_call,
+    takes,
+)
+
+log = logging.getLogger(__name__)
+
+# IDs claimed at once when not pacing.
+CLAIM_BATCH = 500
+# With pacing on, a claim takes about this many seconds' worth of IDs.
+CLAIM_AHEAD_SECONDS = 1.0
+# A per-ID processor's outcomes are recorded this often.
+RECORD_EVERY_SECONDS = 0.25
+# A slot job that met an outage asks whether PostgreSQL is back this often (doubling):
+# soon enough to take its claimer's lock again before reconcile gives its IDs away.
+RIDE_OUT_FIRST_WAIT = 0.5
+RIDE_OUT_LONGEST_WAIT = 2.0
+# A claim of a processor whose calls may last long outlives its longest call by this.
+CLAIM_MARGIN_SECONDS = 5.0
+# What a call that was not made (its claim could have run out mid-call) gives back.
+NOT_CALLED = object()
+# A slot job this far behind its turns asks for a helper, at most once per HELP_EVERY.
+HELP_WHEN_BEHIND_SECONDS = 0.5
+HELP_EVERY_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class SlotRun:
+    """What a slot job did; RQ keeps it as the job's result, the dashboard shows it, the
+    worker logs it."""
+
+    limit: str
+    slot: datetime
+    claimed: int  # IDs this run took from the slot
+    done: int
+    failed: int  # attempts that failed, to be retried or not
+    handed_back: int  # claimed but not processed: its worker was asked to stop
+    lateness_seconds: float  # from the slot's start to this run's first claim
+    paused: bool = False  # its limit was paused: it stopped claiming, or never began
+
+    @property
+    def processed(self) -> int:
+        return self.done + self.failed
+
+
+def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> SlotRun:
+    """Process every pending ID of a limit's slot: wait for its start, then claim, pace,
+    record.
+
+    A slot job that runs behind its turns (its processor is slower than the slot's rate)
+    adds helper jobs for the same slot, which share its IDs through the same claims and
+    turns. Stops early, handing back what it has claimed but not processed, when its
+    worker is asked to shut down. Claims nothing once its limit is paused, which it
+    asks before each claim: the IDs left stay pending for the resume to plan again.
+    PostgreSQL going away mid-slot is ridden out: the job waits for it and goes on.
+    """
+    limit = limits.find(limit_name)
+    if limit is None:  # deleted: none of its IDs was waiting
+        return SlotRun(limit_name, start, 0, 0, 0, 0, 0.0)
+    slot = SlotOfLimit.of(limit, start, deployment_id())
+    processor = load_processor(slot.processor)
+    # Neither may change while this slot's IDs wait (MAX_ATTEMPTS may, but a change
+    # applying from the next slot is soon enough), so they are read once per run.
+    settings = shared()
+    db.session.commit()
+    slot_seconds, max_attempts = settings["SLOT_SECONDS"], settings["MAX_ATTEMPTS"]
+    with claimers.claiming(slot.limit_id, start) as claimer:
+        calls = _calls(slot, claimer, processor, clock, max_attempts)
+        runner = _Claims(
+            slot, claimer, calls, clock, slot_seconds, claim_life(processor, slot.options)
+        )
+        clock.wait_until(start.timestamp(), claimers.stop_requested)
+        lateness = clock.seconds() - start.timestamp()
+        try:
+            claimed, paused = runner.run()
+            handed_back = runner.finish()
+        except BaseException:
+            # A bug, a stop while PostgreSQL is away, or the job's time is up: no call
+            # starts from now on. Reconcile hands the rest back once this job's
+            # connection is gone.
+            calls.abandon()
+            raise
+    done, failed = calls.tally.done, calls.tally.failed
+    run = SlotRun(limit_name, start, claimed, done, failed, handed_back, round(lateness, 3), paused)
+    _log_run(run)
+    return run
+
+
+class _Claims:
+    """A slot job's claims, batch after batch, each group handed out at its turn; an
+    outage of PostgreSQL on the way is ridden out, not a reason to stop."""
+
+    def __init__(
+        self,
+        slot: SlotOfLimit,
+        claimer: Claimer,
+        calls,
+        clock: Clock,
+        slot_seconds: int,
+        life: timedelta,
+    ):
+        self.slot, self.claimer, self.calls, self.clock = slot, claimer, calls, clock
+        self.slot_seconds, self.life = slot_seconds, life
+        self.helping = _Helpers(slot, clock)
+        self.taken = 0  # by the batch under way
+
+    def run(self) -> tuple[int, bool]:
+        """Claim until the slot has no pending ID left, or the limit is paused, or the
+        worker is stopping; returns (IDs claimed, paused)."""
+        claimed, paused = 0, False
+        while not claimers.stop_requested() and not paused:
+            try:
+                taken, paused = self._claim_and_hand()
+            except Exception as error:
+                if not is_database_outage(error):
+                    raise
+                claimed += self.taken
+                self._ride_out(error)
+                continue
+            if not taken and not paused:
+                break
+            claimed += taken
+        return claimed, paused
+
+    def finish(self) -> int:
+        """Wait for the calls under way, record them, hand back what is left; returns
+        how many were handed back."""
+        while True:
+            try:
+                self.calls.finish()
+                return claimers.release_held_by(self.claimer.id)
+            except Exception as error:
+                if not is_database_outage(error):
+                    raise
+                self._ride_out(error)
+
+    def _claim_and_hand(self) -> tuple[int, bool]:
+        """One batch; returns how many were claimed, and whether the limit is paused."""
+        slot = self.slot
+        self.taken = 0
+        size = _batch_size_unless_paused(slot, self.slot_seconds)
+        if size is None:
+            db.session.commit()
+            return 0, True
+        batch = claim(
+            slot.limit_id,
+            slot.start,
+            self.claimer.id,
+            size,
+            self.clock.now(),
+            self.slot_seconds,
+            self.life,
+        )
+        self.taken = len(batch.claims)
+        if batch.claims:
+            mark_tasks_running({c.task_id for c in batch.claims})
+        for turn, group in _groups(batch, self.clock):
+            self.calls.hand(group, turn)
+            self.helping.note(self.calls.behind(turn))
+        return len(batch.claims), False
+
+    def _ride_out(self, error: Exception) -> None:
+        """PostgreSQL went away mid-slot (or dropped this job's connections). Start no
+        call; let those under way end; once PostgreSQL answers again, take the claimer's
+        lock again, record what the calls did while their claims are still this job's,
+        and hand back what was claimed but not called. The slot then goes on, late and
+        paced: nothing called is called again, unless reconcile took the claims first."""
+        what = f"slot {self.slot.start.isoformat()} of {self.slot.limit_name}"
+        log.warning("%s: %s; going on once PostgreSQL answers", what, describe(error))
+        self.calls.hold_back()
+        # The lock first: until it is held again, reconcile may take this job for dead.
+        self._until_back(self.claimer.take_again, what)
+        self.calls.wait_under_way()
+        self._until_back(self._record_and_hand_back, what)
+        self.calls.go_on()
+
+    def _until_back(self, attempt: Callable[[], object], what: str) -> None:
+        backoff = Backoff(RIDE_OUT_FIRST_WAIT, RIDE_OUT_LONGEST_WAIT)
+        wait_for_servers(
+            attempt,
+            what,
+            stopping=claimers.stop_requested,
+            backoff=backoff,
+            also_retry=(ClaimerLockBusy,),
+        )
+
+    def _record_and_hand_back(self) -> None:
+        forget_session()
+        self.claimer.take_again()
+        self.calls.record_finished()
+        claimers.release_held_by(self.claimer.id)
+
+
+def _log_run(run: SlotRun) -> None:
+    log.info(
+        "slot %s of %s: %d claimed, %d done, %d failed, %d handed back, started %.3f s late%s",
+        run.slot.isoformat(),
+        run.limit,
+        run.claimed,
+        run.done,
+        run.failed,
+        run.handed_back,
+        run.lateness_seconds,
+        ", its limit paused" if run.paused else "",
+        extra={
+            "fields": {
+                "limit": run.limit,
+                "slot": run.slot.isoformat(),
+                "claimed": run.claimed,
+                "processed": run.processed,
+                "done": run.done,
+                "failed": run.failed,
+                "handed_back": run.handed_back,
+                "lateness_seconds": run.lateness_seconds,
+                "paused": run.paused,
+            }
+        },
+    )
+
+
+def claim_life(processor: Callable, options: dict) -> timedelta:
+    """How long a claim holds even if its worker looks stuck: CLAIM_TIMEOUT_SECONDS, or
+    longer for a processor whose calls may last longer than that, so that no call is
+    still under way when its ID could be claimed again."""
+    timeout = current_app.config["CLAIM_TIMEOUT_SECONDS"]
+    longest = longest_call(processor, options)
+    if longest is None:  # a group processor: its transaction holds its rows' locks
+        return timedelta(seconds=timeout)
+    return timedelta(seconds=max(timeout, longest + CLAIM_AHEAD_SECONDS + CLAIM_MARGIN_SECONDS))
+
+
+def _calls(
+    slot: SlotOfLimit, claimer: Claimer, processor: Callable, clock: Clock, max_attempts: int
+):
+    kind = ConcurrentCalls if is_per_id(processor) else GroupCalls
+    return kind(slot, claimer, processor, clock, max_attempts)
+
+
+class _Calls:
+    """How a slot job hands its claimed IDs to its limit's processor."""
+
+    def __init__(
+        self,
+        slot: SlotOfLimit,
+        claimer: Claimer,
+        processor: Callable,
+        clock: Clock,
+        max_attempts: int,
+    ):
+        self.slot, self.claimer, self.processor, self.clock = slot, claimer, processor, clock
+        self.max_attempts = max_attempts
+        self.tally = Tally()
+
+    def hold_back(self) -> None:
+        """Start no more calls."""
+
+    def wait_under_way(self) -> None:
+        """Wait for the calls under way to end."""
+
+    def go_on(self) -> None:
+        """Calls may start again."""
+
+    def record_finished(self) -> None:
+        """Record the outcomes of the calls that ended and are not recorded yet."""
+
+    def finish(self) -> None:
+        """Wait for the calls under way and record them."""
+
+    def abandon(self) -> None:
+        """Start no more calls: the job is ending."""
+
+
+class GroupCalls(_Calls):
+    """A group processor gets each paced group at once, in the transaction that records
+    the group's outcomes: locking the rows still claimed there is the check before the
+    call, so each ID runs exactly once. The claimer's lock is checked first too, so
+    that a job whose lock went with its connection takes it again (reconcile would
+    otherwise take its slot for one whose job is gone)."""
+
+    def hand(self, group: list[Claim], turn: float) -> None:
+        ours = self.claimer.still_ours(group)
+        self.tally += process_and_record(
+            self.slot, self.claimer.id, ours, self.processor, self.max_attempts
+        )
+
+    def behind(self, turn: float) -> float:
+        """How late the calls start against their turns."""
+        return self.clock.seconds() - turn
+
+
+class ConcurrentCalls(_Calls):
+    """A per-ID processor gets each ID at its turn on a pool of threads, whatever the
+    calls before it are still waiting for; outcomes are recorded in batches, each in a
+    transaction that keeps only the IDs the claim still holds.
+
+    No call is made that could overlap another of the same ID: each group is checked
+    against the claimer's lock and rows right before it is handed to the pool (one
+    query), and a call starts only while its claim holds for longer than the longest
+    call the processor may make.
+    """
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.app = current_app._get_current_object()
+        concurrency = self.app.config["PROCESSOR_CONCURRENCY"]
+        options = self.slot.options
+        self.extra = {"options": options} if takes(self.processor, "options") else {}
+        self.longest = longest_call(self.processor, options) or 0.0
+        self.abandoned = self.holding = False
+        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="processor")
+        self.in_flight: list[tuple[Claim, Future]] = []
+        # Outcomes of calls that ended, kept until a transaction has recorded them.
+        self.unrecorded: list[tuple[Claim, Failure | None]] = []
+        self.recorded_at = time.monotonic()
+        self.start_lag = 0.0
+
+    def hand(self, group: list[Claim], turn: float) -> None:
+        for item in self.claimer.still_ours(group):
+            self.in_flight.append((item, self.pool.submit(self._call, item, turn)))
+        if time.monotonic() - self.recorded_at >= RECORD_EVERY_SECONDS:
+            self.record_finished()
+
+    def behind(self, turn: float) -> float:
+        """How late the latest call started against its turn: with every thread busy,
+        calls wait in the pool's queue."""
+        return max(self.clock.seconds() - turn, self.start_lag)
+
+    def finish(self) -> None:
+        wait([future for _, future in self.in_flight])
+        self.record_finished()
+        self.pool.shutdown()
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def hold_back(self) -> None:
+        self.holding = True
+
+    def wait_under_way(self) -> None:
+        wait([future for _, future in self.in_flight])
+
+    def go_on(self) -> None:
+        self.holding = False
+
+    def record_finished(self) -> None:
+        self.recorded_at = time.monotonic()
+        self.unrecorded += self._take_finished()
+        if not self.unrecorded:
+            return
+        held = hold([item for item, _ in self.unrecorded], self.claimer.id)
+        failures = {item.user_id: failure for item, failure in self.unrecorded if failure}
+        self.tally += record_outcomes(self.slot, held, failures, self.max_attempts)
+        self.unrecorded = []
+
+    def _call(self, item: Claim, turn: float) -> Failure | None | object:
+        if self.abandoned or self.holding or time.monotonic() + self.longest > item.holds_until:
+            # Not called: the job is ending or waiting for PostgreSQL, or the claim may
+            # run out mid-call. The ID is handed back and claimed again.
+            return NOT_CALLED
+        self.start_lag = self.clock.seconds() - turn
+        with self.app.app_context():
+            try:
+                verdict = self.processor(item.user_id, item.key(self.slot.deployment), **self.extra)
+                return as_failure(verdict)
+            except Exception as exc:  # a processor's bug fails its ID, not the slot
+                log.exception("processor failed on ID %s", item.user_id)
+                return Failure(f"{type(exc).__name__}: {exc}")
+
+    def _take_finished(self) -> list[tuple[Claim, Failure | None]]:
+        finished = [(item, future) for item, future in self.in_flight if future.done()]
+        self.in_flight = [pair for pair in self.in_flight if not pair[1].done()]
+        outcomes = [(item, future.result()) for item, future in finished]
+        return [(item, verdict) for item, verdict in outcomes if verdict is not NOT_CALLED]
+
+
+class _Helpers:
+    """Adds a helper job for the slot when its job runs behind its turns."""
+
+    def __init__(self, slot: SlotOfLimit, clock: Clock):
+        self.slot, self.clock = slot, clock
+        self.limit = current_app.config["MAX_HELPERS_PER_SLOT"]
+        self.asked_at: float | None = None
+
+    def note(self, behind: float) -> None:
+        if self.limit == 0 or behind < HELP_WHEN_BEHIND_SECONDS:
+            return
+        now = self.clock.seconds()
+        if self.asked_at is not None and now - self.asked_at < HELP_EVERY_SECONDS:
+            return
+        self.asked_at = now
+        if add_slot_helper(self.slot.limit_name, self.slot.start, self.limit):
+            log.info(
+                "slot %s of %s runs %.1f s behind its turns: helper added",
+                self.slot.start,
+                self.slot.limit_name,
+                behind,
+            )
+
+
+def _batch_size_unless_paused(slot: SlotOfLimit, slot_seconds: int) -> int | None:
+    """How many IDs the next claim takes, or None once the limit is paused: both read
+    afresh before each claim, in one statement."""
+    row = db.session.execute(
+        text(
+            "SELECT l.paused, s.load FROM limits AS l "
+            "LEFT JOIN slots AS s ON s.limit_id = l.id AND s.slot_start = :s "
+            "WHERE l.id = :l"
+        ),
+        {"l": slot.limit_id, "s": slot.start},
+    ).one_or_none()
+    if row is None or row.paused:  # a limit deleted meanwhile has nothing left to claim
+        return None
+    if not current_app.config["PACING"]:
+        return CLAIM_BATCH
+    step = step_of(slot_seconds, row.load or 0)
+    return max(1, min(CLAIM_BATCH, round(CLAIM_AHEAD_SECONDS / step)))
+
+
+def _groups(batch: Batch, clock: Clock):
+    if not current_app.config["PACING"]:
+        return [(clock.seconds(), batch.claims)]
+    return paced_groups(batch.claims, batch.first_turn, batch.step, clock, claimers.stop_requested)

@@ -1,0 +1,346 @@
+"""The Redis side: the RQ queues, the paths of every job, one rq-scheduler job per slot
+of each limit, the planning jobs, and the scheduler process.
+
+Redis holds only what can be rebuilt: every function here may be called again for the
+same slot or task and adds nothing that is already there. Jobs are named by path, so
+that nothing here imports the RQ entry points in `workers/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from flask import current_app
+from redis.exceptions import RedisError
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
+from rq_scheduler import Scheduler
+
+from service.core.extensions import get_redis
+from service.core.outages import describe, forget_session, is_outage
+from service.limits.store import DEFAULT
+
+log = logging.getLogger(__name__)
+
+PLANNING_QUEUE = "planning"
+SLOTS_QUEUE = "slots"
+ALL_QUEUES = (SLOTS_QUEUE, PLANNING_QUEUE)  # a worker serves slots first: they are due now
+
+# The RQ entry points (workers/), by path: stored jobs name them, so they never change.
+SLOT_JOB = "workers.slots.run_slot"
+PLAN_TASK_JOB = "workers.planning.plan_task"
+PLAN_RETRIES_JOB = "workers.planning.plan_retries"
+# rq-scheduler moves due jobs once a second: a slot job due this much before its slot
+# reaches a worker in time, and waits inside itself for the exact start.
+EARLY_SECONDS = 1.5
+# Results of finished slot jobs are kept this long, for the dashboard.
+RESULT_TTL_SECONDS = 3600
+WAITING_STATUSES = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
+# A job marked queued that no queue holds is taken for lost after this (see
+# _waits_for_real); the marker that times it expires by itself.
+LOST_AFTER_SECONDS = 15.0
+LOST_MARKER = "slotted:off-queue:{}"
+LOST_MARKER_TTL_SECONDS = 3600
+
+
+def get_queue(name: str) -> Queue:
+    return Queue(name, connection=get_redis())
+
+
+def planning_job_id(task_id: int) -> str:
+    return f"plan-{task_id}"
+
+
+def planning_job_timeout(total_ids: int) -> int:
+    """RQ's default of 180 s for small tasks; a big one gets ten times what its IDs take
+    at PLANNING_RATE on top, so that only a planner that is really stuck is stopped."""
+    return 180 + math.ceil(10 * total_ids / current_app.config["PLANNING_RATE"])
+
+
+def enqueue_planning(task_id: int, total_ids: int) -> bool:
+    """Queue the planning of a stored task; False when Redis could not take it.
+
+    The task is already committed to PostgreSQL, so a Redis outage loses nothing:
+    the task stays `received` and reconciling queues it again.
+    """
+    try:
+        get_queue(PLANNING_QUEUE).enqueue(
+            PLAN_TASK_JOB,
+            task_id,
+            job_id=planning_job_id(task_id),
+            job_timeout=planning_job_timeout(total_ids),
+            failure_ttl=7 * 86400,
+        )
+    except RedisError:
+        log.warning("could not queue planning of task %s; it stays received", task_id)
+        return False
+    return True
+
+
+def enqueue_retry_planning() -> bool:
+    """Queue a run of `plan_retries`; at most one a second is queued."""
+    job_id = f"plan-retries-{int(time.time())}"
+    try:
+        if Job.exists(job_id, connection=get_redis()):
+            return False
+        get_queue(PLANNING_QUEUE).enqueue(PLAN_RETRIES_JOB, job_id=job_id, result_ttl=3600)
+    except RedisError:
+        log.warning("could not queue the planning of retries; reconciling will")
+        return False
+    return True
+
+
+class ServiceScheduler(Scheduler):
+    """rq-scheduler that also runs `maintenance` (reconcile) itself every
+    `maintenance_seconds`, between its polls.
+
+    Run in the scheduler's own process, reconcile never waits for a free worker: when
+    every worker has died, a fresh one finds the dead one's slot queued again.
+    Redis losing everything cannot lose it either. A run that fails leaves no broken
+    session behind, so the next one starts clean; a stop signal stops it even while
+    Redis is away (its own bookkeeping there expires by itself).
+    """
+
+    def __init__(
+        self,
+        *args,
+        maintenance: Callable[[bool], object],
+        maintenance_seconds: float,
+        after_outage: bool = False,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self._maintenance = maintenance
+        self._maintenance_seconds = maintenance_seconds
+        self._maintenance_due = time.monotonic()
+        # Whether the last run met an outage: `maintenance` is told, see reconcile().
+        self.after_outage = after_outage
+
+    def enqueue_jobs(self):
+        if time.monotonic() >= self._maintenance_due:
+            self._maintenance_due = time.monotonic() + self._maintenance_seconds
+            try:
+                self._maintenance(self.after_outage)
+                self.after_outage = False
+            except Exception as error:  # retried at the next run; keep scheduling
+                forget_session()
+                self.after_outage = is_outage(error)
+                if self.after_outage:
+                    log.warning("reconcile failed: %s", describe(error))
+                else:
+                    log.exception("reconcile failed")
+        return super().enqueue_jobs()
+
+    def register_death(self):
+        with contextlib.suppress(RedisError):
+            super().register_death()
+
+    def remove_lock(self):
+        with contextlib.suppress(RedisError):
+            super().remove_lock()
+
+
+def slot_job_id(limit_name: str, slot: datetime) -> str:
+    return f"slot-{limit_name}-{slot.astimezone(UTC):%Y%m%dT%H%M%S}"
+
+
+def _slot_job_args(limit_name: str, slot: datetime) -> tuple[str, str]:
+    """The slot first: a job queued before limits existed ran its slot of the default."""
+    return slot.isoformat(), limit_name
+
+
+def get_scheduler() -> Scheduler:
+    return Scheduler(queue_name=SLOTS_QUEUE, connection=get_redis())
+
+
+@dataclass(frozen=True)
+class ScheduledJob:
+    id: str
+    due: datetime
+    # The slot it runs and its limit, for a slot job.
+    slot: datetime | None
+    limit: str | None
+
+
+def scheduled_jobs(limit: int) -> tuple[list[ScheduledJob], int]:
+    """The first `limit` jobs that rq-scheduler holds, soonest first, and how many it
+    holds in all. It keeps them in a schedule of its own, which RQ's registries (and so
+    rq-dashboard's "Scheduled jobs") never show."""
+    scheduler = get_scheduler()
+    held = scheduler.get_jobs(with_times=True, offset=0, length=limit)
+    jobs = [
+        ScheduledJob(
+            job.id,
+            due.replace(tzinfo=UTC),  # rq-scheduler gives due times as naive UTC
+            *_slot_of(job),
+        )
+        for job, due in held
+    ]
+    return jobs, scheduler.count()
+
+
+def _slot_of(job: Job) -> tuple[datetime | None, str | None]:
+    if job.func_name != SLOT_JOB:
+        return None, None
+    slot, limit_name = (*job.args, DEFAULT)[:2]
+    return datetime.fromisoformat(slot), limit_name
+
+
+def schedule_slots(limit_name: str, slots: Iterable[datetime]) -> int:
+    """Give each of a limit's slots its job, due just before its start; return how many
+    were added.
+
+    When Redis cannot be reached the plan is still in PostgreSQL, and reconciling
+    schedules it later.
+    """
+    try:
+        scheduler = get_scheduler()
+        return sum(ensure_slot_job(scheduler, limit_name, slot) for slot in sorted(slots))
+    except RedisError:
+        log.warning("could not schedule slot jobs; reconciling will")
+        return 0
+
+
+def ensure_slot_job(
+    scheduler: Scheduler,
+    limit_name: str,
+    slot: datetime,
+    now: datetime | None = None,
+    *,
+    trust_started=True,
+) -> bool:
+    """Schedule a limit's slot's job unless one is waiting or running; True if one was
+    added.
+
+    A slot whose time is near or past goes straight onto the queue. With
+    `trust_started` False, a job that Redis says is running is taken for dead (its
+    worker was killed) and replaced.
+    """
+    job_id = slot_job_id(limit_name, slot)
+    if job_id in scheduler:
+        return False
+    job = _job(job_id)
+    status = job.get_status(refresh=False) if job else None
+    if status in WAITING_STATUSES and _waits_for_real(job):
+        return False
+    if status == JobStatus.STARTED and trust_started:
+        return False
+    forget_lost_job(job_id)
+    now = now or datetime.now(UTC)
+    due = slot - timedelta(seconds=EARLY_SECONDS)
+    timeout = _slot_job_timeout()
+    if due > now:
+        # Aware UTC only: rq-scheduler reads a naive time as UTC, RQ as local time.
+        scheduler.enqueue_at(
+            due,
+            SLOT_JOB,
+            *_slot_job_args(limit_name, slot),
+            job_id=job_id,
+            timeout=timeout,
+            job_result_ttl=RESULT_TTL_SECONDS,
+        )
+    else:
+        # A slot already under way (or overdue) goes ahead of slots yet to start.
+        get_queue(SLOTS_QUEUE).enqueue(
+            SLOT_JOB,
+            *_slot_job_args(limit_name, slot),
+            job_id=job_id,
+            job_timeout=timeout,
+            result_ttl=RESULT_TTL_SECONDS,
+            at_front=slot <= now,
+        )
+    return True
+
+
+def add_slot_helper(limit_name: str, slot: datetime, most: int) -> bool:
+    """Queue one more job for a limit's slot that is under way, ahead of later slots,
+    unless `most` helpers are waiting or running already; True if one was added. With
+    Redis away, none is: the slot job goes on alone."""
+    try:
+        return _add_slot_helper(limit_name, slot, most)
+    except RedisError:
+        log.warning("could not queue a helper for slot %s of %s", slot, limit_name)
+        return False
+
+
+def _add_slot_helper(limit_name: str, slot: datetime, most: int) -> bool:
+    for number in range(1, most + 1):
+        job_id = f"{slot_job_id(limit_name, slot)}-helper-{number}"
+        if _job_status(job_id) in (*WAITING_STATUSES, JobStatus.STARTED):
+            continue
+        get_queue(SLOTS_QUEUE).enqueue(
+            SLOT_JOB,
+            *_slot_job_args(limit_name, slot),
+            job_id=job_id,
+            job_timeout=_slot_job_timeout(),
+            result_ttl=RESULT_TTL_SECONDS,
+            at_front=True,
+        )
+        return True
+    return False
+
+
+def _job(job_id: str) -> Job | None:
+    try:
+        return Job.fetch(job_id, connection=get_redis())
+    except NoSuchJobError:
+        return None
+
+
+def _job_status(job_id: str) -> JobStatus | None:
+    job = _job(job_id)
+    return job.get_status(refresh=False) if job else None
+
+
+def _waits_for_real(job: Job) -> bool:
+    """Whether a job that RQ calls queued is on its queue. A worker pops a job before it
+    marks it started: one that died in between (or between RQ's intermediate queue and
+    the start) leaves a job marked queued that no queue holds. Such a job is taken for
+    lost once it has been seen off its queue for LOST_AFTER_SECONDS, which a live worker
+    never takes to start a job (three times the longest a new PostgreSQL connection may
+    take it before the fork)."""
+    if job.get_status(refresh=False) != JobStatus.QUEUED:
+        return True
+    redis = get_redis()
+    if redis.lpos(get_queue(job.origin).key, job.id) is not None:
+        return True
+    marker = LOST_MARKER.format(job.id)
+    if redis.set(marker, time.time(), nx=True, ex=LOST_MARKER_TTL_SECONDS):
+        return True  # first seen off its queue: it may be starting this very moment
+    first_seen = float(redis.get(marker) or time.time())
+    return time.time() - first_seen < LOST_AFTER_SECONDS
+
+
+def forget_lost_job(job_id: str) -> None:
+    """Before a job is queued again under its id: drop the marker, and the copy that a
+    worker's death may have left in RQ's intermediate queue (RQ would fail it later)."""
+    redis = get_redis()
+    redis.delete(LOST_MARKER.format(job_id))
+    for name in ALL_QUEUES:
+        redis.lrem(get_queue(name).intermediate_queue_key, 0, job_id)
+
+
+def clean_abandoned_jobs() -> None:
+    """Let RQ mark failed the jobs it calls started whose worker stopped beating (it
+    died): RQ's workers do it only every few minutes."""
+    for name in ALL_QUEUES:
+        StartedJobRegistry(queue=get_queue(name)).cleanup()
+
+
+def planning_is_queued(task_id: int) -> bool:
+    job = _job(planning_job_id(task_id))
+    status = job.get_status(refresh=False) if job else None
+    return (status in WAITING_STATUSES and _waits_for_real(job)) or status == JobStatus.STARTED
+
+
+def _slot_job_timeout() -> int:
+    # A slot job paces through its slot, then may meet slow processors: allow plenty.
+    return current_app.config["SLOT_SECONDS"] * 3 + 300

@@ -1,0 +1,293 @@
+"""Limits: named downstreams, each with its own RPM, processor and processor options,
+and its own slots, windows, planning locks and slot jobs; two never share capacity.
+
+Tasks that name no limit go to `default`. As with the shared settings, the first
+process that needs it records it from its own settings (RPM, ID_PROCESSOR and the
+PROCESSOR_HTTP_* of the HTTP processor); the migration that brought limits did the same
+from the values recorded then. From then on the row is the one source of truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from flask import current_app
+from marshmallow import ValidationError
+from sqlalchemy import func, select, text
+from sqlalchemy.dialects.postgresql import insert
+
+from service.core.errors import Conflict, Refused, not_found
+from service.core.extensions import db
+from service.core.models import FINISHED, IdTask, Limit
+from service.processors.contract import HTTP_PROCESSOR, RECORD_USER, load_processor
+
+DEFAULT = "default"
+# What a limit created without a processor runs: the built-in one that records users.
+DEFAULT_PROCESSOR = RECORD_USER
+# Row locks a reader may take on a limit: planners share-lock it, so that a change of
+# its RPM waits for them; a new task key-share-locks it, so that deleting it waits for
+# the task, which a change does not.
+SHARE, KEY_SHARE, CHANGE, REMOVE = "share", "key share", "change", "remove"
+_LOCKS = {
+    SHARE: {"read": True},
+    KEY_SHARE: {"read": True, "key_share": True},
+    CHANGE: {"key_share": True},
+    REMOVE: {},
+}
+
+
+@dataclass(frozen=True)
+class SlotOfLimit:
+    """A slot of one limit as a slot job runs it: plain values, read once, that stay
+    valid across the job's many transactions and threads."""
+
+    limit_id: int
+    limit_name: str
+    start: datetime
+    processor: str = DEFAULT_PROCESSOR
+    options: dict = field(default_factory=dict)
+    # The deployment's id, the first part of every idempotency key sent downstream.
+    deployment: str = ""
+
+    @classmethod
+    def of(cls, limit: Limit, start: datetime, deployment: str = "") -> SlotOfLimit:
+        return cls(limit.id, limit.name, start, limit.processor, limit.options, deployment)
+
+
+def find(name: str, lock: str | None = None) -> Limit | None:
+    """The limit called `name`, or None; `default` is recorded from this app's settings
+    the first time it is needed."""
+    limit = _select(Limit.name == name, lock)
+    if limit is None and name == DEFAULT:
+        _record_default()
+        limit = _select(Limit.name == name, lock)
+    return limit
+
+
+def by_id(limit_id: int, lock: str | None = None) -> Limit:
+    limit = _select(Limit.id == limit_id, lock)
+    if limit is None:
+        raise not_found("limit", limit_id)
+    return limit
+
+
+def get_limit(name: str, lock: str | None = None) -> Limit:
+    """For the routes that name a limit in their path: 404 when there is none."""
+    limit = find(name, lock)
+    if limit is None:
+        raise not_found("limit", repr(name))
+    return limit
+
+
+def named_by_request(name: str | None, lock: str | None = None) -> Limit:
+    """The limit a task or a query names (`default` when none): 422 when there is none."""
+    name = name or DEFAULT
+    limit = find(name, lock)
+    if limit is None:
+        raise _invalid(
+            f"no limit is named {name!r}", {"limit": ["no such limit; see GET /limits/"]}
+        )
+    return limit
+
+
+def _select(where, lock: str | None) -> Limit | None:
+    query = select(Limit).where(where).execution_options(populate_existing=True)
+    if lock:
+        query = query.with_for_update(**_LOCKS[lock])
+    return db.session.scalar(query)
+
+
+def _record_default() -> None:
+    """In a transaction of its own: recorded once for every process, whatever becomes
+    of the caller's transaction."""
+    config = current_app.config
+    with db.engine.begin() as connection:
+        connection.execute(
+            insert(Limit)
+            .values(
+                name=DEFAULT,
+                rpm=config["RPM"],
+                processor=config["ID_PROCESSOR"],
+                options=options_from_settings(config),
+            )
+            .on_conflict_do_nothing(index_elements=["name"])
+        )
+
+
+def options_from_settings(config) -> dict:
+    """The HTTP processor's options as the PROCESSOR_HTTP_* settings give them."""
+    if config["ID_PROCESSOR"] != HTTP_PROCESSOR:
+        return {}
+    options = {
+        "url": config["PROCESSOR_HTTP_URL"],
+        "method": config["PROCESSOR_HTTP_METHOD"],
+        "timeout": config["PROCESSOR_HTTP_TIMEOUT"],
+    }
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def list_limits() -> list[dict]:
+    find(DEFAULT)  # listed even before its first use
+    limits = db.session.scalars(select(Limit).order_by(Limit.name)).all()
+    counts = _counts([limit.id for limit in limits])
+    return [_answer(limit, counts) for limit in limits]
+
+
+def read_limit(name: str) -> dict:
+    return answer(get_limit(name))
+
+
+def answer(limit: Limit) -> dict:
+    """A limit as the API shows it, with the counts of its IDs."""
+    return _answer(limit, _counts([limit.id]))
+
+
+def create_limit(fields: dict) -> dict:
+    """A new limit; its name is taken (409, mapped from the unique constraint) or not."""
+    processor = fields.get("processor", DEFAULT_PROCESSOR)
+    options = checked_options(processor, fields.get("options", {}))
+    limit = Limit(
+        name=fields["name"],
+        rpm=fields["rpm"],
+        processor=processor,
+        options=options,
+        paused=fields.get("paused", False),
+    )
+    db.session.add(limit)
+    db.session.commit()
+    return _answer(limit, {})
+
+
+def change_fields(limit: Limit, changes: dict) -> None:
+    """Apply a change of RPM, processor or options to a limit whose row is locked
+    (CHANGE); `paused` is service/pausing.py's. A new RPM applies to planning from then
+    on (it waits for planning under way); the IDs planned already keep their slots. A
+    new processor or options apply from the next slot that runs."""
+    processor = changes.get("processor", limit.processor)
+    options = changes.get("options", limit.options)
+    if "processor" in changes or "options" in changes:
+        limit.processor, limit.options = processor, checked_options(processor, options)
+    if "rpm" in changes:
+        limit.rpm = changes["rpm"]
+
+
+def delete_limit(name: str) -> None:
+    """Only a limit none of whose IDs waits can go; its slots go with it, its finished
+    tasks stay, naming no limit."""
+    limit = get_limit(name, REMOVE)  # a task naming it meanwhile waits, then finds none
+    if limit.name == DEFAULT:
+        raise Conflict("the default limit takes every task that names none: it stays")
+    pending = _counts([limit.id]).get(limit.id, {}).get("pending", 0)
+    if pending:
+        raise Conflict(
+            f"limit {name!r} has {pending} pending IDs: let them run, or cancel their tasks, first"
+        )
+    db.session.delete(limit)
+    db.session.commit()
+
+
+def checked_options(processor_path: str, options: dict) -> dict:
+    """The options as the processor's own schema loads them; 422 when the processor
+    lies outside PROCESSOR_MODULES, cannot be imported or refuses them. A processor
+    without a schema takes none."""
+    module = processor_path.partition(":")[0]
+    allowed = current_app.config["ALLOWED_PROCESSOR_MODULES"]
+    if module not in allowed:
+        reason = f"its module must be one of PROCESSOR_MODULES: {', '.join(sorted(allowed))}"
+        raise _invalid("the processor is not usable", {"processor": [reason]})
+    try:
+        processor = load_processor(processor_path)
+    except Exception as exc:  # importing a module may raise anything; the name is the client's
+        reason = f"cannot be imported: {type(exc).__name__}: {exc}"
+        raise _invalid("the processor is not usable", {"processor": [reason]}) from None
+    if not callable(processor):
+        raise _invalid("the processor is not usable", {"processor": ["is not a function"]})
+    schema = getattr(processor, "options_schema", None)
+    if schema is None:
+        if options:
+            raise _invalid("the options are refused", {"options": ["the processor takes none"]})
+        return {}
+    try:
+        return schema().load(options)
+    except ValidationError as exc:
+        raise _invalid("the options are refused", {"options": exc.messages}) from None
+
+
+def _answer(limit: Limit, counts: dict) -> dict:
+    """A limit as the API shows it, with the counts of its IDs."""
+    return {
+        "name": limit.name,
+        "rpm": limit.rpm,
+        "processor": limit.processor,
+        "options": limit.options,
+        "paused": limit.paused,
+        **counts.get(limit.id, {"pending": 0, "done": 0, "failed": 0}),
+    }
+
+
+def _counts(limit_ids: list[int]) -> dict[int, dict[str, int]]:
+    """Pending, done and failed IDs of each limit, from its tasks' counters."""
+    unfinished = IdTask.status.not_in(FINISHED)
+    rows = db.session.execute(
+        select(
+            IdTask.limit_id,
+            func.coalesce(
+                func.sum(IdTask.total - IdTask.done - IdTask.failed).filter(unfinished), 0
+            ),
+            func.coalesce(func.sum(IdTask.done), 0),
+            func.coalesce(func.sum(IdTask.failed), 0),
+        )
+        .where(IdTask.limit_id.in_(limit_ids))
+        .group_by(IdTask.limit_id)
+    )
+    return {
+        limit_id: {"pending": pending, "done": done, "failed": failed}
+        for limit_id, pending, done, failed in rows
+    }
+
+
+def _invalid(message: str, errors: dict) -> Refused:
+    return Refused(message, errors)
+
+
+def set_default_rpm(rpm: int) -> None:
+    """RPM as a shared setting is the default limit's (service/shared_settings.py)."""
+    find(DEFAULT, CHANGE).rpm = rpm
+
+
+def active_limits() -> list[Limit]:
+    """The limits whose slots run: every one not paused."""
+    return db.session.scalars(select(Limit).where(Limit.paused.is_(False)).order_by(Limit.id)).all()
+
+
+def all_names() -> list[str]:
+    return list(db.session.scalars(select(Limit.name).order_by(Limit.name)))
+
+
+def subtract_loads(released: dict[tuple[int, datetime], int]) -> None:
+    """Lower the loads of slots, keyed by limit and start, locking their rows in time
+    order as planners add to them, so that the two never wait on each other in a circle."""
+    if not released:
+        return
+    keys = sorted(released)
+    limit_ids, slots = [limit_id for limit_id, _ in keys], [slot for _, slot in keys]
+    params = {"limits": limit_ids, "slots": slots}
+    db.session.execute(
+        text(
+            "SELECT 1 FROM slots JOIN unnest(CAST(:limits AS smallint[]), "
+            "  CAST(:slots AS timestamptz[])) AS r(limit_id, slot) "
+            "  ON slots.limit_id = r.limit_id AND slots.slot_start = r.slot "
+            "ORDER BY slots.limit_id, slots.slot_start FOR UPDATE OF slots"
+        ),
+        params,
+    )
+    db.session.execute(
+        text(
+            "UPDATE slots SET load = slots.load - r.n "
+            "FROM unnest(CAST(:limits AS smallint[]), CAST(:slots AS timestamptz[]), "
+            "  CAST(:counts AS int[])) AS r(limit_id, slot, n) "
+            "WHERE slots.limit_id = r.limit_id AND slots.slot_start = r.slot"
+        ),
+        {**params, "counts": [released[key] for key in keys]},
+    )

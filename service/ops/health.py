@@ -1,0 +1,105 @@
+"""Readiness: whether this process can serve, for load balancers and orchestrators.
+
+Each check has its own connection with short timeouts, so a server that hangs makes the
+probe answer "not ready" in a few seconds instead of hanging with it (the app's own
+connections wait as long as their work needs).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import cache
+
+import psycopg
+from alembic.script import ScriptDirectory
+from flask import current_app
+from redis.exceptions import RedisError
+from sqlalchemy.engine import make_url
+
+from service.core.extensions import probe_redis
+
+CHECK_TIMEOUT_SECONDS = 2
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool
+    detail: str  # how long it took, or why it failed
+
+
+@dataclass(frozen=True)
+class Readiness:
+    checks: dict[str, Check]
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Why each failed check failed; empty when the process is ready."""
+        return {name: check.detail for name, check in self.checks.items() if not check.ok}
+
+
+def readiness() -> Readiness:
+    """PostgreSQL answers, its schema is at the migrations' head, Redis answers."""
+    started = time.perf_counter()
+    try:
+        applied = applied_revisions()
+    except psycopg.Error as error:
+        database = Check(False, _reason(error))
+        schema = Check(False, "not checked: PostgreSQL did not answer")
+    else:
+        database = Check(True, f"answered in {_ms_since(started)} ms")
+        heads = migration_heads(current_app.extensions["migrate"].directory)
+        schema = _schema_check(applied, heads)
+    return Readiness({"database": database, "migrations": schema, "redis": _redis_check()})
+
+
+def applied_revisions() -> set[str]:
+    """The revisions Alembic recorded in the database (none before the first upgrade)."""
+    # libpq's own URL, not SQLAlchemy's with its driver name.
+    url = make_url(current_app.config["SQLALCHEMY_DATABASE_URI"]).set(drivername="postgresql")
+    with psycopg.connect(
+        url.render_as_string(hide_password=False),
+        connect_timeout=CHECK_TIMEOUT_SECONDS,
+        autocommit=True,
+    ) as connection:
+        connection.execute(f"SET statement_timeout = {CHECK_TIMEOUT_SECONDS * 1000}")
+        try:
+            rows = connection.execute("SELECT version_num FROM alembic_version").fetchall()
+        except psycopg.errors.UndefinedTable:
+            return set()
+    return {revision for (revision,) in rows}
+
+
+@cache
+def migration_heads(directory: str) -> frozenset[str]:
+    """The head revisions of the migrations this code carries (read once per process)."""
+    return frozenset(ScriptDirectory(directory).get_heads())
+
+
+def _schema_check(applied: set[str], heads: frozenset[str]) -> Check:
+    if applied == heads:
+        return Check(True, f"at head {', '.join(sorted(heads))}")
+    at = ", ".join(sorted(applied)) or "no revision"
+    return Check(
+        False, f"database at {at}, code at {', '.join(sorted(heads))}: run flask db upgrade"
+    )
+
+
+def _redis_check() -> Check:
+    started = time.perf_counter()
+    try:
+        with probe_redis(CHECK_TIMEOUT_SECONDS) as redis:
+            redis.ping()
+    except RedisError as error:
+        return Check(False, _reason(error))
+    return Check(True, f"answered in {_ms_since(started)} ms")
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+def _reason(error: Exception) -> str:
+    # The first line only: psycopg adds hints over several.
+    first_line = next(iter(str(error).strip().splitlines()), "")
+    return f"{type(error).__name__}: {first_line}"

@@ -1,0 +1,147 @@
+"""Changing a limit: its RPM, processor and options, and pausing and resuming it.
+
+`paused` is a field of the limit like the others, so one PATCH may change a limit's RPM
+and resume it, in one transaction. A paused limit's slot jobs claim nothing: its IDs stay
+pending and its slots pass. Tasks are still planned into it, so their plan stays known.
+Resuming plans every pending ID whose slot is no longer open again, from the moment of
+resuming and by the usual rules, as if its tasks had brought those IDs then (in task
+order): a resume never becomes a burst. IDs in slots still open keep them.
+
+The flag and the plan change together: a resume that dies half way leaves the limit
+paused and its plan as it was, and resuming again does the whole of it. Resuming a
+limit that runs changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from itertools import groupby
+
+from flask import current_app
+from sqlalchemy import select, text
+
+from service.core.extensions import db
+from service.core.models import AssignmentStatus, IdTask, Limit
+from service.jobs import schedule_slots
+from service.limits import store as limits
+from service.limits.store import subtract_loads
+from service.planning.retries import replan_in_place
+from service.planning.windows import database_now
+
+
+def pause(name: str) -> None:
+    """Stop a limit's slots from running; IDs a slot job has claimed already finish."""
+    _change(name, {"paused": True})
+
+
+def resume(name: str, now: datetime | None = None) -> int:
+    """Let a paused limit's slots run again; returns how many IDs whose slot had
+    passed were planned again (none, for a limit that was not paused)."""
+    return _change(name, {"paused": False}, now)[1]
+
+
+def replace_limit(name: str, fields: dict) -> dict:
+    """PUT: the fields not given take their defaults; a limit put without `paused` runs."""
+    defaults = {"processor": limits.DEFAULT_PROCESSOR, "options": {}, "paused": False}
+    return update_limit(name, {**defaults, **fields})
+
+
+def update_limit(name: str, changes: dict, now: datetime | None = None) -> dict:
+    return limits.answer(_change(name, changes, now)[0])
+
+
+def _change(name: str, changes: dict, now: datetime | None = None) -> tuple[Limit, int]:
+    """Change a limit's fields, pausing or resuming it; the slots a resume planned into
+    get their jobs once it has committed."""
+    resuming = changes.get("paused") is False
+    # Task rows are locked before the limit's row, in the order the retry planner takes them.
+    overdue = _lock_overdue_tasks(limits.get_limit(name).id, now) if resuming else None
+    limit = limits.get_limit(name, limits.CHANGE)
+    limits.change_fields(limit, changes)
+    replanned, slots = 0, set()
+    if overdue is not None and limit.paused:
+        replanned, slots = _replan_overdue(limit, overdue, now)
+    if "paused" in changes:
+        limit.paused = changes["paused"]
+    db.session.commit()
+    schedule_slots(limit.name, slots)
+    return limit, replanned
+
+
+@dataclass(frozen=True)
+class _Overdue:
+    """The tasks that hold a limit's pending IDs in slots starting by `cutoff` (no
+    longer open), their rows locked."""
+
+    cutoff: datetime
+    tasks: list[IdTask]
+
+
+def _lock_overdue_tasks(limit_id: int, now: datetime | None) -> _Overdue:
+    lead = timedelta(seconds=current_app.config["PLAN_LEAD_SECONDS"])
+    cutoff = (now or database_now()) + lead
+    task_ids = db.session.scalars(
+        text(
+            "SELECT DISTINCT task_id FROM assignments "
+            "WHERE limit_id = :limit AND status = :pending AND slot_start <= :cutoff"
+        ),
+        {"limit": limit_id, "pending": AssignmentStatus.PENDING, "cutoff": cutoff},
+    ).all()
+    tasks = db.session.scalars(
+        select(IdTask)
+        .where(IdTask.id.in_(task_ids))
+        .order_by(IdTask.id)
+        .with_for_update(of=IdTask)
+        .execution_options(populate_existing=True)
+    ).all()
+    return _Overdue(cutoff, list(tasks))
+
+
+def _replan_overdue(
+    limit: Limit, overdue: _Overdue, now: datetime | None
+) -> tuple[int, set[datetime]]:
+    """Move the overdue IDs out of their slots and plan them again from now, task by
+    task; returns how many, and the slots they went to."""
+    rows = _lock_overdue_rows(limit.id, overdue)
+    if not rows:
+        return 0, set()
+    subtract_loads(Counter((limit.id, row.slot_start) for row in rows))
+    by_task = {task.id: task for task in overdue.tasks}
+    slots: set[datetime] = set()
+    for task_id, task_rows in groupby(rows, key=lambda row: row.task_id):
+        task = by_task[task_id]
+        positions = [(row.position, row.user_id) for row in task_rows]
+        # Each task's lead counts every row: none is committed before the last is written.
+        planner = replan_in_place(task, positions, None, now=now, expected_ids=len(rows))
+        slots |= planner.used_slots
+        task.first_slot = _first_slot(task_id)
+    return len(rows), slots
+
+
+def _lock_overdue_rows(limit_id: int, overdue: _Overdue) -> list:
+    return db.session.execute(
+        text(
+            "SELECT task_id, position, user_id, slot_start FROM assignments "
+            "WHERE limit_id = :limit AND status = :pending AND slot_start <= :cutoff "
+            "  AND task_id = ANY(:tasks) "
+            "ORDER BY task_id, position FOR UPDATE"
+        ),
+        {
+            "limit": limit_id,
+            "pending": AssignmentStatus.PENDING,
+            "cutoff": overdue.cutoff,
+            "tasks": [task.id for task in overdue.tasks],
+        },
+    ).all()
+
+
+def _first_slot(task_id: int) -> datetime | None:
+    """Where the task's first IDs now are: moved ones no longer hold their old slot."""
+    return db.session.scalar(
+        text(
+            "SELECT min(slot_start) FROM assignments WHERE task_id = :task AND status <> :cancelled"
+        ),
+        {"task": task_id, "cancelled": AssignmentStatus.CANCELLED},
+    )

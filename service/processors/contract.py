@@ -1,0 +1,83 @@
+"""The processor contract: what a slot job hands a limit's IDs to, and how it answers.
+
+Each limit names its processor, a function given as `module:function` (the `default`
+limit's comes from `ID_PROCESSOR`), of one of two kinds:
+
+- a **group** processor, `process(user_ids: list[int]) -> {user_id: Failure | str}`,
+  called with the IDs due together and returning those that failed. It runs inside the
+  transaction that records their outcomes, so what it writes to the database commits
+  with them, or not at all. Declaring a `keys` parameter
+  (`process(user_ids, keys)`) brings each ID's idempotency key alongside it.
+- a **per-ID** processor, marked with `@per_id`: `process(user_id: int, key: str) ->
+  Failure | str | None`, called once per ID at its turn, from a pool of threads, so that
+  calls to a slow downstream overlap (up to PROCESSOR_CONCURRENCY at once) instead of
+  delaying the IDs behind them. Its outcomes are recorded in batches, in transactions
+  of their own: what it writes elsewhere is not undone with them.
+
+Either kind signals a failure by returning it; an exception fails the ID (a group
+processor's, every ID of the call).
+
+A processor may take **options**, what it needs to know about its downstream (a URL, a
+timeout), set on each limit that uses it: it declares a marshmallow schema as its
+`options_schema` attribute, which checks a limit's options when they are written (a
+limit refuses options for a processor that declares none), and an `options` parameter,
+through which each call gets its limit's options as that schema loaded them.
+
+The built-in processors are in service/processors/builtin.py; limits name them by
+their public paths under `workers.processors`, which stored limits hold.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import import_module
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A processor's verdict on one ID; `retry` False means no further attempt."""
+
+    message: str
+    retry: bool = True
+
+
+# The public paths of the built-in processors, as limits and ID_PROCESSOR name them.
+RECORD_USER = "workers.processors:record_user"
+HTTP_PROCESSOR = "workers.processors:http_request"
+
+
+def per_id(function: Callable) -> Callable:
+    """Mark a processor that takes one ID (and its key) a call and may run concurrently."""
+    function.per_id = True
+    return function
+
+
+def load_processor(path: str) -> Callable:
+    module_name, _, function = path.partition(":")
+    return getattr(import_module(module_name), function)
+
+
+def is_per_id(processor: Callable) -> bool:
+    return getattr(processor, "per_id", False)
+
+
+def longest_call(processor: Callable, options: dict) -> float | None:
+    """Seconds that one call of a per-ID processor may last at most, when it says so (a
+    `longest_call` attribute, given its limit's options): a claim must outlive it."""
+    declared = getattr(processor, "longest_call", None)
+    return declared(options) if declared else None
+
+
+@functools.cache  # asked once per group of IDs; a signature is slow to read
+def takes(processor: Callable, parameter: str) -> bool:
+    return parameter in inspect.signature(processor).parameters
+
+
+def as_failure(verdict) -> Failure | None:
+    """A processor's answer for one ID as a Failure, or None when it succeeded."""
+    if verdict is None or isinstance(verdict, Failure):
+        return verdict
+    return Failure(str(verdict))

@@ -1,0 +1,358 @@
+"""ID tasks: submission, reading, replacement and cancellation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from itertools import islice
+
+from flask import current_app
+from psycopg import sql
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import defer
+
+from service.core.errors import Conflict, Refused, TooLarge, not_found
+from service.core.extensions import db, raw_connection
+from service.core.models import (
+    FINISHED,
+    Assignment,
+    AssignmentStatus,
+    IdTask,
+    Overflow,
+    TaskIdChunk,
+    TaskStatus,
+)
+from service.core.paging import newest_first
+from service.jobs import enqueue_planning
+from service.limits import store as limits
+from service.limits.store import subtract_loads
+
+IDS_PER_CHUNK = 10_000
+ID_CHUNKS = "task_id_chunks"
+# Tasks up to this many IDs echo them in `payload`, as the original API did;
+# larger ones are read page by page from /ids/ so that lists stay small.
+PAYLOAD_ECHO_MAX_IDS = 1000
+# The statuses in which no ID has been handed to a worker yet.
+REPLANNABLE = (TaskStatus.RECEIVED, TaskStatus.PLANNING, TaskStatus.SCHEDULED)
+# The fields besides the IDs that decide a task's plan: a change re-plans it.
+PLAN_RULES = ("limit", "overflow", "not_before")
+
+
+def list_tasks(offset: int, limit: int) -> tuple[list[IdTask], int]:
+    """A page of tasks, newest first, without their payloads (lists do not show them)."""
+    return newest_first(IdTask, offset, limit, defer(IdTask.payload))
+
+
+def get_task(task_id: int, *, lock: bool = False) -> IdTask:
+    query = select(IdTask).where(IdTask.id == task_id)
+    if lock:
+        # Refresh from the locked row: the session may hold a copy read before the lock.
+        query = query.with_for_update(of=IdTask).execution_options(populate_existing=True)
+    task = db.session.scalar(query)
+    if task is None:
+        raise not_found("task", task_id)
+    return task
+
+
+def submit_task(
+    task_name: str,
+    ids: Iterable[int],
+    overflow: str | None = None,
+    not_before: datetime | None = None,
+    limit: str | None = None,
+) -> IdTask:
+    """Store a task and its distinct IDs in one transaction, then queue its planning.
+
+    The task names its limit (`default` when none; 422 when there is no such limit).
+    """
+    task = IdTask(
+        task_name=task_name,
+        limit=limits.named_by_request(limit, limits.KEY_SHARE),
+        overflow=overflow or Overflow.SPREAD,
+        not_before=not_before,
+        status=TaskStatus.RECEIVED,
+    )
+    db.session.add(task)
+    db.session.flush()
+    _store_ids(task, ids)
+    db.session.commit()
+    enqueue_planning(task.id, task.total)
+    return task
+
+
+def replace_task(task_id: int, fields: dict) -> IdTask:
+    """PUT: every field given or set to its default; the same IDs keep their plan."""
+    defaults = {"limit": limits.DEFAULT, "overflow": Overflow.SPREAD, "not_before": None}
+    return update_task(task_id, {**defaults, **fields})
+
+
+def update_task(task_id: int, changes: dict) -> IdTask:
+    """Rename at any time; new IDs, overflow or start only while none has run, and re-plan.
+
+    IDs equal to the task's own (the same distinct IDs in the same order) are no change.
+    """
+    task = get_task(task_id, lock=True)
+    if "limit" in changes:
+        changes = {**changes, "limit": limits.named_by_request(changes["limit"], limits.KEY_SHARE)}
+    if "task_name" in changes:
+        task.task_name = changes["task_name"]
+    if "ids" in changes and _same_ids(task, changes["ids"]):
+        task.duplicates = len(changes["ids"]) - task.total
+        changes = {name: value for name, value in changes.items() if name != "ids"}
+    new_rules = {
+        name: changes[name]
+        for name in PLAN_RULES
+        if name in changes and changes[name] != getattr(task, name)
+    }
+    replan = "ids" in changes or bool(new_rules)
+    if replan:
+        _release_plan(task)
+        for name, value in new_rules.items():
+            setattr(task, name, value)
+        if "ids" in changes:
+            db.session.execute(TaskIdChunk.__table__.delete().where(TaskIdChunk.task_id == task.id))
+            _store_ids(task, changes["ids"])
+        task.status = TaskStatus.RECEIVED
+    db.session.commit()
+    if replan:
+        enqueue_planning(task.id, task.total)
+    return task
+
+
+def _same_ids(task: IdTask, ids: list[int]) -> bool:
+    distinct = list(dict.fromkeys(ids))
+    if len(distinct) != task.total:
+        return False
+    stored = db.session.scalars(
+        select(TaskIdChunk.ids).where(TaskIdChunk.task_id == task.id).order_by(TaskIdChunk.chunk_no)
+    )
+    return [user_id for chunk in stored for user_id in chunk] == distinct
+
+
+def cancel_task(task_id: int) -> None:
+    """Cancel a task: its pending IDs leave the plan and their capacity is freed."""
+    task = get_task(task_id, lock=True)
+    if task.status == TaskStatus.CANCELLED:
+        return
+    if task.status in FINISHED:
+        raise Conflict(f"task {task_id} has already finished ({task.status})")
+    _release_pending(task, AssignmentStatus.CANCELLED)
+    task.status = TaskStatus.CANCELLED
+    db.session.commit()
+
+
+def list_task_ids(
+    task_id: int, offset: int, limit: int, status: str | None = None, slot: datetime | None = None
+) -> tuple[list[dict], int]:
+    """A page of the task's IDs in submission order, with slot and outcome."""
+    task = get_task(task_id)
+    if task.planned:
+        return _planned_ids(task, offset, limit, status, slot)
+    return _received_ids(task, offset, limit, status, slot)
+
+
+def _planned_ids(task, offset, limit, status, slot):
+    filters = [Assignment.task_id == task.id]
+    if status:
+        filters.append(Assignment.status == status)
+    if slot:
+        filters.append(Assignment.slot_start == slot)
+    rows = db.session.scalars(
+        select(Assignment).where(*filters).order_by(Assignment.position).offset(offset).limit(limit)
+    ).all()
+    items = [
+        {
+            "position": row.position,
+            "user_id": row.user_id,
+            "slot": row.slot_start,
+            "status": row.status,
+            "attempts": row.attempts,
+            "error": row.error,
+            "finished_at": row.finished_at,
+        }
+        for row in rows
+    ]
+    if len(filters) == 1:
+        return items, task.total
+    return items, db.session.scalar(select(func.count()).select_from(Assignment).where(*filters))
+
+
+def _received_ids(task, offset, limit, status, slot):
+    """Before planning the IDs exist only in the task's chunks."""
+    unplanned = "cancelled" if task.status == TaskStatus.CANCELLED else "received"
+    if slot or (status and status != unplanned):
+        return [], 0
+    first_chunk, last_chunk = offset // IDS_PER_CHUNK, (offset + limit - 1) // IDS_PER_CHUNK
+    rows = db.session.execute(
+        text(
+            "SELECT c.chunk_no * :per_chunk + u.ordinal - 1 AS position, u.user_id "
+            "FROM task_id_chunks c, unnest(c.ids) WITH ORDINALITY AS u(user_id, ordinal) "
+            "WHERE c.task_id = :task AND c.chunk_no BETWEEN :first AND :last "
+            "ORDER BY position OFFSET :skip LIMIT :limit"
+        ),
+        {
+            "per_chunk": IDS_PER_CHUNK,
+            "task": task.id,
+            "first": first_chunk,
+            "last": last_chunk,
+            "skip": offset - first_chunk * IDS_PER_CHUNK,
+            "limit": limit,
+        },
+    )
+    items = [
+        {
+            "position": position,
+            "user_id": user_id,
+            "slot": None,
+            "status": unplanned,
+            "attempts": 0,
+            "error": None,
+            "finished_at": None,
+        }
+        for position, user_id in rows
+    ]
+    return items, task.total
+
+
+def _release_pending(task: IdTask, new_status: str | None) -> None:
+    """Take the task's pending IDs out of their slots' load; mark or delete them.
+
+    Retrying IDs hold no slot's capacity yet: they are only marked.
+    """
+    if not task.planned:
+        return
+    if new_status is None:
+        change = "DELETE FROM assignments WHERE task_id = :task AND status = :pending"
+    else:
+        change = (
+            "UPDATE assignments SET status = :new_status "
+            "WHERE task_id = :task AND status = :pending"
+        )
+        db.session.execute(
+            text(
+                "UPDATE assignments SET status = :new_status, retry_at = NULL "
+                "WHERE task_id = :task AND status = :retrying"
+            ),
+            {"task": task.id, "new_status": new_status, "retrying": AssignmentStatus.RETRYING},
+        )
+    released = db.session.execute(
+        text(
+            f"WITH released AS ({change} RETURNING limit_id, slot_start) "
+            "SELECT limit_id, slot_start, count(*) FROM released GROUP BY limit_id, slot_start"
+        ),
+        {"task": task.id, "new_status": new_status, "pending": AssignmentStatus.PENDING},
+    ).all()
+    subtract_loads({(limit_id, slot): n for limit_id, slot, n in released})
+
+
+def _release_plan(task: IdTask) -> None:
+    """Drop the task's plan, refusing (409) once any of its IDs has been handed out.
+
+    A slot job's claim does not wait for the task's row lock; deleting the pending rows
+    waits for any claim in flight instead, so the check after it sees every claim.
+    """
+    started = Conflict(
+        f"task {task.id} is {task.status}: its IDs can change only before any has run"
+    )
+    if task.status not in REPLANNABLE:
+        raise started
+    _release_pending(task, None)
+    handed_out = db.session.execute(
+        text("SELECT EXISTS (SELECT 1 FROM assignments WHERE task_id = :t)"), {"t": task.id}
+    ).scalar()
+    if handed_out:
+        raise started
+    task.planned = task.done = task.failed = 0
+    task.first_slot = task.last_slot = None
+
+
+def batches(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def _store_ids(task: IdTask, ids: Iterable[int]) -> None:
+    """Store the task's distinct IDs; count them and the repeats dropped."""
+    with raw_connection().cursor() as cur:
+        submitted, distinct = store_distinct_ids(cur, ID_CHUNKS, task.id, ids)
+        payload = None
+        if distinct <= PAYLOAD_ECHO_MAX_IDS:
+            cur.execute(
+                "SELECT array_to_string(ids, ',') FROM task_id_chunks "
+                "WHERE task_id = %s AND chunk_no = 0",
+                (task.id,),
+            )
+            payload = cur.fetchone()[0]
+    task.total = distinct
+    task.duplicates = submitted - distinct
+    task.payload = payload
+
+
+def store_distinct_ids(cur, table: str, task_id: int, ids: Iterable[int]) -> tuple[int, int]:
+    """COPY the IDs into `table` (shaped as task_id_chunks) as arrays of IDS_PER_CHUNK,
+    then drop repeats if there are any; return how many were submitted and distinct.
+
+    PostgreSQL does the de-duplication, so memory stays flat however many IDs come.
+    """
+    limit = current_app.config["MAX_IDS_PER_TASK"]
+    chunks = sql.Identifier(table)
+    submitted = 0
+    with cur.copy(sql.SQL("COPY {} (task_id, chunk_no, ids) FROM STDIN").format(chunks)) as copy:
+        for chunk_no, chunk in enumerate(batches(ids, IDS_PER_CHUNK)):
+            submitted += len(chunk)
+            if submitted > limit:
+                raise TooLarge(f"a task takes at most {limit} IDs (MAX_IDS_PER_TASK)")
+            copy.write_row((task_id, chunk_no, "{" + ",".join(map(str, chunk)) + "}"))
+    if not submitted:
+        raise Refused("no IDs given: the body holds none")
+    cur.execute(
+        sql.SQL(
+            "SELECT count(DISTINCT u) FROM {} c, unnest(c.ids) AS u WHERE c.task_id = %s"
+        ).format(chunks),
+        (task_id,),
+    )
+    distinct = cur.fetchone()[0]
+    if distinct < submitted:
+        _rewrite_without_repeats(cur, chunks, task_id)
+    return submitted, distinct
+
+
+def _rewrite_without_repeats(cur, chunks: sql.Identifier, task_id: int) -> None:
+    """Keep the first occurrence of each ID, renumbered densely in submission order."""
+    params = {"task": task_id, "per_chunk": IDS_PER_CHUNK}
+    cur.execute(
+        sql.SQL(
+            "CREATE TEMP TABLE first_seen ON COMMIT DROP AS "
+            "SELECT u.user_id, min(c.chunk_no::bigint * %(per_chunk)s + u.ordinal) AS first "
+            "FROM {} c, unnest(c.ids) WITH ORDINALITY AS u(user_id, ordinal) "
+            "WHERE c.task_id = %(task)s GROUP BY u.user_id"
+        ).format(chunks),
+        params,
+    )
+    cur.execute(sql.SQL("DELETE FROM {} WHERE task_id = %(task)s").format(chunks), params)
+    cur.execute(
+        sql.SQL(
+            "INSERT INTO {} (task_id, chunk_no, ids) "
+            "SELECT %(task)s, rank / %(per_chunk)s, array_agg(user_id ORDER BY rank) "
+            "FROM (SELECT user_id, row_number() OVER (ORDER BY first) - 1 AS rank "
+            "      FROM first_seen) AS ranked "
+            "GROUP BY rank / %(per_chunk)s"
+        ).format(chunks),
+        params,
+    )
+
+
+def read_ids(connection, table: str, task_id: int) -> Iterator[tuple[int, int]]:
+    """(position, user_id) of a task's stored IDs in submission order, a few chunks in
+    memory at a time."""
+    with connection.cursor(name=f"{table}_{task_id}") as cursor:
+        cursor.itersize = 2
+        cursor.execute(
+            sql.SQL("SELECT chunk_no, ids FROM {} WHERE task_id = %s ORDER BY chunk_no").format(
+                sql.Identifier(table)
+            ),
+            (task_id,),
+        )
+        for chunk_no, ids in cursor:
+            yield from enumerate(ids, start=chunk_no * IDS_PER_CHUNK)

@@ -1,0 +1,130 @@
+"""The web layer: the HTTP API (one flask-smorest blueprint per resource, in
+resources/), the operator's pages, rq-dashboard, the token check, and the one place
+where domain errors become HTTP answers (errors.py)."""
+
+from __future__ import annotations
+
+import hmac
+
+import rq_dashboard
+from flask import Blueprint, current_app, g, request
+from flask_smorest import abort
+from swagger_ui_bundle import swagger_ui_path
+from werkzeug.routing import IntegerConverter
+
+from service.core.extensions import db
+from service.core.models import MAX_ID
+from service.web import access, errors, pages
+from service.web.base import SchemaRulesPlugin, ServiceApi, schema_name
+from service.web.resources import health, limits, metrics, root, slots, tasks, users
+
+api = ServiceApi()
+
+# Paths readable without a token: they describe the API or probe its health, and hold
+# no data.
+PUBLIC_ENDPOINTS = {
+    "root.Root",
+    "api-docs.openapi_json",
+    "api-docs.openapi_swagger_ui",
+    "swagger_ui.static",
+    "static",
+    "health.Liveness",
+    "health.Readiness",
+}
+# The blueprints whose GETs read PostgreSQL.
+DATA_BLUEPRINTS = {"users", "tasks", "slots"}
+
+
+class IdConverter(IntegerConverter):
+    """A positive 64-bit ID in a path; anything else is simply not found."""
+
+    def __init__(self, map, *args, **kwargs):
+        super().__init__(map, min=1, max=MAX_ID)
+
+
+def init_access(app) -> None:
+    """First among the request hooks: the token check may refuse a request, and its
+    answer is logged and carries its request id too."""
+    access.init_app(app)
+
+
+def init_app(app) -> None:
+    api.init_app(
+        app,
+        spec_kwargs={"marshmallow_plugin": SchemaRulesPlugin(schema_name_resolver=schema_name)},
+    )
+    errors.init_app(app, api)
+    app.url_map.converters["id"] = IdConverter
+    app.url_map.converters["limit"] = limits.LimitNameConverter
+    api.register_converter(limits.LimitNameConverter, limits.limit_name_schema)
+    api.register_blueprint(root.blp)
+    api.register_blueprint(users.blp)
+    api.register_blueprint(tasks.blp)
+    api.register_blueprint(slots.blp)
+    api.register_blueprint(limits.blp)
+    api.register_blueprint(health.blp)
+    api.register_blueprint(metrics.blp)
+    if app.config.get("API_TOKEN"):
+        app.before_request(_require_token)
+    app.before_request(_read_without_transaction)
+    app.teardown_request(_end_read)
+    pages.init_app(app)
+    _serve_swagger_ui(app)
+    _mount_dashboard(app, api)
+
+
+def _read_without_transaction() -> None:
+    """Run a GET's statements outside a transaction.
+
+    Under READ COMMITTED each statement reads its own snapshot whether a transaction
+    wraps it or not, so for a read the transaction buys nothing but two more round trips
+    (BEGIN, ROLLBACK), each a wait for the GIL again under load. A session already in a
+    transaction (a test's own context) is left as it is.
+    """
+    if request.method not in ("GET", "HEAD") or request.blueprint not in DATA_BLUEPRINTS:
+        return
+    if not db.session().in_transaction():
+        db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        g.read_without_transaction = True
+
+
+def _end_read(error) -> None:
+    # The session may outlive the request (a context pushed around it): whatever runs
+    # in it next gets a transaction again.
+    if g.pop("read_without_transaction", False):
+        db.session.close()
+
+
+def _require_token() -> None:
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return
+    expected = current_app.config["API_TOKEN"]
+    if not hmac.compare_digest(_presented_token().encode(), expected.encode()):
+        abort(
+            401,
+            message="a valid API token is required: 'Authorization: Bearer <API_TOKEN>'",
+            # Basic with the token as password lets a browser open /rq and /docs.
+            headers={"WWW-Authenticate": 'Basic realm="slotted"'},
+        )
+
+
+def _presented_token() -> str:
+    auth = request.authorization
+    if auth is None:
+        return ""
+    return (auth.password if auth.type == "basic" else auth.token) or ""
+
+
+def _serve_swagger_ui(app) -> None:
+    # From an installed package rather than a CDN: /docs renders on a machine that
+    # reaches no internet, as many operators' do.
+    assets = Blueprint(
+        "swagger_ui", __name__, static_folder=str(swagger_ui_path), static_url_path="/docs/assets"
+    )
+    app.register_blueprint(assets)
+
+
+def _mount_dashboard(app, api) -> None:
+    app.config["RQ_DASHBOARD_REDIS_URL"] = app.config["REDIS_URL"]
+    rq_dashboard.web.setup_rq_connection(app)
+    app.register_blueprint(rq_dashboard.blueprint, url_prefix="/rq")

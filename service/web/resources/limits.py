@@ -1,0 +1,88 @@
+"""/limits/: the named downstreams, each with its own RPM, processor and options."""
+
+from flask.views import MethodView
+from werkzeug.routing import BaseConverter, ValidationError
+
+from service.limits import store as limits
+from service.planning import resume as pausing
+from service.web.base import ServiceBlueprint, require_content_type
+from service.web.schemas import (
+    LIMIT_NAME_PATTERN,
+    MAX_LIMIT_NAME,
+    LimitCreateSchema,
+    LimitSchema,
+    LimitUpdateSchema,
+)
+
+
+class LimitNameConverter(BaseConverter):
+    """A limit's name in a path; anything that cannot be one is simply not found."""
+
+    regex = LIMIT_NAME_PATTERN.strip("^$").replace("(", "(?:")
+
+    def to_python(self, value: str) -> str:
+        if len(value) > MAX_LIMIT_NAME:
+            raise ValidationError()
+        return value
+
+
+def limit_name_schema(converter) -> dict:
+    return {"type": "string", "pattern": LIMIT_NAME_PATTERN, "maxLength": MAX_LIMIT_NAME}
+
+
+blp = ServiceBlueprint(
+    "limits", __name__, url_prefix="/limits", description="Limits: named downstreams"
+)
+
+
+@blp.before_request
+def _json_bodies_only():
+    require_content_type("application/json")
+
+
+@blp.route("/")
+class Limits(MethodView):
+    @blp.etag
+    @blp.response(200, LimitSchema(many=True))
+    def get(self):
+        """List the limits by name, with the counts of their IDs"""
+        return limits.list_limits()
+
+    @blp.arguments(LimitCreateSchema)
+    @blp.response(201, LimitSchema)
+    @blp.alt_response(409, description="A limit with that name exists")
+    def post(self, fields):
+        """Create a limit; its processor must be importable and accept its options"""
+        return limits.create_limit(fields)
+
+
+@blp.route("/<limit:limit_name>/")
+class LimitByName(MethodView):
+    @blp.etag
+    @blp.response(200, LimitSchema)
+    @blp.alt_response(404, response="DEFAULT_ERROR")
+    def get(self, limit_name):
+        """Read a limit with the counts of its IDs"""
+        return limits.read_limit(limit_name)
+
+    @blp.arguments(LimitUpdateSchema)
+    @blp.response(200, LimitSchema)
+    @blp.alt_response(404, response="DEFAULT_ERROR")
+    def put(self, fields, limit_name):
+        """Replace a limit's fields; a new RPM applies to planning from then on"""
+        return pausing.replace_limit(limit_name, fields)
+
+    @blp.arguments(LimitUpdateSchema(partial=True))
+    @blp.response(200, LimitSchema)
+    @blp.alt_response(404, response="DEFAULT_ERROR")
+    def patch(self, fields, limit_name):
+        """Change some of a limit's fields: a new RPM applies to planning from then on;
+        `paused` pauses or resumes it"""
+        return pausing.update_limit(limit_name, fields)
+
+    @blp.response(204)
+    @blp.alt_response(404, response="DEFAULT_ERROR")
+    @blp.alt_response(409, response="DEFAULT_ERROR")
+    def delete(self, limit_name):
+        """Delete a limit none of whose IDs is pending (409 says how many are)"""
+        limits.delete_limit(limit_name)

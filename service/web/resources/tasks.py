@@ -1,0 +1,195 @@
+"""/celery_ids_tasks/: submit IDs, follow a task, change or cancel it."""
+
+from flask import current_app, request
+from flask.views import MethodView
+
+from service.planning import preview
+from service.tasks import store as id_tasks
+from service.tasks.ids import IDS_TEXT_PATTERN, stream_ids
+from service.web.base import ServiceBlueprint, page_window, require_content_type
+from service.web.idempotency import OPENAPI_PARAMETER, OPENAPI_RESPONSE_HEADERS, idempotent
+from service.web.schemas import (
+    NO_NUL_PATTERN,
+    NOT_BEFORE_DESCRIPTION,
+    NOT_BEFORE_PATTERN,
+    UNNAMED_TEXT_TASK,
+    PreviewSchema,
+    TaskAcceptedSchema,
+    TaskIdSchema,
+    TaskIdsQuerySchema,
+    TaskSchema,
+    TaskSubmitSchema,
+    TaskSummarySchema,
+    TextSubmitQuerySchema,
+)
+
+blp = ServiceBlueprint("tasks", __name__, url_prefix="/celery_ids_tasks", description="ID tasks")
+
+JSON = "application/json"
+TEXT_TYPES = ("text/csv", "text/plain")
+# A text body may hold this many bytes per allowed ID: 19 digits and a separator or two.
+TEXT_BYTES_PER_ID = 21
+
+TEXT_BODY = {
+    "schema": {"type": "string", "pattern": IDS_TEXT_PATTERN, "example": "1,2,3\n4 5 6"},
+}
+SUBMISSION_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            JSON: {"schema": {"$ref": "#/components/schemas/TaskSubmit"}},
+            "text/csv": TEXT_BODY,
+            "text/plain": TEXT_BODY,
+        },
+    },
+    "parameters": [
+        {
+            "in": "query",
+            "name": "task_name",
+            "schema": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 255,
+                "pattern": NO_NUL_PATTERN,
+            },
+            "description": f"with a text body (default: {UNNAMED_TEXT_TASK!r})",
+        },
+        {
+            "in": "query",
+            "name": "overflow",
+            "schema": {"type": "string", "enum": ["spread", "defer"]},
+            "description": "with a text body",
+        },
+        {
+            "in": "query",
+            "name": "not_before",
+            "schema": {"type": "string", "format": "date-time", "pattern": NOT_BEFORE_PATTERN},
+            "description": f"with a text body: {NOT_BEFORE_DESCRIPTION}",
+        },
+    ],
+}
+
+
+# The endpoints that take IDs as a text body too.
+TEXT_ENDPOINTS = ("tasks.Tasks", "tasks.TaskPreview")
+
+
+@blp.before_request
+def _known_body_types():
+    if request.endpoint in TEXT_ENDPOINTS:
+        require_content_type(JSON, *TEXT_TYPES)
+        if request.mimetype in TEXT_TYPES:
+            # Set before anything opens the body's stream, which takes the limit then.
+            limit = current_app.config["MAX_IDS_PER_TASK"] * TEXT_BYTES_PER_ID
+            request.max_content_length = limit
+    else:
+        require_content_type(JSON)
+
+
+def _changes(fields: dict) -> dict:
+    # Both JSON forms of the IDs arrive as one list of integers.
+    ids = fields.pop("payload", None) or fields.pop("ids", None)
+    return fields if ids is None else {**fields, "ids": ids}
+
+
+def _submission() -> dict:
+    """A JSON body, or IDs as text streamed from the body with the rest in the query."""
+    parser = blp.ARGUMENTS_PARSER
+    # The query is checked whatever the body, so that no malformed request goes through.
+    fields = parser.parse(TextSubmitQuerySchema(), location="query")
+    if request.mimetype in TEXT_TYPES:
+        return {**fields, "ids": stream_ids(request.stream)}
+    return _changes(parser.parse(TaskSubmitSchema(), location="json"))
+
+
+def _takes_a_submission(*more_parameters):
+    """Documents a view that takes a new task's body, and the answers that refuse one."""
+    doc = {**SUBMISSION_DOC, "parameters": [*SUBMISSION_DOC["parameters"], *more_parameters]}
+
+    def document(view):
+        for status in (413, 415, 422):
+            view = blp.alt_response(status, response="DEFAULT_ERROR")(view)
+        return blp.doc(**doc)(view)
+
+    return document
+
+
+@blp.route("/")
+class Tasks(MethodView):
+    @blp.etag
+    @blp.response(200, TaskSummarySchema(many=True))
+    @blp.paginate()
+    def get(self, pagination_parameters):
+        """List ID tasks, newest first; each task's payload is on its own page"""
+        page, pagination_parameters.item_count = id_tasks.list_tasks(
+            *page_window(pagination_parameters)
+        )
+        return page
+
+    @_takes_a_submission(OPENAPI_PARAMETER)
+    @idempotent
+    @blp.response(202, TaskAcceptedSchema, headers=OPENAPI_RESPONSE_HEADERS)
+    @blp.alt_response(400, response="DEFAULT_ERROR")
+    @blp.alt_response(409, response="DEFAULT_ERROR")
+    def post(self):
+        """Submit IDs as JSON, or as a text/csv body; planning runs on a worker"""
+        return id_tasks.submit_task(**_submission())
+
+
+@blp.route("/preview")
+class TaskPreview(MethodView):
+    @_takes_a_submission()
+    @blp.response(200, PreviewSchema)
+    def post(self):
+        """Where the IDs of a task would land if it were submitted now; stores nothing"""
+        fields = _submission()
+        del fields["task_name"]  # a preview names nothing
+        return preview.preview_plan(**fields)
+
+
+@blp.route("/<id:task_id>/")
+class TaskById(MethodView):
+    @blp.etag
+    @blp.response(200, TaskSchema)
+    @blp.alt_response(404, response="DEFAULT_ERROR")
+    def get(self, task_id):
+        """Read a task with its status and counts"""
+        return id_tasks.get_task(task_id)
+
+    @blp.arguments(TaskSubmitSchema)
+    @blp.response(200, TaskSchema)
+    @blp.alt_response(409, response="DEFAULT_ERROR")
+    @blp.alt_response(404, response="DEFAULT_ERROR")
+    def put(self, fields, task_id):
+        """Replace a task's name, IDs and overflow (new IDs only before any has run)"""
+        return id_tasks.replace_task(task_id, _changes(fields))
+
+    @blp.arguments(TaskSubmitSchema(partial=True))
+    @blp.response(200, TaskSchema)
+    @blp.alt_response(409, response="DEFAULT_ERROR")
+    @blp.alt_response(404, response="DEFAULT_ERROR")
+    def patch(self, fields, task_id):
+        """Change a task's name, IDs or overflow (IDs only before any has run)"""
+        return id_tasks.update_task(task_id, _changes(fields))
+
+    @blp.response(204)
+    @blp.alt_response(409, response="DEFAULT_ERROR")
+    @blp.alt_response(404, response="DEFAULT_ERROR")
+    def delete(self, task_id):
+        """Cancel a task: its pending IDs leave the plan"""
+        id_tasks.cancel_task(task_id)
+
+
+@blp.route("/<id:task_id>/ids/")
+class TaskIds(MethodView):
+    @blp.etag
+    @blp.arguments(TaskIdsQuerySchema, location="query")
+    @blp.response(200, TaskIdSchema(many=True))
+    @blp.paginate()
+    @blp.alt_response(404, response="DEFAULT_ERROR")
+    def get(self, query, task_id, pagination_parameters):
+        """The task's IDs in submission order, with slot, status and outcome"""
+        page, pagination_parameters.item_count = id_tasks.list_task_ids(
+            task_id, *page_window(pagination_parameters), **query
+        )
+        return page
