@@ -7,10 +7,11 @@ import pytest
 from rq import Queue
 from sqlalchemy import text
 
+from service.core import locks
 from service.core.extensions import db, get_redis
 from service.core.models import User
 from service.jobs import PLANNING_QUEUE
-from service.web.idempotency import KEY_LOCK_NAMESPACE, delete_expired, idempotent
+from service.web.idempotency import delete_expired, idempotent
 
 from .processes import wait_until
 
@@ -147,7 +148,7 @@ def _waiting_locks(app) -> list[str]:
                     "                WHERE datname = current_database()) "
                     "ORDER BY locktype"
                 ),
-                {"namespace": KEY_LOCK_NAMESPACE},
+                {"namespace": locks.IDEMPOTENCY_KEY},
             )
             .scalars()
             .all()

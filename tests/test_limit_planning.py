@@ -9,13 +9,14 @@ import pytest
 from rq import Queue
 from sqlalchemy import text
 
+from service.core import locks
 from service.core.extensions import db, get_redis
 from service.dispatch.reconcile import reconcile
 from service.dispatch.slot_runs import run_slot
 from service.jobs import SLOTS_QUEUE
 from service.planning.planner import EPOCH
 from service.planning.preview import preview_plan
-from service.planning.windows import plan_stored_task, window_lock_key
+from service.planning.windows import plan_stored_task
 
 from .helpers import (
     FIRST_SLOT,
@@ -83,7 +84,8 @@ def test_a_limit_plans_while_another_limits_window_is_locked(rpm5):
     window = (WINDOW - EPOCH) // timedelta(minutes=15)
     with db.engine.connect() as planner:  # a planner of the default limit, mid-window
         planner.execute(
-            text("SELECT pg_advisory_xact_lock(:key)"), {"key": window_lock_key(limit_id(), window)}
+            text("SELECT pg_advisory_xact_lock(:key)"),
+            {"key": locks.window_key(limit_id(), window)},
         )
         db.session.execute(text("SET lock_timeout = '2s'"))
         plan_stored_task(task_id, now=NOW)

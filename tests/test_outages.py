@@ -22,6 +22,7 @@ from rq.executions import Execution
 from rq.job import Job
 from sqlalchemy import text
 
+from service.core import locks
 from service.core.extensions import db, get_redis
 from service.core.models import IdTask
 from service.core.outages import Backoff, is_outage, keep_running
@@ -344,14 +345,12 @@ def test_a_claimer_keeps_a_lock_it_still_holds_and_retakes_one_it_lost(rpm3):
             other.execute("SELECT pg_terminate_backend(%s, 5000)", (backend,))
             claimer.take_again()  # a new connection, the same claimer
             assert db.session.execute(
-                text(claimers.HELD_LOCKS), {"ns": claimers.CLAIMER_LOCK_NAMESPACE}
+                text(locks.HELD_TWO_KEY_LOCKS), {"ns": locks.CLAIMER}
             ).scalars().all() == [claimer.id]
             # Another session holding the claimer's lock (a connection the server has
             # not seen die yet): not taken, said so, to be tried again.
             claimer.close()
-            other.execute(
-                "SELECT pg_advisory_lock(%s, %s)", (claimers.CLAIMER_LOCK_NAMESPACE, claimer.id)
-            )
+            other.execute("SELECT pg_advisory_lock(%s, %s)", (locks.CLAIMER, claimer.id))
             with pytest.raises(claimers.ClaimerLockBusy):
                 claimer.take_again()
 

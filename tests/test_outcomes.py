@@ -5,6 +5,7 @@ from datetime import UTC, datetime, timedelta
 from rq import Queue
 from sqlalchemy import text
 
+from service.core import locks
 from service.core.extensions import db, get_redis
 from service.core.models import IdTask
 from service.dispatch.claimers import new_claimer_id, release_dead_or_stuck
@@ -16,7 +17,7 @@ from service.limits.store import DEFAULT, SlotOfLimit
 from service.planning.planner import EPOCH
 from service.planning.reading import slot_grid
 from service.planning.retries import plan_retries
-from service.planning.windows import WINDOW_LOCK_NAMESPACE, plan_stored_task
+from service.planning.windows import plan_stored_task
 from service.processors.builtin import record_user
 from service.processors.contract import Failure
 
@@ -142,7 +143,7 @@ def test_recording_failures_never_waits_for_a_planners_window_lock(make_app):
                 number = (window - EPOCH) // grid.window_length % 2**31
                 planner.execute(
                     text("SELECT pg_advisory_lock(:ns, :n)"),
-                    {"ns": WINDOW_LOCK_NAMESPACE, "n": number},
+                    {"ns": locks.WINDOW, "n": number},
                 )
             db.session.execute(text("SET lock_timeout = '3s'"))  # waiting would fail
             assert run_slot(DEFAULT, FIRST_SLOT).processed == 2

@@ -13,13 +13,14 @@ import pytest
 from sqlalchemy import text
 
 from service import create_app
+from service.core import locks
 from service.core.extensions import db
 from service.core.models import IdTask
 from service.dispatch.claimers import new_claimer_id
 from service.dispatch.claims import claim
 from service.planning.planner import EPOCH
 from service.planning.reading import slot_grid
-from service.planning.windows import plan_stored_task, window_lock_key
+from service.planning.windows import plan_stored_task
 
 from .helpers import at, limit_id, loads, submit
 
@@ -157,7 +158,7 @@ def test_planning_reads_the_clock_after_it_holds_the_window_lock(make_app):
                 number = (window - EPOCH) // grid.window_length
                 other.execute(
                     text("SELECT pg_advisory_lock(:key)"),
-                    {"key": window_lock_key(limit_id(), number)},
+                    {"key": locks.window_key(limit_id(), number)},
                 )
             planner = threading.Thread(target=plan_in_thread, args=(app, task_id))
             planner.start()

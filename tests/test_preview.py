@@ -6,11 +6,12 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
+from service.core import locks
 from service.core.extensions import db, get_redis
 from service.limits import store as limits
 from service.planning.planner import EPOCH
 from service.planning.preview import preview_plan
-from service.planning.windows import plan_stored_task, window_lock_key
+from service.planning.windows import plan_stored_task
 
 from .helpers import at, limit_id, loads, minute, set_load, slots_by_id, submit
 
@@ -72,7 +73,8 @@ def test_a_preview_waits_for_no_planner(rpm5):
     window = (WINDOW - EPOCH) // timedelta(minutes=15)
     with db.engine.connect() as planner:
         planner.execute(
-            text("SELECT pg_advisory_xact_lock(:key)"), {"key": window_lock_key(limit_id(), window)}
+            text("SELECT pg_advisory_xact_lock(:key)"),
+            {"key": locks.window_key(limit_id(), window)},
         )
         planner.execute(text("SELECT 1 FROM slots FOR UPDATE"))
         db.session.execute(text("SET lock_timeout = '5s'"))

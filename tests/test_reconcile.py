@@ -11,8 +11,8 @@ from rq.registry import StartedJobRegistry
 from sqlalchemy import text
 
 from service import jobs as scheduling
+from service.core import locks
 from service.core.extensions import db, get_redis
-from service.dispatch import claimers
 from service.dispatch.reconcile import reconcile
 from service.dispatch.slot_runs import run_slot
 from service.jobs import PLANNING_QUEUE, SLOTS_QUEUE, get_queue, get_scheduler, slot_job_id
@@ -87,7 +87,7 @@ def test_reconcile_never_adds_a_job_for_a_slot_whose_job_holds_its_lock(rpm3):
     task_id = submit([1, 2])
     plan_stored_task(task_id, now=PAST)
     get_redis().flushall()  # Redis forgot the job; the job itself still runs
-    running = claimers.slot_key(limits.find(DEFAULT).id, FIRST_SLOT)
+    running = locks.slot_key(limits.find(DEFAULT).id, FIRST_SLOT)
     with psycopg.connect(rpm3.config["DATABASE_URL"], autocommit=True) as job:
         job.execute("SELECT pg_advisory_lock_shared(%s)", (running,))
         assert reconcile()["slot jobs added"] == 0

@@ -21,15 +21,13 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import text
 
+from service.core import locks
 from service.core.extensions import db
-from service.core.models import AssignmentStatus, TaskStatus
+from service.core.models import AssignmentStatus
+from service.dispatch import store
 from service.dispatch.claims import Claim, still_claimed
 from service.limits.store import subtract_loads
 
-# First key of the claimers' two-key advisory locks, and the top bits of the slots'
-# one-bigint keys; service/planning.py uses 0x5107.
-CLAIMER_LOCK_NAMESPACE = 0x5108
-SLOT_LOCK_NAMESPACE = 0x5109
 # Sent by the worker to its work horse on a warm shutdown: finish the IDs under way,
 # hand back the rest, return.
 STOP_SIGNAL = signal.SIGUSR1
@@ -39,7 +37,7 @@ _stop_requested = False
 
 
 def new_claimer_id() -> int:
-    claimer = db.session.execute(text("SELECT nextval('claimer_ids')")).scalar()
+    claimer = store.new_claimer_id()
     db.session.commit()
     return claimer
 
@@ -60,11 +58,6 @@ def stop_requested() -> bool:
     return _stop_requested
 
 
-def slot_key(limit_id: int, slot: datetime) -> int:
-    """One bigint per slot of a limit, laid out as the planner's window locks are."""
-    return SLOT_LOCK_NAMESPACE << 47 | limit_id << 31 | int(slot.timestamp()) % 2**31
-
-
 class ClaimerLockBusy(Exception):
     """A claimer's lock is held by a session other than its own connection's."""
 
@@ -78,7 +71,7 @@ class Claimer:
 
     def __init__(self, claimer_id: int, limit_id: int, slot: datetime):
         self.id = claimer_id
-        self._slot_key = slot_key(limit_id, slot)
+        self._slot_key = locks.slot_key(limit_id, slot)
         self._holder = None
         self.take_again()
 
@@ -91,12 +84,9 @@ class Claimer:
             return
         self.close()
         holder = db.engine.connect()
-        params = {"ns": CLAIMER_LOCK_NAMESPACE, "claimer": self.id, "slot": self._slot_key}
-        taken = holder.execute(text("SELECT pg_try_advisory_lock(:ns, :claimer)"), params).scalar()
-        if not taken:
+        if not store.take_claimer_locks(holder, self.id, self._slot_key):
             holder.close()
             raise ClaimerLockBusy(f"claimer {self.id}'s lock is still held by another session")
-        holder.execute(text("SELECT pg_advisory_lock_shared(:slot)"), params)
         holder.commit()
         self._holder = holder
 
@@ -134,56 +124,9 @@ def claiming(limit_id: int, slot: datetime) -> Iterator[Claimer]:
         claimer.close()
 
 
-# Advisory locks belong to a database; other databases on the server hold their own.
-IN_THIS_DATABASE = (
-    "locktype = 'advisory' AND granted "
-    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-)
-HELD_LOCKS = (
-    "SELECT objid::bigint AS key FROM pg_locks "
-    f"WHERE classid = :ns AND objsubid = 2 AND {IN_THIS_DATABASE}"
-)
-# A one-bigint key shows as its high half (classid) and its low half (objid).
-HELD_SLOT_LOCKS = (
-    "SELECT classid::bigint << 32 | objid::bigint AS key FROM pg_locks "
-    f"WHERE objsubid = 1 AND classid::bigint >> 15 = :ns AND {IN_THIS_DATABASE}"
-)
-
-
-def running_slots() -> set[int]:
-    """Keys (`slot_key`) of the slots that a live slot job is running."""
-    rows = db.session.execute(text(HELD_SLOT_LOCKS), {"ns": SLOT_LOCK_NAMESPACE})
-    return {row.key for row in rows}
-
-
-# The live claimers are read inside the statement, after its snapshot: a claimer takes
-# its lock before it claims, so every claim the statement sees has its lock visible.
-RELEASE = (
-    f"WITH live AS MATERIALIZED (SELECT array_agg(key) AS keys FROM ({HELD_LOCKS}) AS held), "
-    "released AS ("
-    "  UPDATE assignments AS a SET claimed_at = NULL, claimed_by = NULL, claimed_until = NULL, "
-    "    status = CASE "
-    "    WHEN t.status = :task_cancelled THEN :cancelled ELSE :pending END "
-    "  FROM id_tasks AS t, live WHERE t.id = a.task_id AND a.status = :running AND ({which}) "
-    "  RETURNING a.limit_id, a.slot_start, a.status) "
-    "SELECT limit_id, slot_start, status, count(*) AS n FROM released "
-    "GROUP BY limit_id, slot_start, status"
-)
-
-
-def _release(which: str, params: dict) -> int:
+def _release(which: str, **params) -> int:
     """Claimed IDs back to pending (cancelled if their task was); returns how many."""
-    rows = db.session.execute(
-        text(RELEASE.format(which=which)),
-        {
-            "ns": CLAIMER_LOCK_NAMESPACE,
-            "task_cancelled": TaskStatus.CANCELLED,
-            "cancelled": AssignmentStatus.CANCELLED,
-            "pending": AssignmentStatus.PENDING,
-            "running": AssignmentStatus.RUNNING,
-            **params,
-        },
-    ).all()
+    rows = store.release(which, **params)
     subtract_loads(
         {
             (row.limit_id, row.slot_start): row.n
@@ -197,7 +140,7 @@ def _release(which: str, params: dict) -> int:
 
 def release_held_by(claimer: int) -> int:
     """Hand back what a claimer still holds: its job has stopped."""
-    return _release("a.claimed_by = :claimer", {"claimer": claimer})
+    return _release(store.HELD_BY, claimer=claimer)
 
 
 def release_dead_or_stuck(timeout: timedelta, dead: bool = True) -> int:
@@ -208,6 +151,5 @@ def release_dead_or_stuck(timeout: timedelta, dead: bool = True) -> int:
     processor may make; claims made before claims had one, `timeout` after they were
     made. Claims made before claimers existed (no `claimed_by`) wait for that too.
     """
-    ran_out = "coalesce(a.claimed_until, a.claimed_at + :timeout) < clock_timestamp()"
-    gone = "NOT coalesce(a.claimed_by = ANY(live.keys), a.claimed_by IS NULL)"
-    return _release(f"{gone} OR {ran_out}" if dead else ran_out, {"timeout": timeout})
+    which = f"{store.CLAIMER_GONE} OR {store.RAN_OUT}" if dead else store.RAN_OUT
+    return _release(which, timeout=timeout)

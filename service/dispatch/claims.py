@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from flask import current_app
-from sqlalchemy import text
 
 from service.core.extensions import db
-from service.core.models import AssignmentStatus, TaskStatus
+from service.dispatch import store
 from service.dispatch.pacing import CATCH_UP_SECONDS, step_of
 from service.limits.settings import shared
 
@@ -47,10 +46,7 @@ class Claim:
 def deployment_id() -> str:
     """This deployment's random id, made by the migrations (and again, should a
     database have lost its row)."""
-    found = db.session.execute(text("SELECT id FROM deployment")).scalar()
-    if found is None:
-        db.session.execute(text("INSERT INTO deployment DEFAULT VALUES ON CONFLICT DO NOTHING"))
-        found = db.session.execute(text("SELECT id FROM deployment")).scalar()
+    found = store.deployment_id()
     db.session.commit()
     return str(found)
 
@@ -83,51 +79,20 @@ def claim(
     """
     life = life or timedelta(seconds=current_app.config["CLAIM_TIMEOUT_SECONDS"])
     asked_at = time.monotonic()
-    rows = db.session.execute(
-        text(
-            "WITH picked AS ("
-            "  SELECT task_id, position FROM assignments"
-            "  WHERE limit_id = :limit AND slot_start = :slot AND status = :pending"
-            "  ORDER BY task_id, position LIMIT :size FOR UPDATE SKIP LOCKED) "
-            "UPDATE assignments AS a SET status = :running, claimed_at = clock_timestamp(), "
-            "  claimed_by = :claimer, claimed_until = clock_timestamp() + :life "
-            "FROM picked WHERE a.task_id = picked.task_id AND a.position = picked.position "
-            "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.claimed_at"
-        ),
-        {
-            "limit": limit_id,
-            "slot": slot,
-            "size": size,
-            "claimer": claimer,
-            "life": life,
-            "pending": AssignmentStatus.PENDING,
-            "running": AssignmentStatus.RUNNING,
-        },
-    ).all()
+    rows = store.claim_pending(limit_id, slot, claimer, size, life)
     if not rows:
         db.session.commit()
         return Batch([], 0.0, 0.0)
     slot_seconds = slot_seconds or shared()["SLOT_SECONDS"]
-    turns = db.session.execute(
-        text(
-            "UPDATE slots SET "
-            "  started_at = coalesce(started_at, clock_timestamp()), "
-            "  last_claim_at = clock_timestamp(), "
-            "  late = late OR (started_at IS NULL AND clock_timestamp() > slot_start + :late), "
-            "  next_turn_at = greatest(coalesce(next_turn_at, slot_start), :now - :catch_up) "
-            "    + make_interval(secs => :n * :span / greatest(load, 1)) "
-            "WHERE limit_id = :limit AND slot_start = :slot RETURNING next_turn_at, load"
-        ),
-        {
-            "n": len(rows),
-            "limit": limit_id,
-            "slot": slot,
-            "late": timedelta(seconds=LATE_AFTER_SECONDS),
-            "now": now or datetime.now(UTC),
-            "catch_up": timedelta(seconds=CATCH_UP_SECONDS),
-            "span": step_of(slot_seconds, 1),
-        },
-    ).one()
+    turns = store.reserve_turns(
+        limit_id,
+        slot,
+        len(rows),
+        late=timedelta(seconds=LATE_AFTER_SECONDS),
+        now=now or datetime.now(UTC),
+        catch_up=timedelta(seconds=CATCH_UP_SECONDS),
+        span=step_of(slot_seconds, 1),
+    )
     db.session.commit()
     step = step_of(slot_seconds, turns.load)
     holds_until = asked_at + life.total_seconds()
@@ -138,10 +103,7 @@ def claim(
 def mark_tasks_running(task_ids: set[int]) -> None:
     """scheduled -> running, in a commit apart from the claim: a claim never waits for a
     task's row lock, which a replan or cancel holds while it waits for claimed rows."""
-    db.session.execute(
-        text("UPDATE id_tasks SET status = :running WHERE id = ANY(:ids) AND status = :scheduled"),
-        {"ids": sorted(task_ids), "running": TaskStatus.RUNNING, "scheduled": TaskStatus.SCHEDULED},
-    )
+    store.mark_tasks_running(task_ids)
     db.session.commit()
 
 
@@ -158,26 +120,12 @@ def still_claimed(executor, group: list[Claim], claimer: int, lock: bool = False
     """The members of the group whose rows are still under this claim (the same claimer,
     the same claim of the ID), read through `executor`, a session or a connection; with
     `lock`, their rows locked in one order until its transaction ends."""
-    query = (
-        "SELECT a.task_id, a.position FROM assignments AS a "
-        "JOIN unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
-        "            CAST(:claimed AS timestamptz[])) AS k(task_id, position, claimed_at) "
-        "  ON a.task_id = k.task_id AND a.position = k.position "
-        "WHERE a.status = :running AND a.claimed_at = k.claimed_at "
-        "  AND a.claimed_by = :claimer"
-    )
-    if lock:
-        query += " ORDER BY a.task_id, a.position FOR UPDATE OF a"
-    rows = executor.execute(
-        text(query),
-        {**claim_keys(group), "claimer": claimer, "running": AssignmentStatus.RUNNING},
-    ).all()
-    ours = {tuple(row) for row in rows}
+    ours = store.still_claimed(executor, claim_keys(group), claimer, lock)
     return [item for item in group if (item.task_id, item.position) in ours]
 
 
 def claim_keys(group: list[Claim]) -> dict[str, list]:
-    """The group's rows and claims, as arrays for `unnest(:tasks, :positions, :claimed)`."""
+    """The group's rows and claims, as the arrays of `store.CLAIM_KEYS`."""
     return {
         "tasks": [item.task_id for item in group],
         "positions": [item.position for item in group],

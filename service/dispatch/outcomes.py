@@ -15,10 +15,10 @@ from datetime import UTC, datetime, timedelta
 
 from flask import current_app
 from rq.timeouts import JobTimeoutException
-from sqlalchemy import text
 
 from service.core.extensions import db
 from service.core.models import AssignmentStatus, TaskStatus
+from service.dispatch import store
 from service.dispatch.claims import Claim, claim_keys, hold
 from service.jobs import enqueue_retry_planning
 from service.limits.settings import shared
@@ -26,14 +26,6 @@ from service.limits.store import SlotOfLimit
 from service.processors.contract import Failure, as_failure, takes
 
 log = logging.getLogger(__name__)
-
-# The statuses a task's counters move it to.
-TASK_OUTCOMES = {
-    "cancelled": TaskStatus.CANCELLED,
-    "running": TaskStatus.RUNNING,
-    "failed": TaskStatus.FAILED,
-    "done": TaskStatus.DONE,
-}
 
 
 @dataclass(frozen=True)
@@ -109,38 +101,21 @@ def record_outcomes(
     Only rows still held by this claim are written: if the claim timed out and the IDs
     went to another worker meanwhile, that worker's outcome is the one that counts.
     """
-    task_ids = sorted({item.task_id for item in group})
-    # Task rows first, in id order, as every writer of several tasks takes them.
-    statuses = dict(
-        db.session.execute(
-            text("SELECT id, status FROM id_tasks WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"),
-            {"ids": task_ids},
-        ).all()
-    )
+    statuses = store.lock_task_statuses(sorted({item.task_id for item in group}))
     max_attempts = max_attempts or shared()["MAX_ATTEMPTS"]
     verdicts = [
         _verdict(item, failures.get(item.user_id), statuses.get(item.task_id), max_attempts)
         for item in group
     ]
-    written = _write_outcomes(group, verdicts)
+    written = store.write_outcomes(claim_keys(group), verdicts)
     succeeded = [row for row in written if row.status == AssignmentStatus.DONE]
-    db.session.execute(
-        text(
-            "UPDATE slots SET done = done + :d, failed = failed + :f "
-            "WHERE limit_id = :l AND slot_start = :s"
-        ),
-        {
-            "d": len(succeeded),
-            "f": len(written) - len(succeeded),
-            "l": slot.limit_id,
-            "s": slot.start,
-        },
-    )
+    failed = len(written) - len(succeeded)
+    store.add_slot_outcomes(slot.limit_id, slot.start, len(succeeded), failed)
     _count_on_tasks(written)
     db.session.commit()
     if any(row.status == AssignmentStatus.RETRYING for row in written):
         enqueue_retry_planning()
-    return Tally(len(succeeded), len(written) - len(succeeded))
+    return Tally(len(succeeded), failed)
 
 
 def _verdict(item: Claim, failure: Failure | None, task_status: str | None, max_attempts: int):
@@ -155,34 +130,6 @@ def _verdict(item: Claim, failure: Failure | None, task_status: str | None, max_
     return AssignmentStatus.RETRYING, failure.message, retry_at
 
 
-def _write_outcomes(group: list[Claim], verdicts: list[tuple]) -> list:
-    """One statement for the whole group; returns the rows that were still ours."""
-    return db.session.execute(
-        text(
-            "UPDATE assignments AS a SET status = k.status, attempts = a.attempts + 1, "
-            "  error = k.error, claimed_at = NULL, claimed_by = NULL, claimed_until = NULL, "
-            "  retry_at = k.retry_at, "
-            "  finished_at = CASE WHEN k.status = :retrying THEN NULL "
-            "                ELSE clock_timestamp() END "
-            "FROM unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
-            "            CAST(:claimed AS timestamptz[]), CAST(:statuses AS text[]), "
-            "            CAST(:errors AS text[]), CAST(:retry_at AS timestamptz[])) "
-            "  AS k(task_id, position, claimed_at, status, error, retry_at) "
-            "WHERE a.task_id = k.task_id AND a.position = k.position "
-            "  AND a.status = :running AND a.claimed_at = k.claimed_at "
-            "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.status"
-        ),
-        {
-            **claim_keys(group),
-            "statuses": [status for status, _, _ in verdicts],
-            "errors": [error for _, error, _ in verdicts],
-            "retry_at": [retry_at for _, _, retry_at in verdicts],
-            "retrying": AssignmentStatus.RETRYING,
-            "running": AssignmentStatus.RUNNING,
-        },
-    ).all()
-
-
 def _count_on_tasks(written: list) -> None:
     """Add the outcomes to their tasks; one whose IDs have all finished becomes done, or
     failed if any failed."""
@@ -193,14 +140,4 @@ def _count_on_tasks(written: list) -> None:
         elif row.status == AssignmentStatus.FAILED:
             counts[row.task_id][1] += 1
     for task_id in sorted(counts):
-        n_done, n_failed = counts[task_id]
-        db.session.execute(
-            text(
-                "UPDATE id_tasks SET done = done + :d, failed = failed + :f, "
-                "  status = CASE WHEN status = :cancelled THEN status "
-                "    WHEN done + :d + failed + :f < total THEN :running "
-                "    WHEN failed + :f > 0 THEN :failed ELSE :done END "
-                "WHERE id = :t"
-            ),
-            {"d": n_done, "f": n_failed, "t": task_id, **TASK_OUTCOMES},
-        )
+        store.count_on_task(task_id, *counts[task_id])

@@ -9,11 +9,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from flask import current_app
-from sqlalchemy import text
 
+from service.core import locks
 from service.core.extensions import db
-from service.core.models import AssignmentStatus, TaskStatus
-from service.dispatch import claimers
+from service.dispatch import claimers, store
 from service.jobs import (
     clean_abandoned_jobs,
     enqueue_planning,
@@ -60,26 +59,23 @@ def reconcile(after_outage: bool = False) -> dict[str, int]:
     released = claimers.release_dead_or_stuck(timeout, dead=not spare_gone)
     now = datetime.now(UTC)
     scheduler = get_scheduler()
-    running = claimers.running_slots()
+    running = store.running_slot_keys()
     clean_abandoned_jobs()
 
     added = late = 0
     for limit in limits.active_limits():
         slots = [
             slot
-            for slot in _slots_with_pending_ids(limit.id, now + RECONCILE_HORIZON)
+            for slot in store.slots_with_pending_ids(limit.id, now + RECONCILE_HORIZON)
             # A slot whose job holds its lock is running: never a second job for it.
             # Without the lock, a job Redis calls started is dead once its slot has
             # begun (before, it may still be starting up).
-            if claimers.slot_key(limit.id, slot) not in running
+            if locks.slot_key(limit.id, slot) not in running
             and ensure_slot_job(scheduler, limit.name, slot, now, trust_started=slot > now)
         ]
         added += len(slots)
         late += _mark_late(limit.id, [slot for slot in slots if slot <= now])
-    waiting = db.session.execute(
-        text("SELECT id, total FROM id_tasks WHERE status = ANY(:unplanned) ORDER BY id"),
-        {"unplanned": [TaskStatus.RECEIVED, TaskStatus.PLANNING]},
-    ).all()
+    waiting = store.unplanned_tasks()
     requeued = [task for task in waiting if not planning_is_queued(task.id)]
     for task in requeued:
         forget_lost_job(planning_job_id(task.id))
@@ -95,43 +91,11 @@ def reconcile(after_outage: bool = False) -> dict[str, int]:
 
 
 def _server_just_started() -> bool:
-    return db.session.execute(
-        text("SELECT pg_postmaster_start_time() > clock_timestamp() - :grace"),
-        {"grace": timedelta(seconds=CLAIMERS_RETURN_SECONDS)},
-    ).scalar()
+    return store.server_started_within(timedelta(seconds=CLAIMERS_RETURN_SECONDS))
 
 
 def _mark_late(limit_id: int, late: list[datetime]) -> int:
     if late:
-        db.session.execute(
-            text("UPDATE slots SET late = true WHERE limit_id = :l AND slot_start = ANY(:late)"),
-            {"l": limit_id, "late": late},
-        )
+        store.mark_late(limit_id, late)
     db.session.commit()
     return len(late)
-
-
-def _slots_with_pending_ids(limit_id: int, until: datetime) -> list[datetime]:
-    """Each slot of a limit up to `until` holding pending IDs.
-
-    The slots are found from the pending rows themselves, one index probe per slot
-    (a loose index scan), so no counter can hide one.
-    """
-    return list(
-        db.session.execute(
-            text(
-                "WITH RECURSIVE pending(slot_start) AS ("
-                "  (SELECT slot_start FROM assignments "
-                "   WHERE limit_id = :limit AND status = :pending "
-                "   ORDER BY slot_start LIMIT 1) "
-                "  UNION ALL "
-                "  SELECT (SELECT a.slot_start FROM assignments AS a "
-                "          WHERE a.limit_id = :limit AND a.status = :pending "
-                "            AND a.slot_start > pending.slot_start "
-                "          ORDER BY a.slot_start LIMIT 1) "
-                "  FROM pending WHERE pending.slot_start <= :until) "
-                "SELECT slot_start FROM pending WHERE slot_start <= :until ORDER BY slot_start"
-            ),
-            {"limit": limit_id, "until": until, "pending": AssignmentStatus.PENDING},
-        ).scalars()
-    )

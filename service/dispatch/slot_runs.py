@@ -6,14 +6,11 @@ runs behind.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from flask import current_app
-from sqlalchemy import text
 
 from service.core.extensions import db
 from service.core.outages import (
@@ -23,22 +20,18 @@ from service.core.outages import (
     is_database_outage,
     wait_for_servers,
 )
-from service.dispatch import claimers
+from service.dispatch import claimers, store
+from service.dispatch.calls import calls_for
 from service.dispatch.claimers import Claimer, ClaimerLockBusy
-from service.dispatch.claims import Batch, Claim, claim, deployment_id, hold, mark_tasks_running
-from service.dispatch.outcomes import Tally, process_and_record, record_outcomes
+from service.dispatch.claims import Batch, claim, deployment_id, mark_tasks_running
 from service.dispatch.pacing import SYSTEM_CLOCK, Clock, paced_groups, step_of
 from service.jobs import add_slot_helper
 from service.limits import store as limits
 from service.limits.settings import shared
 from service.limits.store import SlotOfLimit
 from service.processors.contract import (
-    Failure,
-    as_failure,
-    is_per_id,
     load_processor,
     longest_call,
-    takes,
 )
 
 log = logging.getLogger(__name__)
@@ -47,16 +40,12 @@ log = logging.getLogger(__name__)
 CLAIM_BATCH = 500
 # With pacing on, a claim takes about this many seconds' worth of IDs.
 CLAIM_AHEAD_SECONDS = 1.0
-# A per-ID processor's outcomes are recorded this often.
-RECORD_EVERY_SECONDS = 0.25
 # A slot job that met an outage asks whether PostgreSQL is back this often (doubling):
 # soon enough to take its claimer's lock again before reconcile gives its IDs away.
 RIDE_OUT_FIRST_WAIT = 0.5
 RIDE_OUT_LONGEST_WAIT = 2.0
 # A claim of a processor whose calls may last long outlives its longest call by this.
 CLAIM_MARGIN_SECONDS = 5.0
-# What a call that was not made (its claim could have run out mid-call) gives back.
-NOT_CALLED = object()
 # A slot job this far behind its turns asks for a helper, at most once per HELP_EVERY.
 HELP_WHEN_BEHIND_SECONDS = 0.5
 HELP_EVERY_SECONDS = 2.0
@@ -103,7 +92,7 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
     db.session.commit()
     slot_seconds, max_attempts = settings["SLOT_SECONDS"], settings["MAX_ATTEMPTS"]
     with claimers.claiming(slot.limit_id, start) as claimer:
-        calls = _calls(slot, claimer, processor, clock, max_attempts)
+        calls = calls_for(slot, claimer, processor, clock, max_attempts)
         runner = _Claims(
             slot, claimer, calls, clock, slot_seconds, claim_life(processor, slot.options)
         )
@@ -267,151 +256,6 @@ def claim_life(processor: Callable, options: dict) -> timedelta:
     return timedelta(seconds=max(timeout, longest + CLAIM_AHEAD_SECONDS + CLAIM_MARGIN_SECONDS))
 
 
-def _calls(
-    slot: SlotOfLimit, claimer: Claimer, processor: Callable, clock: Clock, max_attempts: int
-):
-    kind = ConcurrentCalls if is_per_id(processor) else GroupCalls
-    return kind(slot, claimer, processor, clock, max_attempts)
-
-
-class _Calls:
-    """How a slot job hands its claimed IDs to its limit's processor."""
-
-    def __init__(
-        self,
-        slot: SlotOfLimit,
-        claimer: Claimer,
-        processor: Callable,
-        clock: Clock,
-        max_attempts: int,
-    ):
-        self.slot, self.claimer, self.processor, self.clock = slot, claimer, processor, clock
-        self.max_attempts = max_attempts
-        self.tally = Tally()
-
-    def hold_back(self) -> None:
-        """Start no more calls."""
-
-    def wait_under_way(self) -> None:
-        """Wait for the calls under way to end."""
-
-    def go_on(self) -> None:
-        """Calls may start again."""
-
-    def record_finished(self) -> None:
-        """Record the outcomes of the calls that ended and are not recorded yet."""
-
-    def finish(self) -> None:
-        """Wait for the calls under way and record them."""
-
-    def abandon(self) -> None:
-        """Start no more calls: the job is ending."""
-
-
-class GroupCalls(_Calls):
-    """A group processor gets each paced group at once, in the transaction that records
-    the group's outcomes: locking the rows still claimed there is the check before the
-    call, so each ID runs exactly once. The claimer's lock is checked first too, so
-    that a job whose lock went with its connection takes it again (reconcile would
-    otherwise take its slot for one whose job is gone)."""
-
-    def hand(self, group: list[Claim], turn: float) -> None:
-        ours = self.claimer.still_ours(group)
-        self.tally += process_and_record(
-            self.slot, self.claimer.id, ours, self.processor, self.max_attempts
-        )
-
-    def behind(self, turn: float) -> float:
-        """How late the calls start against their turns."""
-        return self.clock.seconds() - turn
-
-
-class ConcurrentCalls(_Calls):
-    """A per-ID processor gets each ID at its turn on a pool of threads, whatever the
-    calls before it are still waiting for; outcomes are recorded in batches, each in a
-    transaction that keeps only the IDs the claim still holds.
-
-    No call is made that could overlap another of the same ID: each group is checked
-    against the claimer's lock and rows right before it is handed to the pool (one
-    query), and a call starts only while its claim holds for longer than the longest
-    call the processor may make.
-    """
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.app = current_app._get_current_object()
-        concurrency = self.app.config["PROCESSOR_CONCURRENCY"]
-        options = self.slot.options
-        self.extra = {"options": options} if takes(self.processor, "options") else {}
-        self.longest = longest_call(self.processor, options) or 0.0
-        self.abandoned = self.holding = False
-        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="processor")
-        self.in_flight: list[tuple[Claim, Future]] = []
-        # Outcomes of calls that ended, kept until a transaction has recorded them.
-        self.unrecorded: list[tuple[Claim, Failure | None]] = []
-        self.recorded_at = time.monotonic()
-        self.start_lag = 0.0
-
-    def hand(self, group: list[Claim], turn: float) -> None:
-        for item in self.claimer.still_ours(group):
-            self.in_flight.append((item, self.pool.submit(self._call, item, turn)))
-        if time.monotonic() - self.recorded_at >= RECORD_EVERY_SECONDS:
-            self.record_finished()
-
-    def behind(self, turn: float) -> float:
-        """How late the latest call started against its turn: with every thread busy,
-        calls wait in the pool's queue."""
-        return max(self.clock.seconds() - turn, self.start_lag)
-
-    def finish(self) -> None:
-        wait([future for _, future in self.in_flight])
-        self.record_finished()
-        self.pool.shutdown()
-
-    def abandon(self) -> None:
-        self.abandoned = True
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
-    def hold_back(self) -> None:
-        self.holding = True
-
-    def wait_under_way(self) -> None:
-        wait([future for _, future in self.in_flight])
-
-    def go_on(self) -> None:
-        self.holding = False
-
-    def record_finished(self) -> None:
-        self.recorded_at = time.monotonic()
-        self.unrecorded += self._take_finished()
-        if not self.unrecorded:
-            return
-        held = hold([item for item, _ in self.unrecorded], self.claimer.id)
-        failures = {item.user_id: failure for item, failure in self.unrecorded if failure}
-        self.tally += record_outcomes(self.slot, held, failures, self.max_attempts)
-        self.unrecorded = []
-
-    def _call(self, item: Claim, turn: float) -> Failure | None | object:
-        if self.abandoned or self.holding or time.monotonic() + self.longest > item.holds_until:
-            # Not called: the job is ending or waiting for PostgreSQL, or the claim may
-            # run out mid-call. The ID is handed back and claimed again.
-            return NOT_CALLED
-        self.start_lag = self.clock.seconds() - turn
-        with self.app.app_context():
-            try:
-                verdict = self.processor(item.user_id, item.key(self.slot.deployment), **self.extra)
-                return as_failure(verdict)
-            except Exception as exc:  # a processor's bug fails its ID, not the slot
-                log.exception("processor failed on ID %s", item.user_id)
-                return Failure(f"{type(exc).__name__}: {exc}")
-
-    def _take_finished(self) -> list[tuple[Claim, Failure | None]]:
-        finished = [(item, future) for item, future in self.in_flight if future.done()]
-        self.in_flight = [pair for pair in self.in_flight if not pair[1].done()]
-        outcomes = [(item, future.result()) for item, future in finished]
-        return [(item, verdict) for item, verdict in outcomes if verdict is not NOT_CALLED]
-
-
 class _Helpers:
     """Adds a helper job for the slot when its job runs behind its turns."""
 
@@ -439,14 +283,7 @@ class _Helpers:
 def _batch_size_unless_paused(slot: SlotOfLimit, slot_seconds: int) -> int | None:
     """How many IDs the next claim takes, or None once the limit is paused: both read
     afresh before each claim, in one statement."""
-    row = db.session.execute(
-        text(
-            "SELECT l.paused, s.load FROM limits AS l "
-            "LEFT JOIN slots AS s ON s.limit_id = l.id AND s.slot_start = :s "
-            "WHERE l.id = :l"
-        ),
-        {"l": slot.limit_id, "s": slot.start},
-    ).one_or_none()
+    row = store.paused_and_load(slot.limit_id, slot.start)
     if row is None or row.paused:  # a limit deleted meanwhile has nothing left to claim
         return None
     if not current_app.config["PACING"]:

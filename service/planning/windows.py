@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from flask import current_app
 from sqlalchemy import update
 
+from service.core import locks
 from service.core.errors import NotFound
 from service.core.extensions import db, raw_connection
 from service.core.models import AssignmentStatus, IdTask, Limit, Overflow, TaskStatus
@@ -28,8 +29,6 @@ from service.planning.planner import EPOCH, distribute, fill
 from service.planning.reading import slot_grid
 from service.tasks.store import ID_CHUNKS, get_task, read_ids
 
-# The top bits of the window locks' keys, so they cannot meet another lock user's.
-WINDOW_LOCK_NAMESPACE = 0x5107
 PLANNABLE = (TaskStatus.RECEIVED, TaskStatus.PLANNING)
 
 # ((position, user_id), slot index) pairs and the window's open slots -> rows written.
@@ -119,12 +118,6 @@ def database_now() -> datetime:
         return cur.fetchone()[0].astimezone(UTC)
 
 
-def window_lock_key(limit_id: int, window_number: int) -> int:
-    """One bigint per window of a limit: the namespace, the limit (a smallint), then the
-    window's number since the epoch, wrapped to 31 bits."""
-    return WINDOW_LOCK_NAMESPACE << 47 | limit_id << 31 | window_number % 2**31
-
-
 class WindowPlanner:
     """Runs IDs through the generator window by window of one limit, from the target
     window on.
@@ -197,7 +190,7 @@ class WindowPlanner:
         number = (window - EPOCH) // self.grid.window_length
         with raw_connection().cursor() as cur:
             cur.execute(
-                "SELECT pg_advisory_xact_lock(%s)", (window_lock_key(self.limit.id, number),)
+                "SELECT pg_advisory_xact_lock(%s)", (locks.window_key(self.limit.id, number),)
             )
 
     def _loads(self, slots: list[datetime]) -> list[int]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import zlib
 from datetime import timedelta
 from functools import wraps
 from typing import BinaryIO
@@ -23,14 +22,12 @@ from flask import Response, current_app, request
 from sqlalchemy import delete, func, insert, select, text, update
 from werkzeug.exceptions import BadRequest, Conflict, UnprocessableEntity
 
+from service.core import locks
 from service.core.extensions import db
 from service.core.models import IdempotencyKey
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
-# First key of the two-key advisory locks; service/planning.py and service/claimers.py
-# use 0x5107 to 0x5109.
-KEY_LOCK_NAMESPACE = 0x510A
 KEY_FORMAT = re.compile(r"[\x20-\x7e]{1,255}")
 _READ_SIZE = 1 << 16
 
@@ -69,7 +66,7 @@ def idempotent(view):
         with db.engine.connect() as lock:
             lock.execute(
                 text("SELECT pg_advisory_xact_lock(:namespace, :key)"),
-                {"namespace": KEY_LOCK_NAMESPACE, "key": zlib.crc32(key.encode()) % 2**31},
+                {"namespace": locks.IDEMPOTENCY_KEY, "key": locks.idempotency_key(key)},
             )
             known = lock.execute(select(IdempotencyKey).where(IdempotencyKey.key == key)).first()
             if known is not None:

@@ -1,0 +1,172 @@
+"""How a slot job hands its claimed IDs to its limit's processor: a group processor
+gets each paced group in the transaction that records it; a per-ID processor gets each
+ID at its turn on a pool of threads, its outcomes recorded in batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
+from flask import current_app
+
+from service.dispatch.claimers import Claimer
+from service.dispatch.claims import Claim, hold
+from service.dispatch.outcomes import Tally, process_and_record, record_outcomes
+from service.dispatch.pacing import Clock
+from service.limits.store import SlotOfLimit
+from service.processors.contract import Failure, as_failure, is_per_id, longest_call, takes
+
+log = logging.getLogger(__name__)
+
+# A per-ID processor's outcomes are recorded this often.
+RECORD_EVERY_SECONDS = 0.25
+# What a call that was not made (its claim could have run out mid-call) gives back.
+NOT_CALLED = object()
+
+
+def calls_for(
+    slot: SlotOfLimit, claimer: Claimer, processor: Callable, clock: Clock, max_attempts: int
+):
+    kind = ConcurrentCalls if is_per_id(processor) else GroupCalls
+    return kind(slot, claimer, processor, clock, max_attempts)
+
+
+class _Calls:
+    """How a slot job hands its claimed IDs to its limit's processor."""
+
+    def __init__(
+        self,
+        slot: SlotOfLimit,
+        claimer: Claimer,
+        processor: Callable,
+        clock: Clock,
+        max_attempts: int,
+    ):
+        self.slot, self.claimer, self.processor, self.clock = slot, claimer, processor, clock
+        self.max_attempts = max_attempts
+        self.tally = Tally()
+
+    def hold_back(self) -> None:
+        """Start no more calls."""
+
+    def wait_under_way(self) -> None:
+        """Wait for the calls under way to end."""
+
+    def go_on(self) -> None:
+        """Calls may start again."""
+
+    def record_finished(self) -> None:
+        """Record the outcomes of the calls that ended and are not recorded yet."""
+
+    def finish(self) -> None:
+        """Wait for the calls under way and record them."""
+
+    def abandon(self) -> None:
+        """Start no more calls: the job is ending."""
+
+
+class GroupCalls(_Calls):
+    """A group processor gets each paced group at once, in the transaction that records
+    the group's outcomes: locking the rows still claimed there is the check before the
+    call, so each ID runs exactly once. The claimer's lock is checked first too, so
+    that a job whose lock went with its connection takes it again (reconcile would
+    otherwise take its slot for one whose job is gone)."""
+
+    def hand(self, group: list[Claim], turn: float) -> None:
+        ours = self.claimer.still_ours(group)
+        self.tally += process_and_record(
+            self.slot, self.claimer.id, ours, self.processor, self.max_attempts
+        )
+
+    def behind(self, turn: float) -> float:
+        """How late the calls start against their turns."""
+        return self.clock.seconds() - turn
+
+
+class ConcurrentCalls(_Calls):
+    """A per-ID processor gets each ID at its turn on a pool of threads, whatever the
+    calls before it are still waiting for; outcomes are recorded in batches, each in a
+    transaction that keeps only the IDs the claim still holds.
+
+    No call is made that could overlap another of the same ID: each group is checked
+    against the claimer's lock and rows right before it is handed to the pool (one
+    query), and a call starts only while its claim holds for longer than the longest
+    call the processor may make.
+    """
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.app = current_app._get_current_object()
+        concurrency = self.app.config["PROCESSOR_CONCURRENCY"]
+        options = self.slot.options
+        self.extra = {"options": options} if takes(self.processor, "options") else {}
+        self.longest = longest_call(self.processor, options) or 0.0
+        self.abandoned = self.holding = False
+        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="processor")
+        self.in_flight: list[tuple[Claim, Future]] = []
+        # Outcomes of calls that ended, kept until a transaction has recorded them.
+        self.unrecorded: list[tuple[Claim, Failure | None]] = []
+        self.recorded_at = time.monotonic()
+        self.start_lag = 0.0
+
+    def hand(self, group: list[Claim], turn: float) -> None:
+        for item in self.claimer.still_ours(group):
+            self.in_flight.append((item, self.pool.submit(self._call, item, turn)))
+        if time.monotonic() - self.recorded_at >= RECORD_EVERY_SECONDS:
+            self.record_finished()
+
+    def behind(self, turn: float) -> float:
+        """How late the latest call started against its turn: with every thread busy,
+        calls wait in the pool's queue."""
+        return max(self.clock.seconds() - turn, self.start_lag)
+
+    def finish(self) -> None:
+        wait([future for _, future in self.in_flight])
+        self.record_finished()
+        self.pool.shutdown()
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def hold_back(self) -> None:
+        self.holding = True
+
+    def wait_under_way(self) -> None:
+        wait([future for _, future in self.in_flight])
+
+    def go_on(self) -> None:
+        self.holding = False
+
+    def record_finished(self) -> None:
+        self.recorded_at = time.monotonic()
+        self.unrecorded += self._take_finished()
+        if not self.unrecorded:
+            return
+        held = hold([item for item, _ in self.unrecorded], self.claimer.id)
+        failures = {item.user_id: failure for item, failure in self.unrecorded if failure}
+        self.tally += record_outcomes(self.slot, held, failures, self.max_attempts)
+        self.unrecorded = []
+
+    def _call(self, item: Claim, turn: float) -> Failure | None | object:
+        if self.abandoned or self.holding or time.monotonic() + self.longest > item.holds_until:
+            # Not called: the job is ending or waiting for PostgreSQL, or the claim may
+            # run out mid-call. The ID is handed back and claimed again.
+            return NOT_CALLED
+        self.start_lag = self.clock.seconds() - turn
+        with self.app.app_context():
+            try:
+                verdict = self.processor(item.user_id, item.key(self.slot.deployment), **self.extra)
+                return as_failure(verdict)
+            except Exception as exc:  # a processor's bug fails its ID, not the slot
+                log.exception("processor failed on ID %s", item.user_id)
+                return Failure(f"{type(exc).__name__}: {exc}")
+
+    def _take_finished(self) -> list[tuple[Claim, Failure | None]]:
+        finished = [(item, future) for item, future in self.in_flight if future.done()]
+        self.in_flight = [pair for pair in self.in_flight if not pair[1].done()]
+        outcomes = [(item, future.result()) for item, future in finished]
+        return [(item, verdict) for item, verdict in outcomes if verdict is not NOT_CALLED]

@@ -1,0 +1,279 @@
+"""Dispatch's SQL, every statement in one place: claims and turns, the claimers' locks
+and hand-backs, outcomes and their counters, and what reconcile reads.
+
+Statuses are bound as parameters, never spelled in the SQL. Each function runs one
+statement in the session (or in the connection it is given) and leaves the transaction
+to its caller.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import text
+
+from service.core import locks
+from service.core.extensions import db
+from service.core.models import AssignmentStatus, TaskStatus
+
+# A group's claims as rows (task_id, position, claimed_at), from three bound arrays.
+CLAIM_KEYS = (
+    "unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
+    "CAST(:claimed AS timestamptz[])) AS k(task_id, position, claimed_at)"
+)
+# The row under the claim `k` names, still running under it.
+STILL_UNDER_CLAIM = (
+    "a.task_id = k.task_id AND a.position = k.position "
+    "AND a.status = :running AND a.claimed_at = k.claimed_at"
+)
+RUNNING = {"running": AssignmentStatus.RUNNING}
+
+CLAIM = text(
+    "WITH picked AS ("
+    "  SELECT task_id, position FROM assignments"
+    "  WHERE limit_id = :limit AND slot_start = :slot AND status = :pending"
+    "  ORDER BY task_id, position LIMIT :size FOR UPDATE SKIP LOCKED) "
+    "UPDATE assignments AS a SET status = :running, claimed_at = clock_timestamp(), "
+    "  claimed_by = :claimer, claimed_until = clock_timestamp() + :life "
+    "FROM picked WHERE a.task_id = picked.task_id AND a.position = picked.position "
+    "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.claimed_at"
+)
+RESERVE_TURNS = text(
+    "UPDATE slots SET "
+    "  started_at = coalesce(started_at, clock_timestamp()), "
+    "  last_claim_at = clock_timestamp(), "
+    "  late = late OR (started_at IS NULL AND clock_timestamp() > slot_start + :late), "
+    "  next_turn_at = greatest(coalesce(next_turn_at, slot_start), :now - :catch_up) "
+    "    + make_interval(secs => :n * :span / greatest(load, 1)) "
+    "WHERE limit_id = :limit AND slot_start = :slot RETURNING next_turn_at, load"
+)
+MARK_TASKS_RUNNING = text(
+    "UPDATE id_tasks SET status = :running WHERE id = ANY(:ids) AND status = :scheduled"
+)
+STILL_CLAIMED = (
+    f"SELECT a.task_id, a.position FROM assignments AS a JOIN {CLAIM_KEYS} "
+    f"  ON {STILL_UNDER_CLAIM} "
+    "WHERE a.claimed_by = :claimer"
+)
+PAUSED_AND_LOAD = text(
+    "SELECT l.paused, s.load FROM limits AS l "
+    "LEFT JOIN slots AS s ON s.limit_id = l.id AND s.slot_start = :s "
+    "WHERE l.id = :l"
+)
+NEW_CLAIMER = text("SELECT nextval('claimer_ids')")
+TAKE_CLAIMER_LOCK = text("SELECT pg_try_advisory_lock(:ns, :claimer)")
+SHARE_SLOT_LOCK = text("SELECT pg_advisory_lock_shared(:slot)")
+RUNNING_SLOTS = text(locks.HELD_BIGINT_LOCKS)
+DEPLOYMENT = text("SELECT id FROM deployment")
+NEW_DEPLOYMENT = text("INSERT INTO deployment DEFAULT VALUES ON CONFLICT DO NOTHING")
+# The live claimers are read inside the statement, after its snapshot: a claimer takes
+# its lock before it claims, so every claim the statement sees has its lock visible.
+RELEASE = (
+    "WITH live AS MATERIALIZED ("
+    f"  SELECT array_agg(key) AS keys FROM ({locks.HELD_TWO_KEY_LOCKS}) AS held), "
+    "released AS ("
+    "  UPDATE assignments AS a SET claimed_at = NULL, claimed_by = NULL, claimed_until = NULL, "
+    "    status = CASE "
+    "    WHEN t.status = :task_cancelled THEN :cancelled ELSE :pending END "
+    "  FROM id_tasks AS t, live WHERE t.id = a.task_id AND a.status = :running AND ({which}) "
+    "  RETURNING a.limit_id, a.slot_start, a.status) "
+    "SELECT limit_id, slot_start, status, count(*) AS n FROM released "
+    "GROUP BY limit_id, slot_start, status"
+)
+# Which claims a release hands back.
+HELD_BY = "a.claimed_by = :claimer"
+# A claim runs out at its `claimed_until`; one made before claims had one, `timeout`
+# after it was made.
+RAN_OUT = "coalesce(a.claimed_until, a.claimed_at + :timeout) < clock_timestamp()"
+# Claims made before claimers existed (no `claimed_by`) wait for their timeout.
+CLAIMER_GONE = "NOT coalesce(a.claimed_by = ANY(live.keys), a.claimed_by IS NULL)"
+LOCK_TASK_STATUSES = text(
+    "SELECT id, status FROM id_tasks WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"
+)
+WRITE_OUTCOMES = text(
+    "UPDATE assignments AS a SET status = k.status, attempts = a.attempts + 1, "
+    "  error = k.error, claimed_at = NULL, claimed_by = NULL, claimed_until = NULL, "
+    "  retry_at = k.retry_at, "
+    "  finished_at = CASE WHEN k.status = :retrying THEN NULL ELSE clock_timestamp() END "
+    "FROM unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
+    "            CAST(:claimed AS timestamptz[]), CAST(:statuses AS text[]), "
+    "            CAST(:errors AS text[]), CAST(:retry_at AS timestamptz[])) "
+    "  AS k(task_id, position, claimed_at, status, error, retry_at) "
+    f"WHERE {STILL_UNDER_CLAIM} "
+    "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.status"
+)
+ADD_SLOT_OUTCOMES = text(
+    "UPDATE slots SET done = done + :d, failed = failed + :f "
+    "WHERE limit_id = :l AND slot_start = :s"
+)
+COUNT_ON_TASK = text(
+    "UPDATE id_tasks SET done = done + :d, failed = failed + :f, "
+    "  status = CASE WHEN status = :cancelled THEN status "
+    "    WHEN done + :d + failed + :f < total THEN :running "
+    "    WHEN failed + :f > 0 THEN :failed ELSE :done END "
+    "WHERE id = :t"
+)
+# The statuses a task's counters move it to.
+TASK_OUTCOMES = {
+    "cancelled": TaskStatus.CANCELLED,
+    "running": TaskStatus.RUNNING,
+    "failed": TaskStatus.FAILED,
+    "done": TaskStatus.DONE,
+}
+UNPLANNED_TASKS = text("SELECT id, total FROM id_tasks WHERE status = ANY(:unplanned) ORDER BY id")
+SERVER_STARTED_WITHIN = text("SELECT pg_postmaster_start_time() > clock_timestamp() - :grace")
+MARK_LATE = text("UPDATE slots SET late = true WHERE limit_id = :l AND slot_start = ANY(:late)")
+# One index probe per slot (a loose index scan), so no counter can hide one.
+SLOTS_WITH_PENDING_IDS = text(
+    "WITH RECURSIVE pending(slot_start) AS ("
+    "  (SELECT slot_start FROM assignments "
+    "   WHERE limit_id = :limit AND status = :pending "
+    "   ORDER BY slot_start LIMIT 1) "
+    "  UNION ALL "
+    "  SELECT (SELECT a.slot_start FROM assignments AS a "
+    "          WHERE a.limit_id = :limit AND a.status = :pending "
+    "            AND a.slot_start > pending.slot_start "
+    "          ORDER BY a.slot_start LIMIT 1) "
+    "  FROM pending WHERE pending.slot_start <= :until) "
+    "SELECT slot_start FROM pending WHERE slot_start <= :until ORDER BY slot_start"
+)
+
+
+def claim_pending(limit_id: int, slot: datetime, claimer: int, size: int, life: timedelta):
+    """Up to `size` pending rows of a limit's slot, in plan order, now running under the
+    claimer; rows another claim has locked are skipped."""
+    params = {"limit": limit_id, "slot": slot, "size": size, "claimer": claimer, "life": life}
+    return db.session.execute(
+        CLAIM, {**params, "pending": AssignmentStatus.PENDING, **RUNNING}
+    ).all()
+
+
+def reserve_turns(limit_id: int, slot: datetime, claimed: int, **timing):
+    """Move the slot's next turn on by `claimed` steps; returns (next_turn_at, load).
+    `timing` holds `late`, `now`, `catch_up` and `span` (see RESERVE_TURNS)."""
+    return db.session.execute(
+        RESERVE_TURNS, {"n": claimed, "limit": limit_id, "slot": slot, **timing}
+    ).one()
+
+
+def mark_tasks_running(task_ids: set[int]) -> None:
+    db.session.execute(
+        MARK_TASKS_RUNNING,
+        {"ids": sorted(task_ids), "running": TaskStatus.RUNNING, "scheduled": TaskStatus.SCHEDULED},
+    )
+
+
+def still_claimed(executor, keys: dict[str, list], claimer: int, lock: bool) -> set[tuple]:
+    """(task_id, position) of the rows of `keys` still under their claims by `claimer`,
+    read through `executor` (a session or a connection); with `lock`, locked in one
+    order until its transaction ends."""
+    query = STILL_CLAIMED
+    if lock:
+        query += " ORDER BY a.task_id, a.position FOR UPDATE OF a"
+    rows = executor.execute(text(query), {**keys, "claimer": claimer, **RUNNING}).all()
+    return {tuple(row) for row in rows}
+
+
+def paused_and_load(limit_id: int, slot: datetime):
+    """(paused, load) of a limit and its slot; None once the limit is gone."""
+    return db.session.execute(PAUSED_AND_LOAD, {"l": limit_id, "s": slot}).one_or_none()
+
+
+def new_claimer_id() -> int:
+    return db.session.execute(NEW_CLAIMER).scalar()
+
+
+def take_claimer_locks(holder, claimer: int, slot_key: int) -> bool:
+    """On `holder`, a connection of the claimer's own: its lock, then a shared lock on
+    its slot; False (and nothing taken) while another session holds the claimer's."""
+    taken = holder.execute(TAKE_CLAIMER_LOCK, {"ns": locks.CLAIMER, "claimer": claimer}).scalar()
+    if taken:
+        holder.execute(SHARE_SLOT_LOCK, {"slot": slot_key})
+    return taken
+
+
+def running_slot_keys() -> set[int]:
+    rows = db.session.execute(RUNNING_SLOTS, {"ns": locks.SLOT})
+    return {row.key for row in rows}
+
+
+def deployment_id():
+    """The deployment's id, made again should the database have lost its row."""
+    found = db.session.execute(DEPLOYMENT).scalar()
+    if found is None:
+        db.session.execute(NEW_DEPLOYMENT)
+        found = db.session.execute(DEPLOYMENT).scalar()
+    return found
+
+
+def release(which: str, **params) -> list:
+    """Claimed rows chosen by `which` (HELD_BY, RAN_OUT, CLAIMER_GONE) back to pending,
+    or to cancelled if their task was; returns (limit_id, slot_start, status, n) rows."""
+    return db.session.execute(
+        text(RELEASE.format(which=which)),
+        {
+            "ns": locks.CLAIMER,
+            "task_cancelled": TaskStatus.CANCELLED,
+            "cancelled": AssignmentStatus.CANCELLED,
+            "pending": AssignmentStatus.PENDING,
+            **RUNNING,
+            **params,
+        },
+    ).all()
+
+
+def lock_task_statuses(task_ids: list[int]) -> dict[int, str]:
+    """Task rows first, in id order, as every writer of several tasks takes them."""
+    return dict(db.session.execute(LOCK_TASK_STATUSES, {"ids": task_ids}).all())
+
+
+def write_outcomes(keys: dict[str, list], verdicts: list[tuple]) -> list:
+    """One statement for a whole group: each row still under its claim gets its verdict
+    (status, error, retry at); returns the rows written."""
+    return db.session.execute(
+        WRITE_OUTCOMES,
+        {
+            **keys,
+            "statuses": [status for status, _, _ in verdicts],
+            "errors": [error for _, error, _ in verdicts],
+            "retry_at": [retry_at for _, _, retry_at in verdicts],
+            "retrying": AssignmentStatus.RETRYING,
+            **RUNNING,
+        },
+    ).all()
+
+
+def add_slot_outcomes(limit_id: int, slot: datetime, done: int, failed: int) -> None:
+    db.session.execute(ADD_SLOT_OUTCOMES, {"d": done, "f": failed, "l": limit_id, "s": slot})
+
+
+def count_on_task(task_id: int, done: int, failed: int) -> None:
+    """Add outcomes to a task; one whose IDs have all finished becomes done, or failed
+    if any failed."""
+    db.session.execute(COUNT_ON_TASK, {"d": done, "f": failed, "t": task_id, **TASK_OUTCOMES})
+
+
+def unplanned_tasks() -> list:
+    """(id, total) of the tasks still received or planning."""
+    return db.session.execute(
+        UNPLANNED_TASKS, {"unplanned": [TaskStatus.RECEIVED, TaskStatus.PLANNING]}
+    ).all()
+
+
+def server_started_within(grace: timedelta) -> bool:
+    return db.session.execute(SERVER_STARTED_WITHIN, {"grace": grace}).scalar()
+
+
+def mark_late(limit_id: int, slots: list[datetime]) -> None:
+    db.session.execute(MARK_LATE, {"l": limit_id, "late": slots})
+
+
+def slots_with_pending_ids(limit_id: int, until: datetime) -> list[datetime]:
+    """Each slot of a limit up to `until` holding pending IDs, found from the pending
+    rows themselves."""
+    return list(
+        db.session.execute(
+            SLOTS_WITH_PENDING_IDS,
+            {"limit": limit_id, "until": until, "pending": AssignmentStatus.PENDING},
+        ).scalars()
+    )
