@@ -215,3 +215,13 @@ def test_paused_is_true_or_false_and_nothing_else(rpm3, partner, value):
     assert (answer.status_code, list(answer.json["errors"]["json"])) == (422, ["paused"])
     assert client.get("/limits/partner/").json["paused"] is False
     assert slots_by_id(partner) == before
+
+
+def test_a_change_of_a_limit_says_by_name_what_it_changed_and_replanned(partner):
+    pausing.pause("partner")
+    paused = pausing.change_limit("partner", {"rpm": 4})
+    assert (paused.limit.name, paused.limit.rpm, paused.limit.paused) == ("partner", 4, True)
+    assert paused.replanned == 0
+
+    resumed = pausing.change_limit("partner", {"paused": False}, now=RESUMED)
+    assert (resumed.limit.paused, resumed.replanned) == (False, 18)

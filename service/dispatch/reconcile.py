@@ -24,7 +24,7 @@ from service.jobs import (
     planning_job_id,
 )
 from service.limits import store as limits
-from service.planning.retries import retries_waiting
+from service.planning.store import retries_waiting
 
 # Reconcile gives jobs to the slots starting within this; each run moves it on.
 RECONCILE_HORIZON = timedelta(hours=1)

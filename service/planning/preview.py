@@ -16,7 +16,8 @@ from service.core.extensions import db, raw_connection
 from service.core.models import Limit, Overflow
 from service.limits import store as limits
 from service.limits.settings import shared
-from service.planning.windows import WindowPlanner, database_now
+from service.planning.store import database_now
+from service.planning.windows import WindowPlanner
 from service.tasks.store import read_ids, store_distinct_ids
 
 PREVIEW_CHUNKS = "preview_id_chunks"

@@ -20,26 +20,27 @@ from datetime import datetime, timedelta
 from itertools import groupby
 
 from flask import current_app
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from service.core.extensions import db
-from service.core.models import AssignmentStatus, IdTask, Limit
+from service.core.models import IdTask, Limit
 from service.jobs import schedule_slots
 from service.limits import store as limits
 from service.limits.store import subtract_loads
+from service.planning import store
 from service.planning.retries import replan_in_place
-from service.planning.windows import database_now
+from service.planning.store import database_now
 
 
 def pause(name: str) -> None:
     """Stop a limit's slots from running; IDs a slot job has claimed already finish."""
-    _change(name, {"paused": True})
+    change_limit(name, {"paused": True})
 
 
 def resume(name: str, now: datetime | None = None) -> int:
     """Let a paused limit's slots run again; returns how many IDs whose slot had
     passed were planned again (none, for a limit that was not paused)."""
-    return _change(name, {"paused": False}, now)[1]
+    return change_limit(name, {"paused": False}, now).replanned
 
 
 def replace_limit(name: str, fields: dict) -> dict:
@@ -49,10 +50,18 @@ def replace_limit(name: str, fields: dict) -> dict:
 
 
 def update_limit(name: str, changes: dict, now: datetime | None = None) -> dict:
-    return limits.answer(_change(name, changes, now)[0])
+    return limits.answer(change_limit(name, changes, now).limit)
 
 
-def _change(name: str, changes: dict, now: datetime | None = None) -> tuple[Limit, int]:
+@dataclass(frozen=True)
+class LimitChange:
+    """A limit as changed, and how many of its IDs a resume planned again."""
+
+    limit: Limit
+    replanned: int = 0
+
+
+def change_limit(name: str, changes: dict, now: datetime | None = None) -> LimitChange:
     """Change a limit's fields, pausing or resuming it; the slots a resume planned into
     get their jobs once it has committed."""
     resuming = changes.get("paused") is False
@@ -67,7 +76,7 @@ def _change(name: str, changes: dict, now: datetime | None = None) -> tuple[Limi
         limit.paused = changes["paused"]
     db.session.commit()
     schedule_slots(limit.name, slots)
-    return limit, replanned
+    return LimitChange(limit, replanned)
 
 
 @dataclass(frozen=True)
@@ -82,13 +91,7 @@ class _Overdue:
 def _lock_overdue_tasks(limit_id: int, now: datetime | None) -> _Overdue:
     lead = timedelta(seconds=current_app.config["PLAN_LEAD_SECONDS"])
     cutoff = (now or database_now()) + lead
-    task_ids = db.session.scalars(
-        text(
-            "SELECT DISTINCT task_id FROM assignments "
-            "WHERE limit_id = :limit AND status = :pending AND slot_start <= :cutoff"
-        ),
-        {"limit": limit_id, "pending": AssignmentStatus.PENDING, "cutoff": cutoff},
-    ).all()
+    task_ids = store.overdue_task_ids(limit_id, cutoff)
     tasks = db.session.scalars(
         select(IdTask)
         .where(IdTask.id.in_(task_ids))
@@ -104,7 +107,7 @@ def _replan_overdue(
 ) -> tuple[int, set[datetime]]:
     """Move the overdue IDs out of their slots and plan them again from now, task by
     task; returns how many, and the slots they went to."""
-    rows = _lock_overdue_rows(limit.id, overdue)
+    rows = store.lock_overdue_rows(limit.id, overdue.cutoff, [task.id for task in overdue.tasks])
     if not rows:
         return 0, set()
     subtract_loads(Counter((limit.id, row.slot_start) for row in rows))
@@ -116,32 +119,5 @@ def _replan_overdue(
         # Each task's lead counts every row: none is committed before the last is written.
         planner = replan_in_place(task, positions, None, now=now, expected_ids=len(rows))
         slots |= planner.used_slots
-        task.first_slot = _first_slot(task_id)
+        task.first_slot = store.first_slot(task_id)
     return len(rows), slots
-
-
-def _lock_overdue_rows(limit_id: int, overdue: _Overdue) -> list:
-    return db.session.execute(
-        text(
-            "SELECT task_id, position, user_id, slot_start FROM assignments "
-            "WHERE limit_id = :limit AND status = :pending AND slot_start <= :cutoff "
-            "  AND task_id = ANY(:tasks) "
-            "ORDER BY task_id, position FOR UPDATE"
-        ),
-        {
-            "limit": limit_id,
-            "pending": AssignmentStatus.PENDING,
-            "cutoff": overdue.cutoff,
-            "tasks": [task.id for task in overdue.tasks],
-        },
-    ).all()
-
-
-def _first_slot(task_id: int) -> datetime | None:
-    """Where the task's first IDs now are: moved ones no longer hold their old slot."""
-    return db.session.scalar(
-        text(
-            "SELECT min(slot_start) FROM assignments WHERE task_id = :task AND status <> :cancelled"
-        ),
-        {"task": task_id, "cancelled": AssignmentStatus.CANCELLED},
-    )

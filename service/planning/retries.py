@@ -13,20 +13,12 @@ from collections import defaultdict
 from collections.abc import Iterator
 from datetime import datetime
 
-from sqlalchemy import text
-
-from service.core.extensions import db, raw_connection
-from service.core.models import AssignmentStatus, IdTask, TaskStatus
+from service.core.extensions import db
+from service.core.models import IdTask, TaskStatus
 from service.jobs import schedule_slots
+from service.planning import store
 from service.planning.windows import WindowPlanner
-from service.tasks.store import get_task
-
-
-def retries_waiting() -> bool:
-    return db.session.execute(
-        text("SELECT EXISTS (SELECT 1 FROM assignments WHERE status = :retrying)"),
-        {"retrying": AssignmentStatus.RETRYING},
-    ).scalar()
+from service.tasks.store import cancel_retrying, get_task
 
 
 def plan_retries() -> int:
@@ -35,13 +27,7 @@ def plan_retries() -> int:
     One transaction per task and retry moment, so window locks rise in time within each,
     as a planner's do.
     """
-    groups = db.session.execute(
-        text(
-            "SELECT DISTINCT task_id, retry_at FROM assignments WHERE status = :retrying "
-            "ORDER BY task_id, retry_at"
-        ),
-        {"retrying": AssignmentStatus.RETRYING},
-    ).all()
+    groups = store.retry_groups()
     db.session.commit()
     planned, slots = 0, defaultdict(set)
     for task_id, retry_at in groups:
@@ -55,31 +41,14 @@ def plan_retries() -> int:
 
 def _plan_group(task_id: int, retry_at: datetime) -> tuple[int, str | None, set[datetime]]:
     task = get_task(task_id, lock=True)
-    rows = db.session.execute(
-        text(
-            "SELECT position, user_id FROM assignments "
-            "WHERE task_id = :t AND status = :retrying AND retry_at = :r "
-            "ORDER BY position FOR UPDATE"
-        ),
-        {"t": task_id, "retrying": AssignmentStatus.RETRYING, "r": retry_at},
-    ).all()
+    rows = store.lock_retry_group(task_id, retry_at)
     if task.status == TaskStatus.CANCELLED:
-        db.session.execute(
-            text(
-                "UPDATE assignments SET status = :cancelled, retry_at = NULL "
-                "WHERE task_id = :t AND status = :retrying"
-            ),
-            {
-                "t": task_id,
-                "cancelled": AssignmentStatus.CANCELLED,
-                "retrying": AssignmentStatus.RETRYING,
-            },
-        )
+        cancel_retrying(task_id)
         rows = []
     if not rows:
         db.session.commit()
         return 0, None, set()
-    planner = replan_in_place(task, [tuple(row) for row in rows], retry_at)
+    planner = replan_in_place(task, rows, retry_at)
     db.session.commit()
     return len(rows), planner.limit.name, planner.used_slots
 
@@ -104,14 +73,10 @@ def replan_in_place(
         counts = [0] * len(slots)
         moves = []
         for (position, _user_id), index in pairs:
-            moves.append((slots[index], AssignmentStatus.PENDING, task.id, position))
+            moves.append((position, slots[index]))
             counts[index] += 1
-        with raw_connection().cursor() as cur:
-            cur.executemany(
-                "UPDATE assignments SET slot_start = %s, status = %s, retry_at = NULL "
-                "WHERE task_id = %s AND position = %s",
-                moves,
-            )
+        if moves:
+            store.move_to_slots(task.id, moves)
         return counts
 
     planner = WindowPlanner(

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 
 from flask import current_app
 from sqlalchemy import update
 
 from service.core import locks
 from service.core.errors import NotFound
-from service.core.extensions import db, raw_connection
+from service.core.extensions import db
 from service.core.models import AssignmentStatus, IdTask, Limit, Overflow, TaskStatus
 from service.jobs import schedule_slots
 from service.limits import store as limits
 from service.limits.settings import shared
+from service.planning import store
 from service.planning.planner import EPOCH, distribute, fill
 from service.planning.reading import slot_grid
 from service.tasks.store import ID_CHUNKS, get_task, read_ids
@@ -95,27 +96,16 @@ def _copy_writer(task_id: int, limit_id: int) -> Writer:
         counts = [0] * len(slots)
         slot_texts = [slot.isoformat() for slot in slots]
         pending = str(AssignmentStatus.PENDING)
-        with (
-            raw_connection().cursor() as cur,
-            cur.copy(
-                "COPY assignments (task_id, position, user_id, limit_id, slot_start, status) "
-                "FROM STDIN"
-            ) as copy,
-        ):
-            write_row = copy.write_row
+
+        def rows() -> Iterator[tuple]:
             for (position, user_id), index in pairs:
-                write_row((task_id, position, user_id, limit_id, slot_texts[index], pending))
                 counts[index] += 1
+                yield task_id, position, user_id, limit_id, slot_texts[index], pending
+
+        store.copy_assignments(rows())
         return counts
 
     return write
-
-
-def database_now() -> datetime:
-    """The database's clock, the same for every process on every machine."""
-    with raw_connection().cursor() as cur:
-        cur.execute("SELECT clock_timestamp()")
-        return cur.fetchone()[0].astimezone(UTC)
 
 
 class WindowPlanner:
@@ -173,7 +163,7 @@ class WindowPlanner:
 
     def _now(self) -> datetime:
         """The planning time: fixed (tests), else the database's clock."""
-        return self.fixed_now if self.fixed_now is not None else database_now()
+        return self.fixed_now if self.fixed_now is not None else store.database_now()
 
     def _settings(self) -> dict[str, int]:
         return shared(lock=True)  # a change of settings waits for this plan
@@ -188,18 +178,10 @@ class WindowPlanner:
 
     def _lock(self, window: datetime) -> None:
         number = (window - EPOCH) // self.grid.window_length
-        with raw_connection().cursor() as cur:
-            cur.execute(
-                "SELECT pg_advisory_xact_lock(%s)", (locks.window_key(self.limit.id, number),)
-            )
+        store.lock_window(locks.window_key(self.limit.id, number))
 
     def _loads(self, slots: list[datetime]) -> list[int]:
-        with raw_connection().cursor() as cur:
-            cur.execute(
-                "SELECT slot_start, load FROM slots WHERE limit_id = %s AND slot_start = ANY(%s)",
-                (self.limit.id, slots),
-            )
-            known = dict(cur.fetchall())
+        known = store.loads(self.limit.id, slots)
         return [known.get(slot, 0) for slot in slots]
 
     def _add_loads(self, slots: list[datetime], counts: list[int]) -> int:
@@ -212,11 +194,4 @@ class WindowPlanner:
         return written
 
     def _store_loads(self, used: list[tuple[datetime, int]]) -> None:
-        with raw_connection().cursor() as cur:
-            cur.execute(
-                "INSERT INTO slots (limit_id, slot_start, load) "
-                "SELECT %s, * FROM unnest(%s::timestamptz[], %s::int[]) "
-                "ON CONFLICT (limit_id, slot_start) "
-                "DO UPDATE SET load = slots.load + EXCLUDED.load",
-                (self.limit.id, [slot for slot, _ in used], [n for _, n in used]),
-            )
+        store.add_loads(self.limit.id, used)

@@ -228,13 +228,7 @@ def _release_pending(task: IdTask, new_status: str | None) -> None:
             "UPDATE assignments SET status = :new_status "
             "WHERE task_id = :task AND status = :pending"
         )
-        db.session.execute(
-            text(
-                "UPDATE assignments SET status = :new_status, retry_at = NULL "
-                "WHERE task_id = :task AND status = :retrying"
-            ),
-            {"task": task.id, "new_status": new_status, "retrying": AssignmentStatus.RETRYING},
-        )
+        cancel_retrying(task.id)
     released = db.session.execute(
         text(
             f"WITH released AS ({change} RETURNING limit_id, slot_start) "
@@ -243,6 +237,21 @@ def _release_pending(task: IdTask, new_status: str | None) -> None:
         {"task": task.id, "new_status": new_status, "pending": AssignmentStatus.PENDING},
     ).all()
     subtract_loads({(limit_id, slot): n for limit_id, slot, n in released})
+
+
+def cancel_retrying(task_id: int) -> None:
+    """A cancelled task's retrying IDs are cancelled too: they hold no slot yet."""
+    db.session.execute(
+        text(
+            "UPDATE assignments SET status = :cancelled, retry_at = NULL "
+            "WHERE task_id = :task AND status = :retrying"
+        ),
+        {
+            "task": task_id,
+            "cancelled": AssignmentStatus.CANCELLED,
+            "retrying": AssignmentStatus.RETRYING,
+        },
+    )
 
 
 def _release_plan(task: IdTask) -> None:
