@@ -1,5 +1,8 @@
 import json
 
+from sqlalchemy import text
+
+from service.core.extensions import db
 from service.core.models import User
 
 
@@ -89,3 +92,17 @@ def test_ids_run_out_above_the_largest_possible_one(client):
     assert "give the user an id" in refused.json["message"]
     client.delete(f"/users/{top}/")
     assert client.post("/users/", json={"name": "room again"}).status_code == 201
+
+
+def test_nothing_but_the_service_numbers_users(app):
+    # A user created without an id takes the next above the largest; an identity column
+    # counting from 1 beside it would be a second, unused, numbering.
+    with app.app_context():
+        column = db.session.execute(
+            text(
+                "SELECT is_identity, column_default FROM information_schema.columns "
+                "WHERE table_name = 'users' AND column_name = 'id'"
+            )
+        ).one()
+    assert tuple(column) == ("NO", None)
+    assert User.__table__.c.id.identity is None

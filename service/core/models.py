@@ -59,7 +59,8 @@ class User(db.Model):
     __tablename__ = "users"
     __table_args__ = (Index("ix_users_newest", "date_created", "id"),)
 
-    id: Mapped[int] = mapped_column(BigInteger, Identity(start=1), primary_key=True)
+    # Given by a task, a client, or the next above the largest (users/store.py).
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     name: Mapped[str | None] = mapped_column(String(255))
     date_created: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
