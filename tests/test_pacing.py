@@ -6,7 +6,7 @@ import pytest
 
 from service.dispatch.claimers import new_claimer_id, release_held_by
 from service.dispatch.claims import claim
-from service.dispatch.pacing import Clock, paced_groups, step_of
+from service.dispatch.pacing import PACING_TICK_SECONDS, Clock, paced_groups, step_of
 from service.dispatch.slot_runs import run_slot
 from service.limits.store import DEFAULT
 from service.planning.windows import plan_stored_task
@@ -29,13 +29,25 @@ class FakeClock(Clock):
         object.__setattr__(self, "now_seconds", self.now_seconds + seconds)
 
 
-@pytest.fixture
-def noted(make_app):
-    app = make_app(RPM=600, ID_PROCESSOR="tests.processors:note_times")
+def noting(make_app, rpm: int):
+    """An app whose processor notes when each ID reaches it, its context pushed."""
+    app = make_app(RPM=rpm, ID_PROCESSOR="tests.processors:note_times")
     processors.calls = []
     with app.app_context():
         yield app
     processors.clock = None
+
+
+@pytest.fixture
+def noted(make_app):
+    yield from noting(make_app, 600)
+
+
+@pytest.fixture
+def noted_twenty_a_slot(make_app):
+    """Twenty IDs a slot: enough that pacing over the whole slot would hand the last one
+    out well past 90 % of it."""
+    yield from noting(make_app, 20)
 
 
 def most_in_one_second(calls) -> int:
@@ -64,6 +76,16 @@ def test_a_slot_on_time_spreads_its_ids_through_it(noted):
     offsets = [moment - SLOT.timestamp() for moment, ids in processors.calls for _ in ids]
     step = step_of(60, 600)
     assert all(abs(offset - k * step) <= 0.06 for k, offset in enumerate(offsets)), offsets[:20]
+
+
+def test_a_slots_ids_are_handed_out_within_its_first_90_percent(noted_twenty_a_slot):
+    plan_stored_task(submit(range(1, 21)), now=PAST)
+    processors.clock = FakeClock(SLOT.timestamp())
+    run_slot(DEFAULT, SLOT, clock=processors.clock)
+    offsets = [moment - SLOT.timestamp() for moment, ids in processors.calls for _ in ids]
+    # The share is written out here, not read from the code under test.
+    assert offsets == pytest.approx([k * 0.9 * 60 / 20 for k in range(20)], abs=0.1)
+    assert offsets[-1] < 0.9 * 60 + PACING_TICK_SECONDS
 
 
 def test_ids_handed_back_get_turns_after_those_already_handed_out(noted):
