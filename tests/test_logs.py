@@ -81,7 +81,7 @@ def test_a_slot_run_gets_one_line_with_its_figures(rpm3, caplog):
     caplog.set_level(logging.INFO)
     plan_stored_task(submit(range(1, 8)), now=PAST)
     run_slot(DEFAULT, FIRST_SLOT)
-    [line] = [r.fields for r in caplog.records if r.name == "service.dispatch.slot_runs"]
+    [line] = [r.fields for r in caplog.records if r.name == "service.dispatch"]
     assert line["slot"] == FIRST_SLOT.isoformat()
     assert (line["claimed"], line["processed"], line["done"], line["failed"]) == (3, 3, 3, 0)
     assert line["handed_back"] == 0

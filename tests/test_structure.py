@@ -180,3 +180,24 @@ def test_no_status_is_written_by_hand_in_sql():
         if SQL_STATUS_LITERAL.search(line)
     ]
     assert found == []
+
+
+def test_the_public_paths_of_jobs_and_processors_still_lead_to_their_code():
+    # Stored jobs, limit rows and processors written elsewhere name these paths.
+    from rq.utils import import_attribute
+
+    from service.jobs import PLAN_RETRIES_JOB, PLAN_TASK_JOB, SLOT_JOB
+    from service.processors import builtin, contract
+    from service.processors.contract import HTTP_PROCESSOR, RECORD_USER, load_processor
+
+    assert (SLOT_JOB, PLAN_TASK_JOB, PLAN_RETRIES_JOB) == (
+        "workers.slots.run_slot",
+        "workers.planning.plan_task",
+        "workers.planning.plan_retries",
+    )
+    assert all(callable(import_attribute(path)) for path in (SLOT_JOB, PLAN_TASK_JOB))
+    assert load_processor(RECORD_USER) is builtin.record_user
+    assert load_processor(HTTP_PROCESSOR) is builtin.http_request
+    processors = load_processor("workers.processors:per_id").__module__
+    assert processors == contract.__name__
+    assert import_attribute("workers.processors.Failure") is contract.Failure
