@@ -4,6 +4,7 @@ structure read in Python everywhere, so the check never silently skips."""
 import shutil
 import subprocess
 
+import pytest
 import yaml
 
 from .processes import ROOT
@@ -24,7 +25,10 @@ def compose_command() -> list[str] | None:
 def test_a_compose_command_finds_the_file_valid_with_every_part():
     command = compose_command()
     if command is None:
-        return  # the structure test below still runs
+        pytest.skip(
+            "no docker-compose or docker compose on this machine; "
+            "the PyYAML structure test still runs"
+        )
     parsed = subprocess.run(
         [*command, "config", "--services"], cwd=ROOT, capture_output=True, text=True
     )
