@@ -34,6 +34,7 @@ from service.jobs import get_scheduler
 from service.planning.windows import plan_stored_task
 from service.processors.builtin import record_user
 from service.tasks.store import submit_task
+from tests.helpers import percentile
 from workers.context import job_context
 
 PROBE_KEY = "bench:probe-delays"
@@ -72,11 +73,6 @@ def empty() -> None:
     db.session.execute(text("TRUNCATE users, id_tasks, task_id_chunks, assignments, slots"))
     db.session.commit()
     get_redis().flushdb()
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 def start_latency(slots: int, slot_seconds: int) -> tuple[list[float], list[float]]:

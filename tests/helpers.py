@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: moments, submitting and planning, reading the outcome."""
+"""Helpers shared by the tests and the benchmarks: moments, submitting and planning, reading
+the outcome, percentiles."""
 
 from datetime import UTC, datetime, timedelta
 
@@ -100,3 +101,9 @@ def parse_metrics(exposition: str) -> dict[tuple, float]:
 def requests_counted(figures: dict, method: str, route: str, status: int) -> float:
     labels = (("method", method), ("route", route), ("status", str(status)))
     return figures.get(("slotted_http_requests_total", labels), 0.0)
+
+
+def percentile(values: list[float], share: float) -> float:
+    """The value `share` of the way through the sorted values (the nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
