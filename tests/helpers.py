@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-from service.core.extensions import db
+from service.core.extensions import db, get_redis
 from service.limits import store as limits
 from service.tasks.store import submit_task
 
@@ -107,3 +107,16 @@ def percentile(values: list[float], share: float) -> float:
     """The value `share` of the way through the sorted values (the nearest rank)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+def snapshot(app) -> dict[str, int]:
+    """How many rows each table holds, and how many keys Redis: what a refused request
+    must leave as it found it."""
+    with app.app_context():
+        limits.find(limits.DEFAULT)  # recorded once for all, as the first process would
+        counts = {
+            table: db.session.execute(text(f"SELECT count(*) FROM {table}")).scalar()
+            for table in db.metadata.tables
+        }
+        counts["redis keys"] = get_redis().dbsize()
+        return counts

@@ -1,24 +1,10 @@
 """Bad input: a 4xx that says what and where, and nothing stored."""
 
 import pytest
-from sqlalchemy import text
 
-from service.core.extensions import db, get_redis
-from service.limits import store as limits
+from .helpers import snapshot
 
 TASKS = "/celery_ids_tasks/"
-
-
-def snapshot(app):
-    with app.app_context():
-        limits.find(limits.DEFAULT)  # recorded once for all, as the first process would
-        counts = {
-            table: db.session.execute(text(f"SELECT count(*) FROM {table}")).scalar()
-            for table in db.metadata.tables
-        }
-        counts["redis keys"] = get_redis().dbsize()
-        return counts
-
 
 CASES = {
     "not an integer": (TASKS, {"json": {"task_name": "t", "payload": "1,two,3"}}, 422, "'two'"),

@@ -3,7 +3,6 @@
 import subprocess
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from rq import Queue
@@ -16,6 +15,7 @@ from service.limits import store as limits
 from service.planning.windows import plan_stored_task
 
 from .helpers import PAST, add_limit, slots_by_id, submit
+from .processes import ROOT
 
 
 def test_worker_burst_runs_the_queued_planning_job(app, client, runner):
@@ -82,7 +82,7 @@ def test_tasks_submit_takes_a_pipe_of_unknown_size(app):
         [sys.executable, "-m", "flask", "--app", "wsgi", "tasks", "submit", "-", "--name", "p"],
         input="\n".join(str(i) for i in range(1, 2001)).encode(),
         capture_output=True,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=ROOT,
     )
     assert piped.returncode == 0, piped.stderr.decode()[-2000:]
     assert b"2000 IDs (0 duplicates dropped)" in piped.stdout

@@ -11,8 +11,7 @@ from service.limits import store as limits
 from service.planning import resume as pausing
 from service.planning.windows import plan_stored_task
 
-from .helpers import add_limit, at, loads, minute, submit
-from .test_bad_input import snapshot
+from .helpers import add_limit, at, loads, minute, snapshot, submit
 
 LIMITS = "/limits/"
 NOW = at("2030-01-07 10:05:20")
