@@ -5,19 +5,28 @@ What a client sends that no document can state, it sends as a client would:
 - a fresh Idempotency-Key with each new request; schemathesis draws the same few keys for
   different bodies, which the API rightly refuses (422);
 - the name of a limit that exists, and a processor that can be imported with options it
-  takes: which limits and modules exist is the deployment's, not the document's.
+  takes: which limits and modules exist is the deployment's, not the document's;
+- a start (`not_before`) at most a year ahead: the document can state its years, not how
+  far ahead of the day of the request it may be.
 
 Only well-formed values are replaced; a malformed one is left as drawn, to be refused.
 """
 
 import re
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import schemathesis
 
 from service.limits.store import DEFAULT, DEFAULT_PROCESSOR
 from service.web.idempotency import HEADER
-from service.web.schemas import LIMIT_NAME_PATTERN, MAX_LIMIT_NAME, PROCESSOR_PATTERN
+from service.web.schemas import (
+    LIMIT_NAME_PATTERN,
+    MAX_LIMIT_NAME,
+    MAX_START_AHEAD,
+    PLAUSIBLE_YEAR_PATTERN,
+    PROCESSOR_PATTERN,
+)
 
 WELL_FORMED_KEY = re.compile(r"[ -~]{1,255}")
 EXISTING = {"limit": DEFAULT, "processor": DEFAULT_PROCESSOR, "options": {}}
@@ -32,12 +41,27 @@ def _matches(pattern: str, value) -> bool:
     return isinstance(value, str) and re.fullmatch(pattern, value) is not None
 
 
+def _too_far_ahead(value) -> bool:
+    """A well-formed start that the server refuses only for being more than a year ahead."""
+    if not (isinstance(value, str) and re.match(PLAUSIBLE_YEAR_PATTERN, value)):
+        return False
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    # A day short of the limit: the server reads its clock later than this hook.
+    reach = datetime.now(UTC) + MAX_START_AHEAD - timedelta(days=1)
+    return moment.tzinfo is not None and moment > reach
+
+
 def _as_a_client_would(fields) -> None:
     if not isinstance(fields, dict):
         return
     for name, well_formed in WELL_FORMED.items():
         if name in fields and well_formed(fields[name]):
             fields[name] = EXISTING[name]
+    if _too_far_ahead(fields.get("not_before")):
+        fields["not_before"] = (datetime.now(UTC) + timedelta(days=1)).isoformat()
 
 
 @schemathesis.hook

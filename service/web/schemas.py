@@ -189,20 +189,15 @@ def _within_a_year(moment) -> None:
         raise ValidationError("must be at most a year ahead (366 days from now)")
 
 
-def _years_up_to(last: int) -> str:
-    """A pattern of the years from 1970 to `last`, a year of this century, as written."""
-    decade, year = divmod(last % 100, 10)
-    earlier_decades = f"20[0-{decade - 1}][0-9]|" if decade else ""
-    return f"^(19[7-9][0-9]|{earlier_decades}20{decade}[0-{year}])-"
-
-
 NOT_BEFORE_DESCRIPTION = (
     "planning starts at the window holding this moment and never uses an earlier slot; "
-    "ISO 8601 with a time zone, at most a year ahead; a past moment means now"
+    "ISO 8601 with a time zone, at most a year ahead (366 days after the request, which the "
+    "server checks); a past moment means now"
 )
-# JSON Schema cannot say "a year from now": the pattern admits the years up to the current
-# one, so a client that keeps to it is never refused.
-NOT_BEFORE_PATTERN = _years_up_to(datetime.now(UTC).year)
+# JSON Schema cannot say "a year from now", and a pattern drawn from the day the process
+# started would refuse next year's dates in a client once that day has passed: the pattern
+# states only the years any moment may have, the description the rest.
+NOT_BEFORE_PATTERN = PLAUSIBLE_YEAR_PATTERN
 
 
 def _not_before(**kwargs) -> fields.AwareDateTime:

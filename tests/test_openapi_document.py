@@ -1,0 +1,85 @@
+"""The OpenAPI document as a generated client reads it: the patterns it keeps to."""
+
+import re
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+TASKS = "/celery_ids_tasks/"
+SUBMISSIONS = (TASKS, f"{TASKS}preview")
+
+
+def document(client) -> dict:
+    return client.get("/openapi.json").json
+
+
+def query_parameters(spec: dict, path: str) -> list[dict]:
+    return [p for p in spec["paths"][path]["post"]["parameters"] if p["in"] == "query"]
+
+
+def not_before_patterns(spec: dict) -> set[str]:
+    """The pattern of every not_before a client may send: in a JSON body, new or partial,
+    and in the query of a text body."""
+    schemas = spec["components"]["schemas"]
+    fields = [
+        schemas[name]["properties"]["not_before"] for name in ("TaskSubmit", "TaskSubmitPatch")
+    ]
+    for path in SUBMISSIONS:
+        fields += [p["schema"] for p in query_parameters(spec, path) if p["name"] == "not_before"]
+    assert len(fields) == 4
+    return {field["pattern"] for field in fields}
+
+
+def keeps_to(patterns: set[str], moment: str) -> bool:
+    return all(re.search(pattern, moment) for pattern in patterns)
+
+
+def submitted(client, not_before: str) -> tuple[int, int]:
+    """The answers to the same start in a JSON body and in a text body's query."""
+    body = client.post(TASKS, json={"task_name": "t", "ids": [1], "not_before": not_before})
+    query = client.post(
+        TASKS, query_string={"not_before": not_before}, data="1", content_type="text/csv"
+    )
+    return body.status_code, query.status_code
+
+
+def next_january() -> str:
+    # Its first moment is never more than 366 days ahead, whatever the day it is now.
+    return f"{datetime.now(UTC).year + 1}-01-01T00:00:00Z"
+
+
+def test_a_start_next_january_keeps_to_the_document(client):
+    spec = document(client)
+    assert submitted(client, next_january()) == (202, 202)
+    assert keeps_to(not_before_patterns(spec), next_january())
+    description = spec["components"]["schemas"]["TaskSubmit"]["properties"]["not_before"]
+    assert "at most a year ahead" in description["description"]
+
+
+def accepted_starts() -> list[str]:
+    now = datetime.now(UTC)
+    return [
+        "1970-01-01T00:00:00Z",
+        "2000-02-29T12:00:00+05:30",
+        now.isoformat(),
+        (now + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S-11:00"),
+        (now + timedelta(days=200)).isoformat(),
+        (now + timedelta(days=365)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        (now + timedelta(days=366) - timedelta(minutes=1)).isoformat(),
+        next_january(),
+    ]
+
+
+def test_every_start_the_server_accepts_keeps_to_the_document(client):
+    patterns = not_before_patterns(document(client))
+    for start in accepted_starts():
+        assert submitted(client, start) == (202, 202), start
+        assert keeps_to(patterns, start), start
+
+
+@pytest.mark.parametrize(
+    "start", ["1969-12-31T23:59:59Z", "0001-01-01T00:00:00+14:00", "9001-01-01T00:00:00Z"]
+)
+def test_a_year_the_server_refuses_is_outside_the_pattern(client, start):
+    assert submitted(client, start) == (422, 422)
+    assert not any(re.search(pattern, start) for pattern in not_before_patterns(document(client)))
