@@ -1,9 +1,12 @@
-"""The OpenAPI document as a generated client reads it: the patterns it keeps to."""
+"""The OpenAPI document as a generated client reads it: the patterns it keeps to and the
+query parameters it may send."""
 
 import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
+from service.web.schemas import TextSubmitQuerySchema
 
 TASKS = "/celery_ids_tasks/"
 SUBMISSIONS = (TASKS, f"{TASKS}preview")
@@ -83,3 +86,30 @@ def test_every_start_the_server_accepts_keeps_to_the_document(client):
 def test_a_year_the_server_refuses_is_outside_the_pattern(client, start):
     assert submitted(client, start) == (422, 422)
     assert not any(re.search(pattern, start) for pattern in not_before_patterns(document(client)))
+
+
+# What a query parameter's schema shares with the same field of a JSON body.
+RULES = ("type", "format", "pattern", "enum", "minLength", "maxLength")
+
+
+@pytest.mark.parametrize("path", SUBMISSIONS)
+def test_a_text_body_documents_every_field_of_its_query_once(client, path):
+    spec = document(client)
+    names = [parameter["name"] for parameter in query_parameters(spec, path)]
+    fields = [field.data_key or name for name, field in TextSubmitQuerySchema().fields.items()]
+    assert sorted(names) == sorted(fields)
+    assert "limit" in names
+    json_fields = spec["components"]["schemas"]["TaskSubmit"]["properties"]
+    for parameter in query_parameters(spec, path):
+        assert parameter["description"].startswith("with a text body"), parameter
+        same = json_fields[parameter["name"]]
+        assert {rule: parameter["schema"].get(rule) for rule in RULES} == {
+            rule: same.get(rule) for rule in RULES
+        }
+
+
+def test_a_text_body_documents_the_limit_it_is_planned_under(client):
+    (limit,) = [p for p in query_parameters(document(client), TASKS) if p["name"] == "limit"]
+    assert limit["schema"]["type"] == "string"
+    assert re.search(limit["schema"]["pattern"], "partner-api")
+    assert "limit it is planned under" in limit["description"]

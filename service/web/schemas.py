@@ -83,7 +83,8 @@ class _Text(fields.String):
     """Text that PostgreSQL can store: no NUL character, no lone UTF-16 surrogate."""
 
     def __init__(self, **kwargs):
-        super().__init__(metadata={"pattern": NO_NUL_PATTERN}, **kwargs)
+        metadata = {"pattern": NO_NUL_PATTERN, **kwargs.pop("metadata", {})}
+        super().__init__(metadata=metadata, **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
         text = super()._deserialize(value, attr, data, **kwargs)
@@ -200,12 +201,12 @@ NOT_BEFORE_DESCRIPTION = (
 NOT_BEFORE_PATTERN = PLAUSIBLE_YEAR_PATTERN
 
 
-def _not_before(**kwargs) -> fields.AwareDateTime:
+def _not_before(description: str = NOT_BEFORE_DESCRIPTION, **kwargs) -> fields.AwareDateTime:
     """A task's start: an aware moment, at most a year ahead; a past one means now."""
     return fields.AwareDateTime(
         validate=[_plausible_year, _within_a_year],
         error_messages={"invalid_awareness": UNAWARE},
-        metadata={"description": NOT_BEFORE_DESCRIPTION, "pattern": NOT_BEFORE_PATTERN},
+        metadata={"description": description, "pattern": NOT_BEFORE_PATTERN},
         **kwargs,
     )
 
@@ -228,8 +229,11 @@ def limit_name(description: str, **kwargs) -> fields.String:
     )
 
 
-def _naming_a_limit(**kwargs) -> fields.String:
-    return limit_name(f"the limit it is planned under (default: {DEFAULT!r})", **kwargs)
+PLANNED_UNDER = f"the limit it is planned under (default: {DEFAULT!r})"
+
+
+def _naming_a_limit(description: str = PLANNED_UNDER, **kwargs) -> fields.String:
+    return limit_name(description, **kwargs)
 
 
 class UserSchema(RowSchema):
@@ -365,13 +369,33 @@ class TaskIdSchema(Schema):
     finished_at = fields.DateTime(allow_none=True)
 
 
-class TextSubmitQuerySchema(Schema):
-    """Query of a POST whose body is IDs as text (text/csv or text/plain)."""
+OVERFLOW_DESCRIPTION = (
+    "where the IDs beyond RPM go: spread over the window, or deferred to the next windows "
+    f"(default: {Overflow.SPREAD.value!r})"
+)
 
-    task_name = _name(load_default=UNNAMED_TEXT_TASK)
-    overflow = fields.String(validate=OneOf(list(Overflow)))
-    not_before = _not_before()
-    limit = _naming_a_limit()
+
+def _with_a_text_body(description: str) -> str:
+    # The query is checked whatever the body, but a JSON body carries these fields itself.
+    return f"with a text body: {description}"
+
+
+class TextSubmitQuerySchema(Schema):
+    """Query of a POST whose body is IDs as text (text/csv or text/plain); the OpenAPI
+    document lists its fields as that POST's query parameters."""
+
+    task_name = _name(
+        load_default=UNNAMED_TEXT_TASK,
+        metadata={
+            "description": _with_a_text_body(f"the task's name (default: {UNNAMED_TEXT_TASK!r})")
+        },
+    )
+    overflow = fields.String(
+        validate=OneOf(list(Overflow)),
+        metadata={"description": _with_a_text_body(OVERFLOW_DESCRIPTION)},
+    )
+    not_before = _not_before(_with_a_text_body(NOT_BEFORE_DESCRIPTION))
+    limit = _naming_a_limit(_with_a_text_body(PLANNED_UNDER))
 
 
 ID_STATUSES = ("received", *AssignmentStatus)

@@ -9,10 +9,6 @@ from service.tasks.ids import IDS_TEXT_PATTERN, stream_ids
 from service.web.base import ServiceBlueprint, page_window, require_content_type
 from service.web.idempotency import OPENAPI_PARAMETER, OPENAPI_RESPONSE_HEADERS, idempotent
 from service.web.schemas import (
-    NO_NUL_PATTERN,
-    NOT_BEFORE_DESCRIPTION,
-    NOT_BEFORE_PATTERN,
-    UNNAMED_TEXT_TASK,
     PreviewSchema,
     TaskAcceptedSchema,
     TaskIdSchema,
@@ -42,31 +38,8 @@ SUBMISSION_DOC = {
             "text/plain": TEXT_BODY,
         },
     },
-    "parameters": [
-        {
-            "in": "query",
-            "name": "task_name",
-            "schema": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": 255,
-                "pattern": NO_NUL_PATTERN,
-            },
-            "description": f"with a text body (default: {UNNAMED_TEXT_TASK!r})",
-        },
-        {
-            "in": "query",
-            "name": "overflow",
-            "schema": {"type": "string", "enum": ["spread", "defer"]},
-            "description": "with a text body",
-        },
-        {
-            "in": "query",
-            "name": "not_before",
-            "schema": {"type": "string", "format": "date-time", "pattern": NOT_BEFORE_PATTERN},
-            "description": f"with a text body: {NOT_BEFORE_DESCRIPTION}",
-        },
-    ],
+    # Drawn from the schema that parses the query, so that it documents what the server reads.
+    "parameters": [{"in": "query", "schema": TextSubmitQuerySchema}],
 }
 
 
