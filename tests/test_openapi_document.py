@@ -1,5 +1,5 @@
-"""The OpenAPI document as a generated client reads it: the patterns it keeps to and the
-query parameters it may send."""
+"""The OpenAPI document as a generated client reads it: the patterns it keeps to, the query
+parameters it may send and the names it gives the operations."""
 
 import re
 from datetime import UTC, datetime, timedelta
@@ -10,6 +10,7 @@ from service.web.schemas import TextSubmitQuerySchema
 
 TASKS = "/celery_ids_tasks/"
 SUBMISSIONS = (TASKS, f"{TASKS}preview")
+METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
 
 def document(client) -> dict:
@@ -113,3 +114,54 @@ def test_a_text_body_documents_the_limit_it_is_planned_under(client):
     assert limit["schema"]["type"] == "string"
     assert re.search(limit["schema"]["pattern"], "partner-api")
     assert "limit it is planned under" in limit["description"]
+
+
+OPERATIONS = {
+    "get_root": ("get", "/"),
+    "list_users": ("get", "/users/"),
+    "create_user": ("post", "/users/"),
+    "get_user": ("get", "/users/{user_id}/"),
+    "replace_user": ("put", "/users/{user_id}/"),
+    "update_user": ("patch", "/users/{user_id}/"),
+    "delete_user": ("delete", "/users/{user_id}/"),
+    "list_tasks": ("get", "/celery_ids_tasks/"),
+    "submit_task": ("post", "/celery_ids_tasks/"),
+    "preview_task": ("post", "/celery_ids_tasks/preview"),
+    "get_task": ("get", "/celery_ids_tasks/{task_id}/"),
+    "replace_task": ("put", "/celery_ids_tasks/{task_id}/"),
+    "update_task": ("patch", "/celery_ids_tasks/{task_id}/"),
+    "cancel_task": ("delete", "/celery_ids_tasks/{task_id}/"),
+    "list_task_ids": ("get", "/celery_ids_tasks/{task_id}/ids/"),
+    "get_plan": ("get", "/slots/"),
+    "list_limits": ("get", "/limits/"),
+    "create_limit": ("post", "/limits/"),
+    "get_limit": ("get", "/limits/{limit_name}/"),
+    "replace_limit": ("put", "/limits/{limit_name}/"),
+    "update_limit": ("patch", "/limits/{limit_name}/"),
+    "delete_limit": ("delete", "/limits/{limit_name}/"),
+    "check_liveness": ("get", "/healthz"),
+    "check_readiness": ("get", "/readyz"),
+    "get_metrics": ("get", "/metrics"),
+}
+
+
+def operation_ids(spec: dict) -> dict[tuple[str, str], str | None]:
+    """Each operation's id by its method and path."""
+    return {
+        (method, path): operation.get("operationId")
+        for path, operations in spec["paths"].items()
+        for method, operation in operations.items()
+        if method in METHODS
+    }
+
+
+def test_every_operation_has_a_unique_snake_case_operation_id(client):
+    ids = list(operation_ids(document(client)).values())
+    assert None not in ids
+    assert len(set(ids)) == len(ids)
+    assert [i for i in ids if not re.fullmatch(r"[a-z]+(_[a-z]+)*", i)] == []
+
+
+def test_each_operation_id_names_what_its_operation_does(client):
+    named = {place: operation_id for operation_id, place in OPERATIONS.items()}
+    assert operation_ids(document(client)) == named

@@ -12,7 +12,7 @@ blp = ServiceBlueprint("health", __name__, description="Liveness and readiness p
 
 @blp.route("/healthz")
 class Liveness(MethodView):
-    @blp.doc(security=[])
+    @blp.doc(operationId="check_liveness", security=[])
     @blp.response(200, LivenessSchema)
     def get(self):
         """The process answers; nothing else is touched"""
@@ -21,7 +21,7 @@ class Liveness(MethodView):
 
 @blp.route("/readyz")
 class Readiness(MethodView):
-    @blp.doc(security=[])
+    @blp.doc(operationId="check_readiness", security=[])
     @blp.response(200, ReadinessSchema)
     @blp.alt_response(503, schema=NotReadySchema, description="A check failed")
     def get(self):

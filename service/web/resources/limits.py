@@ -42,12 +42,14 @@ def _json_bodies_only():
 
 @blp.route("/")
 class Limits(MethodView):
+    @blp.doc(operationId="list_limits")
     @blp.etag
     @blp.response(200, LimitSchema(many=True))
     def get(self):
         """List the limits by name, with the counts of their IDs"""
         return limits.list_limits()
 
+    @blp.doc(operationId="create_limit")
     @blp.arguments(LimitCreateSchema)
     @blp.response(201, LimitSchema)
     @blp.alt_response(409, description="A limit with that name exists")
@@ -58,6 +60,7 @@ class Limits(MethodView):
 
 @blp.route("/<limit:limit_name>/")
 class LimitByName(MethodView):
+    @blp.doc(operationId="get_limit")
     @blp.etag
     @blp.response(200, LimitSchema)
     @blp.alt_response(404, response="DEFAULT_ERROR")
@@ -65,6 +68,7 @@ class LimitByName(MethodView):
         """Read a limit with the counts of its IDs"""
         return limits.read_limit(limit_name)
 
+    @blp.doc(operationId="replace_limit")
     @blp.arguments(LimitUpdateSchema)
     @blp.response(200, LimitSchema)
     @blp.alt_response(404, response="DEFAULT_ERROR")
@@ -72,6 +76,7 @@ class LimitByName(MethodView):
         """Replace a limit's fields; a new RPM applies to planning from then on"""
         return pausing.replace_limit(limit_name, fields)
 
+    @blp.doc(operationId="update_limit")
     @blp.arguments(LimitUpdateSchema(partial=True))
     @blp.response(200, LimitSchema)
     @blp.alt_response(404, response="DEFAULT_ERROR")
@@ -80,6 +85,7 @@ class LimitByName(MethodView):
         `paused` pauses or resumes it"""
         return pausing.update_limit(limit_name, fields)
 
+    @blp.doc(operationId="delete_limit")
     @blp.response(204)
     @blp.alt_response(404, response="DEFAULT_ERROR")
     @blp.alt_response(409, response="DEFAULT_ERROR")

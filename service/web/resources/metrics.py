@@ -11,6 +11,7 @@ blp = ServiceBlueprint("metrics", __name__, description="Prometheus metrics")
 
 @blp.route("/metrics")
 class Metrics(MethodView):
+    @blp.doc(operationId="get_metrics")
     @blp.response(
         200,
         {"type": "string"},

@@ -10,7 +10,7 @@ blp = ServiceBlueprint("root", __name__, description="Links to every collection"
 
 @blp.route("/")
 class Root(MethodView):
-    @blp.doc(security=[])
+    @blp.doc(operationId="get_root", security=[])
     @blp.response(200)
     def get(self):
         """Links to every collection and to the docs"""

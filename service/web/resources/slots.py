@@ -11,6 +11,7 @@ blp = ServiceBlueprint("slots", __name__, url_prefix="/slots", description="The 
 
 @blp.route("/")
 class Plan(MethodView):
+    @blp.doc(operationId="get_plan")
     @blp.etag
     @blp.arguments(SlotsQuerySchema, location="query")
     @blp.response(200, PlanSchema)

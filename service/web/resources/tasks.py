@@ -75,9 +75,10 @@ def _submission() -> dict:
     return _changes(parser.parse(TaskSubmitSchema(), location="json"))
 
 
-def _takes_a_submission(*more_parameters):
+def _takes_a_submission(operation_id: str, *more_parameters):
     """Documents a view that takes a new task's body, and the answers that refuse one."""
-    doc = {**SUBMISSION_DOC, "parameters": [*SUBMISSION_DOC["parameters"], *more_parameters]}
+    parameters = [*SUBMISSION_DOC["parameters"], *more_parameters]
+    doc = {**SUBMISSION_DOC, "operationId": operation_id, "parameters": parameters}
 
     def document(view):
         for status in (413, 415, 422):
@@ -89,6 +90,7 @@ def _takes_a_submission(*more_parameters):
 
 @blp.route("/")
 class Tasks(MethodView):
+    @blp.doc(operationId="list_tasks")
     @blp.etag
     @blp.response(200, TaskSummarySchema(many=True))
     @blp.paginate()
@@ -99,7 +101,7 @@ class Tasks(MethodView):
         )
         return page
 
-    @_takes_a_submission(OPENAPI_PARAMETER)
+    @_takes_a_submission("submit_task", OPENAPI_PARAMETER)
     @idempotent
     @blp.response(202, TaskAcceptedSchema, headers=OPENAPI_RESPONSE_HEADERS)
     @blp.alt_response(400, response="DEFAULT_ERROR")
@@ -111,7 +113,7 @@ class Tasks(MethodView):
 
 @blp.route("/preview")
 class TaskPreview(MethodView):
-    @_takes_a_submission()
+    @_takes_a_submission("preview_task")
     @blp.response(200, PreviewSchema)
     def post(self):
         """Where the IDs of a task would land if it were submitted now; stores nothing"""
@@ -122,6 +124,7 @@ class TaskPreview(MethodView):
 
 @blp.route("/<id:task_id>/")
 class TaskById(MethodView):
+    @blp.doc(operationId="get_task")
     @blp.etag
     @blp.response(200, TaskSchema)
     @blp.alt_response(404, response="DEFAULT_ERROR")
@@ -129,6 +132,7 @@ class TaskById(MethodView):
         """Read a task with its status and counts"""
         return id_tasks.get_task(task_id)
 
+    @blp.doc(operationId="replace_task")
     @blp.arguments(TaskSubmitSchema)
     @blp.response(200, TaskSchema)
     @blp.alt_response(409, response="DEFAULT_ERROR")
@@ -137,6 +141,7 @@ class TaskById(MethodView):
         """Replace a task's name, IDs and overflow (new IDs only before any has run)"""
         return id_tasks.replace_task(task_id, _changes(fields))
 
+    @blp.doc(operationId="update_task")
     @blp.arguments(TaskSubmitSchema(partial=True))
     @blp.response(200, TaskSchema)
     @blp.alt_response(409, response="DEFAULT_ERROR")
@@ -145,6 +150,7 @@ class TaskById(MethodView):
         """Change a task's name, IDs or overflow (IDs only before any has run)"""
         return id_tasks.update_task(task_id, _changes(fields))
 
+    @blp.doc(operationId="cancel_task")
     @blp.response(204)
     @blp.alt_response(409, response="DEFAULT_ERROR")
     @blp.alt_response(404, response="DEFAULT_ERROR")
@@ -155,6 +161,7 @@ class TaskById(MethodView):
 
 @blp.route("/<id:task_id>/ids/")
 class TaskIds(MethodView):
+    @blp.doc(operationId="list_task_ids")
     @blp.etag
     @blp.arguments(TaskIdsQuerySchema, location="query")
     @blp.response(200, TaskIdSchema(many=True))

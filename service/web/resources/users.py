@@ -17,6 +17,7 @@ def _json_bodies_only():
 
 @blp.route("/")
 class Users(MethodView):
+    @blp.doc(operationId="list_users")
     @blp.etag
     @blp.response(200, UserSchema(many=True))
     @blp.paginate()
@@ -27,7 +28,7 @@ class Users(MethodView):
         )
         return page
 
-    @blp.doc(parameters=[OPENAPI_PARAMETER])
+    @blp.doc(operationId="create_user", parameters=[OPENAPI_PARAMETER])
     @idempotent
     @blp.arguments(UserCreateSchema)
     @blp.response(201, UserSchema, headers=OPENAPI_RESPONSE_HEADERS)
@@ -40,6 +41,7 @@ class Users(MethodView):
 
 @blp.route("/<id:user_id>/")
 class UserById(MethodView):
+    @blp.doc(operationId="get_user")
     @blp.etag
     @blp.response(200, UserSchema)
     @blp.alt_response(404, response="DEFAULT_ERROR")
@@ -47,6 +49,7 @@ class UserById(MethodView):
         """Read a user"""
         return users.get_user(user_id)
 
+    @blp.doc(operationId="replace_user")
     @blp.arguments(UserUpdateSchema)
     @blp.response(200, UserSchema)
     @blp.alt_response(404, response="DEFAULT_ERROR")
@@ -54,6 +57,7 @@ class UserById(MethodView):
         """Replace a user's fields"""
         return users.update_user(user_id, fields)
 
+    @blp.doc(operationId="update_user")
     @blp.arguments(UserUpdateSchema(partial=True))
     @blp.response(200, UserSchema)
     @blp.alt_response(404, response="DEFAULT_ERROR")
@@ -61,6 +65,7 @@ class UserById(MethodView):
         """Update some of a user's fields"""
         return users.update_user(user_id, fields)
 
+    @blp.doc(operationId="delete_user")
     @blp.response(204)
     @blp.alt_response(404, response="DEFAULT_ERROR")
     def delete(self, user_id):
