@@ -1,4 +1,4 @@
-"""Loaded by schemathesis in tests/test_openapi_contract.py (SCHEMATHESIS_HOOKS).
+"""Loaded by schemathesis in tests/web/test_openapi_contract.py (SCHEMATHESIS_HOOKS).
 
 What a client sends that no document can state, it sends as a client would:
 

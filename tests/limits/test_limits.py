@@ -1,0 +1,254 @@
+"""Limits as a resource: created, read, changed and deleted over the API, each checked
+when written; the default limit recorded from the settings."""
+
+import sys
+
+import pytest
+from sqlalchemy import text
+
+from service.core.extensions import db
+from service.limits import store as limits
+from service.planning import resume as pausing
+from service.planning.windows import plan_stored_task
+
+from ..helpers import add_limit, at, loads, minute, snapshot, submit
+
+LIMITS = "/limits/"
+NOW = at("2030-01-07 10:05:20")
+
+
+def test_the_default_limit_is_listed_with_the_deployments_rpm(client):
+    answer = client.get(LIMITS)
+    assert answer.status_code == 200
+    assert answer.json == [
+        {
+            "name": "default",
+            "rpm": 120,
+            "processor": "workers.processors:record_user",
+            "options": {},
+            "paused": False,
+            "pending": 0,
+            "done": 0,
+            "failed": 0,
+            "slots_url": "http://localhost/slots/?limit=default",
+        }
+    ]
+
+
+def test_a_limit_is_created_read_changed_and_deleted(client):
+    created = client.post(LIMITS, json={"name": "mail-relay", "rpm": 30})
+    assert created.status_code == 201
+    assert (created.json["processor"], created.json["options"]) == (
+        "workers.processors:record_user",
+        {},
+    )
+    assert client.get(f"{LIMITS}mail-relay/").json["rpm"] == 30
+    patched = client.patch(f"{LIMITS}mail-relay/", json={"rpm": 60})
+    assert (patched.status_code, patched.json["rpm"]) == (200, 60)
+    http = {
+        "rpm": 10,
+        "processor": "workers.processors:http_request",
+        "options": {"url": "http://crm.internal/users/{id}"},
+    }
+    replaced = client.put(f"{LIMITS}mail-relay/", json=http)
+    assert replaced.status_code == 200
+    assert replaced.json["options"] == {
+        "url": "http://crm.internal/users/{id}",
+        "method": "POST",
+        "timeout": 10.0,
+    }
+    assert [limit["name"] for limit in client.get(LIMITS).json] == ["default", "mail-relay"]
+    assert client.delete(f"{LIMITS}mail-relay/").status_code == 204
+    assert client.get(f"{LIMITS}mail-relay/").status_code == 404
+    assert client.post(LIMITS, json={"name": "default", "rpm": 5}).status_code == 409
+
+
+def test_a_limit_with_pending_ids_cannot_be_deleted(app, client):
+    client.post(LIMITS, json={"name": "partner", "rpm": 2})
+    task = client.post(
+        "/celery_ids_tasks/", json={"task_name": "t", "ids": [1, 2, 3], "limit": "partner"}
+    )
+    assert (task.status_code, task.json["limit"]) == (202, "partner")
+    refused = client.delete(f"{LIMITS}partner/")
+    assert refused.status_code == 409
+    assert "3 pending IDs" in refused.json["message"]
+    assert client.get(f"{LIMITS}partner/").json["pending"] == 3
+    client.delete(f"/celery_ids_tasks/{task.json['id']}/")
+    assert client.delete(f"{LIMITS}partner/").status_code == 204
+    # The cancelled task stays readable, naming no limit any more.
+    assert client.get(f"/celery_ids_tasks/{task.json['id']}/").json["limit"] is None
+
+
+def test_the_default_limit_stays(client):
+    refused = client.delete(f"{LIMITS}default/")
+    assert refused.status_code == 409
+    assert "default" in refused.json["message"]
+
+
+def test_a_new_rpm_applies_from_then_on_and_planned_ids_keep_their_slots(rpm5):
+    first = submit(range(1, 11))
+    plan_stored_task(first, now=NOW)
+    pausing.update_limit(limits.DEFAULT, {"rpm": 2})
+    later = submit(range(11, 15))
+    plan_stored_task(later, now=NOW)
+    planned = loads(at("2030-01-07 10:00"), at("2030-01-07 10:15"))
+    # The first task keeps 5 + 5 in 10:06 and 10:07; the later one fills 10:08 and 10:09
+    # up to the new RPM of 2.
+    assert planned == {minute(6): 5, minute(7): 5, minute(8): 2, minute(9): 2}
+
+
+def test_rpm_set_as_a_shared_setting_is_the_default_limits(app, runner, client):
+    assert runner.invoke(args=["settings", "set", "RPM=7"]).exit_code == 0
+    assert client.get(f"{LIMITS}default/").json["rpm"] == 7
+    client.patch(f"{LIMITS}default/", json={"rpm": 9})
+    assert "RPM=9" in runner.invoke(args=["settings", "show"]).output
+    with app.app_context():
+        recorded = db.session.execute(text("SELECT count(*) FROM settings WHERE name = 'RPM'"))
+        assert recorded.scalar() == 0  # one source of truth: the limit's row
+
+
+def test_the_processor_gets_its_limits_options(make_app):
+    from .. import processors
+
+    processors.tagged.clear()
+    with make_app(PACING=False).app_context():
+        for tag in ("a", "b"):
+            add_limit(f"limit-{tag}", 5, "tests.processors:note_tag", tag=tag)
+            plan_stored_task(submit([1, 2], limit=f"limit-{tag}"), now=at("2026-01-05 08:59:50"))
+        from service.dispatch.slot_runs import run_slot
+
+        assert run_slot("limit-b", at("2026-01-05 09:00")).done == 2
+        assert processors.tagged == [("b", 1), ("b", 2)]  # only limit-b's slot ran
+        run_slot("limit-a", at("2026-01-05 09:00"))
+    assert processors.tagged[2:] == [("a", 1), ("a", 2)]
+
+
+BAD_LIMITS = {
+    "no name": ({"rpm": 5}, "name"),
+    "a name that is no slug": ({"name": "Mail Relay", "rpm": 5}, "name"),
+    "a name too long": ({"name": "a" * 64, "rpm": 5}, "name"),
+    "a name with a trailing hyphen": ({"name": "mail-", "rpm": 5}, "name"),
+    "no rpm": ({"name": "x"}, "rpm"),
+    "rpm zero": ({"name": "x", "rpm": 0}, "rpm"),
+    "rpm negative": ({"name": "x", "rpm": -3}, "rpm"),
+    "rpm a float": ({"name": "x", "rpm": 2.5}, "rpm"),
+    "rpm a string": ({"name": "x", "rpm": "5"}, "rpm"),
+    "rpm beyond 32 bits": ({"name": "x", "rpm": 2**31}, "rpm"),
+    "a processor that is no path": ({"name": "x", "rpm": 5, "processor": "nope"}, "processor"),
+    "a processor outside PROCESSOR_MODULES": (
+        {"name": "x", "rpm": 5, "processor": "os:getcwd"},
+        "PROCESSOR_MODULES",
+    ),
+    "a processor that is missing": (
+        {"name": "x", "rpm": 5, "processor": "workers.processors:nope"},
+        "processor",
+    ),
+    "a processor that is no function": (
+        {"name": "x", "rpm": 5, "processor": "workers.processors:RETRYABLE_HTTP"},
+        "processor",
+    ),
+    "options for a processor that takes none": (
+        {"name": "x", "rpm": 5, "options": {"url": "http://a/{id}"}},
+        "options",
+    ),
+    "options not an object": ({"name": "x", "rpm": 5, "options": [1]}, "options"),
+    "http options without url": (
+        {"name": "x", "rpm": 5, "processor": "workers.processors:http_request"},
+        "options",
+    ),
+    "an http url without {id}": (
+        {
+            "name": "x",
+            "rpm": 5,
+            "processor": "workers.processors:http_request",
+            "options": {"url": "http://a/users"},
+        },
+        "options",
+    ),
+    "an http url that is no url": (
+        {
+            "name": "x",
+            "rpm": 5,
+            "processor": "workers.processors:http_request",
+            "options": {"url": "ftp:/{id}"},
+        },
+        "options",
+    ),
+    "an unknown http method": (
+        {
+            "name": "x",
+            "rpm": 5,
+            "processor": "workers.processors:http_request",
+            "options": {"url": "http://a/{id}", "method": "BREW"},
+        },
+        "options",
+    ),
+    "a timeout of zero": (
+        {
+            "name": "x",
+            "rpm": 5,
+            "processor": "workers.processors:http_request",
+            "options": {"url": "http://a/{id}", "timeout": 0},
+        },
+        "options",
+    ),
+    "an unknown field": ({"name": "x", "rpm": 5, "paws": 4}, "paws"),
+}
+
+
+@pytest.mark.parametrize("body,field", BAD_LIMITS.values(), ids=BAD_LIMITS.keys())
+def test_a_bad_limit_is_a_422_naming_its_field_and_stores_nothing(app, client, body, field):
+    before = snapshot(app)
+    answer = client.post(LIMITS, json=body)
+    assert (answer.status_code, answer.json["code"]) == (422, 422)
+    assert field in str(answer.json["errors"])
+    assert snapshot(app) == before
+
+
+@pytest.mark.parametrize(
+    "method,body",
+    [("put", {"processor": "x:y"}), ("patch", {"rpm": 0}), ("patch", {"options": {"a": 1}})],
+)
+def test_a_bad_change_is_a_422_and_changes_nothing(client, method, body):
+    client.post(LIMITS, json={"name": "crm", "rpm": 600})
+    answer = getattr(client, method)(f"{LIMITS}crm/", json=body)
+    assert answer.status_code == 422
+    assert client.get(f"{LIMITS}crm/").json["rpm"] == 600
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        {"json": {"task_name": "t", "ids": [1], "limit": "nowhere"}},
+        {"json": {"task_name": "t", "ids": [1], "limit": "Not A Slug"}},
+        {"json": {"task_name": "t", "ids": [1], "limit": 5}},
+        {"data": "1,2", "content_type": "text/csv", "query_string": {"limit": "nowhere"}},
+    ],
+)
+def test_a_task_naming_no_limit_that_exists_is_a_422_and_stores_nothing(app, client, request_):
+    before = snapshot(app)
+    answer = client.post("/celery_ids_tasks/", **request_)
+    assert answer.status_code == 422
+    assert "limit" in str(answer.json)
+    assert snapshot(app) == before
+
+
+def test_unknown_limits_elsewhere(client):
+    assert client.get("/slots/?limit=nowhere").status_code == 422
+    assert client.get(f"{LIMITS}nowhere/").status_code == 404
+    assert client.get(f"{LIMITS}Not_A_Slug/").status_code == 404
+    assert client.patch(f"{LIMITS}nowhere/", json={"rpm": 3}).status_code == 404
+    assert client.delete(f"{LIMITS}nowhere/").status_code == 404
+    answer = client.post(
+        "/celery_ids_tasks/preview", json={"task_name": "t", "ids": [1], "limit": "nowhere"}
+    )
+    assert answer.status_code == 422
+
+
+def test_a_processor_outside_processor_modules_is_never_imported(client):
+    # Importing runs a module's code: a client naming any module could run it.
+    assert "wave" not in sys.modules
+    answer = client.post("/limits/", json={"name": "x", "rpm": 5, "processor": "wave:open"})
+    assert answer.status_code == 422
+    assert "PROCESSOR_MODULES" in str(answer.json["errors"]["processor"])
+    assert "wave" not in sys.modules

@@ -1,0 +1,131 @@
+"""What a person sees in a real browser: the plan page and Swagger UI, served by the app
+in a process of its own and opened in Debian's headless chromium through chromedriver.
+
+Without chromium the tests are skipped, saying why; with REQUIRE_BROWSER=1 (as in CI)
+they fail instead, so a machine without a browser cannot pass them silently.
+"""
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from service.limits import settings as shared_settings
+from service.planning.windows import plan_stored_task
+
+from ..helpers import submit
+from ..processes import free_port, start, stop, wait_for_http
+
+pytestmark = pytest.mark.slow
+
+# Debian's packages chromium and chromium-driver.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+BACKGROUND = "return getComputedStyle(document.querySelector(arguments[0])).backgroundColor"
+
+
+@pytest.fixture
+def browser(tmp_path, monkeypatch):
+    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
+    if missing:
+        reason = f"no {' or '.join(missing)}: apt-get install chromium chromium-driver"
+        if os.environ.get("REQUIRE_BROWSER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    # The driver is named, so selenium-manager is never asked for one; were it asked
+    # all the same, offline it downloads nothing.
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # tests run as root, where chromium's sandbox refuses to start
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1500",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def server(app):
+    """The app served over HTTP by `flask run`, on the tests' database and Redis."""
+    port = free_port()
+    process = start(["run", "--port", str(port)], {})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(base + "/", process, timeout=60)
+        yield base
+    finally:
+        stop([process])
+
+
+def minute(moment: datetime) -> str:
+    return f"{moment:%Y-%m-%dT%H:%M}:00Z"
+
+
+def rgb(css: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in css[css.index("(") + 1 : -1].split(",")[:3])
+
+
+def test_the_plan_page_shows_windows_loads_above_rpm_and_now(browser, app, server, tmp_path):
+    before = datetime.now(UTC)
+    # Into the next hour's second window, at RPM 3: 45 IDs fill it, 5 more are spread
+    # over its first five slots, which end above RPM.
+    window = before.replace(minute=15, second=0, microsecond=0) + timedelta(hours=1)
+    with app.app_context():
+        shared_settings.change({"RPM": 3})  # the served app draws by the same RPM
+        plan_stored_task(submit(range(1, 51)), now=window - timedelta(seconds=10))
+
+    browser.get(server + "/plan")
+    after = datetime.now(UTC)
+    browser.save_screenshot(str(tmp_path / "plan.png"))
+
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".window")) == 8
+    labels = [label.text for label in browser.find_elements(By.CSS_SELECTOR, ".window-label")]
+    assert labels == [":00", ":15", ":30", ":45"] * 2
+    above = f'.cell[data-slot="{minute(window)}"]'
+    at_rpm = f'.cell[data-slot="{minute(window + timedelta(minutes=5))}"]'
+    empty = f'.cell[data-slot="{minute(window + timedelta(minutes=15))}"]'
+    assert browser.find_element(By.CSS_SELECTOR, above).text.startswith("4")
+    colours = {
+        name: rgb(browser.execute_script(BACKGROUND, css))
+        for name, css in (("above", above), ("at_rpm", at_rpm), ("empty", empty))
+    }
+    assert len(set(colours.values())) == 3, colours
+    red, green, blue = colours["above"]
+    assert red > 150 and red > green + 80 and red > blue + 80, colours  # red, unlike the rest
+    (current,) = browser.find_elements(By.CSS_SELECTOR, ".cell.now")
+    assert current.get_attribute("data-slot") in (minute(before), minute(after))
+    assert current.is_displayed()
+    assert current.value_of_css_property("outline-style") == "solid"
+    assert (
+        browser.find_element(By.CSS_SELECTOR, at_rpm).value_of_css_property("outline-style")
+        == "none"
+    )
+    assert (tmp_path / "plan.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_swagger_ui_renders_from_assets_the_app_serves(browser, server, tmp_path):
+    browser.get(server + "/docs")
+    paths = WebDriverWait(browser, 30).until(
+        lambda page: [
+            path.get_attribute("data-path")
+            for path in page.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")
+        ]
+    )
+    browser.save_screenshot(str(tmp_path / "docs.png"))
+    assert "/celery_ids_tasks/" in paths
+    loaded = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(entry => entry.name)"
+    )
+    assert loaded and all(url.startswith(server + "/") for url in loaded), loaded

@@ -1,0 +1,149 @@
+"""The plan page: two hours of slots as windows of cells, each slot's IDs on a page of
+its own, the slot jobs that rq-scheduler holds."""
+
+import re
+from datetime import UTC, datetime, timedelta
+from html.parser import HTMLParser
+
+from service.dispatch.slot_runs import run_slot
+from service.jobs import slot_job_id
+from service.limits.store import DEFAULT
+from service.planning.windows import plan_stored_task
+from service.web.plan_overview import current_plan
+
+from ..helpers import FIRST_SLOT, PAST, at, submit
+
+
+class Cells(HTMLParser):
+    """The cells of a page as {slot: set of classes}, their links, and the window labels."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.classes, self.links, self.labels = {}, {}, []
+        self._in_label = False
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "data-slot" in attrs:
+            self.classes[attrs["data-slot"]] = set(attrs["class"].split())
+            self.links[attrs["data-slot"]] = attrs["href"]
+        self._in_label = attrs.get("class") == "window-label"
+
+    def handle_data(self, data):
+        if self._in_label:
+            self.labels.append(data.strip())
+            self._in_label = False
+
+
+def iso(moment: datetime) -> str:
+    return f"{moment:%Y-%m-%dT%H:%M:%SZ}"
+
+
+def test_two_hours_of_windows_with_each_slot_against_rpm(rpm3):
+    # RPM 3: 45 IDs fill the window, the other 5 are spread over its first five slots.
+    task_id = submit(range(1, 51))
+    plan_stored_task(task_id, now=PAST)
+    run_slot(DEFAULT, FIRST_SLOT)  # long after its time: it ran late
+    plan = current_plan(now=at("2026-01-05 09:07:20"))
+    hours = plan["hours"]
+    assert [(hour["start"], hour["end"]) for hour in hours] == [
+        (at("2026-01-05 09:00"), at("2026-01-05 10:00")),
+        (at("2026-01-05 10:00"), at("2026-01-05 11:00")),
+    ]
+    windows = [window for hour in hours for window in hour["windows"]]
+    assert [window["start"].minute for window in windows] == [0, 15, 30, 45] * 2
+    assert {len(window["slots"]) for window in windows} == {15}
+    slots = {slot["start"]: slot for window in windows for slot in window["slots"]}
+    ran, waiting, full = (slots[FIRST_SLOT + timedelta(minutes=m)] for m in (0, 1, 5))
+    assert (ran["load"], ran["over"], ran["done"], ran["pending"], ran["late"]) == (
+        4,
+        True,
+        4,
+        0,
+        True,
+    )
+    assert (waiting["load"], waiting["over"], waiting["pending"], waiting["late"]) == (
+        4,
+        True,
+        4,
+        False,
+    )
+    assert (full["load"], full["over"], full["shade"]) == (3, False, 4)
+    assert slots[at("2026-01-05 09:20")]["shade"] == 0
+    assert [moment for moment, slot in slots.items() if slot["now"]] == [at("2026-01-05 09:07")]
+    assert plan["time_format"] == "%H:%M"
+
+
+def test_short_slots_make_hours_of_sixty_slots_in_whole_windows(make_app):
+    app = make_app(SLOT_SECONDS=2, WINDOW_SLOTS=5)
+    with app.app_context():
+        plan = current_plan(now=at("2026-01-05 09:01:07"))
+    assert [hour["start"] for hour in plan["hours"]] == [
+        at("2026-01-05 09:00"),
+        at("2026-01-05 09:02"),
+    ]
+    windows = [window["start"] for hour in plan["hours"] for window in hour["windows"]]
+    assert len(windows) == 24
+    assert windows[:2] == [at("2026-01-05 09:00:00"), at("2026-01-05 09:00:10")]
+    assert plan["time_format"] == "%H:%M:%S"
+
+
+def test_the_page_draws_cells_links_them_and_lists_the_scheduled_jobs(rpm3):
+    # Into the second window of the next hour: a quarter of an hour or more ahead, so
+    # every slot job waits in rq-scheduler whenever the test runs.
+    now = datetime.now(UTC)
+    window = now.replace(minute=15, second=0, microsecond=0) + timedelta(hours=1)
+    task_id = submit(range(1, 51))
+    plan_stored_task(task_id, now=window - timedelta(seconds=10))
+    page = rpm3.test_client().get("/plan")
+    later = datetime.now(UTC)
+    assert page.status_code == 200
+    assert '<meta http-equiv="refresh" content="10">' in page.text
+    cells = Cells(page.text)
+    assert cells.labels == [":00", ":15", ":30", ":45"] * 2
+    assert len(cells.classes) == 120
+    over = sorted(slot for slot, classes in cells.classes.items() if "over" in classes)
+    assert over == [iso(window + timedelta(minutes=m)) for m in range(5)]
+    current = [slot for slot, classes in cells.classes.items() if "now" in classes]
+    assert current in ([iso(now)[:17] + "00Z"], [iso(later)[:17] + "00Z"])
+    assert "shade-4" in cells.classes[iso(window + timedelta(minutes=5))]
+    assert slot_job_id(DEFAULT, window) in page.text
+    assert "15 in all" in page.text
+    ids = rpm3.test_client().get(cells.links[over[0]])
+    assert ids.status_code == 200
+    assert len(re.findall(r"<td>pending</td>", ids.text)) == 4
+
+
+def test_a_slot_page_lists_its_ids_a_page_at_a_time(make_app):
+    app = make_app(RPM=120)
+    with app.app_context():
+        plan_stored_task(submit(range(1, 251)), now=PAST)  # 120 of them in the first slot
+    client = app.test_client()
+    url = f"/plan/slots/{iso(FIRST_SLOT)}"
+    first = client.get(url)
+    assert first.status_code == 200
+    assert "IDs 1–100 of 120" in first.text
+    assert len(re.findall(r"<td>pending</td>", first.text)) == 100
+    second = client.get(url + "?page=2")
+    assert "IDs 101–120 of 120" in second.text
+    assert len(re.findall(r"<td>pending</td>", second.text)) == 20
+    assert client.get(url + "?page=3").status_code == 404
+    assert client.get("/plan/slots/2026-01-05T10:00:00Z").status_code == 200  # empty
+
+
+def test_bad_slots_and_pages_are_refused_not_failed(client):
+    for slot in ("garbage", "2026-01-05T09:00:30Z", "0001-01-01T00:00:00Z", "2026-13-01"):
+        assert client.get(f"/plan/slots/{slot}").status_code == 404, slot
+    for page in ("0", "-1", "x", "1.5"):
+        answer = client.get(f"/plan/slots/2026-01-05T09:00:00Z?page={page}")
+        assert answer.status_code == 422, page
+    assert client.get("/plan/slots/2026-01-05T09:00:00Z?utm=1").status_code == 200
+    assert client.get("/plan/slots/2026-01-05T10:00:00+01:00").status_code == 200
+
+
+def test_without_redis_the_page_still_shows_the_plan(make_app):
+    answer = make_app(REDIS_URL="redis://127.0.0.1:1/0").test_client().get("/plan")
+    assert answer.status_code == 200
+    assert "Redis could not be read" in answer.text
+    assert len(Cells(answer.text).classes) == 120
