@@ -33,7 +33,7 @@ from service.dispatch.slot_runs import run_slot
 from service.jobs import get_scheduler
 from service.planning.windows import plan_stored_task
 from service.processors.builtin import record_user
-from service.tasks.store import submit_task
+from service.tasks.services import submit_task
 from tests.helpers import percentile
 from workers.context import job_context
 

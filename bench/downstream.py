@@ -31,7 +31,7 @@ from service import create_app
 from service.core.extensions import db, get_redis
 from service.dispatch.pacing import step_of
 from service.planning.windows import plan_stored_task
-from service.tasks.store import submit_task
+from service.tasks.services import submit_task
 from tests.downstream import Record, Server
 from tests.helpers import percentile
 from tests.processes import start, stop

@@ -34,7 +34,7 @@ from sqlalchemy import text
 from service import create_app
 from service.core.extensions import db, get_redis
 from service.planning.windows import plan_stored_task
-from service.tasks.store import submit_task
+from service.tasks.services import submit_task
 from tests.downstream import Record, Server
 from tests.processes import kill_hard, start, stop, wait_until
 

@@ -34,7 +34,7 @@ from service.core.extensions import db, raw_connection
 from service.limits import store as limits
 from service.planning.planner import distribute
 from service.planning.windows import plan_stored_task
-from service.tasks.store import submit_task
+from service.tasks.services import submit_task
 
 # Far enough ahead that every slot of the window is open whatever the clock says.
 PLAN_AT = datetime(2030, 1, 7, 9, 59, 50, tzinfo=UTC)

@@ -53,7 +53,7 @@ from sqlalchemy.orm import defer
 from service import create_app
 from service.core.extensions import db, get_redis
 from service.planning.windows import plan_stored_task
-from service.tasks.store import submit_task
+from service.tasks.services import submit_task
 from tests.processes import free_port
 
 # Far enough ahead that every slot of the window is open whatever the clock says.

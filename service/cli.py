@@ -23,13 +23,14 @@ from service.core.outages import keep_running, quiet_library_tracebacks, wait_fo
 from service.dispatch.reconcile import reconcile
 from service.dispatch.worker import serve
 from service.jobs import ALL_QUEUES, SLOTS_QUEUE, ServiceScheduler
+from service.limits import services as limit_services
 from service.limits import settings as shared_settings
 from service.limits import store as limits
 from service.limits.settings import SettingsConflict
 from service.planning import resume as pausing
 from service.planning.reading import ids_by_slot, plan_between
 from service.tasks.ids import InvalidIds, stream_ids
-from service.tasks.store import submit_task
+from service.tasks.services import submit_task
 from service.web import idempotency
 from service.web.schemas import LimitCreateSchema
 
@@ -266,7 +267,7 @@ def limits_list() -> None:
             "yes" if row["paused"] else "no",
             row["pending"],
         )
-        for row in limits.list_limits()
+        for row in limit_services.list_limits()
     ]
     widths = [max(len(str(row[column])) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
@@ -288,7 +289,7 @@ def limits_create(name: str, rpm: int, processor: str, options: tuple[str, ...])
     """Create a limit NAME, checked as POST /limits/ checks it."""
     given = {"name": name, "rpm": rpm, "processor": processor, "options": _options(options)}
     with _refusals_as_errors():
-        created = limits.create_limit(LimitCreateSchema().load(given))
+        created = limit_services.create_limit(LimitCreateSchema().load(given))
     click.echo(f"limit {created['name']}: rpm {created['rpm']}, processor {created['processor']}")
 
 

@@ -7,8 +7,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from service.core.extensions import db, get_redis
+from service.limits import services
 from service.limits import store as limits
-from service.tasks.store import submit_task
+from service.tasks.services import submit_task
 
 
 def at(moment: str) -> datetime:
@@ -57,7 +58,7 @@ def set_load(slot: datetime, load: int, limit: str = limits.DEFAULT) -> None:
 
 def add_limit(name: str, rpm: int, processor: str = limits.DEFAULT_PROCESSOR, **options) -> int:
     """A limit made as POST /limits/ makes it; returns its id."""
-    limits.create_limit({"name": name, "rpm": rpm, "processor": processor, "options": options})
+    services.create_limit({"name": name, "rpm": rpm, "processor": processor, "options": options})
     return limit_id(name)
 
 

@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from flask import current_app
-from marshmallow import ValidationError
 from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 
-from service.core.errors import Conflict, Refused, not_found
+from service.core.errors import Refused, not_found
 from service.core.extensions import db
 from service.core.models import FINISHED, IdTask, Limit
-from service.processors.contract import HTTP_PROCESSOR, RECORD_USER, load_processor
+from service.processors.contract import HTTP_PROCESSOR, RECORD_USER
 
 DEFAULT = "default"
 # What a limit created without a processor runs: the built-in one that records users.
@@ -85,9 +84,7 @@ def named_by_request(name: str | None, lock: str | None = None) -> Limit:
     name = name or DEFAULT
     limit = find(name, lock)
     if limit is None:
-        raise _invalid(
-            f"no limit is named {name!r}", {"limit": ["no such limit; see GET /limits/"]}
-        )
+        raise Refused(f"no limit is named {name!r}", {"limit": ["no such limit; see GET /limits/"]})
     return limit
 
 
@@ -127,106 +124,7 @@ def options_from_settings(config) -> dict:
     return {name: value for name, value in options.items() if value is not None}
 
 
-def list_limits() -> list[dict]:
-    find(DEFAULT)  # listed even before its first use
-    limits = db.session.scalars(select(Limit).order_by(Limit.name)).all()
-    counts = _counts([limit.id for limit in limits])
-    return [_answer(limit, counts) for limit in limits]
-
-
-def read_limit(name: str) -> dict:
-    return answer(get_limit(name))
-
-
-def answer(limit: Limit) -> dict:
-    """A limit as the API shows it, with the counts of its IDs."""
-    return _answer(limit, _counts([limit.id]))
-
-
-def create_limit(fields: dict) -> dict:
-    """A new limit; its name is taken (409, mapped from the unique constraint) or not."""
-    processor = fields.get("processor", DEFAULT_PROCESSOR)
-    options = checked_options(processor, fields.get("options", {}))
-    limit = Limit(
-        name=fields["name"],
-        rpm=fields["rpm"],
-        processor=processor,
-        options=options,
-        paused=fields.get("paused", False),
-    )
-    db.session.add(limit)
-    db.session.commit()
-    return _answer(limit, {})
-
-
-def change_fields(limit: Limit, changes: dict) -> None:
-    """Apply a change of RPM, processor or options to a limit whose row is locked
-    (CHANGE); `paused` is service/pausing.py's. A new RPM applies to planning from then
-    on (it waits for planning under way); the IDs planned already keep their slots. A
-    new processor or options apply from the next slot that runs."""
-    processor = changes.get("processor", limit.processor)
-    options = changes.get("options", limit.options)
-    if "processor" in changes or "options" in changes:
-        limit.processor, limit.options = processor, checked_options(processor, options)
-    if "rpm" in changes:
-        limit.rpm = changes["rpm"]
-
-
-def delete_limit(name: str) -> None:
-    """Only a limit none of whose IDs waits can go; its slots go with it, its finished
-    tasks stay, naming no limit."""
-    limit = get_limit(name, REMOVE)  # a task naming it meanwhile waits, then finds none
-    if limit.name == DEFAULT:
-        raise Conflict("the default limit takes every task that names none: it stays")
-    pending = _counts([limit.id]).get(limit.id, {}).get("pending", 0)
-    if pending:
-        raise Conflict(
-            f"limit {name!r} has {pending} pending IDs: let them run, or cancel their tasks, first"
-        )
-    db.session.delete(limit)
-    db.session.commit()
-
-
-def checked_options(processor_path: str, options: dict) -> dict:
-    """The options as the processor's own schema loads them; 422 when the processor
-    lies outside PROCESSOR_MODULES, cannot be imported or refuses them. A processor
-    without a schema takes none."""
-    module = processor_path.partition(":")[0]
-    allowed = current_app.config["ALLOWED_PROCESSOR_MODULES"]
-    if module not in allowed:
-        reason = f"its module must be one of PROCESSOR_MODULES: {', '.join(sorted(allowed))}"
-        raise _invalid("the processor is not usable", {"processor": [reason]})
-    try:
-        processor = load_processor(processor_path)
-    except Exception as exc:  # importing a module may raise anything; the name is the client's
-        reason = f"cannot be imported: {type(exc).__name__}: {exc}"
-        raise _invalid("the processor is not usable", {"processor": [reason]}) from None
-    if not callable(processor):
-        raise _invalid("the processor is not usable", {"processor": ["is not a function"]})
-    schema = getattr(processor, "options_schema", None)
-    if schema is None:
-        if options:
-            raise _invalid("the options are refused", {"options": ["the processor takes none"]})
-        return {}
-    try:
-        return schema().load(options)
-    except ValidationError as exc:
-        raise _invalid("the options are refused", {"options": exc.messages}) from None
-
-
-def _answer(limit: Limit, counts: dict) -> dict:
-    """A limit as the API shows it, with the counts of its IDs."""
-    return {
-        "name": limit.name,
-        "rpm": limit.rpm,
-        "processor": limit.processor,
-        "options": limit.options,
-        "paused": limit.paused,
-        **counts.get(limit.id, {"pending": 0, "done": 0, "failed": 0}),
-    }
-
-
-def _counts(limit_ids: list[int]) -> dict[int, dict[str, int]]:
+def counts(limit_ids: list[int]) -> dict[int, dict[str, int]]:
     """Pending, done and failed IDs of each limit, from its tasks' counters."""
     unfinished = IdTask.status.not_in(FINISHED)
     rows = db.session.execute(
@@ -245,10 +143,6 @@ def _counts(limit_ids: list[int]) -> dict[int, dict[str, int]]:
         limit_id: {"pending": pending, "done": done, "failed": failed}
         for limit_id, pending, done, failed in rows
     }
-
-
-def _invalid(message: str, errors: dict) -> Refused:
-    return Refused(message, errors)
 
 
 def set_default_rpm(rpm: int) -> None:

@@ -80,7 +80,7 @@ def preview_plan(
         planner = PreviewPlanner(
             limit_id, overflow, now, expected_ids=distinct, not_before=not_before
         )
-        planner.plan(read_ids(raw_connection(), PREVIEW_CHUNKS, PREVIEW_TASK), _count)
+        planner.plan(read_ids(db.session.connection(), PREVIEW_CHUNKS, PREVIEW_TASK), _count)
     finally:
         db.session.rollback()
     slots = planner.slots()

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from service.core.extensions import db
 from service.core.models import IdTask, Limit
 from service.jobs import schedule_slots
+from service.limits import services as limit_services
 from service.limits import store as limits
 from service.limits.store import subtract_loads
 from service.planning import store
@@ -50,7 +51,7 @@ def replace_limit(name: str, fields: dict) -> dict:
 
 
 def update_limit(name: str, changes: dict, now: datetime | None = None) -> dict:
-    return limits.answer(change_limit(name, changes, now).limit)
+    return limit_services.answer(change_limit(name, changes, now).limit)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def change_limit(name: str, changes: dict, now: datetime | None = None) -> Limit
     # Task rows are locked before the limit's row, in the order the retry planner takes them.
     overdue = _lock_overdue_tasks(limits.get_limit(name).id, now) if resuming else None
     limit = limits.get_limit(name, limits.CHANGE)
-    limits.change_fields(limit, changes)
+    limit_services.change_fields(limit, changes)
     replanned, slots = 0, set()
     if overdue is not None and limit.paused:
         replanned, slots = _replan_overdue(limit, overdue, now)

@@ -69,7 +69,7 @@ def plan_stored_task(task_id: int, now: datetime | None = None) -> PlanOutcome:
     # in one COPY that PostgreSQL ingests while Python computes the next ones. They are
     # committed and cannot change meanwhile: changing them takes the task row lock.
     with db.engine.connect() as reader:
-        ids = read_ids(reader.connection.driver_connection, ID_CHUNKS, task.id)
+        ids = read_ids(reader, ID_CHUNKS, task.id)
         planner.plan(ids, _copy_writer(task.id, task.limit_id))
     task.planned = planner.planned
     task.first_slot, task.last_slot = min(planner.used_slots), max(planner.used_slots)

@@ -1,9 +1,11 @@
-"""ID tasks: submission, reading, replacement and cancellation."""
+"""The task store: a task and its IDs, stored as arrays of IDS_PER_CHUNK by one COPY
+(de-duplicated by PostgreSQL, so memory stays flat), read back page by page or
+streamed, and released from the plan. psycopg's own placeholders only on COPY's
+cursor; every other statement is SQLAlchemy's."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from datetime import datetime
 from itertools import islice
 
 from flask import current_app
@@ -11,20 +13,16 @@ from psycopg import sql
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import defer
 
-from service.core.errors import Conflict, Refused, TooLarge, not_found
+from service.core.errors import Refused, TooLarge, not_found
 from service.core.extensions import db, raw_connection
 from service.core.models import (
-    FINISHED,
     Assignment,
     AssignmentStatus,
     IdTask,
-    Overflow,
     TaskIdChunk,
     TaskStatus,
 )
 from service.core.paging import newest_first
-from service.jobs import enqueue_planning
-from service.limits import store as limits
 from service.limits.store import subtract_loads
 
 IDS_PER_CHUNK = 10_000
@@ -32,10 +30,6 @@ ID_CHUNKS = "task_id_chunks"
 # Tasks up to this many IDs echo them in `payload`, as the original API did;
 # larger ones are read page by page from /ids/ so that lists stay small.
 PAYLOAD_ECHO_MAX_IDS = 1000
-# The statuses in which no ID has been handed to a worker yet.
-REPLANNABLE = (TaskStatus.RECEIVED, TaskStatus.PLANNING, TaskStatus.SCHEDULED)
-# The fields besides the IDs that decide a task's plan: a change re-plans it.
-PLAN_RULES = ("limit", "overflow", "not_before")
 
 
 def list_tasks(offset: int, limit: int) -> tuple[list[IdTask], int]:
@@ -54,72 +48,8 @@ def get_task(task_id: int, *, lock: bool = False) -> IdTask:
     return task
 
 
-def submit_task(
-    task_name: str,
-    ids: Iterable[int],
-    overflow: str | None = None,
-    not_before: datetime | None = None,
-    limit: str | None = None,
-) -> IdTask:
-    """Store a task and its distinct IDs in one transaction, then queue its planning.
-
-    The task names its limit (`default` when none; 422 when there is no such limit).
-    """
-    task = IdTask(
-        task_name=task_name,
-        limit=limits.named_by_request(limit, limits.KEY_SHARE),
-        overflow=overflow or Overflow.SPREAD,
-        not_before=not_before,
-        status=TaskStatus.RECEIVED,
-    )
-    db.session.add(task)
-    db.session.flush()
-    _store_ids(task, ids)
-    db.session.commit()
-    enqueue_planning(task.id, task.total)
-    return task
-
-
-def replace_task(task_id: int, fields: dict) -> IdTask:
-    """PUT: every field given or set to its default; the same IDs keep their plan."""
-    defaults = {"limit": limits.DEFAULT, "overflow": Overflow.SPREAD, "not_before": None}
-    return update_task(task_id, {**defaults, **fields})
-
-
-def update_task(task_id: int, changes: dict) -> IdTask:
-    """Rename at any time; new IDs, overflow or start only while none has run, and re-plan.
-
-    IDs equal to the task's own (the same distinct IDs in the same order) are no change.
-    """
-    task = get_task(task_id, lock=True)
-    if "limit" in changes:
-        changes = {**changes, "limit": limits.named_by_request(changes["limit"], limits.KEY_SHARE)}
-    if "task_name" in changes:
-        task.task_name = changes["task_name"]
-    if "ids" in changes and _same_ids(task, changes["ids"]):
-        task.duplicates = len(changes["ids"]) - task.total
-        changes = {name: value for name, value in changes.items() if name != "ids"}
-    new_rules = {
-        name: changes[name]
-        for name in PLAN_RULES
-        if name in changes and changes[name] != getattr(task, name)
-    }
-    replan = "ids" in changes or bool(new_rules)
-    if replan:
-        _release_plan(task)
-        for name, value in new_rules.items():
-            setattr(task, name, value)
-        if "ids" in changes:
-            db.session.execute(TaskIdChunk.__table__.delete().where(TaskIdChunk.task_id == task.id))
-            _store_ids(task, changes["ids"])
-        task.status = TaskStatus.RECEIVED
-    db.session.commit()
-    if replan:
-        enqueue_planning(task.id, task.total)
-    return task
-
-
-def _same_ids(task: IdTask, ids: list[int]) -> bool:
+def same_ids(task: IdTask, ids: list[int]) -> bool:
+    """Whether `ids` are the task's own: the same distinct IDs in the same order."""
     distinct = list(dict.fromkeys(ids))
     if len(distinct) != task.total:
         return False
@@ -129,29 +59,20 @@ def _same_ids(task: IdTask, ids: list[int]) -> bool:
     return [user_id for chunk in stored for user_id in chunk] == distinct
 
 
-def cancel_task(task_id: int) -> None:
-    """Cancel a task: its pending IDs leave the plan and their capacity is freed."""
-    task = get_task(task_id, lock=True)
-    if task.status == TaskStatus.CANCELLED:
-        return
-    if task.status in FINISHED:
-        raise Conflict(f"task {task_id} has already finished ({task.status})")
-    _release_pending(task, AssignmentStatus.CANCELLED)
-    task.status = TaskStatus.CANCELLED
-    db.session.commit()
+def replace_ids(task: IdTask, ids: Iterable[int]) -> None:
+    """The task's IDs, all new."""
+    db.session.execute(TaskIdChunk.__table__.delete().where(TaskIdChunk.task_id == task.id))
+    store_ids(task, ids)
 
 
-def list_task_ids(
-    task_id: int, offset: int, limit: int, status: str | None = None, slot: datetime | None = None
-) -> tuple[list[dict], int]:
-    """A page of the task's IDs in submission order, with slot and outcome."""
-    task = get_task(task_id)
-    if task.planned:
-        return _planned_ids(task, offset, limit, status, slot)
-    return _received_ids(task, offset, limit, status, slot)
+def handed_out(task_id: int) -> bool:
+    """Whether any of the task's IDs is still in a slot, or has run."""
+    return db.session.execute(
+        text("SELECT EXISTS (SELECT 1 FROM assignments WHERE task_id = :t)"), {"t": task_id}
+    ).scalar()
 
 
-def _planned_ids(task, offset, limit, status, slot):
+def planned_ids(task, offset, limit, status, slot):
     filters = [Assignment.task_id == task.id]
     if status:
         filters.append(Assignment.status == status)
@@ -177,7 +98,7 @@ def _planned_ids(task, offset, limit, status, slot):
     return items, db.session.scalar(select(func.count()).select_from(Assignment).where(*filters))
 
 
-def _received_ids(task, offset, limit, status, slot):
+def received_ids(task, offset, limit, status, slot):
     """Before planning the IDs exist only in the task's chunks."""
     unplanned = "cancelled" if task.status == TaskStatus.CANCELLED else "received"
     if slot or (status and status != unplanned):
@@ -214,7 +135,7 @@ def _received_ids(task, offset, limit, status, slot):
     return items, task.total
 
 
-def _release_pending(task: IdTask, new_status: str | None) -> None:
+def release_pending(task: IdTask, new_status: str | None) -> None:
     """Take the task's pending IDs out of their slots' load; mark or delete them.
 
     Retrying IDs hold no slot's capacity yet: they are only marked.
@@ -254,45 +175,25 @@ def cancel_retrying(task_id: int) -> None:
     )
 
 
-def _release_plan(task: IdTask) -> None:
-    """Drop the task's plan, refusing (409) once any of its IDs has been handed out.
-
-    A slot job's claim does not wait for the task's row lock; deleting the pending rows
-    waits for any claim in flight instead, so the check after it sees every claim.
-    """
-    started = Conflict(
-        f"task {task.id} is {task.status}: its IDs can change only before any has run"
-    )
-    if task.status not in REPLANNABLE:
-        raise started
-    _release_pending(task, None)
-    handed_out = db.session.execute(
-        text("SELECT EXISTS (SELECT 1 FROM assignments WHERE task_id = :t)"), {"t": task.id}
-    ).scalar()
-    if handed_out:
-        raise started
-    task.planned = task.done = task.failed = 0
-    task.first_slot = task.last_slot = None
-
-
 def batches(items: Iterable, size: int) -> Iterator[list]:
     iterator = iter(items)
     while batch := list(islice(iterator, size)):
         yield batch
 
 
-def _store_ids(task: IdTask, ids: Iterable[int]) -> None:
+def store_ids(task: IdTask, ids: Iterable[int]) -> None:
     """Store the task's distinct IDs; count them and the repeats dropped."""
     with raw_connection().cursor() as cur:
         submitted, distinct = store_distinct_ids(cur, ID_CHUNKS, task.id, ids)
-        payload = None
-        if distinct <= PAYLOAD_ECHO_MAX_IDS:
-            cur.execute(
+    payload = None
+    if distinct <= PAYLOAD_ECHO_MAX_IDS:
+        payload = db.session.execute(
+            text(
                 "SELECT array_to_string(ids, ',') FROM task_id_chunks "
-                "WHERE task_id = %s AND chunk_no = 0",
-                (task.id,),
-            )
-            payload = cur.fetchone()[0]
+                "WHERE task_id = :task AND chunk_no = 0"
+            ),
+            {"task": task.id},
+        ).scalar()
     task.total = distinct
     task.duplicates = submitted - distinct
     task.payload = payload
@@ -353,15 +254,12 @@ def _rewrite_without_repeats(cur, chunks: sql.Identifier, task_id: int) -> None:
 
 
 def read_ids(connection, table: str, task_id: int) -> Iterator[tuple[int, int]]:
-    """(position, user_id) of a task's stored IDs in submission order, a few chunks in
-    memory at a time."""
-    with connection.cursor(name=f"{table}_{task_id}") as cursor:
-        cursor.itersize = 2
-        cursor.execute(
-            sql.SQL("SELECT chunk_no, ids FROM {} WHERE task_id = %s ORDER BY chunk_no").format(
-                sql.Identifier(table)
-            ),
-            (task_id,),
-        )
-        for chunk_no, ids in cursor:
-            yield from enumerate(ids, start=chunk_no * IDS_PER_CHUNK)
+    """(position, user_id) of a task's stored IDs in submission order, read through
+    `connection` (SQLAlchemy's) with a server-side cursor, a few chunks in memory at a
+    time. `table` is ID_CHUNKS, or a temporary table shaped like it."""
+    rows = connection.execution_options(yield_per=2).execute(
+        text(f"SELECT chunk_no, ids FROM {table} WHERE task_id = :task ORDER BY chunk_no"),
+        {"task": task_id},
+    )
+    for chunk_no, ids in rows:
+        yield from enumerate(ids, start=chunk_no * IDS_PER_CHUNK)

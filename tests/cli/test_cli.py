@@ -32,7 +32,7 @@ def test_worker_burst_runs_the_queued_planning_job(app, client, runner):
 
 
 def test_plan_show_prints_the_window_as_a_grid_with_rpm_marked(make_app):
-    from service.tasks.store import submit_task
+    from service.tasks.services import submit_task
 
     app = make_app(RPM=2)
     with app.app_context():

@@ -3,7 +3,7 @@
 from flask.views import MethodView
 from werkzeug.routing import BaseConverter, ValidationError
 
-from service.limits import store as limits
+from service.limits import services
 from service.planning import resume as pausing
 from service.web.base import ServiceBlueprint, require_content_type
 from service.web.schemas import (
@@ -47,7 +47,7 @@ class Limits(MethodView):
     @blp.response(200, LimitSchema(many=True))
     def get(self):
         """List the limits by name, with the counts of their IDs"""
-        return limits.list_limits()
+        return services.list_limits()
 
     @blp.doc(operationId="create_limit")
     @blp.arguments(LimitCreateSchema)
@@ -55,7 +55,7 @@ class Limits(MethodView):
     @blp.alt_response(409, description="A limit with that name exists")
     def post(self, fields):
         """Create a limit; its processor must be importable and accept its options"""
-        return limits.create_limit(fields)
+        return services.create_limit(fields)
 
 
 @blp.route("/<limit:limit_name>/")
@@ -66,7 +66,7 @@ class LimitByName(MethodView):
     @blp.alt_response(404, response="DEFAULT_ERROR")
     def get(self, limit_name):
         """Read a limit with the counts of its IDs"""
-        return limits.read_limit(limit_name)
+        return services.read_limit(limit_name)
 
     @blp.doc(operationId="replace_limit")
     @blp.arguments(LimitUpdateSchema)
@@ -91,4 +91,4 @@ class LimitByName(MethodView):
     @blp.alt_response(409, response="DEFAULT_ERROR")
     def delete(self, limit_name):
         """Delete a limit none of whose IDs is pending (409 says how many are)"""
-        limits.delete_limit(limit_name)
+        services.delete_limit(limit_name)

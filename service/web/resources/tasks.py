@@ -4,7 +4,8 @@ from flask import current_app, request
 from flask.views import MethodView
 
 from service.planning import preview
-from service.tasks import store as id_tasks
+from service.tasks import services as tasks
+from service.tasks import store as task_store
 from service.tasks.ids import IDS_TEXT_PATTERN, stream_ids
 from service.web.base import ServiceBlueprint, page_window, require_content_type
 from service.web.idempotency import OPENAPI_PARAMETER, OPENAPI_RESPONSE_HEADERS, idempotent
@@ -96,7 +97,7 @@ class Tasks(MethodView):
     @blp.paginate()
     def get(self, pagination_parameters):
         """List ID tasks, newest first; each task's payload is on its own page"""
-        page, pagination_parameters.item_count = id_tasks.list_tasks(
+        page, pagination_parameters.item_count = task_store.list_tasks(
             *page_window(pagination_parameters)
         )
         return page
@@ -108,7 +109,7 @@ class Tasks(MethodView):
     @blp.alt_response(409, response="DEFAULT_ERROR")
     def post(self):
         """Submit IDs as JSON, or as a text/csv body; planning runs on a worker"""
-        return id_tasks.submit_task(**_submission())
+        return tasks.submit_task(**_submission())
 
 
 @blp.route("/preview")
@@ -130,7 +131,7 @@ class TaskById(MethodView):
     @blp.alt_response(404, response="DEFAULT_ERROR")
     def get(self, task_id):
         """Read a task with its status and counts"""
-        return id_tasks.get_task(task_id)
+        return task_store.get_task(task_id)
 
     @blp.doc(operationId="replace_task")
     @blp.arguments(TaskSubmitSchema)
@@ -139,7 +140,7 @@ class TaskById(MethodView):
     @blp.alt_response(404, response="DEFAULT_ERROR")
     def put(self, fields, task_id):
         """Replace a task's name, IDs and overflow (new IDs only before any has run)"""
-        return id_tasks.replace_task(task_id, _changes(fields))
+        return tasks.replace_task(task_id, _changes(fields))
 
     @blp.doc(operationId="update_task")
     @blp.arguments(TaskSubmitSchema(partial=True))
@@ -148,7 +149,7 @@ class TaskById(MethodView):
     @blp.alt_response(404, response="DEFAULT_ERROR")
     def patch(self, fields, task_id):
         """Change a task's name, IDs or overflow (IDs only before any has run)"""
-        return id_tasks.update_task(task_id, _changes(fields))
+        return tasks.update_task(task_id, _changes(fields))
 
     @blp.doc(operationId="cancel_task")
     @blp.response(204)
@@ -156,7 +157,7 @@ class TaskById(MethodView):
     @blp.alt_response(404, response="DEFAULT_ERROR")
     def delete(self, task_id):
         """Cancel a task: its pending IDs leave the plan"""
-        id_tasks.cancel_task(task_id)
+        tasks.cancel_task(task_id)
 
 
 @blp.route("/<id:task_id>/ids/")
@@ -169,7 +170,7 @@ class TaskIds(MethodView):
     @blp.alt_response(404, response="DEFAULT_ERROR")
     def get(self, query, task_id, pagination_parameters):
         """The task's IDs in submission order, with slot, status and outcome"""
-        page, pagination_parameters.item_count = id_tasks.list_task_ids(
+        page, pagination_parameters.item_count = tasks.list_task_ids(
             task_id, *page_window(pagination_parameters), **query
         )
         return page
