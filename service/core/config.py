@@ -28,6 +28,13 @@ def _sqlalchemy_url(url: str) -> str:
     return url
 
 
+# The built-in processors' public paths (their code is in service/processors/builtin.py):
+# limits and ID_PROCESSOR store them, so they never change.
+PROCESSORS_MODULE = "workers.processors"
+RECORD_USER = f"{PROCESSORS_MODULE}:record_user"
+HTTP_PROCESSOR = f"{PROCESSORS_MODULE}:http_request"
+
+
 @dataclass(frozen=True)
 class Config:
     """Every setting of the service; README.md documents each one."""
@@ -51,10 +58,10 @@ class Config:
     REDIS_TIMEOUT_SECONDS: float = 5.0
     DATABASE_CONNECT_TIMEOUT_SECONDS: int = 5
     RECONCILE_INTERVAL_SECONDS: int = 10
-    ID_PROCESSOR: str = "workers.processors:record_user"
+    ID_PROCESSOR: str = RECORD_USER
     # The modules a limit's processor may come from, comma-separated: naming a processor
     # over the API imports its module, so only the operator's choice of modules can be.
-    PROCESSOR_MODULES: str = "workers.processors"
+    PROCESSOR_MODULES: str = PROCESSORS_MODULE
     PROCESSOR_HTTP_URL: str | None = None
     PROCESSOR_HTTP_METHOD: str = "POST"
     PROCESSOR_HTTP_TIMEOUT: float = 10.0

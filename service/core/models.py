@@ -44,6 +44,8 @@ class TaskStatus(StrEnum):
 
 
 FINISHED = (TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED)
+# Not planned yet: planning may (still) run for these.
+UNPLANNED = (TaskStatus.RECEIVED, TaskStatus.PLANNING)
 
 
 class Overflow(StrEnum):

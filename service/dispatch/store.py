@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from service.core import locks
 from service.core.extensions import db
-from service.core.models import AssignmentStatus, TaskStatus
+from service.core.models import UNPLANNED, AssignmentStatus, TaskStatus
 
 # A group's claims as rows (task_id, position, claimed_at), from three bound arrays.
 CLAIM_KEYS = (
@@ -255,9 +255,7 @@ def count_on_task(task_id: int, done: int, failed: int) -> None:
 
 def unplanned_tasks() -> list:
     """(id, total) of the tasks still received or planning."""
-    return db.session.execute(
-        UNPLANNED_TASKS, {"unplanned": [TaskStatus.RECEIVED, TaskStatus.PLANNING]}
-    ).all()
+    return db.session.execute(UNPLANNED_TASKS, {"unplanned": list(UNPLANNED)}).all()
 
 
 def server_started_within(grace: timedelta) -> bool:

@@ -20,7 +20,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from service.core.config import ConfigError
 from service.core.extensions import db
-from service.core.models import AssignmentStatus, SharedSetting, TaskStatus
+from service.core.models import UNPLANNED, AssignmentStatus, SharedSetting
 from service.limits import store as limits
 
 SHARED = ("SLOT_SECONDS", "WINDOW_SLOTS", "SPREAD_MIN_OPEN_SLOTS", "MAX_ATTEMPTS")
@@ -137,6 +137,6 @@ def _ids_waiting() -> bool:
                 AssignmentStatus.RUNNING,
                 AssignmentStatus.RETRYING,
             ],
-            "unplanned": [TaskStatus.RECEIVED, TaskStatus.PLANNING],
+            "unplanned": list(UNPLANNED),
         },
     ).scalar()

@@ -16,10 +16,10 @@ from flask import current_app
 from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 
+from service.core.config import HTTP_PROCESSOR, RECORD_USER
 from service.core.errors import Refused, not_found
 from service.core.extensions import db
 from service.core.models import FINISHED, IdTask, Limit
-from service.processors.contract import HTTP_PROCESSOR, RECORD_USER
 
 DEFAULT = "default"
 # What a limit created without a processor runs: the built-in one that records users.

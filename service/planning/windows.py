@@ -21,7 +21,7 @@ from sqlalchemy import update
 from service.core import locks
 from service.core.errors import NotFound
 from service.core.extensions import db
-from service.core.models import AssignmentStatus, IdTask, Limit, Overflow, TaskStatus
+from service.core.models import UNPLANNED, AssignmentStatus, IdTask, Limit, Overflow, TaskStatus
 from service.jobs import schedule_slots
 from service.limits import store as limits
 from service.limits.settings import shared
@@ -29,8 +29,6 @@ from service.planning import store
 from service.planning.planner import EPOCH, distribute, fill
 from service.planning.reading import slot_grid
 from service.tasks.store import ID_CHUNKS, get_task, read_ids
-
-PLANNABLE = (TaskStatus.RECEIVED, TaskStatus.PLANNING)
 
 # ((position, user_id), slot index) pairs and the window's open slots -> rows written.
 Writer = Callable[[Iterator, list[datetime]], list[int]]
@@ -59,7 +57,7 @@ def plan_stored_task(task_id: int, now: datetime | None = None) -> PlanOutcome:
         task = get_task(task_id, lock=True)
     except NotFound:
         return PlanOutcome(task_id, skipped="gone")
-    if task.status not in PLANNABLE:
+    if task.status not in UNPLANNED:
         db.session.rollback()
         return PlanOutcome(task_id, skipped=f"already {task.status}")
     planner = WindowPlanner(

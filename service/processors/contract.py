@@ -44,11 +44,6 @@ class Failure:
     retry: bool = True
 
 
-# The public paths of the built-in processors, as limits and ID_PROCESSOR name them.
-RECORD_USER = "workers.processors:record_user"
-HTTP_PROCESSOR = "workers.processors:http_request"
-
-
 def per_id(function: Callable) -> Callable:
     """Mark a processor that takes one ID (and its key) a call and may run concurrently."""
     function.per_id = True

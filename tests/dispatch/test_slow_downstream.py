@@ -7,13 +7,13 @@ import pytest
 from rq.job import Job
 from sqlalchemy import text
 
+from service.core.config import HTTP_PROCESSOR
 from service.core.extensions import db, get_redis
 from service.dispatch.pacing import step_of
 from service.jobs import slot_job_id
 from service.limits.store import DEFAULT
 from service.planning import resume as pausing
 from service.planning.windows import plan_stored_task
-from service.processors.contract import HTTP_PROCESSOR
 
 from ..downstream import Record, Server
 from ..helpers import submit

@@ -20,8 +20,8 @@ from alembic.script import ScriptDirectory
 from flask import Flask, current_app
 from sqlalchemy import text
 
+from service.core.config import HTTP_PROCESSOR
 from service.core.extensions import db
-from service.processors.contract import HTTP_PROCESSOR
 
 from ..helpers import at
 

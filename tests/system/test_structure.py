@@ -186,9 +186,10 @@ def test_the_public_paths_of_jobs_and_processors_still_lead_to_their_code():
     # Stored jobs, limit rows and processors written elsewhere name these paths.
     from rq.utils import import_attribute
 
+    from service.core.config import HTTP_PROCESSOR, RECORD_USER
     from service.jobs import PLAN_RETRIES_JOB, PLAN_TASK_JOB, SLOT_JOB
     from service.processors import builtin, contract
-    from service.processors.contract import HTTP_PROCESSOR, RECORD_USER, load_processor
+    from service.processors.contract import load_processor
 
     assert (SLOT_JOB, PLAN_TASK_JOB, PLAN_RETRIES_JOB) == (
         "workers.slots.run_slot",
