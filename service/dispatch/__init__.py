@@ -1,1 +1,2 @@
-"""."""
+"""Dispatch: running each slot (claims, pacing, calls, outcomes), the claimers that hold
+claims, the worker, and reconcile."""

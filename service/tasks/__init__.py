@@ -1,1 +1,1 @@
-"""."""
+"""ID tasks: IDs parsed from a body, stored as chunks, submitted, changed and cancelled."""

@@ -1,1 +1,1 @@
-"""."""
+"""Users: received by IDs, or created by hand."""

@@ -1,1 +1,1 @@
-"""."""
+"""The API's resources: one flask-smorest blueprint each."""
