@@ -10,6 +10,7 @@ from service import cli, web
 from service.core import logs
 from service.core.config import Config
 from service.core.extensions import db, init_db, init_redis, migrate
+from service.web import access
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -55,7 +56,9 @@ def create_app(config: Config | None = None) -> Flask:
         app.config["API_SPEC_OPTIONS"] = TOKEN_SECURITY
     logs.configure(config.LOG_FORMAT)
 
-    web.init_access(app)
+    # First among the request hooks: the token check may refuse a request, and its
+    # answer is logged and carries its request id too.
+    access.init_app(app)
     init_db(app)
     migrate.init_app(app, db, directory=str(MIGRATIONS))
     init_redis(app)

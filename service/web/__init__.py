@@ -14,7 +14,7 @@ from werkzeug.routing import IntegerConverter
 
 from service.core.extensions import db
 from service.core.models import MAX_ID
-from service.web import access, errors, pages
+from service.web import errors, pages
 from service.web.base import SchemaRulesPlugin, ServiceApi, schema_name
 from service.web.resources import health, limits, metrics, root, slots, tasks, users
 
@@ -40,12 +40,6 @@ class IdConverter(IntegerConverter):
 
     def __init__(self, map, *args, **kwargs):
         super().__init__(map, min=1, max=MAX_ID)
-
-
-def init_access(app) -> None:
-    """First among the request hooks: the token check may refuse a request, and its
-    answer is logged and carries its request id too."""
-    access.init_app(app)
 
 
 def init_app(app) -> None:
