@@ -2,31 +2,38 @@
 
 A plain Flask blueprint, not part of the JSON API: the OpenAPI document describes only
 the API. API_TOKEN guards these pages as it guards the API (a browser sends it as the
-password of HTTP Basic).
+password of HTTP Basic). Their errors are pages too: a person reads them in a browser.
 """
 
 from __future__ import annotations
 
 from datetime import UTC
 
-from flask import Blueprint, render_template
+from flask import Blueprint, render_template, request
 from marshmallow import ValidationError
 from webargs.flaskparser import parser
+from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.routing import BaseConverter
-from werkzeug.routing import ValidationError as NotThisRule
 
+from service.core.errors import DomainError
 from service.web import plan_overview
+from service.web.errors import http_error
 from service.web.schemas import PageQuerySchema, moment
 
 blp = Blueprint("pages", __name__)
 
 # The plan page reloads itself this often, so a screen left open follows the slots.
 REFRESH_SECONDS = 10
+# Where webargs says it read a field from; an error page names only the field.
+LOCATIONS = {"query", "view_args", "path"}
 
 
 class SlotConverter(BaseConverter):
     """A slot's start in a path, ISO 8601 (UTC unless it names a zone), as in
-    2026-11-29T15:07:00Z; anything else is simply not found."""
+    2026-11-29T15:07:00Z; anything else reaches the view as None.
+
+    The router would answer a value refused here with the API's JSON 404; the view's
+    own 404 is a page."""
 
     start = moment("a slot's start")
 
@@ -34,10 +41,17 @@ class SlotConverter(BaseConverter):
         try:
             return self.start.deserialize(value).astimezone(UTC)
         except ValidationError:
-            raise NotThisRule() from None
+            return None
 
     def to_url(self, value) -> str:
         return f"{value.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
+
+
+def _named(value, what: str):
+    """The value a path named, or a 404 saying what the path should have named."""
+    if value is None:
+        raise NotFound(f"{request.path} names no {what}")
+    return value
 
 
 @blp.get("/plan")
@@ -52,9 +66,48 @@ def plan():
 @blp.get("/plan/slots/<slot:slot>")
 def slot_ids(slot):
     """One slot's IDs with task, status, attempts and error, a page at a time."""
+    slot = _named(slot, "slot: a slot is named by its start, as in 2026-11-29T15:07:00Z")
     query = parser.parse(PageQuerySchema(), location="query")
     overview = plan_overview.slot_ids(slot, query["page"], query.get("limit"))
     return render_template("slot.html", **overview)
+
+
+@blp.get("/plan/<path:rest>")
+def no_such_page(rest):
+    """Any other path under /plan: a page that says so, rather than the API's JSON 404."""
+    raise NotFound(f"there is no page at {request.path}")
+
+
+@blp.errorhandler(HTTPException)
+def error_page(error: HTTPException):
+    data = getattr(error, "data", None) or {}
+    page = render_template(
+        "error.html",
+        code=error.code,
+        name=error.name,
+        message=data.get("message") or error.description,
+        reasons=_reasons(data.get("errors") or data.get("messages") or {}),
+    )
+    # A 401 keeps its WWW-Authenticate, so that the browser still asks for the token.
+    return page, error.code, data.get("headers") or {}
+
+
+@blp.errorhandler(DomainError)
+def domain_error_page(error: DomainError):
+    return error_page(http_error(error))
+
+
+def _reasons(errors, path: tuple[str, ...] = ()) -> list[str]:
+    """Field errors, nested as marshmallow and webargs give them, as lines of text."""
+    if isinstance(errors, dict):
+        return [
+            line
+            for key, value in errors.items()
+            for line in _reasons(value, path if key in LOCATIONS else (*path, str(key)))
+        ]
+    field = ".".join(path)
+    messages = errors if isinstance(errors, list) else [errors]
+    return [f"{field}: {message}" if field else str(message) for message in messages]
 
 
 def init_app(app) -> None:

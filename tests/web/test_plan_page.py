@@ -1,6 +1,7 @@
 """The plan page: two hours of slots as windows of cells, each slot's IDs on a page of
 its own, the slot jobs that rq-scheduler holds."""
 
+import html
 import re
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
@@ -147,3 +148,33 @@ def test_without_redis_the_page_still_shows_the_plan(make_app):
     assert answer.status_code == 200
     assert "Redis could not be read" in answer.text
     assert len(Cells(answer.text).classes) == 120
+
+
+def test_the_pages_answer_their_errors_as_pages(client):
+    refusals = {
+        "/plan?limit=nope": (422, "no limit is named 'nope'"),
+        "/plan?page=0": (422, "page: Must be greater than or equal to 1."),
+        "/plan/slots/garbage": (404, "/plan/slots/garbage names no slot"),
+        "/plan/nothing": (404, "there is no page at /plan/nothing"),
+        "/plan/slots/2026-01-05T09:00:30Z": (404, "is not the start of a slot"),
+        "/plan/slots/2026-01-05T09:00:00Z?limit=nope": (404, "limit 'nope' does not exist"),
+    }
+    for path, (status, message) in refusals.items():
+        answer = client.get(path)
+        assert (answer.status_code, answer.mimetype) == (status, "text/html"), path
+        assert message in html.unescape(answer.text), path
+        assert f'<h1><span class="error-code">{status}</span>' in answer.text, path
+        assert 'href="/plan">Back to the plan' in answer.text, path
+
+
+def test_the_api_keeps_its_json_errors(client):
+    answer = client.get("/celery_ids_tasks/999/")
+    assert (answer.status_code, answer.mimetype) == (404, "application/json")
+    assert answer.json["code"] == 404
+
+
+def test_a_page_asking_for_the_token_still_tells_the_browser_how(make_app):
+    answer = make_app(API_TOKEN="s3cret").test_client().get("/plan")
+    assert (answer.status_code, answer.mimetype) == (401, "text/html")
+    assert answer.headers["WWW-Authenticate"].startswith("Basic")
+    assert "API token" in answer.text
