@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime
 
 from flask import current_app
 
@@ -21,10 +23,21 @@ from service.processors.contract import Failure, as_failure, is_per_id, longest_
 
 log = logging.getLogger(__name__)
 
-# A per-ID processor's outcomes are recorded this often.
+# A per-ID processor's outcomes are recorded this often, whether the slot job is handing
+# out IDs or waiting for the next turn or for the last calls: an ID shows its outcome
+# within about this of its call's end.
 RECORD_EVERY_SECONDS = 0.25
 # What a call that was not made (its claim could have run out mid-call) gives back.
 NOT_CALLED = object()
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A per-ID call that was made: its verdict, and when it ended (an ID's
+    `finished_at` is its call's end, not the moment it was recorded)."""
+
+    failure: Failure | None
+    at: datetime
 
 
 def calls_for(
@@ -60,6 +73,10 @@ class _Calls:
 
     def record_finished(self) -> None:
         """Record the outcomes of the calls that ended and are not recorded yet."""
+
+    def record_due(self) -> None:
+        """Record what has ended, if RECORD_EVERY_SECONDS have passed since the last time
+        (called while the slot job waits)."""
 
     def finish(self) -> None:
         """Wait for the calls under way and record them."""
@@ -107,14 +124,18 @@ class ConcurrentCalls(_Calls):
         self.abandoned = self.holding = False
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="processor")
         self.in_flight: list[tuple[Claim, Future]] = []
-        # Outcomes of calls that ended, kept until a transaction has recorded them.
-        self.unrecorded: list[tuple[Claim, Failure | None]] = []
+        # Outcomes of calls that ended, with when, kept until a transaction has recorded
+        # them.
+        self.unrecorded: list[tuple[Claim, Ended]] = []
         self.recorded_at = time.monotonic()
         self.start_lag = 0.0
 
     def hand(self, group: list[Claim], turn: float) -> None:
         for item in self.claimer.still_ours(group):
             self.in_flight.append((item, self.pool.submit(self._call, item, turn)))
+        self.record_due()
+
+    def record_due(self) -> None:
         if time.monotonic() - self.recorded_at >= RECORD_EVERY_SECONDS:
             self.record_finished()
 
@@ -124,7 +145,11 @@ class ConcurrentCalls(_Calls):
         return max(self.clock.seconds() - turn, self.start_lag)
 
     def finish(self) -> None:
-        wait([future for _, future in self.in_flight])
+        # Each call's outcome as it ends, not once the slowest has.
+        while self.in_flight:
+            futures = [future for _, future in self.in_flight]
+            wait(futures, timeout=RECORD_EVERY_SECONDS, return_when=FIRST_COMPLETED)
+            self.record_finished()
         self.record_finished()
         self.pool.shutdown()
 
@@ -147,11 +172,12 @@ class ConcurrentCalls(_Calls):
         if not self.unrecorded:
             return
         held = hold([item for item, _ in self.unrecorded], self.claimer.id)
-        failures = {item.user_id: failure for item, failure in self.unrecorded if failure}
-        self.tally += record_outcomes(self.slot, held, failures, self.max_attempts)
+        failures = {item.user_id: ended.failure for item, ended in self.unrecorded if ended.failure}
+        ended_at = {(item.task_id, item.position): ended.at for item, ended in self.unrecorded}
+        self.tally += record_outcomes(self.slot, held, failures, self.max_attempts, ended_at)
         self.unrecorded = []
 
-    def _call(self, item: Claim, turn: float) -> Failure | None | object:
+    def _call(self, item: Claim, turn: float) -> Ended | object:
         if self.abandoned or self.holding or time.monotonic() + self.longest > item.holds_until:
             # Not called: the job is ending or waiting for PostgreSQL, or the claim may
             # run out mid-call. The ID is handed back and claimed again.
@@ -160,12 +186,13 @@ class ConcurrentCalls(_Calls):
         with self.app.app_context():
             try:
                 verdict = self.processor(item.user_id, item.key(self.slot.deployment), **self.extra)
-                return as_failure(verdict)
+                failure = as_failure(verdict)
             except Exception as exc:  # a processor's bug fails its ID, not the slot
                 log.exception("processor failed on ID %s", item.user_id)
-                return Failure(f"{type(exc).__name__}: {exc}")
+                failure = Failure(f"{type(exc).__name__}: {exc}")
+        return Ended(failure, self.clock.now())
 
-    def _take_finished(self) -> list[tuple[Claim, Failure | None]]:
+    def _take_finished(self) -> list[tuple[Claim, Ended]]:
         finished = [(item, future) for item, future in self.in_flight if future.done()]
         self.in_flight = [pair for pair in self.in_flight if not pair[1].done()]
         outcomes = [(item, future.result()) for item, future in finished]

@@ -94,9 +94,13 @@ def record_outcomes(
     group: list[Claim],
     failures: Mapping[int, Failure],
     max_attempts: int | None = None,
+    ended_at: Mapping[tuple[int, int], datetime] | None = None,
 ) -> Tally:
     """Done, failed for good, or retrying (planned again by a job of its own); counters
     follow. `max_attempts` is the deployment's, read here when the caller has not.
+    `ended_at` tells, by (task, position), when each call ended: the ID's `finished_at`
+    (by default, the moment of recording, as for a group processor, whose calls end in
+    the transaction that records them).
 
     Only rows still held by this claim are written: if the claim timed out and the IDs
     went to another worker meanwhile, that worker's outcome is the one that counts.
@@ -107,7 +111,8 @@ def record_outcomes(
         _verdict(item, failures.get(item.user_id), statuses.get(item.task_id), max_attempts)
         for item in group
     ]
-    written = store.write_outcomes(claim_keys(group), verdicts)
+    ended = [(ended_at or {}).get((item.task_id, item.position)) for item in group]
+    written = store.write_outcomes(claim_keys(group), verdicts, ended)
     succeeded = [row for row in written if row.status == AssignmentStatus.DONE]
     failed = len(written) - len(succeeded)
     store.add_slot_outcomes(slot.limit_id, slot.start, len(succeeded), failed)

@@ -35,11 +35,19 @@ class Clock:
     seconds: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
 
-    def wait_until(self, moment: float, stopping: Callable[[], bool] = lambda: False) -> None:
+    def wait_until(
+        self,
+        moment: float,
+        stopping: Callable[[], bool] = lambda: False,
+        meanwhile: Callable[[], object] = lambda: None,
+    ) -> None:
+        """Sleep until `moment` in slices, calling `meanwhile` before each (a slot job
+        records the calls that ended while it waits for the next turn)."""
         while not stopping():
             left = moment - self.seconds()
             if left <= 0:
                 return
+            meanwhile()
             self.sleep(min(left, WAIT_SLICE_SECONDS))
 
     def now(self) -> datetime:
@@ -60,17 +68,19 @@ def paced_groups(
     step: float,
     clock: Clock,
     stopping: Callable[[], bool],
+    meanwhile: Callable[[], object] = lambda: None,
 ) -> Iterator[tuple[float, list[T]]]:
     """Yield the items in groups, each once its first member's turn has come, with that
     turn (the caller can tell how far behind it runs).
 
     Item k's turn is `first_turn + k * step`; members whose turns fall within
     PACING_TICK_SECONDS of the group's first go with it. Stops early on a stop request.
+    `meanwhile` is called while waiting for a turn.
     """
     index = 0
     while index < len(items) and not stopping():
         turn = first_turn + index * step
-        clock.wait_until(turn, stopping)
+        clock.wait_until(turn, stopping, meanwhile)
         if stopping():
             return
         now = clock.seconds()

@@ -182,7 +182,7 @@ class _Claims:
         self.taken = len(batch.claims)
         if batch.claims:
             mark_tasks_running({c.task_id for c in batch.claims})
-        for turn, group in _groups(batch, self.clock):
+        for turn, group in _groups(batch, self.clock, self.calls.record_due):
             self.calls.hand(group, turn)
             self.helping.note(self.calls.behind(turn))
         return len(batch.claims), False
@@ -293,7 +293,9 @@ def _batch_size_unless_paused(slot: SlotOfLimit, slot_seconds: int) -> int | Non
     return max(1, min(CLAIM_BATCH, round(CLAIM_AHEAD_SECONDS / step)))
 
 
-def _groups(batch: Batch, clock: Clock):
+def _groups(batch: Batch, clock: Clock, meanwhile: Callable[[], object]):
     if not current_app.config["PACING"]:
         return [(clock.seconds(), batch.claims)]
-    return paced_groups(batch.claims, batch.first_turn, batch.step, clock, claimers.stop_requested)
+    return paced_groups(
+        batch.claims, batch.first_turn, batch.step, clock, claimers.stop_requested, meanwhile
+    )

@@ -94,11 +94,13 @@ WRITE_OUTCOMES = text(
     "UPDATE assignments AS a SET status = k.status, attempts = a.attempts + 1, "
     "  error = k.error, claimed_at = NULL, claimed_by = NULL, claimed_until = NULL, "
     "  retry_at = k.retry_at, "
-    "  finished_at = CASE WHEN k.status = :retrying THEN NULL ELSE clock_timestamp() END "
+    "  finished_at = CASE WHEN k.status = :retrying THEN NULL "
+    "    ELSE coalesce(k.ended_at, clock_timestamp()) END "
     "FROM unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
     "            CAST(:claimed AS timestamptz[]), CAST(:statuses AS text[]), "
-    "            CAST(:errors AS text[]), CAST(:retry_at AS timestamptz[])) "
-    "  AS k(task_id, position, claimed_at, status, error, retry_at) "
+    "            CAST(:errors AS text[]), CAST(:retry_at AS timestamptz[]), "
+    "            CAST(:ended_at AS timestamptz[])) "
+    "  AS k(task_id, position, claimed_at, status, error, retry_at, ended_at) "
     f"WHERE {STILL_UNDER_CLAIM} "
     "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.status"
 )
@@ -227,9 +229,10 @@ def lock_task_statuses(task_ids: list[int]) -> dict[int, str]:
     return dict(db.session.execute(LOCK_TASK_STATUSES, {"ids": task_ids}).all())
 
 
-def write_outcomes(keys: dict[str, list], verdicts: list[tuple]) -> list:
+def write_outcomes(keys: dict[str, list], verdicts: list[tuple], ended_at: list) -> list:
     """One statement for a whole group: each row still under its claim gets its verdict
-    (status, error, retry at); returns the rows written."""
+    (status, error, retry at) and, when known, when its call ended; returns the rows
+    written."""
     return db.session.execute(
         WRITE_OUTCOMES,
         {
@@ -237,6 +240,7 @@ def write_outcomes(keys: dict[str, list], verdicts: list[tuple]) -> list:
             "statuses": [status for status, _, _ in verdicts],
             "errors": [error for _, error, _ in verdicts],
             "retry_at": [retry_at for _, _, retry_at in verdicts],
+            "ended_at": ended_at,
             "retrying": AssignmentStatus.RETRYING,
             **RUNNING,
         },
