@@ -65,6 +65,7 @@ class SlotRun:
     handed_back: int  # claimed but not processed: its worker was asked to stop
     lateness_seconds: float  # from the slot's start to this run's first claim
     paused: bool = False  # its limit was paused: it stopped claiming, or never began
+    stopped_before_start: bool = False  # its worker was asked to stop while it waited
 
     @property
     def processed(self) -> int:
@@ -98,7 +99,9 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
             slot, claimer, calls, clock, slot_seconds, claim_life(processor, slot.options)
         )
         clock.wait_until(start.timestamp(), claimers.stop_requested)
-        lateness = clock.seconds() - start.timestamp()
+        # A stop asked for before the slot began ends the wait early: not lateness.
+        early = clock.seconds() < start.timestamp()
+        lateness = max(0.0, clock.seconds() - start.timestamp())
         try:
             claimed, paused = runner.run()
             handed_back = runner.finish()
@@ -109,7 +112,9 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
             calls.abandon()
             raise
     done, failed = calls.tally.done, calls.tally.failed
-    run = SlotRun(limit_name, start, claimed, done, failed, handed_back, round(lateness, 3), paused)
+    run = SlotRun(
+        limit_name, start, claimed, done, failed, handed_back, round(lateness, 3), paused, early
+    )
     _log_run(run)
     return run
 
@@ -220,15 +225,20 @@ class _Claims:
 
 
 def _log_run(run: SlotRun) -> None:
+    started = (
+        "stopped before its start"
+        if run.stopped_before_start
+        else f"started {run.lateness_seconds:.3f} s late"
+    )
     log.info(
-        "slot %s of %s: %d claimed, %d done, %d failed, %d handed back, started %.3f s late%s",
+        "slot %s of %s: %d claimed, %d done, %d failed, %d handed back, %s%s",
         run.slot.isoformat(),
         run.limit,
         run.claimed,
         run.done,
         run.failed,
         run.handed_back,
-        run.lateness_seconds,
+        started,
         ", its limit paused" if run.paused else "",
         extra={
             "fields": {
@@ -241,6 +251,7 @@ def _log_run(run: SlotRun) -> None:
                 "handed_back": run.handed_back,
                 "lateness_seconds": run.lateness_seconds,
                 "paused": run.paused,
+                "stopped_before_start": run.stopped_before_start,
             }
         },
     )

