@@ -26,7 +26,7 @@ from rq_scheduler import Scheduler
 
 from service.core.extensions import get_redis
 from service.core.outages import describe, forget_session, is_outage
-from service.limits.store import DEFAULT
+from service.limits.store import DEFAULT, slots_with_pending_ids
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +258,52 @@ def ensure_slot_job(
             at_front=slot <= now,
         )
     return True
+
+
+def drop_idle_slot_jobs(limit_id: int, limit_name: str, slots: Iterable[datetime]) -> int:
+    """Remove the waiting jobs of those of a limit's slots that hold no pending ID any
+    more (their last IDs were cancelled, or planned elsewhere); returns how many.
+
+    A planner may fill such a slot meanwhile and find its job there still: a slot that
+    holds pending IDs again once its job is gone gets it back, so none is left without
+    one. With Redis away nothing is removed; those jobs find nothing to do.
+    """
+    slots = sorted(set(slots))
+    if not slots:
+        return 0
+    try:
+        return _drop_idle_slot_jobs(limit_id, limit_name, slots)
+    except RedisError:
+        log.warning("could not remove the jobs of slots left empty of %s", limit_name)
+        return 0
+
+
+def _drop_idle_slot_jobs(limit_id: int, limit_name: str, slots: list[datetime]) -> int:
+    scheduler = get_scheduler()
+    busy = slots_with_pending_ids(limit_id, slots)
+    dropped = [
+        slot
+        for slot in slots
+        if slot not in busy and _drop_waiting_job(scheduler, slot_job_id(limit_name, slot))
+    ]
+    refilled = slots_with_pending_ids(limit_id, dropped)
+    for slot in sorted(refilled):
+        ensure_slot_job(scheduler, limit_name, slot)
+    return len(dropped) - len(refilled)
+
+
+def _drop_waiting_job(scheduler: Scheduler, job_id: str) -> bool:
+    """Remove a job that waits in rq-scheduler or on a queue; a running one is left to
+    find nothing to claim."""
+    job = _job(job_id)
+    if job is not None and job.get_status(refresh=False) == JobStatus.STARTED:
+        return False
+    scheduled = job_id in scheduler
+    if scheduled:
+        scheduler.cancel(job_id)
+    if job is not None:
+        job.delete(remove_from_queue=True)
+    return scheduled or job is not None
 
 
 def add_slot_helper(limit_name: str, slot: datetime, most: int) -> bool:

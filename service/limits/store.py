@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import insert
 from service.core.config import HTTP_PROCESSOR, RECORD_USER
 from service.core.errors import Refused, not_found
 from service.core.extensions import db
-from service.core.models import FINISHED, IdTask, Limit
+from service.core.models import FINISHED, AssignmentStatus, IdTask, Limit
 
 DEFAULT = "default"
 # What a limit created without a processor runs: the built-in one that records users.
@@ -157,6 +157,19 @@ def active_limits() -> list[Limit]:
 
 def all_names() -> list[str]:
     return list(db.session.scalars(select(Limit.name).order_by(Limit.name)))
+
+
+def slots_with_pending_ids(limit_id: int, slots: list[datetime]) -> set[datetime]:
+    """Those of a limit's slots that hold pending IDs."""
+    return set(
+        db.session.scalars(
+            text(
+                "SELECT DISTINCT slot_start FROM assignments "
+                "WHERE limit_id = :limit AND slot_start = ANY(:slots) AND status = :pending"
+            ),
+            {"limit": limit_id, "slots": slots, "pending": AssignmentStatus.PENDING},
+        )
+    )
 
 
 def subtract_loads(released: dict[tuple[int, datetime], int]) -> None:

@@ -11,7 +11,7 @@ from datetime import datetime
 from service.core.errors import Conflict
 from service.core.extensions import db
 from service.core.models import FINISHED, AssignmentStatus, IdTask, Overflow, TaskStatus
-from service.jobs import enqueue_planning
+from service.jobs import drop_idle_slot_jobs, enqueue_planning
 from service.limits import store as limits
 from service.tasks import store
 
@@ -72,8 +72,9 @@ def update_task(task_id: int, changes: dict) -> IdTask:
         if name in changes and changes[name] != getattr(task, name)
     }
     replan = "ids" in changes or bool(new_rules)
+    old_limit, left = (task.limit_id, task.limit.name), set()
     if replan:
-        _release_plan(task)
+        left = _release_plan(task)
         for name, value in new_rules.items():
             setattr(task, name, value)
         if "ids" in changes:
@@ -81,6 +82,7 @@ def update_task(task_id: int, changes: dict) -> IdTask:
         task.status = TaskStatus.RECEIVED
     db.session.commit()
     if replan:
+        drop_idle_slot_jobs(*old_limit, left)
         enqueue_planning(task.id, task.total)
     return task
 
@@ -92,9 +94,10 @@ def cancel_task(task_id: int) -> None:
         return
     if task.status in FINISHED:
         raise Conflict(f"task {task_id} has already finished ({task.status})")
-    store.release_pending(task, AssignmentStatus.CANCELLED)
+    left = store.release_pending(task, AssignmentStatus.CANCELLED)
     task.status = TaskStatus.CANCELLED
     db.session.commit()
+    drop_idle_slot_jobs(task.limit_id, task.limit.name, left)
 
 
 def list_task_ids(
@@ -107,8 +110,9 @@ def list_task_ids(
     return store.received_ids(task, offset, limit, status, slot)
 
 
-def _release_plan(task: IdTask) -> None:
-    """Drop the task's plan, refusing (409) once any of its IDs has been handed out.
+def _release_plan(task: IdTask) -> set[datetime]:
+    """Drop the task's plan, refusing (409) once any of its IDs has been handed out;
+    return the slots it held.
 
     A slot job's claim does not wait for the task's row lock; deleting the pending rows
     waits for any claim in flight instead, so the check after it sees every claim.
@@ -118,8 +122,9 @@ def _release_plan(task: IdTask) -> None:
     )
     if task.status not in REPLANNABLE:
         raise started
-    store.release_pending(task, None)
+    left = store.release_pending(task, None)
     if store.handed_out(task.id):
         raise started
     task.planned = task.done = task.failed = 0
     task.first_slot = task.last_slot = None
+    return left

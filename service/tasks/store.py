@@ -6,6 +6,7 @@ cursor; every other statement is SQLAlchemy's."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from itertools import islice
 
 from flask import current_app
@@ -135,13 +136,14 @@ def received_ids(task, offset, limit, status, slot):
     return items, task.total
 
 
-def release_pending(task: IdTask, new_status: str | None) -> None:
-    """Take the task's pending IDs out of their slots' load; mark or delete them.
+def release_pending(task: IdTask, new_status: str | None) -> set[datetime]:
+    """Take the task's pending IDs out of their slots' load; mark or delete them; return
+    the slots they left.
 
     Retrying IDs hold no slot's capacity yet: they are only marked.
     """
     if not task.planned:
-        return
+        return set()
     if new_status is None:
         change = "DELETE FROM assignments WHERE task_id = :task AND status = :pending"
     else:
@@ -158,6 +160,7 @@ def release_pending(task: IdTask, new_status: str | None) -> None:
         {"task": task.id, "new_status": new_status, "pending": AssignmentStatus.PENDING},
     ).all()
     subtract_loads({(limit_id, slot): n for limit_id, slot, n in released})
+    return {slot for _, slot, _ in released}
 
 
 def cancel_retrying(task_id: int) -> None:

@@ -91,3 +91,30 @@ def test_the_scheduler_reconciles_every_interval_between_its_polls(app):
         scheduler.enqueue_jobs()
         scheduler.enqueue_jobs()  # its next poll, long before the next run is due
     assert runs == [False]
+
+
+def scheduled_slot_jobs() -> set[str]:
+    return {job.id for job in get_scheduler().get_jobs()}
+
+
+def test_a_slot_left_without_pending_ids_loses_its_job(rpm3, client):
+    future = just_before_a_window(timedelta(hours=2))
+    alone = submit(range(1, 6))  # 1-3 in the first slot, 4-5 in the second
+    plan_stored_task(alone, now=future)
+    shared = submit([6])  # joins 4 and 5 in the second slot
+    plan_stored_task(shared, now=future)
+    first = db.session.get(IdTask, alone).first_slot
+    second = first + timedelta(minutes=1)
+    db.session.commit()
+    both = {slot_job_id(DEFAULT, first), slot_job_id(DEFAULT, second)}
+    assert scheduled_slot_jobs() == both
+
+    assert client.delete(f"/celery_ids_tasks/{alone}/").status_code == 204
+    assert scheduled_slot_jobs() == {slot_job_id(DEFAULT, second)}  # 6 still waits there
+
+    # New IDs re-plan the task: the slot it held, now empty, loses its job too.
+    changed = client.patch(f"/celery_ids_tasks/{shared}/", json={"ids": [7]})
+    assert changed.status_code == 200
+    assert scheduled_slot_jobs() == set()
+    queued = Queue("planning", connection=get_redis()).job_ids
+    assert queued[-1] == f"plan-{shared}"  # its new plan brings its new slots' jobs
