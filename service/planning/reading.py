@@ -1,16 +1,17 @@
 """Slots: the grid of the deployment's slots and windows, each limit's slot loads, and a
 limit's plan as it is read back, slot by slot, grouped by window. Every limit has slots
-of its own on the same grid."""
+of its own on the same grid. Then what the plan pages read besides: a task's slots and
+failures."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
 from flask import current_app
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from service.core.extensions import db
-from service.core.models import AssignmentStatus, Slot
+from service.core.models import Assignment, AssignmentStatus, Slot
 from service.limits.settings import shared
 from service.limits.store import named_by_request
 from service.planning.planner import SlotGrid
@@ -124,3 +125,52 @@ def ids_by_slot(
     for slot_start, user_id in rows:
         listed.setdefault(slot_start, []).append(user_id)
     return listed
+
+
+def task_slots(task_id: int, count: int) -> tuple[list, int]:
+    """The first `count` slots holding a task's IDs (those not cancelled), each with
+    how many of them it holds and how many are done and failed, and the slots in all."""
+    rows = db.session.execute(
+        text(
+            "SELECT slot_start, count(*) AS ids,"
+            "  count(*) FILTER (WHERE status = :done) AS done,"
+            "  count(*) FILTER (WHERE status = :failed) AS failed,"
+            "  count(*) OVER () AS slots "
+            "FROM assignments WHERE task_id = :task AND status <> :cancelled "
+            "GROUP BY slot_start ORDER BY slot_start LIMIT :count"
+        ),
+        {
+            "task": task_id,
+            "count": count,
+            "done": AssignmentStatus.DONE,
+            "failed": AssignmentStatus.FAILED,
+            "cancelled": AssignmentStatus.CANCELLED,
+        },
+    ).all()
+    return rows, rows[0].slots if rows else 0
+
+
+def task_failures(task_id: int, offset: int, count: int, newest: bool) -> list[Assignment]:
+    """A page of a task's IDs that failed for good, the latest first or in task order."""
+    order = (
+        (Assignment.finished_at.desc(), Assignment.position.desc())
+        if newest
+        else (Assignment.position,)
+    )
+    return db.session.scalars(
+        select(Assignment)
+        .where(Assignment.task_id == task_id, Assignment.status == AssignmentStatus.FAILED)
+        .order_by(*order)
+        .offset(offset)
+        .limit(count)
+    ).all()
+
+
+def last_finished(task_ids: list[int]) -> dict[int, datetime]:
+    """When each task's last ID finished."""
+    rows = db.session.execute(
+        select(Assignment.task_id, func.max(Assignment.finished_at))
+        .where(Assignment.task_id.in_(task_ids))
+        .group_by(Assignment.task_id)
+    )
+    return {task_id: finished for task_id, finished in rows if finished is not None}

@@ -1,4 +1,4 @@
-"""The operator's pages in HTML: the plan as a grid of slots, and one slot's IDs.
+"""The operator's pages in HTML: the plan as a grid of slots, one slot's IDs, one task.
 
 A plain Flask blueprint, not part of the JSON API: the OpenAPI document describes only
 the API. API_TOKEN guards these pages as it guards the API (a browser sends it as the
@@ -10,12 +10,15 @@ from __future__ import annotations
 from datetime import UTC
 
 from flask import Blueprint, render_template, request
-from marshmallow import ValidationError
+from marshmallow import EXCLUDE, Schema, ValidationError, fields
+from marshmallow.validate import OneOf, Range
 from webargs.flaskparser import parser
 from werkzeug.exceptions import HTTPException, NotFound
-from werkzeug.routing import BaseConverter
+from werkzeug.routing import BaseConverter, IntegerConverter
+from werkzeug.routing import ValidationError as NotThisRule
 
 from service.core.errors import DomainError
+from service.core.models import MAX_ID
 from service.web import plan_overview
 from service.web.errors import http_error
 from service.web.schemas import PageQuerySchema, moment
@@ -47,6 +50,32 @@ class SlotConverter(BaseConverter):
         return f"{value.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
 
 
+class TaskIdConverter(IntegerConverter):
+    """A task's id in a path; one out of range reaches the view as None, as with slots."""
+
+    def __init__(self, map, *args, **kwargs):
+        super().__init__(map, min=1, max=MAX_ID)
+
+    def to_python(self, value: str):
+        try:
+            return super().to_python(value)
+        except NotThisRule:
+            return None
+
+
+class TaskPageQuerySchema(Schema):
+    """The page of a task's failures, and their order."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    page = fields.Integer(load_default=1, validate=Range(min=1))
+    order = fields.String(
+        load_default=plan_overview.FAILURE_ORDERS[0],
+        validate=OneOf(plan_overview.FAILURE_ORDERS),
+    )
+
+
 def _named(value, what: str):
     """The value a path named, or a 404 saying what the path should have named."""
     if value is None:
@@ -70,6 +99,15 @@ def slot_ids(slot):
     query = parser.parse(PageQuerySchema(), location="query")
     overview = plan_overview.slot_ids(slot, query["page"], query.get("limit"))
     return render_template("slot.html", **overview)
+
+
+@blp.get("/plan/tasks/<task_id:task_id>")
+def task(task_id):
+    """One task: its progress, estimated finish and slots, its failures a page at a time."""
+    task_id = _named(task_id, "task: a task is named by its id, as in /plan/tasks/12")
+    query = parser.parse(TaskPageQuerySchema(), location="query")
+    overview = plan_overview.task_page(task_id, query["page"], query["order"])
+    return render_template("task.html", refresh_seconds=REFRESH_SECONDS, **overview)
 
 
 @blp.get("/plan/<path:rest>")
@@ -112,4 +150,5 @@ def _reasons(errors, path: tuple[str, ...] = ()) -> list[str]:
 
 def init_app(app) -> None:
     app.url_map.converters["slot"] = SlotConverter
+    app.url_map.converters["task_id"] = TaskIdConverter
     app.register_blueprint(blp)

@@ -1,6 +1,6 @@
-"""What the plan page shows: the current and the next hour of slots, each slot's load
-against RPM with its outcomes, the slot jobs that rq-scheduler holds, and one slot's
-IDs a page at a time."""
+"""What the plan pages show: the current and the next hour of slots, each slot's load
+against RPM with its outcomes, the slot jobs that rq-scheduler holds; one slot's IDs a
+page at a time; one task's progress, slots, finish and failures."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from sqlalchemy import func, or_, select
 from werkzeug.exceptions import NotFound
 
 from service.core.extensions import db
-from service.core.models import Assignment, AssignmentStatus, Slot
+from service.core.models import Assignment, AssignmentStatus, IdTask, Slot, TaskStatus
 from service.jobs import scheduled_jobs
 from service.limits import store as limits
+from service.planning import reading
 from service.planning.planner import SlotGrid
 from service.planning.reading import plan_between, slot_grid
+from service.tasks import store as tasks
 
 # An hour of the page is 60 slots in whole windows: with one-minute slots the clock
 # hour, with the seconds-long slots of tests a span they run through in minutes.
@@ -26,6 +28,11 @@ JOBS_SHOWN = 50
 IDS_PER_PAGE = 100
 # Loads up to RPM are drawn in this many shades; above RPM in a colour of its own.
 SHADES = 4
+FAILURES_PER_PAGE = 50
+# A task of a million IDs uses thousands of slots; its page lists the first ones.
+TASK_SLOTS_SHOWN = 120
+# A task's failures, the latest first, or in the order of the task's IDs.
+FAILURE_ORDERS = ("newest", "position")
 
 
 def current_plan(now: datetime | None = None, limit_name: str | None = None) -> dict:
@@ -103,6 +110,85 @@ def slot_ids(slot: datetime, page: int, limit_name: str | None = None) -> dict:
         "page": page,
         "pages": pages,
         "time_format": _time_format(grid),
+    }
+
+
+def task_page(task_id: int, page: int, order: str, now: datetime | None = None) -> dict:
+    """A task's progress, its estimated finish, the slots it uses and a page of its
+    failures (`order` one of FAILURE_ORDERS)."""
+    now = now or datetime.now(UTC)
+    task = tasks.get_task(task_id)
+    pages = max(1, math.ceil(task.failed / FAILURES_PER_PAGE))
+    if page > pages:
+        raise NotFound(f"the task's failures fill {pages} page(s), not {page}")
+    grid = slot_grid()
+    slots, slot_count = reading.task_slots(task.id, TASK_SLOTS_SHOWN)
+    offset = (page - 1) * FAILURES_PER_PAGE
+    return {
+        "now": now,
+        "task": task,
+        "limit": task.limit_name,
+        "progress": progress(task),
+        "finish": finish(task, grid, _last_finished([task]).get(task.id), now),
+        "slots": [_task_slot(slot, grid.slot_of(now)) for slot in slots],
+        "slot_count": slot_count,
+        "failures": reading.task_failures(
+            task.id, offset, FAILURES_PER_PAGE, order == FAILURE_ORDERS[0]
+        ),
+        "first": offset + 1,
+        "page": page,
+        "pages": pages,
+        "order": order,
+        "time_format": _time_format(grid),
+    }
+
+
+def progress(task: IdTask) -> dict:
+    """A task's IDs as parts of a bar: done, failed, pending (not finished: waiting for
+    planning, a slot, a retry, or running) and, once cancelled, those that never ran."""
+    counts = {"done": task.done, "failed": task.failed, "pending": task.pending}
+    if task.status == TaskStatus.CANCELLED:
+        counts["cancelled"] = task.total - task.done - task.failed
+    total = task.total or 1
+    return {
+        "total": task.total,
+        "counts": counts,
+        "parts": [
+            {"name": name, "count": count, "percent": round(100 * count / total, 2)}
+            for name, count in counts.items()
+            if count
+        ],
+    }
+
+
+def finish(task: IdTask, grid: SlotGrid, last_finished: datetime | None, now: datetime) -> dict:
+    """When a task ends: the end of its last slot while any of its IDs waits (which a
+    paused limit or a slot run late pushes back), else when its last ID finished."""
+    if not task.pending:
+        return {"state": "finished", "at": last_finished}
+    if task.last_slot is None:
+        return {"state": "unplanned", "at": None}
+    end = task.last_slot + grid.slot_length
+    if task.limit and task.limit.paused:
+        return {"state": "paused", "at": end}
+    return {"state": "overdue" if end < now else "expected", "at": end}
+
+
+def _last_finished(shown: list[IdTask]) -> dict[int, datetime]:
+    # Only a finished task's end is read from its IDs: a running one's is its plan's.
+    finished = [task.id for task in shown if not task.pending]
+    return reading.last_finished(finished) if finished else {}
+
+
+def _task_slot(row, current: datetime) -> dict:
+    return {
+        "start": row.slot_start,
+        "ids": row.ids,
+        "done": row.done,
+        "failed": row.failed,
+        "pending": row.ids - row.done - row.failed,
+        "past": row.slot_start < current,
+        "now": row.slot_start == current,
     }
 
 

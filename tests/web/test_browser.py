@@ -1,4 +1,4 @@
-"""What a person sees in a real browser: the plan page and Swagger UI, served by the app
+"""What a person sees in a real browser: the plan pages and Swagger UI, served by the app
 in a process of its own and opened in Debian's headless chromium through chromedriver.
 
 Without chromium the tests are skipped, saying why; with REQUIRE_BROWSER=1 (as in CI)
@@ -20,6 +20,7 @@ from service.planning.windows import plan_stored_task
 
 from ..helpers import submit
 from ..processes import free_port, start, stop, wait_for_http
+from .test_plan_page import next_hours_window, record
 
 pytestmark = pytest.mark.slow
 
@@ -129,3 +130,38 @@ def test_swagger_ui_renders_from_assets_the_app_serves(browser, server, tmp_path
         "return performance.getEntriesByType('resource').map(entry => entry.name)"
     )
     assert loaded and all(url.startswith(server + "/") for url in loaded), loaded
+
+
+def test_a_task_page_draws_its_progress_and_lists_its_failures(browser, app, server, tmp_path):
+    window = next_hours_window()
+    with app.app_context():
+        shared_settings.change({"RPM": 3})
+        task_id = submit(range(1, 11), name="newsletter")
+        plan_stored_task(task_id, now=window - timedelta(seconds=10))
+        record(window, failing=[2])
+        record(window + timedelta(minutes=1), failing=[5, 6])
+
+    browser.get(f"{server}/plan/tasks/{task_id}")
+    browser.save_screenshot(str(tmp_path / "task.png"))
+
+    assert browser.find_element(By.TAG_NAME, "h1").text == f"Task {task_id} · newsletter"
+    bar = browser.find_element(By.CSS_SELECTOR, ".progress .bar")
+    parts = bar.find_elements(By.CSS_SELECTOR, ".bar-part")
+    assert [part.get_attribute("data-part") for part in parts] == ["done", "failed", "pending"]
+    widths = [part.size["width"] / bar.size["width"] for part in parts]
+    assert widths == pytest.approx([0.3, 0.3, 0.4], abs=0.02), widths
+    colours = [rgb(part.value_of_css_property("background-color")) for part in parts]
+    (red, green, _), (red_2, green_2, _) = colours[0], colours[1]
+    assert green > red + 60 and red_2 > green_2 + 80, colours  # done green, failed red
+    counts = [count.text for count in browser.find_elements(By.CSS_SELECTOR, ".progress .count")]
+    assert counts == ["done 3", "failed 3", "pending 4"]
+    finish = window + timedelta(minutes=4)
+    assert (
+        f"expected by {finish:%Y-%m-%d %H:%M:%S} UTC"
+        in browser.find_element(By.CSS_SELECTOR, ".finish").text
+    )
+    errors = [cell.text for cell in browser.find_elements(By.CSS_SELECTOR, ".failures td.error")]
+    assert errors == ["user 6 refused", "user 5 refused", "user 2 refused"]
+    browser.find_element(By.CSS_SELECTOR, f'.chip[data-slot="{minute(window)}"]').click()
+    assert browser.current_url == f"{server}/plan/slots/{minute(window)}?limit=default"
+    assert (tmp_path / "task.png").read_bytes().startswith(b"\x89PNG")

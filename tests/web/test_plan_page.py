@@ -6,13 +6,18 @@ import re
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 
+from service.dispatch.claimers import new_claimer_id
+from service.dispatch.claims import claim
+from service.dispatch.outcomes import record_outcomes
 from service.dispatch.slot_runs import run_slot
 from service.jobs import slot_job_id
-from service.limits.store import DEFAULT
+from service.limits.store import DEFAULT, SlotOfLimit
+from service.planning.resume import pause
 from service.planning.windows import plan_stored_task
+from service.processors.contract import Failure
 from service.web.plan_overview import current_plan
 
-from ..helpers import FIRST_SLOT, PAST, at, submit
+from ..helpers import FIRST_SLOT, PAST, at, limit_id, submit
 
 
 class Cells(HTMLParser):
@@ -35,6 +40,32 @@ class Cells(HTMLParser):
         if self._in_label:
             self.labels.append(data.strip())
             self._in_label = False
+
+
+class Bar(HTMLParser):
+    """The parts of a page's first progress bar, {part: (count, percent)}, and the counts
+    written beside it."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.parts, self.counts = {}, []
+        self._bars = 0
+        self._in_count = False
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        classes = (attrs.get("class") or "").split()
+        self._bars += "bar" in classes
+        if "bar-part" in classes and self._bars == 1:
+            percent = float(re.fullmatch(r"width: ([\d.]+)%", attrs["style"])[1])
+            self.parts[attrs["data-part"]] = (attrs["data-count"], percent)
+        self._in_count = "count" in classes and self._bars == 1
+
+    def handle_data(self, data):
+        if self._in_count:
+            self.counts.append(data.strip())
+            self._in_count = False
 
 
 def iso(moment: datetime) -> str:
@@ -158,6 +189,10 @@ def test_the_pages_answer_their_errors_as_pages(client):
         "/plan/nothing": (404, "there is no page at /plan/nothing"),
         "/plan/slots/2026-01-05T09:00:30Z": (404, "is not the start of a slot"),
         "/plan/slots/2026-01-05T09:00:00Z?limit=nope": (404, "limit 'nope' does not exist"),
+        "/plan/tasks/999": (404, "task 999 does not exist"),
+        "/plan/tasks/99999999999999999999": (404, "names no task"),
+        "/plan/tasks/x": (404, "there is no page at /plan/tasks/x"),
+        "/plan/tasks/1?order=sideways": (422, "order: Must be one of: newest, position."),
     }
     for path, (status, message) in refusals.items():
         answer = client.get(path)
@@ -178,3 +213,82 @@ def test_a_page_asking_for_the_token_still_tells_the_browser_how(make_app):
     assert (answer.status_code, answer.mimetype) == (401, "text/html")
     assert answer.headers["WWW-Authenticate"].startswith("Basic")
     assert "API token" in answer.text
+
+
+def record(slot: datetime, failing=(), limit: str = DEFAULT) -> None:
+    """A slot's IDs run: those in `failing` failed for good, the others done; user N's
+    call ended N seconds after the slot's start."""
+    claims = claim(limit_id(limit), slot, new_claimer_id(), 100).claims
+    failures = {user: Failure(f"user {user} refused", retry=False) for user in failing}
+    ended = {(c.task_id, c.position): slot + timedelta(seconds=c.user_id) for c in claims}
+    record_outcomes(SlotOfLimit(limit_id(limit), limit, slot), claims, failures, ended_at=ended)
+
+
+def next_hours_window() -> datetime:
+    """The next hour's second window: every slot of it ahead whenever the test runs."""
+    now = datetime.now(UTC)
+    return now.replace(minute=15, second=0, microsecond=0) + timedelta(hours=1)
+
+
+def test_a_task_page_shows_progress_slots_finish_and_failures(rpm3):
+    # RPM 3: the ten IDs fill the window's first slots 3, 3, 3 and 1.
+    window = next_hours_window()
+    task_id = submit(range(1, 11), name="newsletter")
+    plan_stored_task(task_id, now=window - timedelta(seconds=10))
+    record(window, failing=[2])
+    record(window + timedelta(minutes=1), failing=[5, 6])
+    page = rpm3.test_client().get(f"/plan/tasks/{task_id}")
+    assert (page.status_code, page.mimetype) == (200, "text/html")
+    assert f"Task {task_id} · newsletter" in page.text
+    assert '<span class="status status-running">running</span>' in page.text
+    bar = Bar(page.text)
+    assert bar.parts == {"done": ("3", 30.0), "failed": ("3", 30.0), "pending": ("4", 40.0)}
+    assert bar.counts == ["done 3", "failed 3", "pending 4"]
+    assert "pending 4</span> of 10 IDs" in page.text
+    finish = window + timedelta(minutes=4)  # the end of its last slot, the fourth
+    assert f"expected by {finish:%Y-%m-%d %H:%M:%S} UTC" in page.text
+    assert f"{window:%Y-%m-%d %H:%M:%S} UTC" in page.text
+    cells = Cells(page.text)
+    assert sorted(cells.links) == [iso(window + timedelta(minutes=m)) for m in range(4)]
+    assert cells.links[iso(window)] == f"/plan/slots/{iso(window)}?limit=default"
+    assert "4 slots;" in page.text
+    rows = re.findall(
+        r"<td>(\d+)</td>\s*<td>(\d+)</td>\s*<td>(\d+)</td>\s*<td class=\"error\">([^<]*)</td>",
+        page.text,
+    )
+    assert rows == [
+        ("5", "6", "1", "user 6 refused"),
+        ("4", "5", "1", "user 5 refused"),
+        ("1", "2", "1", "user 2 refused"),
+    ]
+    in_order = rpm3.test_client().get(f"/plan/tasks/{task_id}?order=position")
+    rows = re.findall(
+        r"<td>\d+</td>\s*<td>(\d+)</td>\s*<td>\d+</td>\s*<td class=\"error\">", in_order.text
+    )
+    assert rows == ["2", "5", "6"]
+    assert rpm3.test_client().get(f"/plan/tasks/{task_id}?page=2").status_code == 404
+    slot = rpm3.test_client().get(cells.links[iso(window)]).text
+    assert f'<a href="/plan/tasks/{task_id}">{task_id}</a>' in slot  # back to the task
+
+
+def test_a_task_page_tells_when_a_finished_an_unplanned_and_a_paused_task_ends(rpm3):
+    window = next_hours_window()
+    finished = submit([1, 2], name="small")
+    plan_stored_task(finished, now=window - timedelta(seconds=10))
+    record(window, failing=[2])
+    client = rpm3.test_client()
+    page = client.get(f"/plan/tasks/{finished}").text
+    assert '<span class="status status-failed">failed</span>' in page
+    assert f"finished {window + timedelta(seconds=2):%Y-%m-%d %H:%M:%S} UTC" in page
+    waiting = submit([3])
+    page = client.get(f"/plan/tasks/{waiting}").text
+    assert "not planned yet" in page
+    assert "None of its IDs is in a slot yet." in page
+    assert "None of its IDs failed so far." in page
+    plan_stored_task(waiting, now=window - timedelta(seconds=10))
+    pause(DEFAULT)
+    page = client.get(f"/plan/tasks/{waiting}").text
+    assert (
+        f"its limit is paused; its plan ended {window + timedelta(minutes=1):%Y-%m-%d %H:%M:%S}"
+        in page
+    )
