@@ -1,7 +1,7 @@
 """Slots: the grid of the deployment's slots and windows, each limit's slot loads, and a
 limit's plan as it is read back, slot by slot, grouped by window. Every limit has slots
 of its own on the same grid. Then what the plan pages read besides: a task's slots and
-failures."""
+failures, the tasks planned into a span, a limit's latest failures."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from datetime import UTC, datetime
 
 from flask import current_app
 from sqlalchemy import func, select, text
+from sqlalchemy.orm import defer
 
 from service.core.extensions import db
-from service.core.models import Assignment, AssignmentStatus, Slot
+from service.core.models import Assignment, AssignmentStatus, IdTask, Slot
 from service.limits.settings import shared
 from service.limits.store import named_by_request
 from service.planning.planner import SlotGrid
@@ -174,3 +175,46 @@ def last_finished(task_ids: list[int]) -> dict[int, datetime]:
         .group_by(Assignment.task_id)
     )
     return {task_id: finished for task_id, finished in rows if finished is not None}
+
+
+def tasks_between(limit_id: int, start: datetime, end: datetime, count: int) -> list[IdTask]:
+    """The first `count` of a limit's tasks planned into [start, end), by first slot:
+    those whose span from first to last slot meets it (read from the tasks alone, so
+    cheap whatever the IDs in those slots)."""
+    return db.session.scalars(
+        select(IdTask)
+        .options(defer(IdTask.payload))
+        .where(IdTask.limit_id == limit_id, IdTask.first_slot < end, IdTask.last_slot >= start)
+        .order_by(IdTask.first_slot, IdTask.id)
+        .limit(count)
+    ).all()
+
+
+def task_slots_between(task_id: int, start: datetime, end: datetime) -> set[datetime]:
+    """The slots of [start, end) holding IDs of the task (not cancelled)."""
+    return set(
+        db.session.scalars(
+            select(Assignment.slot_start)
+            .distinct()
+            .where(
+                Assignment.task_id == task_id,
+                Assignment.slot_start >= start,
+                Assignment.slot_start < end,
+                Assignment.status != AssignmentStatus.CANCELLED,
+            )
+        )
+    )
+
+
+def recent_failures(limit_id: int, count: int) -> list:
+    """A limit's last `count` IDs that failed for good, the latest first, with their
+    task's name."""
+    # Through the tasks that counted a failure: the IDs of the others are never read.
+    failing = select(IdTask.id).where(IdTask.limit_id == limit_id, IdTask.failed > 0)
+    return db.session.execute(
+        select(Assignment, IdTask.task_name)
+        .join(IdTask, IdTask.id == Assignment.task_id)
+        .where(Assignment.task_id.in_(failing), Assignment.status == AssignmentStatus.FAILED)
+        .order_by(Assignment.finished_at.desc(), Assignment.task_id.desc(), Assignment.position)
+        .limit(count)
+    ).all()

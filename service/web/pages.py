@@ -63,6 +63,12 @@ class TaskIdConverter(IntegerConverter):
             return None
 
 
+class PlanQuerySchema(PageQuerySchema):
+    """The plan's limit, and a task whose slots it marks."""
+
+    task = fields.Integer(validate=Range(min=1, max=MAX_ID))
+
+
 class TaskPageQuerySchema(Schema):
     """The page of a task's failures, and their order."""
 
@@ -86,9 +92,10 @@ def _named(value, what: str):
 @blp.get("/plan")
 def plan():
     """A limit's current and next hour of slots (`?limit=`, default: the default limit),
-    and the slot jobs rq-scheduler holds."""
-    query = parser.parse(PageQuerySchema(), location="query")
-    overview = plan_overview.current_plan(limit_name=query.get("limit"))
+    with a task's slots marked (`?task=`), the tasks planned into them, the limit's
+    latest failures and the slot jobs rq-scheduler holds."""
+    query = parser.parse(PlanQuerySchema(), location="query")
+    overview = plan_overview.current_plan(limit_name=query.get("limit"), task_id=query.get("task"))
     return render_template("plan.html", refresh_seconds=REFRESH_SECONDS, **overview)
 
 

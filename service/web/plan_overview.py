@@ -1,6 +1,7 @@
 """What the plan pages show: the current and the next hour of slots, each slot's load
-against RPM with its outcomes, the slot jobs that rq-scheduler holds; one slot's IDs a
-page at a time; one task's progress, slots, finish and failures."""
+against RPM with its outcomes, the tasks planned into them, the latest failures and the
+slot jobs that rq-scheduler holds; one slot's IDs a page at a time; one task's progress,
+slots, finish and failures."""
 
 from __future__ import annotations
 
@@ -29,15 +30,21 @@ IDS_PER_PAGE = 100
 # Loads up to RPM are drawn in this many shades; above RPM in a colour of its own.
 SHADES = 4
 FAILURES_PER_PAGE = 50
+# The plan page lists this many of the tasks in its two hours, and of the latest failures.
+TASKS_SHOWN = 50
+FAILURES_SHOWN = 20
 # A task of a million IDs uses thousands of slots; its page lists the first ones.
 TASK_SLOTS_SHOWN = 120
 # A task's failures, the latest first, or in the order of the task's IDs.
 FAILURE_ORDERS = ("newest", "position")
 
 
-def current_plan(now: datetime | None = None, limit_name: str | None = None) -> dict:
+def current_plan(
+    now: datetime | None = None, limit_name: str | None = None, task_id: int | None = None
+) -> dict:
     """A limit's current and next hour as windows of slots (default: the default
-    limit's), and the upcoming slot jobs."""
+    limit's), the tasks planned into them, the limit's latest failures and the upcoming
+    slot jobs; the slots holding IDs of task `task_id`, if one is given, are marked."""
     now = now or datetime.now(UTC)
     grid = slot_grid()
     per_hour = math.ceil(HOUR_SLOTS / grid.window_slots)
@@ -45,22 +52,8 @@ def current_plan(now: datetime | None = None, limit_name: str | None = None) -> 
     end = start + HOURS_SHOWN * per_hour * grid.window_length
     plan = plan_between(start, end, now=now, limit_name=limit_name)
     limit = limits.find(plan["limit"])
-    waiting = _waiting_by_slot(limit.id, start, end)
-    current = grid.slot_of(now)
-    windows = [
-        {
-            **window,
-            "slots": [
-                _cell(slot, plan["rpm"], waiting.get(slot["start"], 0), current)
-                for slot in window["slots"]
-            ],
-        }
-        for window in plan["windows"]
-    ]
-    hours = [
-        {"start": hour[0]["start"], "end": hour[-1]["end"], "windows": hour}
-        for hour in (windows[i : i + per_hour] for i in range(0, len(windows), per_hour))
-    ]
+    marked = reading.task_slots_between(task_id, start, end) if task_id else set()
+    windows = _windows(plan, _waiting_by_slot(limit.id, start, end), marked, grid.slot_of(now))
     return {
         "now": now,
         "limit": plan["limit"],
@@ -69,8 +62,12 @@ def current_plan(now: datetime | None = None, limit_name: str | None = None) -> 
         "paused": plan["paused"],
         "slot_seconds": grid.slot_seconds,
         "window_slots": grid.window_slots,
-        "hours": hours,
+        "hours": _hours(windows, per_hour),
+        "columns": _column_labels(grid),
         "time_format": _time_format(grid),
+        "tasks": _tasks_between(limit.id, start, end, grid, now),
+        "marked": {"task_id": task_id, "slots": len(marked)},
+        "failures": reading.recent_failures(limit.id, FAILURES_SHOWN),
         "jobs": _upcoming_jobs(),
     }
 
@@ -192,7 +189,55 @@ def _task_slot(row, current: datetime) -> dict:
     }
 
 
-def _cell(slot: dict, rpm: int, pending: int, current: datetime) -> dict:
+def _windows(plan: dict, waiting: dict, marked: set, current: datetime) -> list[dict]:
+    return [
+        {
+            **window,
+            "slots": [
+                _cell(slot, plan["rpm"], waiting.get(slot["start"], 0), current, marked)
+                for slot in window["slots"]
+            ],
+        }
+        for window in plan["windows"]
+    ]
+
+
+def _hours(windows: list[dict], per_hour: int) -> list[dict]:
+    return [
+        {"start": hour[0]["start"], "end": hour[-1]["end"], "windows": hour}
+        for hour in (windows[i : i + per_hour] for i in range(0, len(windows), per_hour))
+    ]
+
+
+def _column_labels(grid: SlotGrid) -> list[str]:
+    """Each column's time from its row's start: minutes, or seconds for shorter slots."""
+    offsets = [i * grid.slot_seconds for i in range(grid.window_slots)]
+    if grid.slot_seconds % 60 == 0:
+        return [f"+{offset // 60}" for offset in offsets]
+    return [f"+{offset}s" for offset in offsets]
+
+
+def _tasks_between(
+    limit_id: int, start: datetime, end: datetime, grid: SlotGrid, now: datetime
+) -> dict:
+    # One more than shown, to tell whether there are more.
+    found = reading.tasks_between(limit_id, start, end, TASKS_SHOWN + 1)
+    shown = found[:TASKS_SHOWN]
+    last = _last_finished(shown)
+    return {
+        "shown": [
+            {
+                "task": task,
+                "progress": progress(task),
+                "finish": finish(task, grid, last.get(task.id), now),
+            }
+            for task in shown
+        ],
+        "more": len(found) > TASKS_SHOWN,
+    }
+
+
+def _cell(slot: dict, rpm: int, pending: int, current: datetime, marked: set) -> dict:
     load = slot["load"]
     return {
         **slot,
@@ -200,6 +245,8 @@ def _cell(slot: dict, rpm: int, pending: int, current: datetime) -> dict:
         "over": load > rpm,
         "shade": min(SHADES, math.ceil(SHADES * load / rpm)),
         "now": slot["start"] == current,
+        "past": slot["start"] < current,
+        "marked": slot["start"] in marked,
     }
 
 

@@ -6,6 +6,7 @@ they fail instead, so a machine without a browser cannot pass them silently.
 """
 
 import os
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -29,6 +30,11 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 BACKGROUND = "return getComputedStyle(document.querySelector(arguments[0])).backgroundColor"
+LOOK = """
+const cell = document.querySelector(arguments[0]), style = getComputedStyle(cell);
+return {image: style.backgroundImage, opacity: style.opacity,
+        load: cell.querySelector('.load').textContent};
+"""
 
 
 @pytest.fixture
@@ -74,6 +80,14 @@ def minute(moment: datetime) -> str:
     return f"{moment:%Y-%m-%dT%H:%M}:00Z"
 
 
+def a_slot_of_the_hour_gone_by() -> datetime:
+    """Now, once the clock hour's first slot has gone by: at most a minute's wait."""
+    now = datetime.now(UTC)
+    if now.minute == 0:
+        time.sleep(61 - now.second)
+    return datetime.now(UTC)
+
+
 def rgb(css: str) -> tuple[int, ...]:
     return tuple(int(part) for part in css[css.index("(") + 1 : -1].split(",")[:3])
 
@@ -114,6 +128,46 @@ def test_the_plan_page_shows_windows_loads_above_rpm_and_now(browser, app, serve
         == "none"
     )
     assert (tmp_path / "plan.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_grid_labels_its_columns_and_draws_past_slots_apart(browser, app, server, tmp_path):
+    now = a_slot_of_the_hour_gone_by()
+    window = now.replace(minute=15, second=0, microsecond=0) + timedelta(hours=1)
+    with app.app_context():
+        shared_settings.change({"RPM": 3})
+        task_id = submit(range(1, 11), name="newsletter")
+        plan_stored_task(task_id, now=window - timedelta(seconds=10))
+        record(window, failing=[2])
+
+    browser.get(server + "/plan")
+    browser.save_screenshot(str(tmp_path / "plan_tasks.png"))
+
+    header = browser.find_elements(By.CSS_SELECTOR, ".hour")[0]
+    columns = header.find_elements(By.CSS_SELECTOR, ".columns .column")
+    assert [column.text for column in columns] == [f"+{m}" for m in range(15)]
+    cells = header.find_elements(By.CSS_SELECTOR, ".window")[0].find_elements(
+        By.CSS_SELECTOR, ".cell"
+    )
+    centres = [
+        (element.location["x"] + element.size["width"] / 2) for element in (*columns, *cells)
+    ]
+    assert centres[:15] == pytest.approx(centres[15:], abs=1.5)  # each label over its column
+    gone = f'.cell[data-slot="{minute(now.replace(minute=0))}"]'
+    ahead = f'.cell[data-slot="{minute(window + timedelta(minutes=30))}"]'
+    looks = {
+        name: browser.execute_script(LOOK, css) for name, css in (("gone", gone), ("ahead", ahead))
+    }
+    assert "past" in browser.find_element(By.CSS_SELECTOR, gone).get_attribute("class")
+    assert looks["gone"]["load"] == looks["ahead"]["load"] == "0"  # both empty
+    assert looks["gone"]["image"].startswith("repeating-linear-gradient"), looks
+    assert looks["ahead"]["image"] == "none", looks
+    assert float(looks["gone"]["opacity"]) < float(looks["ahead"]["opacity"]), looks
+    row = browser.find_element(By.CSS_SELECTOR, f'.tasks tr[data-task="{task_id}"]')
+    assert "done 2 · failed 1 · pending 7 of 10 IDs" in row.text
+    failure = browser.find_element(By.CSS_SELECTOR, ".failures tbody tr")
+    assert "user 2 refused" in failure.text
+    row.find_element(By.CSS_SELECTOR, "a").click()
+    assert browser.current_url == f"{server}/plan/tasks/{task_id}"
 
 
 def test_swagger_ui_renders_from_assets_the_app_serves(browser, server, tmp_path):

@@ -292,3 +292,64 @@ def test_a_task_page_tells_when_a_finished_an_unplanned_and_a_paused_task_ends(r
         f"its limit is paused; its plan ended {window + timedelta(minutes=1):%Y-%m-%d %H:%M:%S}"
         in page
     )
+
+
+def test_the_plan_lists_its_tasks_and_latest_failures_and_marks_a_tasks_slots(rpm3):
+    window = next_hours_window()
+    first = submit(range(1, 11), name="newsletter")
+    plan_stored_task(first, now=window - timedelta(seconds=10))
+    record(window, failing=[2])
+    second = submit([11, 12], name="reminder")
+    plan_stored_task(second, now=window - timedelta(seconds=10))
+    later = submit([13], name="next week")
+    plan_stored_task(later, now=window + timedelta(days=7))
+    client = rpm3.test_client()
+    page = client.get("/plan").text
+    listed = re.findall(r'<tr data-task="(\d+)">\s*<td><a href="/plan/tasks/\d+">', page)
+    assert listed == [str(first), str(second)]  # the third is planned a week ahead
+    assert Bar(page).counts == ["done 2", "failed 1", "pending 7"]
+    finish = window + timedelta(minutes=4)
+    assert f"expected by {finish:%Y-%m-%d %H:%M:%S} UTC" in page
+    failures = re.findall(
+        r'<td><a href="/plan/tasks/(\d+)">\d+ · newsletter</a></td>\s*<td>(\d+)</td>'
+        r'\s*<td>\d+</td>\s*<td class="error">([^<]*)</td>',
+        page,
+    )
+    assert failures == [(str(first), "2", "user 2 refused")]
+    marked = Cells(client.get(f"/plan?task={second}").text)
+    held = sorted(slot for slot, classes in marked.classes.items() if "marked" in classes)
+    # RPM 3: the first task left two free places in its fourth slot.
+    assert held == [iso(window + timedelta(minutes=3))]
+    assert "(1 slot; " in client.get(f"/plan?task={second}").text
+    assert not any("marked" in classes for classes in Cells(page).classes.values())
+    assert client.get("/plan?task=0").status_code == 422
+
+
+def test_the_grid_labels_its_columns_and_draws_past_slots_apart(rpm3):
+    plan = current_plan(now=at("2026-01-05 09:07:20"))
+    assert plan["columns"] == [f"+{m}" for m in range(15)]
+    slots = {
+        slot["start"]: slot
+        for hour in plan["hours"]
+        for w in hour["windows"]
+        for slot in w["slots"]
+    }
+    past = sorted(moment for moment, slot in slots.items() if slot["past"])
+    assert past == [at("2026-01-05 09:00") + timedelta(minutes=m) for m in range(7)]
+    page = rpm3.test_client().get("/plan").text
+    labels = re.findall(r'<span class="column">([^<]*)</span>', page)
+    assert labels == [f"+{m}" for m in range(15)] * 2
+    cells = Cells(page)
+    now = datetime.now(UTC)
+    ahead = iso(now.replace(second=0, microsecond=0) + timedelta(minutes=1))
+    assert "past" not in cells.classes[ahead]
+    gone = [slot for slot, classes in cells.classes.items() if "past" in classes]
+    assert all(slot < iso(now) for slot in gone)
+    assert len(gone) in (now.minute, now.minute - 1) or now.minute == 0
+
+
+def test_short_slots_label_their_columns_in_seconds(make_app):
+    app = make_app(SLOT_SECONDS=2, WINDOW_SLOTS=5)
+    with app.app_context():
+        plan = current_plan(now=at("2026-01-05 09:01:07"))
+    assert plan["columns"] == ["+0s", "+2s", "+4s", "+6s", "+8s"]
