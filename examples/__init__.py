@@ -1,0 +1,1 @@
+"""Files the README's examples use: IDs to submit, and a downstream to call."""
