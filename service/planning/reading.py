@@ -1,7 +1,8 @@
 """Slots: the grid of the deployment's slots and windows, each limit's slot loads, and a
 limit's plan as it is read back, slot by slot, grouped by window. Every limit has slots
 of its own on the same grid. Then what the plan pages read besides: a task's slots and
-failures, the tasks planned into a span, a limit's latest failures."""
+failures, the tasks planned into a span, a limit's latest failures, every limit's load
+now and the end of its backlog."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import defer
 
 from service.core.extensions import db
-from service.core.models import Assignment, AssignmentStatus, IdTask, Slot
+from service.core.models import Assignment, AssignmentStatus, IdTask, Limit, Slot
 from service.limits.settings import shared
 from service.limits.store import named_by_request
 from service.planning.planner import SlotGrid
@@ -218,3 +219,27 @@ def recent_failures(limit_id: int, count: int) -> list:
         .order_by(Assignment.finished_at.desc(), Assignment.task_id.desc(), Assignment.position)
         .limit(count)
     ).all()
+
+
+def limits_by_name() -> list[Limit]:
+    return db.session.scalars(select(Limit).order_by(Limit.name)).all()
+
+
+def loads_at(slot: datetime) -> dict[int, int]:
+    """Each limit's load in the slot starting at `slot`, for the limits that have it."""
+    rows = db.session.execute(select(Slot.limit_id, Slot.load).where(Slot.slot_start == slot))
+    return dict(rows.all())
+
+
+def backlog_ends(limit_ids: list[int]) -> dict[int, datetime]:
+    """The last slot holding pending IDs of each limit that has some."""
+    # One backward probe of the pending IDs' index per limit.
+    rows = db.session.execute(
+        text(
+            "SELECT l.id, (SELECT max(a.slot_start) FROM assignments AS a"
+            "  WHERE a.limit_id = l.id AND a.status = :pending) "
+            "FROM limits AS l WHERE l.id = ANY(:ids)"
+        ),
+        {"ids": limit_ids, "pending": AssignmentStatus.PENDING},
+    )
+    return {limit_id: last for limit_id, last in rows if last is not None}

@@ -1,4 +1,5 @@
-"""The operator's pages in HTML: the plan as a grid of slots, one slot's IDs, one task.
+"""The operator's pages in HTML: the plan as a grid of slots, every limit, one slot's
+IDs, one task.
 
 A plain Flask blueprint, not part of the JSON API: the OpenAPI document describes only
 the API. API_TOKEN guards these pages as it guards the API (a browser sends it as the
@@ -97,6 +98,14 @@ def plan():
     query = parser.parse(PlanQuerySchema(), location="query")
     overview = plan_overview.current_plan(limit_name=query.get("limit"), task_id=query.get("task"))
     return render_template("plan.html", refresh_seconds=REFRESH_SECONDS, **overview)
+
+
+@blp.get("/plan/limits")
+def limits():
+    """Every limit at a glance: RPM, paused or not, the current slot's load, its IDs
+    pending and where its backlog ends."""
+    overview = plan_overview.limits_overview()
+    return render_template("limits.html", refresh_seconds=REFRESH_SECONDS, **overview)
 
 
 @blp.get("/plan/slots/<slot:slot>")

@@ -1,12 +1,12 @@
 """What the plan pages show: the current and the next hour of slots, each slot's load
 against RPM with its outcomes, the tasks planned into them, the latest failures and the
-slot jobs that rq-scheduler holds; one slot's IDs a page at a time; one task's progress,
-slots, finish and failures."""
+slot jobs that rq-scheduler holds; every limit at a glance; one slot's IDs a page at a
+time; one task's progress, slots, finish and failures."""
 
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from redis.exceptions import RedisError
 from sqlalchemy import func, or_, select
@@ -108,6 +108,53 @@ def slot_ids(slot: datetime, page: int, limit_name: str | None = None) -> dict:
         "pages": pages,
         "time_format": _time_format(grid),
     }
+
+
+def limits_overview(now: datetime | None = None) -> dict:
+    """Every limit: its RPM, whether paused, the current slot's load, its IDs pending
+    and where its backlog ends."""
+    now = now or datetime.now(UTC)
+    grid = slot_grid()
+    limits.find(limits.DEFAULT)  # recorded the first time it is needed, as everywhere
+    shown = reading.limits_by_name()
+    ids = [limit.id for limit in shown]
+    current = grid.slot_of(now)
+    loads, counts = reading.loads_at(current), limits.counts(ids)
+    ends = reading.backlog_ends(ids)
+    return {
+        "now": now,
+        "current": current,
+        "time_format": _time_format(grid),
+        "limits": [
+            {
+                "limit": limit,
+                "load": loads.get(limit.id, 0),
+                **counts.get(limit.id, {"pending": 0, "done": 0, "failed": 0}),
+                "backlog": _backlog(ends.get(limit.id), grid, now),
+            }
+            for limit in shown
+        ],
+    }
+
+
+def _backlog(last_slot: datetime | None, grid: SlotGrid, now: datetime) -> dict | None:
+    if last_slot is None:
+        return None
+    end = last_slot + grid.slot_length
+    # A backlog that should have ended: slot jobs lost, workers away, the limit paused.
+    overdue = end < now
+    return {"last_slot": last_slot, "end": end, "left": _in_words(end - now), "overdue": overdue}
+
+
+def _in_words(span: timedelta) -> str:
+    """A span as a person reads it: in 1 h 5 min, in 40 s, 3 min ago."""
+    seconds = round(abs(span.total_seconds()))
+    hours, minutes = seconds // 3600, seconds % 3600 // 60
+    if hours:
+        words = f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    else:
+        words = f"{minutes} min" if minutes else f"{seconds} s"
+    return f"in {words}" if span.total_seconds() >= 0 else f"{words} ago"
 
 
 def task_page(task_id: int, page: int, order: str, now: datetime | None = None) -> dict:

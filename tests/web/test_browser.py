@@ -17,9 +17,10 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from service.limits import settings as shared_settings
+from service.planning.resume import pause
 from service.planning.windows import plan_stored_task
 
-from ..helpers import submit
+from ..helpers import add_limit, set_load, submit
 from ..processes import free_port, start, stop, wait_for_http
 from .test_plan_page import next_hours_window, record
 
@@ -219,3 +220,56 @@ def test_a_task_page_draws_its_progress_and_lists_its_failures(browser, app, ser
     browser.find_element(By.CSS_SELECTOR, f'.chip[data-slot="{minute(window)}"]').click()
     assert browser.current_url == f"{server}/plan/slots/{minute(window)}?limit=default"
     assert (tmp_path / "task.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_limits_page_shows_each_limit_and_links_its_plan(browser, app, server, tmp_path):
+    window = next_hours_window()
+    with app.app_context():
+        shared_settings.change({"RPM": 3})
+        plan_stored_task(submit(range(1, 11)), now=window - timedelta(seconds=10))
+        add_limit("partner", 5)
+        pause("partner")
+        set_load(datetime.now(UTC).replace(second=0, microsecond=0), 2)  # the current slot
+
+    browser.get(server + "/plan/limits")
+    browser.save_screenshot(str(tmp_path / "limits.png"))
+
+    rows = browser.find_elements(By.CSS_SELECTOR, ".limits-table tbody tr")
+    assert [row.get_attribute("data-limit") for row in rows] == ["default", "partner"]
+    cells = [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")] for row in rows]
+    assert [cells[0][i] for i in (0, 1, 2, 4)] == ["default", "3", "running", "10"]
+    assert [cells[1][i] for i in (0, 1, 2, 4)] == ["partner", "5", "paused", "0"]
+    end = window + timedelta(minutes=4)
+    assert cells[0][6].startswith(f"{end:%Y-%m-%d %H:%M:%S} UTC (in ")
+    assert cells[1][6] == "nothing pending in a slot"
+    meter = rows[0].find_element(By.CSS_SELECTOR, ".meter")
+    share = meter.find_element(By.CSS_SELECTOR, ".meter-fill").size["width"] / meter.size["width"]
+    # 2 of RPM 3 in the current slot, unless the minute turned before the page was read.
+    assert (cells[0][3], share) in (
+        ("2 / 3", pytest.approx(2 / 3, abs=0.05)),
+        ("0 / 3", pytest.approx(0, abs=0.05)),
+    )
+    paused = rows[1].find_element(By.CSS_SELECTOR, ".status")
+    red, green, blue = rgb(paused.value_of_css_property("color"))
+    assert red > green + 80 and red > blue + 80  # paused reads as a warning
+    rows[1].find_element(By.LINK_TEXT, "partner").click()
+    assert browser.current_url == f"{server}/plan?limit=partner"
+    assert browser.find_element(By.TAG_NAME, "h1").text == "Plan of the limit partner"
+    assert (tmp_path / "limits.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_an_unknown_limit_answers_a_page_that_says_so(browser, server, tmp_path):
+    browser.get(server + "/plan?limit=nope")
+    browser.save_screenshot(str(tmp_path / "error.png"))
+    status = browser.execute_script(
+        "return performance.getEntriesByType('navigation')[0].responseStatus"
+    )
+    assert status in (404, 422)
+    heading = browser.find_element(By.TAG_NAME, "h1").text
+    assert heading.startswith(str(status))
+    assert (
+        "no limit is named 'nope'" in browser.find_element(By.CSS_SELECTOR, ".error-message").text
+    )
+    assert browser.find_elements(By.TAG_NAME, "pre") == []  # not JSON shown raw
+    browser.find_element(By.LINK_TEXT, "Back to the plan").click()
+    assert browser.find_element(By.TAG_NAME, "h1").text == "Plan of the limit default"

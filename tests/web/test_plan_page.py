@@ -1,5 +1,6 @@
-"""The plan page: two hours of slots as windows of cells, each slot's IDs on a page of
-its own, the slot jobs that rq-scheduler holds."""
+"""The plan pages: two hours of slots as windows of cells with the tasks planned into
+them and the latest failures, each slot's IDs and each task on a page of its own, every
+limit at a glance, the slot jobs that rq-scheduler holds, errors as pages."""
 
 import html
 import re
@@ -15,9 +16,9 @@ from service.limits.store import DEFAULT, SlotOfLimit
 from service.planning.resume import pause
 from service.planning.windows import plan_stored_task
 from service.processors.contract import Failure
-from service.web.plan_overview import current_plan
+from service.web.plan_overview import current_plan, limits_overview
 
-from ..helpers import FIRST_SLOT, PAST, at, limit_id, submit
+from ..helpers import FIRST_SLOT, PAST, add_limit, at, limit_id, set_load, submit
 
 
 class Cells(HTMLParser):
@@ -252,6 +253,7 @@ def test_a_task_page_shows_progress_slots_finish_and_failures(rpm3):
     assert sorted(cells.links) == [iso(window + timedelta(minutes=m)) for m in range(4)]
     assert cells.links[iso(window)] == f"/plan/slots/{iso(window)}?limit=default"
     assert "4 slots;" in page.text
+    assert f'href="/plan?limit=default&amp;task={task_id}">Its slots marked' in page.text
     rows = re.findall(
         r"<td>(\d+)</td>\s*<td>(\d+)</td>\s*<td>(\d+)</td>\s*<td class=\"error\">([^<]*)</td>",
         page.text,
@@ -353,3 +355,72 @@ def test_short_slots_label_their_columns_in_seconds(make_app):
     with app.app_context():
         plan = current_plan(now=at("2026-01-05 09:01:07"))
     assert plan["columns"] == ["+0s", "+2s", "+4s", "+6s", "+8s"]
+
+
+class Rows(HTMLParser):
+    """The text of each cell of the rows that carry `data-<key>`, by that value."""
+
+    def __init__(self, html: str, key: str):
+        super().__init__()
+        self.rows, self._key, self._row, self._cell = {}, f"data-{key}", None, None
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "tr":
+            self._row = attrs.get(self._key)
+            if self._row:
+                self.rows[self._row] = []
+        elif tag == "td" and self._row:
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._row and self._cell is not None:
+            self.rows[self._row].append(" ".join(" ".join(self._cell).split()))
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def test_the_limits_page_shows_every_limits_load_pending_ids_and_backlog(rpm3):
+    window = next_hours_window()
+    task_id = submit(range(1, 11))
+    plan_stored_task(task_id, now=window - timedelta(seconds=10))
+    record(window, failing=[2])
+    add_limit("partner", 5)
+    pause("partner")
+    now = datetime.now(UTC)
+    set_load(now.replace(second=0, microsecond=0), 2)  # the current slot of the default
+    page = rpm3.test_client().get("/plan/limits")
+    assert (page.status_code, page.mimetype) == (200, "text/html")
+    rows = Rows(page.text, "limit").rows
+    assert list(rows) == ["default", "partner"]
+    name, rpm, state, load, pending, failed, backlog = rows["default"]
+    assert (name, rpm, state, pending, failed) == ("default", "3", "running", "7", "1")
+    assert load in ("2 / 3", "0 / 3")  # 0 once the minute turned
+    end = window + timedelta(minutes=4)
+    assert backlog.startswith(f"{end:%Y-%m-%d %H:%M:%S} UTC (in ")
+    assert (
+        f"its last slot with pending IDs: {window + timedelta(minutes=3):%Y-%m-%d %H:%M}" in backlog
+    )
+    assert rows["partner"][:6] == ["partner", "5", "paused", "0 / 5", "0", "0"]
+    assert rows["partner"][6] == "nothing pending in a slot"
+    assert 'href="/plan?limit=partner">partner</a>' in page.text
+    assert 'href="/plan/limits">every limit at a glance</a>' in rpm3.test_client().get("/plan").text
+
+
+def test_a_backlog_ends_in_words_ahead_or_behind(rpm3):
+    window = next_hours_window()
+    plan_stored_task(submit(range(1, 4)), now=window - timedelta(seconds=10))
+    ahead = limits_overview(now=window - timedelta(hours=1, seconds=20))["limits"][0]["backlog"]
+    assert (ahead["end"], ahead["left"], ahead["overdue"]) == (
+        window + timedelta(minutes=1),
+        "in 1 h 1 min",
+        False,
+    )
+    behind = limits_overview(now=window + timedelta(minutes=4))["limits"][0]["backlog"]
+    assert (behind["left"], behind["overdue"]) == ("3 min ago", True)
+    soon = limits_overview(now=window + timedelta(seconds=20))["limits"][0]["backlog"]
+    assert soon["left"] == "in 40 s"
