@@ -78,7 +78,7 @@ class TaskPageQuerySchema(Schema):
 
     page = fields.Integer(load_default=1, validate=Range(min=1))
     order = fields.String(
-        load_default=plan_overview.FAILURE_ORDERS[0],
+        load_default=plan_overview.NEWEST,
         validate=OneOf(plan_overview.FAILURE_ORDERS),
     )
 

@@ -36,7 +36,8 @@ FAILURES_SHOWN = 20
 # A task of a million IDs uses thousands of slots; its page lists the first ones.
 TASK_SLOTS_SHOWN = 120
 # A task's failures, the latest first, or in the order of the task's IDs.
-FAILURE_ORDERS = ("newest", "position")
+NEWEST = "newest"
+FAILURE_ORDERS = (NEWEST, "position")
 
 
 def current_plan(
@@ -176,9 +177,7 @@ def task_page(task_id: int, page: int, order: str, now: datetime | None = None) 
         "finish": finish(task, grid, _last_finished([task]).get(task.id), now),
         "slots": [_task_slot(slot, grid.slot_of(now)) for slot in slots],
         "slot_count": slot_count,
-        "failures": reading.task_failures(
-            task.id, offset, FAILURES_PER_PAGE, order == FAILURE_ORDERS[0]
-        ),
+        "failures": reading.task_failures(task.id, offset, FAILURES_PER_PAGE, order == NEWEST),
         "first": offset + 1,
         "page": page,
         "pages": pages,
@@ -208,6 +207,8 @@ def progress(task: IdTask) -> dict:
 def finish(task: IdTask, grid: SlotGrid, last_finished: datetime | None, now: datetime) -> dict:
     """When a task ends: the end of its last slot while any of its IDs waits (which a
     paused limit or a slot run late pushes back), else when its last ID finished."""
+    if task.status == TaskStatus.CANCELLED:
+        return {"state": "cancelled", "at": last_finished}
     if not task.pending:
         return {"state": "finished", "at": last_finished}
     if task.last_slot is None:

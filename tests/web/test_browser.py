@@ -169,6 +169,14 @@ def test_the_grid_labels_its_columns_and_draws_past_slots_apart(browser, app, se
     assert "user 2 refused" in failure.text
     row.find_element(By.CSS_SELECTOR, "a").click()
     assert browser.current_url == f"{server}/plan/tasks/{task_id}"
+    browser.find_element(By.CSS_SELECTOR, "a.on-the-plan").click()
+    browser.save_screenshot(str(tmp_path / "plan_marked.png"))
+    marked = browser.find_elements(By.CSS_SELECTOR, ".cell.marked")
+    slots = [minute(window + timedelta(minutes=m)) for m in range(4)]
+    assert [cell.get_attribute("data-slot") for cell in marked] == slots
+    assert "inset" in marked[0].value_of_css_property("box-shadow")
+    unmarked = browser.find_element(By.CSS_SELECTOR, ahead)
+    assert unmarked.value_of_css_property("box-shadow") == "none"
 
 
 def test_swagger_ui_renders_from_assets_the_app_serves(browser, server, tmp_path):

@@ -294,6 +294,10 @@ def test_a_task_page_tells_when_a_finished_an_unplanned_and_a_paused_task_ends(r
         f"its limit is paused; its plan ended {window + timedelta(minutes=1):%Y-%m-%d %H:%M:%S}"
         in page
     )
+    assert client.delete(f"/celery_ids_tasks/{waiting}/").status_code == 204
+    page = client.get(f"/plan/tasks/{waiting}").text
+    assert "cancelled before any of its IDs ran" in page
+    assert Bar(page).parts == {"cancelled": ("1", 100.0)}
 
 
 def test_the_plan_lists_its_tasks_and_latest_failures_and_marks_a_tasks_slots(rpm3):
