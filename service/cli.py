@@ -239,8 +239,11 @@ def tasks_submit(source, task_name: str, overflow: str, limit_name: str) -> None
             ids = stream_ids(_Progress(source, bar))
             task = submit_task(task_name, ids, overflow, limit=_limit_named(limit_name).name)
         except InvalidIds as invalid:
-            for message in invalid.errors.values():
-                click.echo(message, err=True)
+            for bad in invalid.listed:
+                click.echo(str(bad), err=True)
+            if invalid.invalid > len(invalid.listed):
+                click.echo(f"and {invalid.invalid - len(invalid.listed)} more", err=True)
+            click.echo(str(invalid), err=True)
             raise click.exceptions.Exit(1) from None
     click.echo(
         f"task {task.id}: {task.total} IDs ({task.duplicates} duplicates dropped), "

@@ -7,7 +7,9 @@ What a client sends that no document can state, it sends as a client would:
 - the name of a limit that exists, and a processor that can be imported with options it
   takes: which limits and modules exist is the deployment's, not the document's;
 - a start (`not_before`) at most a year ahead: the document can state its years, not how
-  far ahead of the day of the request it may be.
+  far ahead of the day of the request it may be;
+- with `header=true`, a text body whose first line is a header: the document states the
+  body and the query, not that the one changes what the other may hold.
 
 Only well-formed values are replaced; a malformed one is left as drawn, to be refused.
 """
@@ -64,6 +66,18 @@ def _as_a_client_would(fields) -> None:
         fields["not_before"] = (datetime.now(UTC) + timedelta(days=1)).isoformat()
 
 
+# A first line without a digit: the server takes it for a header with or without header=true.
+HEADER_LINE = re.compile(r"\ufeff?[^0-9\n]*[^0-9\n, \t\r\f\v][^0-9\n]*\n")
+
+
+def _with_a_header_line(case) -> None:
+    said = (case.query or {}).get("header") in (True, "true")
+    if not said or not isinstance(case.body, str) or HEADER_LINE.match(case.body):
+        return
+    mark = "\ufeff" if case.body.startswith("\ufeff") else ""
+    case.body = f"{mark}user_id\n{case.body.removeprefix(mark)}"
+
+
 @schemathesis.hook
 def before_call(context, case, kwargs):
     key = (case.headers or {}).get(HEADER)
@@ -71,3 +85,4 @@ def before_call(context, case, kwargs):
         case.headers[HEADER] = uuid.uuid4().hex
     _as_a_client_would(case.body)
     _as_a_client_would(case.query)
+    _with_a_header_line(case)

@@ -12,15 +12,19 @@ from webargs.flaskparser import FlaskParser
 from werkzeug.exceptions import BadRequest, HTTPException, UnsupportedMediaType
 from werkzeug.http import quote_etag
 
+from service.web import errors
+from service.web.schemas import ErrorSchema
+
 
 class ServiceApi(Api):
-    """Api whose errors always carry a message and the headers werkzeug gives them (a 405's
-    `Allow`, for one)."""
+    """Api whose errors all have one shape (service/web/errors.py: `errors` keyed by field,
+    a `message` in words) and the headers werkzeug gives them (a 405's `Allow`, for one)."""
+
+    ERROR_SCHEMA = ErrorSchema
 
     def handle_http_exception(self, error: HTTPException):
         payload, code, headers = super().handle_http_exception(error)
-        if "message" not in payload and error.description:
-            payload["message"] = error.description
+        errors.shape(payload, error)
         own = {name: value for name, value in error.get_headers() if name != "Content-Type"}
         return payload, code, {**own, **(headers or {})}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from flask import request
 from psycopg.errors import DeadlockDetected, SerializationFailure
 from redis.exceptions import RedisError, ResponseError
 from rq.exceptions import NoSuchJobError
@@ -13,6 +14,7 @@ from werkzeug.exceptions import (
     BadRequest,
     Conflict,
     HTTPException,
+    MethodNotAllowed,
     NotFound,
     RequestEntityTooLarge,
     ServiceUnavailable,
@@ -21,7 +23,7 @@ from werkzeug.exceptions import (
 
 from service.core import errors as domain
 from service.core.outages import is_outage
-from service.tasks.ids import InvalidIds
+from service.tasks.ids import InvalidIds, how_many_invalid
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +75,10 @@ def init_app(app, api) -> None:
         return api.handle_http_exception(with_errors(response, {}, headers={"Retry-After": "1"}))
 
     def invalid_ids(error: InvalidIds):
-        # Raised while a text body streams into the database, after parsing began.
-        return api.handle_http_exception(
-            with_errors(
-                UnprocessableEntity("some IDs in the body are invalid"),
-                {"body": {str(index): [message] for index, message in error.errors.items()}},
-            )
-        )
+        # Raised while a text body streams into the database, after parsing began; the
+        # answer is the one a JSON list of the same IDs gets.
+        errors = {"ids": error.details()}
+        return api.handle_http_exception(with_errors(UnprocessableEntity(summary(errors)), errors))
 
     def dashboard_refusal(error: Exception):
         # rq-dashboard lets a wrong instance number, job id or page size raise (the last
@@ -115,6 +114,82 @@ def _retry_reason(error: DBAPIError) -> str | None:
     if is_outage(error):
         return "the connection to the database was lost or could not be made; retry"
     return None
+
+
+def shape(payload: dict, error: HTTPException) -> None:
+    """Complete flask-smorest's answer to `error` in the one shape of every error.
+
+    webargs keys the errors of a refused request by where each field was read ("json",
+    "query") and then by field; a domain error keys them by field alone. The answer keys
+    them by field alone, whatever the location: a client reads errors.task_name
+    whether the name came in the body or in the query. `message` says what is wrong in
+    words, never the status's generic sentence.
+    """
+    data = getattr(error, "data", None) or {}
+    if "errors" not in data and isinstance(data.get("messages"), dict):
+        payload["errors"] = by_field(data["messages"])
+    if "message" not in payload:
+        errors = payload.get("errors")
+        payload["message"] = summary(errors) if errors else _in_words(error)
+
+
+def _in_words(error: HTTPException) -> str:
+    """The error's description, unless it is only werkzeug's sentence for its status."""
+    said = _SAID_INSTEAD.get(type(error))
+    if said is None or error.description != type(error).description:
+        return error.description or error.name
+    return said(error)
+
+
+# What the router and the request's size limit mean, for the request at hand.
+_SAID_INSTEAD = {
+    NotFound: lambda error: f"there is nothing at {request.path}",
+    MethodNotAllowed: lambda error: (
+        f"{request.method} is not allowed at {request.path}; "
+        f"it takes {', '.join(sorted(error.valid_methods or ()))}"
+    ),
+    RequestEntityTooLarge: lambda error: (
+        f"the body is larger than the {request.max_content_length} bytes this request may have"
+    ),
+}
+
+
+# marshmallow's key for an error of the whole body or query rather than of one field.
+WHOLE = "_schema"
+
+
+def by_field(messages: dict) -> dict:
+    """webargs' errors by location, then field: by field alone."""
+    errors: dict = {}
+    for problems in messages.values():
+        if isinstance(problems, dict):
+            errors.update(problems)
+        else:
+            errors.setdefault(WHOLE, []).extend(problems)
+    return errors
+
+
+def summary(errors: dict) -> str:
+    """What is wrong, in words: each field and its problem, or how many IDs are bad."""
+    return "; ".join(_problem(str(field), problem) for field, problem in errors.items())
+
+
+def _problem(field: str, problem) -> str:
+    if isinstance(problem, dict) and "listed" in problem:
+        return _bad_ids(field, problem)
+    if isinstance(problem, dict):
+        return "; ".join(_problem(f"{field}.{key}", inner) for key, inner in problem.items())
+    words = " ".join(map(str, problem)) if isinstance(problem, list) else str(problem)
+    return words if field == WHOLE else f"{field}: {words}"
+
+
+def _bad_ids(field: str, details: dict) -> str:
+    """The sentence for InvalidIds.details(): how many, and where they are listed."""
+    invalid, listed = details["invalid"], len(details["listed"])
+    counted = how_many_invalid(invalid, details["submitted"])
+    if invalid > listed:
+        return f"{counted}: the first {listed} are listed in errors.{field}"
+    return f"{counted}: see errors.{field}"
 
 
 def with_errors(error: HTTPException, errors: dict, headers: dict | None = None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from flask import g, url_for
-from flask_smorest.error_handler import ErrorSchema
+from flask_smorest import error_handler
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, missing, validates_schema
 from marshmallow.validate import Length, OneOf, Range, Regexp
 
@@ -13,7 +13,10 @@ from service.core.models import AssignmentStatus, Overflow, TaskStatus
 from service.limits.store import DEFAULT, DEFAULT_PROCESSOR
 from service.tasks.ids import (
     IDS_TEXT_PATTERN,
+    MAX_HEADER_BYTES,
     MAX_ID,
+    MAX_REPORTED_ERRORS,
+    SHOWN_CHARS,
     InvalidIds,
     id_from_json,
     parse_json_ids,
@@ -129,7 +132,7 @@ class _JsonBoolean(fields.Boolean):
 
 
 class _IdList(fields.Field):
-    """A JSON list of user IDs; errors are keyed by the index of each bad one."""
+    """A JSON list of user IDs; each bad one is named by its index."""
 
     def __init__(self, **kwargs):
         metadata = {"type": "array", "items": ID_RANGE, "minItems": 1, **kwargs.pop("metadata")}
@@ -141,7 +144,7 @@ class _IdList(fields.Field):
         try:
             return parse_json_ids(value)
         except InvalidIds as exc:
-            raise ValidationError({str(i): [m] for i, m in exc.errors.items()}) from None
+            raise ValidationError(exc.details()) from None
 
 
 class _Payload(fields.String):
@@ -156,7 +159,7 @@ class _Payload(fields.String):
         try:
             return parse_payload(text)
         except InvalidIds as exc:
-            raise ValidationError(list(exc.errors.values())) from None
+            raise ValidationError(exc.details()) from None
 
 
 def moment(description: str, **kwargs) -> fields.AwareDateTime:
@@ -350,9 +353,20 @@ class TaskSchema(TaskSummarySchema):
     )
 
 
+def _header_skipped() -> fields.String:
+    return fields.String(
+        allow_none=True,
+        metadata={
+            "description": f"the first line of a text body, skipped as a header (its first "
+            f"{SHOWN_CHARS} characters); null when none was"
+        },
+    )
+
+
 class TaskAcceptedSchema(TaskSchema):
     message = fields.Constant("Task added to queue")
     task_id = fields.Function(lambda task: task.id, metadata={"type": "integer"})
+    header_skipped = _header_skipped()
 
 
 # The name of a task sent as a text body without one.
@@ -372,6 +386,13 @@ class TaskIdSchema(Schema):
 OVERFLOW_DESCRIPTION = (
     "where the IDs beyond RPM go: spread over the window, or deferred to the next windows "
     f"(default: {Overflow.SPREAD.value!r})"
+)
+
+
+HEADER_DESCRIPTION = (
+    "true: the body's first line is a header, skipped whatever it holds; without it, a "
+    f"first line with no digit (of up to {MAX_HEADER_BYTES} bytes) is taken for one and "
+    "skipped too. Either way the answer's header_skipped names it (default: false)"
 )
 
 
@@ -396,6 +417,13 @@ class TextSubmitQuerySchema(Schema):
     )
     not_before = _not_before(_with_a_text_body(NOT_BEFORE_DESCRIPTION))
     limit = _naming_a_limit(_with_a_text_body(PLANNED_UNDER))
+    # true and false only, as the OpenAPI document's boolean says.
+    header = fields.Boolean(
+        load_default=False,
+        truthy={"true"},
+        falsy={"false"},
+        metadata={"description": _with_a_text_body(HEADER_DESCRIPTION)},
+    )
 
 
 ID_STATUSES = ("received", *AssignmentStatus)
@@ -472,6 +500,22 @@ class ReadinessSchema(Schema):
     )
 
 
+class ErrorSchema(error_handler.ErrorSchema):
+    """Every error answer of the API: flask-smorest's shape, its fields said for a client."""
+
+    message = fields.String(metadata={"description": "what is wrong, in words"})
+    errors = fields.Dict(
+        keys=fields.String(),
+        metadata={
+            "description": "what was wrong, by the field the client sent, whether in the body "
+            "or in the query (`_schema`: the body or the query as a whole); bad IDs under "
+            "`ids` (or `payload`) as `invalid` (how many), `submitted` (of how many) and "
+            f"`listed` (the first {MAX_REPORTED_ERRORS}, in order: `index` in a JSON list, "
+            "0-based, or `line` and `column` in text, 1-based; `token`; `reason`)"
+        },
+    )
+
+
 class NotReadySchema(ErrorSchema):
     errors = fields.Dict(
         keys=fields.String(),
@@ -503,6 +547,7 @@ class PreviewSchema(Schema):
     slots = fields.List(
         fields.Nested(PreviewSlotSchema), metadata={"description": "the slots it would use"}
     )
+    header_skipped = _header_skipped()
 
 
 class LimitSchema(Schema):

@@ -13,6 +13,7 @@ from service.core.extensions import db, get_redis
 from service.jobs import PLANNING_QUEUE
 from service.limits import store as limits
 from service.planning.windows import plan_stored_task
+from service.tasks.ids import BELOW_ONE, NOT_A_NUMBER
 
 from ..helpers import PAST, add_limit, slots_by_id, submit
 from ..processes import ROOT
@@ -68,6 +69,18 @@ def test_tasks_submit_refuses_a_file_with_bad_ids(app, runner, tmp_path):
     assert "'three'" in result.output
     with app.app_context():
         assert db.session.execute(text("SELECT count(*) FROM id_tasks")).scalar() == 0
+
+
+def test_tasks_submit_names_each_bad_id_by_line_and_column_as_the_api_does(app, runner, tmp_path):
+    source = tmp_path / "ids.csv"
+    source.write_text("1,2,3\n4,5a,6\n" + "\n".join(f"-{n}" for n in range(1, 31)))
+    result = runner.invoke(args=["tasks", "submit", str(source), "--name", "bad"])
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert f"line 2, column 3, '5a': {NOT_A_NUMBER}" in lines
+    assert f"line 3, column 1, '-1': {BELOW_ONE}" in lines
+    assert "and 11 more" in lines
+    assert lines[-1] == "31 of the 36 IDs are invalid"
 
 
 def test_tasks_submit_reads_standard_input(app, runner):

@@ -76,12 +76,12 @@ def test_a_bad_start_is_refused(client, not_before, clue):
     body = {"task_name": "t", "ids": [1], "not_before": not_before.format(far=far)}
     answer = client.post(TASKS, json=body)
     assert answer.status_code == 422
-    assert clue in str(answer.json["errors"]["json"]["not_before"])
+    assert clue in str(answer.json["errors"]["not_before"])
     query = client.post(
         TASKS, query_string={"not_before": body["not_before"]}, data="1", content_type="text/csv"
     )
     assert query.status_code == 422
-    assert query.json["errors"]["query"] == answer.json["errors"]["json"]
+    assert query.json["errors"] == answer.json["errors"]
     assert client.get(TASKS).json == []
 
 

@@ -103,10 +103,54 @@ def test_a_text_body_documents_every_field_of_its_query_once(client, path):
     json_fields = spec["components"]["schemas"]["TaskSubmit"]["properties"]
     for parameter in query_parameters(spec, path):
         assert parameter["description"].startswith("with a text body"), parameter
-        same = json_fields[parameter["name"]]
+        # A header line is a text body's own: a JSON body has no field of that name.
+        same = json_fields.get(parameter["name"], TEXT_ONLY.get(parameter["name"]))
         assert {rule: parameter["schema"].get(rule) for rule in RULES} == {
             rule: same.get(rule) for rule in RULES
         }
+
+
+# The query parameters of a text body that no JSON field shares, as documented.
+TEXT_ONLY = {"header": {"type": "boolean"}}
+
+
+@pytest.mark.parametrize(("path", "answer"), [(TASKS, "TaskAccepted"), (SUBMISSIONS[1], "Preview")])
+def test_a_skipped_header_is_documented_in_the_query_and_the_answer(client, path, answer):
+    spec = document(client)
+    (header,) = [p for p in query_parameters(spec, path) if p["name"] == "header"]
+    assert (header["schema"]["type"], header["schema"]["default"]) == ("boolean", False)
+    assert "first line" in header["description"]
+    skipped = spec["components"]["schemas"][answer]["properties"]["header_skipped"]
+    assert (skipped["type"], skipped["nullable"]) == ("string", True)
+
+
+@pytest.mark.parametrize(
+    ("body", "kept_to"),
+    [
+        ("1,2\n3", True),
+        ("user_id\n1\n2", True),
+        ("\ufeffuser_id\r\n1\r\n2\r\n", True),
+        ("user_id\n", False),
+        ("user1\n1", False),
+        ("user_id\nname\n1", False),
+        ("1\n5a", False),
+    ],
+)
+def test_the_text_body_pattern_admits_a_header_line_without_digits(client, body, kept_to):
+    spec = document(client)
+    content = spec["paths"][TASKS]["post"]["requestBody"]["content"]
+    for media_type in ("text/csv", "text/plain"):
+        pattern = content[media_type]["schema"]["pattern"]
+        assert (re.search(pattern, body) is not None) == kept_to, (media_type, body)
+        answer = client.post(TASKS, data=body.encode(), content_type=media_type)
+        assert (answer.status_code == 202) == kept_to, answer.json
+
+
+def test_the_error_answer_documents_its_fields(client):
+    error = document(client)["components"]["schemas"]["Error"]["properties"]
+    assert set(error) == {"code", "status", "message", "errors"}
+    assert "by the field the client sent" in error["errors"]["description"]
+    assert "`line` and `column`" in error["errors"]["description"]
 
 
 def test_a_text_body_documents_the_limit_it_is_planned_under(client):

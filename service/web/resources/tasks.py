@@ -6,7 +6,7 @@ from flask.views import MethodView
 from service.planning import preview
 from service.tasks import services as tasks
 from service.tasks import store as task_store
-from service.tasks.ids import IDS_TEXT_PATTERN, stream_ids
+from service.tasks.ids import IDS_BODY_PATTERN, stream_ids
 from service.web.base import ServiceBlueprint, page_window, require_content_type
 from service.web.idempotency import OPENAPI_PARAMETER, OPENAPI_RESPONSE_HEADERS, idempotent
 from service.web.schemas import (
@@ -28,7 +28,7 @@ TEXT_TYPES = ("text/csv", "text/plain")
 TEXT_BYTES_PER_ID = 21
 
 TEXT_BODY = {
-    "schema": {"type": "string", "pattern": IDS_TEXT_PATTERN, "example": "1,2,3\n4 5 6"},
+    "schema": {"type": "string", "pattern": IDS_BODY_PATTERN, "example": "1,2,3\n4 5 6"},
 }
 SUBMISSION_DOC = {
     "requestBody": {
@@ -71,9 +71,28 @@ def _submission() -> dict:
     parser = blp.ARGUMENTS_PARSER
     # The query is checked whatever the body, so that no malformed request goes through.
     fields = parser.parse(TextSubmitQuerySchema(), location="query")
+    # Without header=true a first line holding no digit is still taken for a header: it
+    # could not be IDs anyway.
+    header = fields.pop("header") or None
     if request.mimetype in TEXT_TYPES:
-        return {**fields, "ids": stream_ids(request.stream)}
+        return {**fields, "ids": stream_ids(request.stream, header=header)}
     return _changes(parser.parse(TaskSubmitSchema(), location="json"))
+
+
+def _header_skipped(ids) -> str | None:
+    """The header line a text body began with, once its IDs are read; None for JSON."""
+    return getattr(ids, "header_skipped", None)
+
+
+class _Accepted:
+    """A task as the answer to its submission shows it: with the header skipped."""
+
+    def __init__(self, task, header_skipped: str | None):
+        self._task = task
+        self.header_skipped = header_skipped
+
+    def __getattr__(self, name):
+        return getattr(self._task, name)
 
 
 def _takes_a_submission(operation_id: str, *more_parameters):
@@ -109,7 +128,8 @@ class Tasks(MethodView):
     @blp.alt_response(409, response="DEFAULT_ERROR")
     def post(self):
         """Submit IDs as JSON, or as a text/csv body; planning runs on a worker"""
-        return tasks.submit_task(**_submission())
+        fields = _submission()
+        return _Accepted(tasks.submit_task(**fields), _header_skipped(fields["ids"]))
 
 
 @blp.route("/preview")
@@ -120,7 +140,8 @@ class TaskPreview(MethodView):
         """Where the IDs of a task would land if it were submitted now; stores nothing"""
         fields = _submission()
         del fields["task_name"]  # a preview names nothing
-        return preview.preview_plan(**fields)
+        plan = preview.preview_plan(**fields)
+        return {**plan, "header_skipped": _header_skipped(fields["ids"])}
 
 
 @blp.route("/<id:task_id>/")
