@@ -88,11 +88,11 @@ def stack(tmp_path):
     # Slots open only 30 s ahead: nothing the examples submit runs while they read and
     # change it, as when a person types them.
     env.update(VAR_DIR=str(tmp_path), PORT=str(port), PLAN_LEAD_SECONDS="30")
+    calls = (tmp_path / "downstream.log").open("w")  # a file: a pipe nobody reads fills
     downstream = subprocess.Popen(
         [sys.executable, "-m", "examples.downstream", "--port", str(downstream_port)],
         cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
+        stdout=calls,
     )
     make = subprocess.Popen(["make", "--no-print-directory", "run"], cwd=ROOT, env=env)
     try:
@@ -108,6 +108,7 @@ def stack(tmp_path):
         make.wait(60)
         downstream.terminate()
         downstream.wait(10)
+        calls.close()
 
 
 def test_the_readme_blocks_run_as_written_and_answer_what_it_says(stack):
