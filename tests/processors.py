@@ -81,3 +81,13 @@ def note_call_end(user_id, key):
     """A per-ID call of a tenth of a second, noting when it ended."""
     time.sleep(0.1)
     call_ends[user_id] = time.time()
+
+
+def fail_at_length(user_ids):
+    """A downstream that answers every ID with a page of text."""
+    return {user_id: "x" * 10_000 for user_id in user_ids}
+
+
+def answer_a_list(user_ids):
+    """A group processor with a bug: it answers a list, not a mapping of failures."""
+    return list(user_ids)

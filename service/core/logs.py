@@ -44,9 +44,16 @@ class TextFormatter(logging.Formatter):
         super().__init__(TEXT_LAYOUT)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
+        # A message may carry what a client sent (a path): a line feed in it would start a
+        # line that looks like the service's own.
+        record.message = _escaped(record.message)
         line = super().formatMessage(record)
         pairs = (f"{name}={_text_value(value)}" for name, value in fields_of(record).items())
         return " ".join((line, *pairs))
+
+
+def _escaped(text: str) -> str:
+    return "".join(char if char.isprintable() else json.dumps(char)[1:-1] for char in text)
 
 
 def _text_value(value) -> str:

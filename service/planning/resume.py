@@ -45,9 +45,9 @@ def resume(name: str, now: datetime | None = None) -> int:
 
 
 def replace_limit(name: str, fields: dict) -> dict:
-    """PUT: the fields not given take their defaults; a limit put without `paused` runs."""
-    defaults = {"processor": limits.DEFAULT_PROCESSOR, "options": {}, "paused": False}
-    return update_limit(name, {**defaults, **fields})
+    """PUT: every writable field given (the schema requires them): nothing is reset to a
+    default because a client left it out."""
+    return update_limit(name, fields)
 
 
 def update_limit(name: str, changes: dict, now: datetime | None = None) -> dict:

@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections import Counter
+from urllib.parse import urlsplit
 
 import httpx
 from flask import current_app
@@ -84,6 +85,7 @@ def http_request(user_id: int, key: str, options: dict) -> Failure | None:
     if not template:  # a default limit recorded from settings that set no URL
         return Failure("the limit's options name no url", retry=False)
     url = template.replace("{id}", str(user_id))
+    shown = _without_query(url)
     timeout = options["timeout"]
     try:
         with _client(timeout).stream(
@@ -91,13 +93,18 @@ def http_request(user_id: int, key: str, options: dict) -> Failure | None:
         ) as answer:
             _read_briefly(answer, time.monotonic() + (HTTP_CALL_PHASES - 1) * timeout)
     except httpx.TimeoutException:
-        return Failure(f"timed out calling {url}")
+        return Failure(f"timed out calling {shown}")
     except httpx.HTTPError as exc:
-        return Failure(f"{type(exc).__name__} calling {url}: {exc}")
+        return Failure(f"{type(exc).__name__} calling {shown}: {exc}")
     if answer.is_success:
         return None
     retry = answer.status_code in RETRYABLE_HTTP or answer.status_code >= 500
-    return Failure(f"HTTP {answer.status_code} from {url}", retry=retry)
+    return Failure(f"HTTP {answer.status_code} from {shown}", retry=retry)
+
+
+def _without_query(url: str) -> str:
+    """A URL as an error text names it: a query string may carry a client's token."""
+    return urlsplit(url)._replace(query="", fragment="").geturl()
 
 
 # Each waits at most `timeout`: connecting, sending, the answer's first byte, its last.

@@ -71,6 +71,18 @@ def takes(processor: Callable, parameter: str) -> bool:
     return parameter in inspect.signature(processor).parameters
 
 
+# A stored error text holds at most this many characters: a downstream's answer may be a
+# page long, and every ID of a task keeps its own.
+MAX_ERROR_CHARS = 500
+
+
+def bounded(message: str) -> str:
+    """The message as it is stored: cut to MAX_ERROR_CHARS, saying so with an ellipsis."""
+    if len(message) <= MAX_ERROR_CHARS:
+        return message
+    return message[: MAX_ERROR_CHARS - 1] + "…"
+
+
 def as_failure(verdict) -> Failure | None:
     """A processor's answer for one ID as a Failure, or None when it succeeded."""
     if verdict is None or isinstance(verdict, Failure):

@@ -596,5 +596,12 @@ class LimitUpdateSchema(Schema):
     )
 
 
+class LimitReplaceSchema(LimitUpdateSchema):
+    """PUT: every writable field, so that one a client leaves out is refused, not reset."""
+
+    def on_bind_field(self, field_name, field_obj):
+        field_obj.required = True
+
+
 class LimitCreateSchema(LimitUpdateSchema):
     name = limit_name("the limit's key", required=True)

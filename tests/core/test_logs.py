@@ -140,3 +140,12 @@ def test_a_slot_job_stopped_before_its_slot_logs_no_negative_lateness(rpm3, capl
     assert (run.claimed, run.lateness_seconds, run.stopped_before_start) == (0, 0.0, True)
     assert "stopped before its start" in record.getMessage()
     assert "-" not in f"{record.fields['lateness_seconds']}"
+
+
+def test_a_message_cannot_forge_a_log_line_in_the_text_format():
+    # A path from a client, with a line feed in it, as the request log writes it.
+    forged = "GET /users/\nINFO service.requests: GET /admin 200"
+    record = logging.LogRecord("service.requests", logging.INFO, __file__, 1, forged, (), None)
+    line = TextFormatter().format(record)
+    assert "\n" not in line and "\r" not in line
+    assert "/users/\\nINFO service.requests" in line

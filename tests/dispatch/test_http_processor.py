@@ -182,3 +182,19 @@ def test_a_claim_outlives_the_longest_call_of_its_processor(app):
         assert claim_life(http_request, {"timeout": 1.0}) == timedelta(seconds=300)
         # Four phases of 100 s each, the claim taken a second ahead, and a margin.
         assert claim_life(http_request, {"timeout": 100.0}) == timedelta(seconds=406)
+
+
+def test_a_stored_error_names_the_url_without_its_query(make_app):
+    record = Record(answers={5: 404})
+    with Server(record) as url:
+        app = http_app(make_app, url + "?token=s3cret&x=1", PACING=False, MAX_ATTEMPTS=1)
+        with app.app_context():
+            task_id = submit([5])
+            plan_stored_task(task_id, now=PAST)
+            run_slot(DEFAULT, at("2026-01-05 09:00"))
+            error = db.session.execute(
+                text("SELECT error FROM assignments WHERE task_id = :t"), {"t": task_id}
+            ).scalar()
+    assert "calling http://127.0.0.1:" in error or "from http://127.0.0.1:" in error
+    assert "/users/5" in error
+    assert "s3cret" not in error and "?" not in error

@@ -19,7 +19,7 @@ from service.planning.reading import slot_grid
 from service.planning.retries import plan_retries
 from service.planning.windows import plan_stored_task
 from service.processors.builtin import record_user
-from service.processors.contract import Failure
+from service.processors.contract import MAX_ERROR_CHARS, Failure
 
 from ..helpers import (
     FIRST_SLOT,
@@ -152,3 +152,29 @@ def test_recording_failures_never_waits_for_a_planners_window_lock(make_app):
         db.session.remove()
         assert plan_retries() == 2
         assert {row.status for row in assignment_rows(task_id)} == {"pending"}
+
+
+def test_a_stored_error_text_is_bounded(make_app):
+    app = make_app(PACING=False, MAX_ATTEMPTS=1, ID_PROCESSOR="tests.processors:fail_at_length")
+    with app.app_context():
+        task_id = submit([5])
+        plan_stored_task(task_id, now=PAST)
+        run_slot(DEFAULT, FIRST_SLOT)
+        (row,) = assignment_rows(task_id)
+    assert row.status == "failed"
+    assert len(row.error) <= MAX_ERROR_CHARS < 10_000
+    assert row.error.startswith("xxx") and row.error.endswith("…")
+
+
+def test_a_processors_unexpected_answer_fails_its_ids_not_the_slot(make_app):
+    app = make_app(PACING=False, MAX_ATTEMPTS=1, ID_PROCESSOR="tests.processors:answer_a_list")
+    with app.app_context():
+        task_id = submit([5, 6])
+        plan_stored_task(task_id, now=PAST)
+        run = run_slot(DEFAULT, FIRST_SLOT)
+        rows = assignment_rows(task_id)
+    assert (run.claimed, run.failed) == (2, 2)
+    assert {row.status for row in rows} == {"failed"}
+    assert {row.error for row in rows} == {
+        "the processor answered a list, not a mapping of the IDs that failed"
+    }

@@ -49,6 +49,7 @@ def test_a_limit_is_created_read_changed_and_deleted(client):
         "rpm": 10,
         "processor": "workers.processors:http_request",
         "options": {"url": "http://crm.internal/users/{id}"},
+        "paused": False,
     }
     replaced = client.put(f"{LIMITS}mail-relay/", json=http)
     assert replaced.status_code == 200

@@ -88,3 +88,17 @@ def test_the_probes_and_their_answers_are_in_the_openapi_document(client):
     assert set(paths["/readyz"]["get"]["responses"]) >= {"200", "503"}
     not_ready = paths["/readyz"]["get"]["responses"]["503"]["content"]["application/json"]
     assert not_ready["schema"]["$ref"].endswith("/NotReady")
+
+
+def test_a_failed_check_names_no_host_user_or_driver_text(make_app, caplog):
+    app = make_app(DATABASE_URL="postgresql://probe_user:pw@127.0.0.1:1/nowhere")
+    answer = app.test_client().get("/readyz")
+    assert answer.status_code == 503
+    detail = answer.json["errors"]["database"]
+    assert detail.startswith("OperationalError")
+    assert not any(word in detail for word in ("probe_user", "127.0.0.1", "nowhere", "pw"))
+    # The operator finds the driver's own words in the log.
+    assert any(
+        "probe_user" in record.getMessage() or "127.0.0.1" in record.getMessage()
+        for record in caplog.records
+    )

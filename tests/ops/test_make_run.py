@@ -149,3 +149,20 @@ def test_the_stack_starts_without_a_warning_about_xdg_runtime_dir():
     )
     assert imported.returncode == 0, imported.stderr
     assert "XDG_RUNTIME_DIR" not in imported.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql://app:s3cret@db.internal:5432/slotted",
+            "postgresql://app:***@db.internal:5432/slotted",
+        ),
+        ("redis://:s3cret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("postgresql://postgres@127.0.0.1:5432/test", "postgresql://postgres@127.0.0.1:5432/test"),
+    ],
+)
+def test_make_run_logs_server_addresses_without_their_passwords(url, shown):
+    from service.ops import devstack
+
+    assert devstack.without_password(url) == shown

@@ -200,10 +200,19 @@ def test_a_limit_is_paused_and_resumed_over_the_api(rpm3, partner):
     assert max(planned.values()) == 4
 
 
-def test_a_limit_put_without_paused_runs(rpm3, partner):
+PARTNER = {"rpm": 3, "processor": "workers.processors:record_user", "options": {}}
+
+
+def test_a_limit_put_names_every_field_and_a_missing_one_resets_nothing(rpm3, partner):
     client = rpm3.test_client()
     client.patch("/limits/partner/", json={"paused": True})
-    replaced = client.put("/limits/partner/", json={"rpm": 3})
+    for missing in ("rpm", "processor", "options", "paused"):
+        fields = {**PARTNER, "paused": False}
+        del fields[missing]
+        refused = client.put("/limits/partner/", json=fields)
+        assert (refused.status_code, list(refused.json["errors"])) == (422, [missing])
+    assert client.get("/limits/partner/").json["paused"] is True  # nothing was reset
+    replaced = client.put("/limits/partner/", json={**PARTNER, "paused": False})
     assert (replaced.status_code, replaced.json["paused"]) == (200, False)
 
 

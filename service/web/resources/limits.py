@@ -10,6 +10,7 @@ from service.web.schemas import (
     LIMIT_NAME_PATTERN,
     MAX_LIMIT_NAME,
     LimitCreateSchema,
+    LimitReplaceSchema,
     LimitSchema,
     LimitUpdateSchema,
 )
@@ -69,7 +70,7 @@ class LimitByName(MethodView):
         return services.read_limit(limit_name)
 
     @blp.doc(operationId="replace_limit")
-    @blp.arguments(LimitUpdateSchema)
+    @blp.arguments(LimitReplaceSchema)
     @blp.response(200, LimitSchema)
     @blp.alt_response(404, response="DEFAULT_ERROR")
     def put(self, fields, limit_name):
