@@ -16,6 +16,10 @@ STACK_FILE = "stack.env"
 STACK_ADDRESSES = ("DATABASE_URL", "REDIS_URL")
 
 
+# A shorter API token is refused: it could be guessed by trying.
+MIN_TOKEN_CHARS = 16
+
+
 class ConfigError(RuntimeError):
     """A setting is missing or malformed; the process must not start."""
 
@@ -72,6 +76,8 @@ class Config:
     # Helper jobs a slot that runs behind its turns may add, to share it.
     MAX_HELPERS_PER_SLOT: int = 4
     API_TOKEN: str | None = field(default=None, repr=False)
+    # Host names the API answers, comma-separated; empty: any.
+    ALLOWED_HOSTS: str = ""
     MAX_IDS_PER_TASK: int = 10_000_000
     MAX_CONTENT_LENGTH: int = 16 * 1024 * 1024
     # A POST's Idempotency-Key and its first answer are kept at least this long.
@@ -123,6 +129,11 @@ class Config:
             raise ConfigError("PROCESSOR_HTTP_URL must hold {id}, where each user ID goes")
         if ":" not in self.ID_PROCESSOR:
             raise ConfigError("ID_PROCESSOR must be a 'module:function' path")
+        if self.API_TOKEN is not None and len(self.API_TOKEN) < MIN_TOKEN_CHARS:
+            raise ConfigError(
+                f"API_TOKEN must be at least {MIN_TOKEN_CHARS} characters: a short one is "
+                "guessed; make one with: python -c 'import secrets; print(secrets.token_urlsafe())'"
+            )
         if self.LOG_FORMAT not in LOG_FORMATS:
             choices = " or ".join(LOG_FORMATS)
             raise ConfigError(f"LOG_FORMAT must be {choices}, got {self.LOG_FORMAT!r}")
@@ -152,6 +163,9 @@ class Config:
         settings["EXPLICIT_SETTINGS"] = settings.pop("explicit")
         settings["SPREAD_MIN_OPEN_SLOTS"] = self.spread_min_open_slots
         settings["ALLOWED_PROCESSOR_MODULES"] = self.processor_modules
+        settings["SERVED_HOSTS"] = frozenset(
+            name.strip().lower() for name in self.ALLOWED_HOSTS.split(",") if name.strip()
+        )
         settings["SQLALCHEMY_DATABASE_URI"] = _sqlalchemy_url(self.DATABASE_URL)
         settings["SQLALCHEMY_ENGINE_OPTIONS"] = {"connect_args": self._connect_args()}
         return settings

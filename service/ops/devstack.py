@@ -155,6 +155,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)
     env = dict(os.environ)
+    env.update(open_only_to_this_machine(env, env.get("HOST", "127.0.0.1")))
     var = stack_file(env).parent.resolve()
     env["VAR_DIR"] = str(var)
     servers: list = []
@@ -264,6 +265,24 @@ def _supervise(processes: dict[str, subprocess.Popen], launch) -> None:
                 processes[name] = launch(name)
                 started[name] = now
         time.sleep(0.5)
+
+
+# The names a browser on this machine uses for it.
+LOCAL_NAMES = "127.0.0.1,localhost,::1"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def open_only_to_this_machine(env: dict, host: str) -> dict[str, str]:
+    """Without API_TOKEN the API is open: it listens on loopback only, and answers only
+    requests addressed to a local name, so that no page a browser opens elsewhere can
+    reach it through a name of its own. Returns the settings to add."""
+    if env.get("API_TOKEN"):
+        return {}
+    if host not in LOOPBACK:
+        raise SystemExit(
+            f"HOST={host} without API_TOKEN would open the API to the network: set API_TOKEN"
+        )
+    return {} if env.get("ALLOWED_HOSTS") else {"ALLOWED_HOSTS": LOCAL_NAMES}
 
 
 def without_password(url: str) -> str:

@@ -58,6 +58,8 @@ def init_app(app) -> None:
     api.register_blueprint(limits.blp)
     api.register_blueprint(health.blp)
     api.register_blueprint(metrics.blp)
+    if app.config["SERVED_HOSTS"]:
+        app.before_request(_served_hosts_only)
     if app.config.get("API_TOKEN"):
         app.before_request(_require_token)
     app.before_request(_read_without_transaction)
@@ -87,6 +89,22 @@ def _end_read(error) -> None:
     # in it next gets a transaction again.
     if g.pop("read_without_transaction", False):
         db.session.close()
+
+
+def _served_hosts_only() -> None:
+    """A page elsewhere may point a name it controls at this address (DNS rebinding):
+    the Host header then names it, and the request is refused before it reads anything."""
+    served = current_app.config["SERVED_HOSTS"]
+    host = _host_name(request.host)
+    if host not in served:
+        abort(400, message=f"this service answers for {', '.join(sorted(served))}, not {host!r}")
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without its port (an IPv6 address without brackets)."""
+    if host.startswith("["):
+        return host[1 : host.find("]")].lower()
+    return host.rpartition(":")[0].lower() if host.count(":") == 1 else host.lower()
 
 
 def _require_token() -> None:

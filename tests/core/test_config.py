@@ -38,6 +38,7 @@ def test_the_driver_is_named_for_sqlalchemy():
         ({**REQUIRED, "PACING": "maybe"}, "true or false"),
         ({**REQUIRED, "PROCESSOR_HTTP_URL": "http://x/"}, "must hold {id}"),
         ({**REQUIRED, "LOG_FORMAT": "xml"}, "LOG_FORMAT must be text or json"),
+        ({**REQUIRED, "API_TOKEN": "fifteen-chars.."}, "API_TOKEN must be at least 16"),
     ],
 )
 def test_a_bad_setting_stops_the_start(environ, complaint):

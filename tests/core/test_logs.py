@@ -49,7 +49,7 @@ def test_without_an_id_one_is_made_and_echoed_on_errors_too(client, caplog):
 
 def test_a_refused_token_is_logged_with_its_id(make_app, caplog):
     caplog.set_level(logging.INFO)
-    guarded = make_app(API_TOKEN="s3cret").test_client()
+    guarded = make_app(API_TOKEN="s3cret-0123456789").test_client()
     answer = guarded.get("/users/", headers={"X-Request-ID": "probe-1"})
     assert (answer.status_code, answer.headers["X-Request-ID"]) == (401, "probe-1")
     assert [(line["status"], line["request_id"]) for line in request_lines(caplog)] == [

@@ -11,6 +11,16 @@ import yaml
 from ..processes import ROOT
 
 PARTS = {"postgres", "redis", "migrate", "web", "worker", "scheduler"}
+# What the file refuses to start without.
+COMPOSE_SECRETS = {"API_TOKEN": "a-token-of-16-characters", "REDIS_PASSWORD": "redis-secret"}
+
+
+def compose_config(command: list[str], secrets: dict) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in COMPOSE_SECRETS}
+    env.update({name: value for name, value in secrets.items() if value})
+    return subprocess.run(
+        [*command, "config", "--services"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
 
 
 def compose_command() -> list[str] | None:
@@ -34,11 +44,13 @@ def test_a_compose_command_finds_the_file_valid_with_every_part():
         if os.environ.get("REQUIRE_COMPOSE") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
-    parsed = subprocess.run(
-        [*command, "config", "--services"], cwd=ROOT, capture_output=True, text=True
-    )
+    parsed = compose_config(command, COMPOSE_SECRETS)
     assert parsed.returncode == 0, parsed.stderr
     assert set(parsed.stdout.split()) == PARTS
+    for missing in COMPOSE_SECRETS:
+        refused = compose_config(command, {**COMPOSE_SECRETS, missing: ""})
+        assert refused.returncode != 0
+        assert missing in refused.stderr
 
 
 def test_the_file_holds_every_part_wired_as_the_service_needs():
@@ -63,3 +75,13 @@ def test_the_web_is_healthy_only_when_ready_and_every_server_has_a_healthcheck()
     for name in ("postgres", "redis", "web"):
         assert services[name]["healthcheck"]["test"]
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_the_file_starts_closed_and_local_unless_told_otherwise():
+    text = (ROOT / "docker-compose.yml").read_text()
+    services = yaml.safe_load(text)["services"]
+    assert services["web"]["ports"] == ["${API_BIND:-127.0.0.1}:8000:8000"]
+    environment = services["web"]["environment"]
+    assert environment["API_TOKEN"].startswith("${API_TOKEN:?")
+    assert environment["REDIS_URL"].startswith("redis://:${REDIS_PASSWORD:?")
+    assert "--requirepass" in services["redis"]["command"]

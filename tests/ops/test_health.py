@@ -36,7 +36,7 @@ def test_readiness_passes_every_check_on_a_migrated_database(app, client):
 
 
 def test_both_probes_are_open_when_a_token_guards_the_rest(make_app):
-    guarded = make_app(API_TOKEN="s3cret").test_client()
+    guarded = make_app(API_TOKEN="s3cret-0123456789").test_client()
     assert guarded.get("/healthz").status_code == 200
     assert guarded.get("/readyz").status_code == 200
     assert guarded.get("/users/").status_code == 401

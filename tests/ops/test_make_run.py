@@ -166,3 +166,16 @@ def test_make_run_logs_server_addresses_without_their_passwords(url, shown):
     from service.ops import devstack
 
     assert devstack.without_password(url) == shown
+
+
+def test_without_a_token_make_run_opens_the_api_to_this_machine_only():
+    from service.ops import devstack
+
+    assert devstack.open_only_to_this_machine({}, "127.0.0.1") == {
+        "ALLOWED_HOSTS": "127.0.0.1,localhost,::1"
+    }
+    assert devstack.open_only_to_this_machine({"ALLOWED_HOSTS": "box"}, "localhost") == {}
+    token = {"API_TOKEN": "a-token-of-16-chars"}
+    assert devstack.open_only_to_this_machine(token, "0.0.0.0") == {}
+    with pytest.raises(SystemExit, match="HOST=0.0.0.0 without API_TOKEN"):
+        devstack.open_only_to_this_machine({}, "0.0.0.0")

@@ -102,9 +102,12 @@ def test_a_source_that_does_not_answer_is_reported_and_the_rest_still_served(mak
 
 
 def test_metrics_need_the_token(make_app):
-    guarded = make_app(API_TOKEN="s3cret").test_client()
+    guarded = make_app(API_TOKEN="s3cret-0123456789").test_client()
     assert guarded.get("/metrics").status_code == 401
-    assert guarded.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert (
+        guarded.get("/metrics", headers={"Authorization": "Bearer s3cret-0123456789"}).status_code
+        == 200
+    )
 
 
 def test_processes_add_up_their_counts_in_multiprocess_mode(app, tmp_path):

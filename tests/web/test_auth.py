@@ -5,7 +5,7 @@ import pytest
 
 @pytest.fixture
 def guarded(make_app):
-    return make_app(API_TOKEN="s3cret").test_client()
+    return make_app(API_TOKEN="s3cret-0123456789").test_client()
 
 
 def test_without_a_token_the_api_answers_401(guarded):
@@ -16,14 +16,19 @@ def test_without_a_token_the_api_answers_401(guarded):
 
 
 @pytest.mark.parametrize(
-    "header", ["Bearer s3cret", "Token s3cret", "Basic " + base64.b64encode(b"ops:s3cret").decode()]
+    "header",
+    [
+        "Bearer s3cret-0123456789",
+        "Token s3cret-0123456789",
+        "Basic " + base64.b64encode(b"ops:s3cret-0123456789").decode(),
+    ],
 )
 def test_the_token_opens_the_api(guarded, header):
     assert guarded.get("/users/", headers={"Authorization": header}).status_code == 200
 
 
 def test_the_plan_pages_need_the_token_a_browser_sends_as_basic(guarded):
-    basic = {"Authorization": "Basic " + base64.b64encode(b"ops:s3cret").decode()}
+    basic = {"Authorization": "Basic " + base64.b64encode(b"ops:s3cret-0123456789").decode()}
     for page in ("/plan", "/plan/slots/2026-01-05T09:00:00Z"):
         assert guarded.get(page).status_code == 401
         assert guarded.get(page, headers=basic).status_code == 200
@@ -39,3 +44,16 @@ def test_root_and_docs_stay_open(guarded):
     assert guarded.get("/openapi.json").status_code == 200
     assert guarded.get("/docs").status_code == 200
     assert guarded.get("/docs/assets/swagger-ui-bundle.js").status_code == 200
+
+
+def test_with_served_hosts_set_a_request_for_another_host_is_refused(make_app):
+    local = make_app(ALLOWED_HOSTS="127.0.0.1,localhost,::1").test_client()
+    for host in ("127.0.0.1:8000", "localhost", "[::1]:8000"):
+        assert local.get("/users/", headers={"Host": host}).status_code == 200, host
+    rebound = local.get("/users/", headers={"Host": "attacker.example:8000"})
+    assert rebound.status_code == 400
+    assert "attacker.example" in rebound.json["message"]
+
+
+def test_without_served_hosts_any_host_is_answered(client):
+    assert client.get("/users/", headers={"Host": "api.example"}).status_code == 200

@@ -25,7 +25,7 @@ SEED = "20261130"
 EXAMPLES_PER_OPERATION = "100"
 
 
-TOKEN = "fuzz-token"
+TOKEN = "fuzz-token-0123456789"
 
 
 @pytest.fixture

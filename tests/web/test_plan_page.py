@@ -210,7 +210,7 @@ def test_the_api_keeps_its_json_errors(client):
 
 
 def test_a_page_asking_for_the_token_still_tells_the_browser_how(make_app):
-    answer = make_app(API_TOKEN="s3cret").test_client().get("/plan")
+    answer = make_app(API_TOKEN="s3cret-0123456789").test_client().get("/plan")
     assert (answer.status_code, answer.mimetype) == (401, "text/html")
     assert answer.headers["WWW-Authenticate"].startswith("Basic")
     assert "API token" in answer.text
