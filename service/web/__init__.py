@@ -60,6 +60,7 @@ def init_app(app) -> None:
     api.register_blueprint(metrics.blp)
     if app.config["SERVED_HOSTS"]:
         app.before_request(_served_hosts_only)
+    app.before_request(_no_cross_site_changes)
     if app.config.get("API_TOKEN"):
         app.before_request(_require_token)
     app.before_request(_read_without_transaction)
@@ -89,6 +90,32 @@ def _end_read(error) -> None:
     # in it next gets a transaction again.
     if g.pop("read_without_transaction", False):
         db.session.close()
+
+
+# Methods that change something; and the one rq-dashboard action a GET may take.
+CHANGING_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+CHANGING_GETS = {"rq_dashboard.requeue_all"}
+# What a browser says of a request that a page of another site made.
+FOREIGN_SITES = {"cross-site", "same-site"}
+
+
+def _no_cross_site_changes() -> None:
+    """A page elsewhere can make a browser send a form or a text body here, with the
+    credentials the browser keeps for this service (HTTP Basic) or none at all (an open
+    `make run`): a change is taken only from this service's own pages or from clients
+    that are not browsers (which send neither `Origin` nor `Sec-Fetch-Site`)."""
+    changing = request.method in CHANGING_METHODS or request.endpoint in CHANGING_GETS
+    if not changing:
+        return
+    site = request.headers.get("Sec-Fetch-Site")
+    origin = request.headers.get("Origin")
+    foreign_origin = origin is not None and origin != request.host_url.rstrip("/")
+    if site in FOREIGN_SITES or (site is None and foreign_origin):
+        abort(
+            403,
+            message="a change sent by a browser must come from this service's own pages "
+            "(its Origin or Sec-Fetch-Site says another site sent it)",
+        )
 
 
 def _served_hosts_only() -> None:

@@ -57,3 +57,34 @@ def test_with_served_hosts_set_a_request_for_another_host_is_refused(make_app):
 
 def test_without_served_hosts_any_host_is_answered(client):
     assert client.get("/users/", headers={"Host": "api.example"}).status_code == 200
+
+
+BASIC = {"Authorization": "Basic " + base64.b64encode(b"ops:s3cret-0123456789").decode()}
+TEXT = {"Content-Type": "text/plain"}
+
+
+@pytest.mark.parametrize(
+    "sent_by",
+    [
+        {"Origin": "https://elsewhere.example"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site", "Origin": "http://sub.localhost"},
+    ],
+)
+def test_a_change_another_site_makes_a_browser_send_is_refused(guarded, sent_by):
+    for method, path in [("post", "/celery_ids_tasks/"), ("get", "/rq/requeue/slots")]:
+        answer = getattr(guarded, method)(path, data="1,2,3", headers={**BASIC, **TEXT, **sent_by})
+        assert answer.status_code == 403, (method, path)
+        assert "another site" in answer.json["message"]
+    assert guarded.get("/celery_ids_tasks/", headers=BASIC).json == []  # nothing stored
+
+
+def test_a_change_from_the_services_own_pages_or_a_plain_client_is_taken(guarded):
+    own = {"Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"}
+    from_a_page = guarded.post("/celery_ids_tasks/", data="1,2", headers={**BASIC, **TEXT, **own})
+    assert from_a_page.status_code == 202
+    plain = guarded.post("/celery_ids_tasks/", data="3", headers={**BASIC, **TEXT})
+    assert plain.status_code == 202
+    # A read from elsewhere is no change: a link to the plan still opens.
+    linked = guarded.get("/plan", headers={**BASIC, "Sec-Fetch-Site": "cross-site"})
+    assert linked.status_code == 200
