@@ -7,17 +7,20 @@ from marshmallow import Schema, fields
 
 from service.planning import resume as pausing
 from service.processors.builtin import record_user
-from service.processors.contract import Failure, per_id
+from service.processors.contract import Failure, per_id, processor
 
 
+@processor
 def fail_all(user_ids):
     return {user_id: "downstream said no" for user_id in user_ids}
 
 
+@processor
 def fail_for_good(user_ids):
     return {user_id: Failure("no such user downstream", retry=False) for user_id in user_ids}
 
 
+@processor
 def record_then_crash(user_ids):
     record_user(user_ids)
     raise RuntimeError("crashed after writing")
@@ -28,11 +31,13 @@ clock = None
 calls: list = []
 
 
+@processor
 def note_times(user_ids):
     calls.append((clock.seconds(), list(user_ids)))
     return {}
 
 
+@processor
 def record_then_hang_on_20(user_ids):
     """Records as usual, but a call holding user 20 never returns in time."""
     record_user(user_ids)
@@ -41,6 +46,7 @@ def record_then_hang_on_20(user_ids):
     return {}
 
 
+@processor
 def record_slowly(user_ids):
     """`record_user`, with the time of a slow downstream call on top."""
     time.sleep(0.1)
@@ -55,6 +61,7 @@ class TagOptions(Schema):
 tagged: list = []
 
 
+@processor
 def note_tag(user_ids, options):
     """`record_user`, noting each ID under the tag its limit's options give."""
     tagged.extend((options["tag"], user_id) for user_id in user_ids)
@@ -64,6 +71,7 @@ def note_tag(user_ids, options):
 note_tag.options_schema = TagOptions
 
 
+@processor
 def record_then_pause(user_ids):
     """`record_user`; meanwhile an operator pauses the limit named `partner`."""
     # A context of its own: the operator's session and transaction, not the slot job's.
@@ -83,11 +91,18 @@ def note_call_end(user_id, key):
     call_ends[user_id] = time.time()
 
 
+@processor
 def fail_at_length(user_ids):
     """A downstream that answers every ID with a page of text."""
     return {user_id: "x" * 10_000 for user_id in user_ids}
 
 
+@processor
 def answer_a_list(user_ids):
     """A group processor with a bug: it answers a list, not a mapping of failures."""
     return list(user_ids)
+
+
+def not_a_processor(user_ids):
+    """A function of an allowed module, not marked as a processor."""
+    return {}

@@ -30,8 +30,11 @@ from service.limits import store as limits
 from service.limits.settings import shared
 from service.limits.store import SlotOfLimit
 from service.processors.contract import (
+    NOT_MARKED,
+    is_processor,
     load_processor,
     longest_call,
+    refusing,
 )
 
 # The package's name, as before the package existed: log filters select slot runs by it.
@@ -87,7 +90,7 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
     if limit is None:  # deleted: none of its IDs was waiting
         return SlotRun(limit_name, start, 0, 0, 0, 0, 0.0)
     slot = SlotOfLimit.of(limit, start, deployment_id())
-    processor = load_processor(slot.processor)
+    processor = _processor_to_run(slot.processor)
     # Neither may change while this slot's IDs wait (MAX_ATTEMPTS may, but a change
     # applying from the next slot is soon enough), so they are read once per run.
     settings = shared()
@@ -255,6 +258,18 @@ def _log_run(run: SlotRun) -> None:
             }
         },
     )
+
+
+def _processor_to_run(path: str) -> Callable:
+    """The limit's processor, checked again here: the row may have been written while
+    PROCESSOR_MODULES allowed more, or by hand. One that may not run fails its IDs for
+    good, saying why, rather than the slot failing and being run again for ever."""
+    if path.partition(":")[0] not in current_app.config["ALLOWED_PROCESSOR_MODULES"]:
+        return refusing(path, "is outside PROCESSOR_MODULES: not imported")
+    loaded = load_processor(path)
+    if not is_processor(loaded):
+        return refusing(path, f"is not marked as a processor ({NOT_MARKED})")
+    return loaded
 
 
 def claim_life(processor: Callable, options: dict) -> timedelta:

@@ -13,7 +13,7 @@ from service.core.errors import Conflict, Refused
 from service.core.extensions import db
 from service.core.models import Limit
 from service.limits import store
-from service.processors.contract import load_processor
+from service.processors.contract import NOT_MARKED, is_processor, load_processor
 
 
 def list_limits() -> list[dict]:
@@ -92,6 +92,9 @@ def checked_options(processor_path: str, options: dict) -> dict:
         raise Refused("the processor is not usable", {"processor": [reason]}) from None
     if not callable(processor):
         raise Refused("the processor is not usable", {"processor": ["is not a function"]})
+    if not is_processor(processor):
+        reason = f"is not marked as a processor: {NOT_MARKED}"
+        raise Refused("the processor is not usable", {"processor": [reason]})
     schema = getattr(processor, "options_schema", None)
     if schema is None:
         if options:

@@ -25,12 +25,13 @@ from marshmallow.validate import URL, OneOf, Range
 from sqlalchemy import text
 
 from service.core.extensions import db
-from service.processors.contract import Failure, per_id
+from service.processors.contract import Failure, per_id, processor
 
 # Answers worth another attempt: the resource is busy or broken, not the request.
 RETRYABLE_HTTP = {408, 425, 429}
 
 
+@processor
 def record_user(user_ids: list[int]) -> dict[int, Failure]:
     """Create each user if absent; stamp last_processed_at and count the time."""
     times = Counter(user_ids)

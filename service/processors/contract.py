@@ -3,10 +3,11 @@
 Each limit names its processor, a function given as `module:function` (the `default`
 limit's comes from `ID_PROCESSOR`), of one of two kinds:
 
-- a **group** processor, `process(user_ids: list[int]) -> {user_id: Failure | str}`,
-  called with the IDs due together and returning those that failed. It runs inside the
-  transaction that records their outcomes, so what it writes to the database commits
-  with them, or not at all. Declaring a `keys` parameter
+- a **group** processor, marked with `@processor`:
+  `process(user_ids: list[int]) -> {user_id: Failure | str}`, called with the IDs due
+  together and returning those that failed. It runs inside the transaction that
+  records their outcomes, so what it writes to the database commits with them, or not
+  at all. Declaring a `keys` parameter
   (`process(user_ids, keys)`) brings each ID's idempotency key alongside it.
 - a **per-ID** processor, marked with `@per_id`: `process(user_id: int, key: str) ->
   Failure | str | None`, called once per ID at its turn, from a pool of threads, so that
@@ -48,6 +49,33 @@ def per_id(function: Callable) -> Callable:
     """Mark a processor that takes one ID (and its key) a call and may run concurrently."""
     function.per_id = True
     return function
+
+
+def processor(function: Callable) -> Callable:
+    """Mark a group processor: it takes the IDs due together, in the transaction that
+    records them. Only marked functions are processors, so a limit cannot name any
+    other function of an allowed module (a helper, an import) as one."""
+    function.group_processor = True
+    return function
+
+
+# What a function needs to be a processor.
+NOT_MARKED = "decorate it with @processor (a group processor) or @per_id"
+
+
+def is_processor(candidate) -> bool:
+    return getattr(candidate, "per_id", False) or getattr(candidate, "group_processor", False)
+
+
+def refusing(path: str, reason: str) -> Callable:
+    """A group processor that fails every ID for good, saying why: what a slot job runs
+    in place of a limit's processor that it must not call."""
+
+    @processor
+    def refuse(user_ids: list[int]) -> dict[int, Failure]:
+        return dict.fromkeys(user_ids, Failure(f"{path} {reason}", retry=False))
+
+    return refuse
 
 
 def load_processor(path: str) -> Callable:

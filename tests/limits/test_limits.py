@@ -7,11 +7,12 @@ import pytest
 from sqlalchemy import text
 
 from service.core.extensions import db
+from service.dispatch.slot_runs import run_slot
 from service.limits import store as limits
 from service.planning import resume as pausing
 from service.planning.windows import plan_stored_task
 
-from ..helpers import add_limit, at, loads, minute, snapshot, submit
+from ..helpers import FIRST_SLOT, PAST, add_limit, at, loads, minute, snapshot, submit
 
 LIMITS = "/limits/"
 NOW = at("2030-01-07 10:05:20")
@@ -253,3 +254,39 @@ def test_a_processor_outside_processor_modules_is_never_imported(client):
     assert answer.status_code == 422
     assert "PROCESSOR_MODULES" in str(answer.json["errors"]["processor"])
     assert "wave" not in sys.modules
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "tests.processors:not_a_processor",  # a plain function of an allowed module
+        "workers.processors:per_id",  # the contract's own helper
+        "workers.processors:Failure",  # a class: callable, and no processor
+    ],
+)
+def test_only_a_function_marked_as_a_processor_is_one(client, path):
+    answer = client.post("/limits/", json={"name": "x", "rpm": 5, "processor": path})
+    assert answer.status_code == 422
+    assert "not marked as a processor" in str(answer.json["errors"]["processor"])
+    assert client.get(f"{LIMITS}x/").status_code == 404
+
+
+def test_a_slot_of_a_limit_naming_an_unmarked_function_fails_its_ids_for_good(rpm3):
+    # Written before processors were marked, or by hand: the slot job checks again.
+    add_limit("old", 3)
+    db.session.execute(
+        text("UPDATE limits SET processor = 'tests.processors:not_a_processor' WHERE name = 'old'")
+    )
+    db.session.commit()
+    task_id = submit([1, 2], limit="old")
+    plan_stored_task(task_id, now=PAST)
+    run = run_slot("old", FIRST_SLOT)
+    rows = db.session.execute(
+        text("SELECT status, attempts, error FROM assignments WHERE task_id = :t"), {"t": task_id}
+    ).all()
+    assert (run.claimed, run.failed) == (2, 2)
+    assert {(row.status, row.attempts) for row in rows} == {("failed", 1)}
+    assert {row.error for row in rows} == {
+        "tests.processors:not_a_processor is not marked as a processor "
+        "(decorate it with @processor (a group processor) or @per_id)"
+    }
