@@ -30,30 +30,11 @@ API_SETTINGS = {
 }
 
 
-# With API_TOKEN set, the OpenAPI document says how to send it; the public operations
-# say they need nothing (`security=[]` on their views).
-TOKEN_SECURITY = {
-    "components": {
-        "securitySchemes": {
-            "bearerToken": {"type": "http", "scheme": "bearer"},
-            "basicToken": {
-                "type": "http",
-                "scheme": "basic",
-                "description": "any user name, the API token as the password (browsers)",
-            },
-        }
-    },
-    "security": [{"bearerToken": []}, {"basicToken": []}],
-}
-
-
 def create_app(config: Config | None = None) -> Flask:
     config = config or Config.from_env()
     app = Flask(__name__)
     app.config.update(API_SETTINGS)
     app.config.update(config.flask_settings())
-    if config.API_TOKEN:
-        app.config["API_SPEC_OPTIONS"] = TOKEN_SECURITY
     logs.configure(config.LOG_FORMAT)
 
     # First among the request hooks: the token check may refuse a request, and its

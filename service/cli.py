@@ -1,5 +1,6 @@
 """Operator commands: `flask worker`, `flask scheduler`, `flask plan show`,
-`flask tasks submit`, `flask limits ...` (and `flask db` from Flask-Migrate)."""
+`flask tasks submit`, `flask limits ...`, `flask tokens ...` (and `flask db` from
+Flask-Migrate)."""
 
 from __future__ import annotations
 
@@ -23,15 +24,17 @@ from service.core.outages import keep_running, quiet_library_tracebacks, wait_fo
 from service.dispatch.reconcile import reconcile
 from service.dispatch.worker import serve
 from service.jobs import ALL_QUEUES, SLOTS_QUEUE, ServiceScheduler
+from service.limits import held
 from service.limits import services as limit_services
 from service.limits import settings as shared_settings
 from service.limits import store as limits
 from service.limits.settings import SettingsConflict
+from service.planning import horizon
 from service.planning import resume as pausing
 from service.planning.reading import ids_by_slot, plan_between
 from service.tasks.ids import InvalidIds, stream_ids
 from service.tasks.services import submit_task
-from service.web import idempotency
+from service.web import idempotency, tokens
 from service.web.schemas import LimitCreateSchema
 
 # rq-scheduler polls every 60 s by default, which would start slots up to a minute late.
@@ -100,12 +103,14 @@ def _maintenance(after_outage: bool = False) -> None:
 
 
 def _agree_with_the_deployment() -> None:
-    """Record the shared settings, or refuse to start if they differ; a database that is
-    away is waited for, not a reason to exit."""
+    """Record the shared settings, or refuse to start if they differ; then name in the
+    log the limits held under this process's settings. A database that is away is
+    waited for, not a reason to exit."""
     try:
         wait_for_servers(shared_settings.record_and_check, "waiting for PostgreSQL")
     except SettingsConflict as conflict:
         raise click.ClickException(str(conflict)) from None
+    wait_for_servers(held.log_held_limits, "waiting for PostgreSQL")
 
 
 MOMENT_FORMATS = [
@@ -120,6 +125,7 @@ plan_group = AppGroup("plan", help="Read the plan.")
 tasks_group = AppGroup("tasks", help="Submit and follow ID tasks.")
 settings_group = AppGroup("settings", help="Settings that every process shares.")
 limits_group = AppGroup("limits", help="Limits: named downstreams, each with its own RPM.")
+tokens_group = AppGroup("tokens", help="API tokens: each with a name and a scope.")
 
 
 @settings_group.command("show")
@@ -182,8 +188,9 @@ def plan_show(moment: datetime | None, windows: int, rows: int, limit_name: str)
 
 @plan_group.command("reconcile")
 def plan_reconcile() -> None:
-    """Rebuild the schedule from PostgreSQL: jobs for slots with pending IDs, late slots
-    run at once, stale claims released, lost planning jobs queued again."""
+    """Rebuild the schedule from PostgreSQL: jobs for slots with pending IDs within
+    SCHEDULE_AHEAD_MINUTES, late slots run at once, stale claims released, lost planning
+    jobs queued again."""
     for what, count in reconcile().items():
         click.echo(f"{what}: {count}")
 
@@ -224,7 +231,11 @@ def _label(moment: datetime) -> str:
 @click.argument("source", type=click.File("rb"))
 @click.option("--name", "task_name", required=True, help="The task's name.")
 @click.option(
-    "--overflow", type=click.Choice(list(Overflow)), default=Overflow.SPREAD, show_default=True
+    "--overflow",
+    # By value: click matches the members of an enum given as choices by their names.
+    type=click.Choice([overflow.value for overflow in Overflow]),
+    default=Overflow.SPREAD.value,
+    show_default=True,
 )
 @click.option("--limit", "limit_name", default=limits.DEFAULT, show_default=True)
 def tasks_submit(source, task_name: str, overflow: str, limit_name: str) -> None:
@@ -237,7 +248,9 @@ def tasks_submit(source, task_name: str, overflow: str, limit_name: str) -> None
     ) as bar:
         try:
             ids = stream_ids(_Progress(source, bar))
-            task = submit_task(task_name, ids, overflow, limit=_limit_named(limit_name).name)
+            limit = _limit_named(limit_name).name
+            with _refusals_as_errors():
+                task = submit_task(task_name, ids, overflow, limit=limit, admit=horizon.admit)
         except InvalidIds as invalid:
             for bad in invalid.listed:
                 click.echo(str(bad), err=True)
@@ -260,18 +273,23 @@ def _limit_named(name: str) -> Limit:
 
 @limits_group.command("list")
 def limits_list() -> None:
-    """Print each limit: name, RPM, processor, whether paused, IDs pending."""
+    """Print each limit: name, RPM, processor, whether paused (and held), IDs pending."""
     rows = [("name", "rpm", "processor", "paused", "pending")]
     rows += [
         (
             row["name"],
             row["rpm"],
             row["processor"],
-            "yes" if row["paused"] else "no",
+            ("yes" if row["paused"] else "no") + (" (held)" if row["held"] else ""),
             row["pending"],
         )
         for row in limit_services.list_limits()
     ]
+    _echo_table(rows)
+
+
+def _echo_table(rows: list[tuple]) -> None:
+    """Rows as columns padded to their widest value, the first row the header."""
     widths = [max(len(str(row[column])) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip())
@@ -313,6 +331,46 @@ def limits_resume(name: str) -> None:
     with _refusals_as_errors():
         replanned = pausing.resume(name)
     click.echo(f"limit {name} resumed: {replanned} IDs whose slot had passed planned again")
+
+
+@tokens_group.command("create")
+@click.argument("name")
+@click.option(
+    "--scope",
+    required=True,
+    type=click.Choice([scope.value for scope in tokens.SCOPES]),
+    help="read: every GET; submit: also tasks, users, previews; admin: everything.",
+)
+def tokens_create(name: str, scope: str) -> None:
+    """Create a token NAME and print it, this once: only its digest is stored."""
+    with _refusals_as_errors():
+        token = tokens.create(name, scope)
+    click.echo(f"token {name} created with scope {scope}; it is shown only now:", err=True)
+    click.echo(token)
+
+
+@tokens_group.command("list")
+def tokens_list() -> None:
+    """Print each token's name, scope, creation and last use (never the token)."""
+    rows = [("name", "scope", "created", "last used")]
+    rows += [
+        (row.name, row.scope, _moment(row.created_at), _moment(row.last_used_at) or "never")
+        for row in tokens.listed()
+    ]
+    _echo_table(rows)
+
+
+@tokens_group.command("revoke")
+@click.argument("name")
+def tokens_revoke(name: str) -> None:
+    """Delete token NAME: the next request that presents it is refused."""
+    with _refusals_as_errors():
+        tokens.revoke(name)
+    click.echo(f"token {name} revoked")
+
+
+def _moment(moment: datetime | None) -> str:
+    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC" if moment else ""
 
 
 def _options(assignments: tuple[str, ...]) -> dict[str, str]:
@@ -381,3 +439,4 @@ def init_app(app) -> None:
     app.cli.add_command(tasks_group)
     app.cli.add_command(settings_group)
     app.cli.add_command(limits_group)
+    app.cli.add_command(tokens_group)

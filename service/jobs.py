@@ -3,7 +3,9 @@ of each limit, the planning jobs, and the scheduler process.
 
 Redis holds only what can be rebuilt: every function here may be called again for the
 same slot or task and adds nothing that is already there. Jobs are named by path, so
-that nothing here imports the RQ entry points in `workers/`.
+that nothing here imports the RQ entry points in `workers/`. rq-scheduler holds the jobs
+of the slots starting within SCHEDULE_AHEAD_MINUTES only: reconcile adds the later
+ones as time passes, so Redis holds a bounded number of jobs however far a plan reaches.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ WAITING_STATUSES = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
 LOST_AFTER_SECONDS = 15.0
 LOST_MARKER = "slotted:off-queue:{}"
 LOST_MARKER_TTL_SECONDS = 3600
+SLOT_JOB_PREFIX = "slot-"
+# Jobs that rq-scheduler holds for slots past SCHEDULE_AHEAD_MINUTES (scheduled before
+# it existed) removed per reconcile run, so that a run stays short however many there are.
+FAR_JOBS_PER_RUN = 10_000
 
 
 def get_queue(name: str) -> Queue:
@@ -149,7 +155,12 @@ class ServiceScheduler(Scheduler):
 
 
 def slot_job_id(limit_name: str, slot: datetime) -> str:
-    return f"slot-{limit_name}-{slot.astimezone(UTC):%Y%m%dT%H%M%S}"
+    return f"{SLOT_JOB_PREFIX}{limit_name}-{slot.astimezone(UTC):%Y%m%dT%H%M%S}"
+
+
+def schedule_ahead() -> timedelta:
+    """How far ahead of now rq-scheduler holds slot jobs (SCHEDULE_AHEAD_MINUTES)."""
+    return timedelta(minutes=current_app.config["SCHEDULE_AHEAD_MINUTES"])
 
 
 def _slot_job_args(limit_name: str, slot: datetime) -> tuple[str, str]:
@@ -194,19 +205,43 @@ def _slot_of(job: Job) -> tuple[datetime | None, str | None]:
     return datetime.fromisoformat(slot), limit_name
 
 
-def schedule_slots(limit_name: str, slots: Iterable[datetime]) -> int:
-    """Give each of a limit's slots its job, due just before its start; return how many
-    were added.
+def schedule_slots(
+    limit_name: str, slots: Iterable[datetime], planned_at: datetime | None = None
+) -> int:
+    """Give each of a limit's slots that starts within SCHEDULE_AHEAD_MINUTES of
+    `planned_at` (default: now) its job, due just before its start; return how many were
+    added. Reconcile gives the later ones theirs as they come within that reach.
 
     When Redis cannot be reached the plan is still in PostgreSQL, and reconciling
     schedules it later.
     """
+    reach = (planned_at or datetime.now(UTC)) + schedule_ahead()
+    near = sorted(slot for slot in slots if slot <= reach)
     try:
         scheduler = get_scheduler()
-        return sum(ensure_slot_job(scheduler, limit_name, slot) for slot in sorted(slots))
+        return sum(ensure_slot_job(scheduler, limit_name, slot) for slot in near)
     except RedisError:
         log.warning("could not schedule slot jobs; reconciling will")
         return 0
+
+
+def drop_far_slot_jobs(reach: datetime) -> int:
+    """Remove up to FAR_JOBS_PER_RUN of the slot jobs that rq-scheduler holds for slots
+    after `reach` (scheduled by a version that gave every slot its job at planning, or
+    before SCHEDULE_AHEAD_MINUTES was shortened); returns how many. Their slots get them
+    back from reconcile once they come within reach."""
+    scheduler = get_scheduler()
+    due_after = (reach - timedelta(seconds=EARLY_SECONDS)).timestamp()
+    held = get_redis().zrangebyscore(
+        scheduler.scheduled_jobs_key, f"({due_after}", "+inf", start=0, num=FAR_JOBS_PER_RUN
+    )
+    far = [raw.decode() for raw in held if raw.startswith(SLOT_JOB_PREFIX.encode())]
+    if far:
+        pipe = get_redis().pipeline(transaction=False)
+        pipe.zrem(scheduler.scheduled_jobs_key, *far)
+        pipe.delete(*(Job.key_for(job_id) for job_id in far))
+        pipe.execute()
+    return len(far)
 
 
 def ensure_slot_job(
@@ -280,6 +315,7 @@ def drop_idle_slot_jobs(limit_id: int, limit_name: str, slots: Iterable[datetime
 
 def _drop_idle_slot_jobs(limit_id: int, limit_name: str, slots: list[datetime]) -> int:
     scheduler = get_scheduler()
+    slots = _slots_with_jobs(scheduler, limit_name, slots)
     busy = slots_with_pending_ids(limit_id, slots)
     dropped = [
         slot
@@ -290,6 +326,22 @@ def _drop_idle_slot_jobs(limit_id: int, limit_name: str, slots: list[datetime]) 
     for slot in sorted(refilled):
         ensure_slot_job(scheduler, limit_name, slot)
     return len(dropped) - len(refilled)
+
+
+def _slots_with_jobs(scheduler: Scheduler, limit_name: str, slots: list[datetime]) -> list:
+    """Those of the slots that have a job, asked in one round trip: most slots of a long
+    plan have none yet."""
+    pipe = get_redis().pipeline(transaction=False)
+    for slot in slots:
+        job_id = slot_job_id(limit_name, slot)
+        pipe.exists(Job.key_for(job_id))
+        pipe.zscore(scheduler.scheduled_jobs_key, job_id)
+    answers = pipe.execute()
+    return [
+        slot
+        for slot, exists, due in zip(slots, answers[::2], answers[1::2])
+        if exists or due is not None
+    ]
 
 
 def _drop_waiting_job(scheduler: Scheduler, job_id: str) -> bool:

@@ -28,6 +28,11 @@ def pytest_configure(config):
     os.environ.pop("API_TOKEN", None)
     # The tests' own processors may serve a limit too.
     os.environ["PROCESSOR_MODULES"] = "workers.processors,tests.processors"
+    # Limits may call the local downstreams (on ports chosen as they start), and name the
+    # example hosts that tests write limits for but never call.
+    os.environ["DOWNSTREAM_URLS"] = (
+        "http://127.0.0.1:*/,http://crm.internal/,https://partner.example/"
+    )
 
 
 def pytest_unconfigure(config):

@@ -1,9 +1,11 @@
 """A local HTTP server standing in for a downstream: it notes every call (when, which
-ID, which idempotency key) and every connection, answers after `latency` seconds with
-the status `answers` gives for the ID (200 otherwise), and keeps connections alive."""
+ID, which idempotency key, which Authorization and Host headers) and every connection,
+answers after `latency` seconds with the status `answers` gives for the ID (200
+otherwise), and keeps connections alive."""
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ class Record:
     answers: dict[int, int] = field(default_factory=dict)
     slow_ids: dict[int, float] = field(default_factory=dict)
     calls: list[tuple[float, int, str | None, str | None]] = field(default_factory=list)
+    hosts: list[str | None] = field(default_factory=list)  # each call's Host header
     connections: int = 0
     in_flight: int = 0
     most_in_flight: int = 0
@@ -48,6 +51,7 @@ def _handler(record: Record):
                         self.headers["Authorization"],
                     )
                 )
+                record.hosts.append(self.headers["Host"])
                 record.in_flight += 1
                 record.most_in_flight = max(record.most_in_flight, record.in_flight)
             time.sleep(record.slow_ids.get(user_id, record.latency))
@@ -66,17 +70,33 @@ def _handler(record: Record):
 
 
 class Server:
-    """`with Server(record) as url:` serves on a free local port; `url` has `{id}`."""
+    """`with Server(record) as url:` serves on a free port of a loopback address
+    (127.0.0.1 unless told), over TLS when given a certificate and its key (files);
+    `url` has `{id}`."""
 
-    def __init__(self, record: Record):
-        self.record = record
+    def __init__(
+        self,
+        record: Record,
+        address: str = "127.0.0.1",
+        certificate: tuple[str, str] | None = None,
+    ):
+        self.record, self.address = record, address
         ThreadingHTTPServer.request_queue_size = 1024  # a burst of new connections waits
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(record))
+        self.server = ThreadingHTTPServer((address, 0), _handler(record))
         self.server.daemon_threads = True
+        self.scheme = "https" if certificate else "http"
+        if certificate:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*certificate)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.server_port
 
     def __enter__(self) -> str:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self.server.server_port}/users/{{id}}"
+        return f"{self.scheme}://{self.address}:{self.port}/users/{{id}}"
 
     def __exit__(self, *exc) -> None:
         self.server.shutdown()

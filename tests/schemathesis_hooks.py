@@ -6,8 +6,9 @@ What a client sends that no document can state, it sends as a client would:
   different bodies, which the API rightly refuses (422);
 - the name of a limit that exists, and a processor that can be imported with options it
   takes: which limits and modules exist is the deployment's, not the document's;
-- a start (`not_before`) at most a year ahead: the document can state its years, not how
-  far ahead of the day of the request it may be;
+- a start (`not_before`) at most a year ahead, and within the plan's horizon
+  (MAX_PLAN_DAYS): the document can state its years, not how far ahead of the day of the
+  request it may be;
 - with `header=true`, a text body whose first line is a header: the document states the
   body and the query, not that the one changes what the other may hold.
 
@@ -20,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 
 import schemathesis
 
+from service.core.config import Config
 from service.limits.store import DEFAULT, DEFAULT_PROCESSOR
 from service.web.idempotency import HEADER
 from service.web.schemas import (
@@ -44,7 +46,8 @@ def _matches(pattern: str, value) -> bool:
 
 
 def _too_far_ahead(value) -> bool:
-    """A well-formed start that the server refuses only for being more than a year ahead."""
+    """A well-formed start that the server refuses only for being too far ahead: more than
+    a year, or past the horizon of the served app's default MAX_PLAN_DAYS."""
     if not (isinstance(value, str) and re.match(PLAUSIBLE_YEAR_PATTERN, value)):
         return False
     try:
@@ -52,7 +55,8 @@ def _too_far_ahead(value) -> bool:
     except ValueError:
         return False
     # A day short of the limit: the server reads its clock later than this hook.
-    reach = datetime.now(UTC) + MAX_START_AHEAD - timedelta(days=1)
+    ahead = min(MAX_START_AHEAD, timedelta(days=Config.MAX_PLAN_DAYS))
+    reach = datetime.now(UTC) + ahead - timedelta(days=1)
     return moment.tzinfo is not None and moment > reach
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from service.core.destinations import AllowList, NotAllowed, Prefix, Secret, prefix_of_template
 from service.core.logs import LOG_FORMATS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -15,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 STACK_FILE = "stack.env"
 STACK_ADDRESSES = ("DATABASE_URL", "REDIS_URL")
 
+
+# A slot's job is added at least this many reconcile runs before the slot starts.
+RECONCILES_AHEAD = 3
 
 # A shorter API token is refused: it could be guessed by trying.
 MIN_TOKEN_CHARS = 16
@@ -37,6 +42,20 @@ def _sqlalchemy_url(url: str) -> str:
 PROCESSORS_MODULE = "workers.processors"
 RECORD_USER = f"{PROCESSORS_MODULE}:record_user"
 HTTP_PROCESSOR = f"{PROCESSORS_MODULE}:http_request"
+
+# DOWNSTREAM_SECRET_<NAME> holds a secret, DOWNSTREAM_SECRET_<NAME>_URL its prefix.
+SECRET_VARIABLE = "DOWNSTREAM_SECRET_"
+SECRET_URL_SUFFIX = "_URL"
+SECRET_NAME = re.compile(r"[A-Z0-9_]+\Z")
+
+
+@dataclass(frozen=True)
+class SecretSetting:
+    """A downstream secret as the environment gives it: its value and its URL prefix."""
+
+    name: str
+    value: str = field(default="", repr=False)
+    url: str = ""
 
 
 @dataclass(frozen=True)
@@ -62,14 +81,24 @@ class Config:
     REDIS_TIMEOUT_SECONDS: float = 5.0
     DATABASE_CONNECT_TIMEOUT_SECONDS: int = 5
     RECONCILE_INTERVAL_SECONDS: int = 10
+    # A task whose last ID would land later than this after now is refused.
+    MAX_PLAN_DAYS: int = 30
+    # rq-scheduler holds the jobs of the slots starting within this; reconcile adds the
+    # later ones as time passes.
+    SCHEDULE_AHEAD_MINUTES: int = 120
     ID_PROCESSOR: str = RECORD_USER
     # The modules a limit's processor may come from, comma-separated: naming a processor
     # over the API imports its module, so only the operator's choice of modules can be.
     PROCESSOR_MODULES: str = PROCESSORS_MODULE
     PROCESSOR_HTTP_URL: str | None = None
+    # URL prefixes, comma-separated, that a limit's URL must be under (PROCESSOR_HTTP_URL's
+    # own prefix is always one): the API may write limits, only the operator says where
+    # their calls may go. See service/core/destinations.py.
+    DOWNSTREAM_URLS: str = ""
     PROCESSOR_HTTP_METHOD: str = "POST"
     PROCESSOR_HTTP_TIMEOUT: float = 10.0
-    # Sent as the Authorization header of every downstream call; never shown or logged.
+    # Sent as the Authorization header of the calls under PROCESSOR_HTTP_URL's prefix
+    # whose limit names no secret of its own; never shown or logged.
     PROCESSOR_HTTP_AUTHORIZATION: str | None = field(default=None, repr=False)
     # Calls of a per-ID processor in flight at once, per slot job.
     PROCESSOR_CONCURRENCY: int = 64
@@ -86,6 +115,8 @@ class Config:
     LOG_FORMAT: str = "text"
     # The names the environment gave; the others took their defaults.
     explicit: frozenset[str] = field(default=frozenset(), repr=False)
+    # DOWNSTREAM_SECRET_<NAME> and DOWNSTREAM_SECRET_<NAME>_URL, by name.
+    secrets: tuple[SecretSetting, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -97,7 +128,7 @@ class Config:
             raw = environ.get(setting.name, "").strip()
             if raw and setting.name.isupper():
                 values[setting.name] = _convert(setting.name, raw, setting.type)
-        return cls(**values, explicit=frozenset(values))
+        return cls(**values, explicit=frozenset(values), secrets=_secrets_in(environ))
 
     def __post_init__(self) -> None:
         for name in ("DATABASE_URL", "REDIS_URL"):
@@ -112,6 +143,8 @@ class Config:
             "MAX_CONTENT_LENGTH",
             "PLANNING_RATE",
             "RECONCILE_INTERVAL_SECONDS",
+            "MAX_PLAN_DAYS",
+            "SCHEDULE_AHEAD_MINUTES",
             "PROCESSOR_CONCURRENCY",
             "IDEMPOTENCY_KEY_HOURS",
             "DATABASE_CONNECT_TIMEOUT_SECONDS",
@@ -125,8 +158,10 @@ class Config:
         if self.REDIS_TIMEOUT_SECONDS <= 0:
             raise ConfigError("REDIS_TIMEOUT_SECONDS must be more than 0")
         self._check_spread_min_open_slots()
+        self._check_schedule_ahead()
         if self.PROCESSOR_HTTP_URL and "{id}" not in self.PROCESSOR_HTTP_URL:
             raise ConfigError("PROCESSOR_HTTP_URL must hold {id}, where each user ID goes")
+        self._check_destinations()
         if ":" not in self.ID_PROCESSOR:
             raise ConfigError("ID_PROCESSOR must be a 'module:function' path")
         if self.API_TOKEN is not None and len(self.API_TOKEN) < MIN_TOKEN_CHARS:
@@ -152,6 +187,93 @@ class Config:
                 f"got {self.SPREAD_MIN_OPEN_SLOTS}"
             )
 
+    def _check_schedule_ahead(self) -> None:
+        # Reconcile adds a slot's job once the slot is within SCHEDULE_AHEAD_MINUTES: so
+        # that it is there several runs before the slot starts, even when a run or two
+        # fail, the window must hold that many runs.
+        least = RECONCILES_AHEAD * self.RECONCILE_INTERVAL_SECONDS
+        if least > self.SCHEDULE_AHEAD_MINUTES * 60:
+            raise ConfigError(
+                f"SCHEDULE_AHEAD_MINUTES must cover at least {RECONCILES_AHEAD} reconcile "
+                f"intervals ({least} s with RECONCILE_INTERVAL_SECONDS="
+                f"{self.RECONCILE_INTERVAL_SECONDS}), got {self.SCHEDULE_AHEAD_MINUTES}"
+            )
+
+    def _check_destinations(self) -> None:
+        # Parsed now, so that a malformed prefix or a half-given secret refuses the start.
+        _ = self.allow_list, self.downstream_secrets
+        if self.PROCESSOR_HTTP_AUTHORIZATION and not self.PROCESSOR_HTTP_URL:
+            raise ConfigError(
+                "PROCESSOR_HTTP_AUTHORIZATION is sent only to URLs under PROCESSOR_HTTP_URL's "
+                "prefix, and PROCESSOR_HTTP_URL is unset: set it, or give the limits that "
+                "need the header a secret of their own (DOWNSTREAM_SECRET_<NAME>)"
+            )
+
+    @property
+    def processor_http_prefix(self) -> Prefix | None:
+        """PROCESSOR_HTTP_URL's prefix: its origin and its path up to the segment that
+        holds {id} (`http://h:9000/users/{id}` gives `http://h:9000/users/`)."""
+        if not self.PROCESSOR_HTTP_URL:
+            return None
+        try:
+            return prefix_of_template(self.PROCESSOR_HTTP_URL, "PROCESSOR_HTTP_URL")
+        except ValueError as refused:  # NotAllowed, or a URL that cannot even be split
+            raise ConfigError(f"PROCESSOR_HTTP_URL {refused}") from None
+
+    @property
+    def allow_list(self) -> AllowList:
+        """DOWNSTREAM_URLS's prefixes, and PROCESSOR_HTTP_URL's, which the operator named."""
+        prefixes = []
+        for text in (part.strip() for part in self.DOWNSTREAM_URLS.split(",")):
+            if not text:
+                continue
+            try:
+                prefixes.append(Prefix.parse(text))
+            except NotAllowed as refused:
+                raise ConfigError(f"DOWNSTREAM_URLS: {text!r} {refused}") from None
+        own = self.processor_http_prefix
+        return AllowList(tuple(prefixes) + ((own,) if own else ()))
+
+    @property
+    def downstream_secrets(self) -> dict[str, Secret]:
+        """The downstream secrets by name, each with its prefix; a half-given one (a
+        value without its prefix, or a prefix without its value) refuses the start."""
+        found = {}
+        for setting in self.secrets:
+            variable = f"{SECRET_VARIABLE}{setting.name}"
+            if not SECRET_NAME.fullmatch(setting.name) or setting.name.endswith(SECRET_URL_SUFFIX):
+                raise ConfigError(
+                    f"{variable}: a secret's NAME is upper-case letters, digits and "
+                    f"underscores, not ending in {SECRET_URL_SUFFIX}"
+                )
+            if not setting.url:
+                raise ConfigError(
+                    f"{variable} is set without {variable}{SECRET_URL_SUFFIX}, the URL "
+                    "prefix it may be sent to"
+                )
+            if not setting.value:
+                raise ConfigError(
+                    f"{variable}{SECRET_URL_SUFFIX} is set without {variable}, the secret "
+                    "it is the prefix of"
+                )
+            try:
+                prefix = Prefix.parse(setting.url, f"{variable}{SECRET_URL_SUFFIX}")
+            except NotAllowed as refused:
+                raise ConfigError(f"{variable}{SECRET_URL_SUFFIX} {refused}") from None
+            found[setting.name] = Secret(setting.name, prefix, setting.value)
+        return found
+
+    @property
+    def processor_http_secret(self) -> Secret | None:
+        """PROCESSOR_HTTP_AUTHORIZATION, bound to PROCESSOR_HTTP_URL's prefix."""
+        if not self.PROCESSOR_HTTP_AUTHORIZATION:
+            return None
+        return Secret(
+            "PROCESSOR_HTTP_AUTHORIZATION",
+            self.processor_http_prefix,
+            self.PROCESSOR_HTTP_AUTHORIZATION,
+        )
+
     @property
     def processor_modules(self) -> frozenset[str]:
         """PROCESSOR_MODULES, and ID_PROCESSOR's module, which the operator named too."""
@@ -161,6 +283,10 @@ class Config:
     def flask_settings(self) -> dict:
         settings = asdict(self)
         settings["EXPLICIT_SETTINGS"] = settings.pop("explicit")
+        del settings["secrets"]  # as values, with their prefixes, below
+        settings["DOWNSTREAM_ALLOW_LIST"] = self.allow_list
+        settings["DOWNSTREAM_SECRETS"] = self.downstream_secrets
+        settings["PROCESSOR_HTTP_SECRET"] = self.processor_http_secret
         settings["SPREAD_MIN_OPEN_SLOTS"] = self.spread_min_open_slots
         settings["ALLOWED_PROCESSOR_MODULES"] = self.processor_modules
         settings["SERVED_HOSTS"] = frozenset(
@@ -186,6 +312,21 @@ class Config:
             # after this many milliseconds instead of the kernel's quarter of an hour.
             "tcp_user_timeout": 30_000,
         }
+
+
+def _secrets_in(environ: Mapping[str, str]) -> tuple[SecretSetting, ...]:
+    """Every DOWNSTREAM_SECRET_<NAME> and DOWNSTREAM_SECRET_<NAME>_URL of `environ`,
+    paired by NAME; an empty one counts as unset."""
+    found: dict[str, dict[str, str]] = {}
+    for variable, raw in environ.items():
+        if not variable.startswith(SECRET_VARIABLE) or not raw.strip():
+            continue
+        name = variable[len(SECRET_VARIABLE) :]
+        part = "value"
+        if name.endswith(SECRET_URL_SUFFIX):
+            name, part = name[: -len(SECRET_URL_SUFFIX)], "url"
+        found.setdefault(name, {})[part] = raw.strip()
+    return tuple(SecretSetting(name, **parts) for name, parts in sorted(found.items()))
 
 
 def stack_file(environ: Mapping[str, str]) -> Path:

@@ -44,6 +44,7 @@ UNIQUE_VIOLATION = "23505"
 CONFLICT_MESSAGES = {
     "pk_users": "a user with this id already exists",
     "uq_limits_name": "a limit with this name already exists",
+    "uq_api_tokens_name": "a token with this name already exists",
 }
 
 

@@ -4,8 +4,12 @@ made, in one place, so that no two kinds of lock can ever share a key.
 Advisory locks of one database share one key space with everything else that uses
 them. Each kind here has a namespace of its own, carried in its key:
 
-- one-bigint keys: the namespace in the top bits, then the limit (a smallint), then a
-  31-bit number (a window's since the epoch, a slot's start in seconds);
+- one-bigint keys: the namespace in the top bits, then the limit's id in 16 bits, then a
+  31-bit number (a window's since the epoch, a slot's start in seconds). A limit's id is
+  an INTEGER and is taken modulo 2**16, so that it never reaches the namespace's bits:
+  two limits whose ids are a multiple of 65,536 apart share their keys (their planners
+  wait for each other; reconcile takes one's running slot for the other's, whose job it
+  then adds once that run ends);
 - two-integer keys: (namespace, number).
 
 | namespace | kind | held by | for |
@@ -28,7 +32,7 @@ IDEMPOTENCY_KEY = 0x510A
 
 
 def _bigint_key(namespace: int, limit_id: int, number: int) -> int:
-    return namespace << 47 | limit_id << 31 | number % 2**31
+    return namespace << 47 | (limit_id % 2**16) << 31 | number % 2**31
 
 
 def window_key(limit_id: int, window_number: int) -> int:

@@ -41,9 +41,11 @@ class TaskStatus(StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # Not planned: its plan would have gone past the horizon (its `error` says how far).
+    REFUSED = "refused"
 
 
-FINISHED = (TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED)
+FINISHED = (TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.REFUSED)
 # Not planned yet: planning may (still) run for these.
 UNPLANNED = (TaskStatus.RECEIVED, TaskStatus.PLANNING)
 
@@ -84,12 +86,15 @@ class Limit(db.Model):
         CheckConstraint("rpm >= 1", name="rpm"),
     )
 
-    id: Mapped[int] = mapped_column(SmallInteger, Identity(start=1), primary_key=True)
+    id: Mapped[int] = mapped_column(Integer, Identity(start=1), primary_key=True)
     name: Mapped[str] = mapped_column(String(63))
     rpm: Mapped[int] = mapped_column(Integer)
     processor: Mapped[str] = mapped_column(String(255))
     options: Mapped[dict] = mapped_column(JSONB, server_default=text("'{}'::jsonb"), default=dict)
     paused: Mapped[bool] = mapped_column(Boolean, server_default=text("false"), default=False)
+    # When a process found its destination outside what the deployment allows (see
+    # service/limits/held.py); null again once one finds it allowed.
+    held_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
@@ -110,7 +115,7 @@ class IdTask(db.Model):
     task_name: Mapped[str] = mapped_column(String(255))
     # Null once its limit was deleted (a limit goes only when none of its IDs waits).
     limit_id: Mapped[int | None] = mapped_column(
-        SmallInteger, ForeignKey("limits.id", ondelete="SET NULL")
+        Integer, ForeignKey("limits.id", ondelete="SET NULL")
     )
     limit: Mapped[Limit | None] = relationship(lazy="joined")
 
@@ -127,6 +132,8 @@ class IdTask(db.Model):
     not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     first_slot: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_slot: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Why a refused task was not planned.
+    error: Mapped[str | None] = mapped_column(Text)
     date_created: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
@@ -140,7 +147,7 @@ class IdTask(db.Model):
 
     @property
     def pending(self) -> int:
-        if self.status == TaskStatus.CANCELLED:
+        if self.status in (TaskStatus.CANCELLED, TaskStatus.REFUSED):
             return 0
         return self.total - self.done - self.failed
 
@@ -181,7 +188,7 @@ class Slot(db.Model):
     __tablename__ = "slots"
 
     limit_id: Mapped[int] = mapped_column(
-        SmallInteger, ForeignKey("limits.id", ondelete="CASCADE"), primary_key=True
+        Integer, ForeignKey("limits.id", ondelete="CASCADE"), primary_key=True
     )
     slot_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
     load: Mapped[int] = mapped_column(Integer, server_default="0")
@@ -229,7 +236,7 @@ class Assignment(db.Model):
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(BigInteger)
     # The task's limit, kept here so that a slot's claims read one index.
-    limit_id: Mapped[int] = mapped_column(SmallInteger)
+    limit_id: Mapped[int] = mapped_column(Integer)
     slot_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     status: Mapped[str] = mapped_column(String(16), default=AssignmentStatus.PENDING)
     attempts: Mapped[int] = mapped_column(SmallInteger, server_default="0")
@@ -288,3 +295,33 @@ class IdempotencyKey(db.Model):
     content_type: Mapped[str | None] = mapped_column(String(255))
     body: Mapped[bytes | None] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class TokenScope(StrEnum):
+    """What a token may do; each scope allows all that the ones before it allow."""
+
+    READ = "read"
+    SUBMIT = "submit"
+    ADMIN = "admin"
+
+
+class ApiToken(db.Model):
+    """A token a client presents, kept only as its SHA-256 digest (service/web/tokens.py).
+
+    The token itself is shown once, when it is created, and stored nowhere.
+    """
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (
+        UniqueConstraint("name"),
+        UniqueConstraint("digest"),
+        CheckConstraint(_in("scope", TokenScope), name="scope"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, Identity(start=1), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    scope: Mapped[str] = mapped_column(String(8))
+    digest: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # Written at most once a minute per token, not on every request.
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

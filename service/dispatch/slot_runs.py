@@ -35,6 +35,7 @@ from service.processors.contract import (
     load_processor,
     longest_call,
     refusing,
+    why_held,
 )
 
 # The package's name, as before the package existed: log filters select slot runs by it.
@@ -69,6 +70,7 @@ class SlotRun:
     lateness_seconds: float  # from the slot's start to this run's first claim
     paused: bool = False  # its limit was paused: it stopped claiming, or never began
     stopped_before_start: bool = False  # its worker was asked to stop while it waited
+    held: bool = False  # its limit's destination is not allowed here: it never began
 
     @property
     def processed(self) -> int:
@@ -83,14 +85,18 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
     adds helper jobs for the same slot, which share its IDs through the same claims and
     turns. Stops early, handing back what it has claimed but not processed, when its
     worker is asked to shut down. Claims nothing once its limit is paused, which it
-    asks before each claim: the IDs left stay pending for the resume to plan again.
-    PostgreSQL going away mid-slot is ridden out: the job waits for it and goes on.
+    asks before each claim: the IDs left stay pending for the resume to plan again; nor
+    when its limit is held (service/limits/held.py). PostgreSQL going away mid-slot is
+    ridden out: the job waits for it and goes on.
     """
     limit = limits.find(limit_name)
     if limit is None:  # deleted: none of its IDs was waiting
         return SlotRun(limit_name, start, 0, 0, 0, 0, 0.0)
     slot = SlotOfLimit.of(limit, start, deployment_id())
     processor = _processor_to_run(slot.processor)
+    held = why_held(processor, slot.options)
+    if held:
+        return _hold(slot, held)
     # Neither may change while this slot's IDs wait (MAX_ATTEMPTS may, but a change
     # applying from the next slot is soon enough), so they are read once per run.
     settings = shared()
@@ -225,6 +231,22 @@ class _Claims:
         self.claimer.take_again()
         self.calls.record_finished()
         claimers.release_held_by(self.claimer.id)
+
+
+def _hold(slot: SlotOfLimit, reason: str) -> SlotRun:
+    """A held limit's slot claims nothing, as a paused one's: its IDs stay pending, to
+    be planned again once its destination is allowed. The limit is marked held, so that
+    the process that first finds it allowed knows to."""
+    limits.mark_held(slot.limit_id)
+    db.session.commit()
+    log.warning(
+        "slot %s of %s: nothing claimed, its limit is held: %s",
+        slot.start.isoformat(),
+        slot.limit_name,
+        reason,
+        extra={"fields": {"limit": slot.limit_name, "slot": slot.start.isoformat()}},
+    )
+    return SlotRun(slot.limit_name, slot.start, 0, 0, 0, 0, 0.0, held=True)
 
 
 def _log_run(run: SlotRun) -> None:

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from service.core.errors import Conflict, Refused
 from service.core.extensions import db
 from service.core.models import Limit
-from service.limits import store
+from service.limits import held, store
 from service.processors.contract import NOT_MARKED, is_processor, load_processor
 
 
@@ -114,5 +114,6 @@ def _answer(limit: Limit, counts: dict) -> dict:
         "processor": limit.processor,
         "options": limit.options,
         "paused": limit.paused,
+        "held": held.reason_of(limit),
         **counts.get(limit.id, {"pending": 0, "done": 0, "failed": 0}),
     }

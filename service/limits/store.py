@@ -155,6 +155,15 @@ def active_limits() -> list[Limit]:
     return db.session.scalars(select(Limit).where(Limit.paused.is_(False)).order_by(Limit.id)).all()
 
 
+def mark_held(limit_id: int) -> None:
+    """Record that a limit was found held (service/limits/held.py), once: the mark keeps
+    the moment it was first found so. The caller commits."""
+    db.session.execute(
+        text("UPDATE limits SET held_since = now() WHERE id = :id AND held_since IS NULL"),
+        {"id": limit_id},
+    )
+
+
 def all_names() -> list[str]:
     return list(db.session.scalars(select(Limit.name).order_by(Limit.name)))
 
@@ -182,7 +191,7 @@ def subtract_loads(released: dict[tuple[int, datetime], int]) -> None:
     params = {"limits": limit_ids, "slots": slots}
     db.session.execute(
         text(
-            "SELECT 1 FROM slots JOIN unnest(CAST(:limits AS smallint[]), "
+            "SELECT 1 FROM slots JOIN unnest(CAST(:limits AS int[]), "
             "  CAST(:slots AS timestamptz[])) AS r(limit_id, slot) "
             "  ON slots.limit_id = r.limit_id AND slots.slot_start = r.slot "
             "ORDER BY slots.limit_id, slots.slot_start FOR UPDATE OF slots"
@@ -192,7 +201,7 @@ def subtract_loads(released: dict[tuple[int, datetime], int]) -> None:
     db.session.execute(
         text(
             "UPDATE slots SET load = slots.load - r.n "
-            "FROM unnest(CAST(:limits AS smallint[]), CAST(:slots AS timestamptz[]), "
+            "FROM unnest(CAST(:limits AS int[]), CAST(:slots AS timestamptz[]), "
             "  CAST(:counts AS int[])) AS r(limit_id, slot, n) "
             "WHERE slots.limit_id = r.limit_id AND slots.slot_start = r.slot"
         ),

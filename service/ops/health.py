@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
@@ -19,10 +21,13 @@ from redis.exceptions import RedisError
 from sqlalchemy.engine import make_url
 
 from service.core.extensions import probe_redis
+from service.limits import held
 
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_SECONDS = 2
+# The destinations check names at most this many held limits.
+HELD_NAMED = 10
 
 
 @dataclass(frozen=True)
@@ -42,22 +47,34 @@ class Readiness:
 
 
 def readiness() -> Readiness:
-    """PostgreSQL answers, its schema is at the migrations' head, Redis answers."""
+    """PostgreSQL answers, its schema is at the migrations' head, Redis answers; and,
+    as a report that never makes the process not ready, the limits held because their
+    destination is not allowed here."""
     started = time.perf_counter()
     try:
         applied = applied_revisions()
     except psycopg.Error as error:
         database = Check(False, _reason(error))
         schema = Check(False, "not checked: PostgreSQL did not answer")
+        destinations = Check(True, "not checked: PostgreSQL did not answer")
     else:
         database = Check(True, f"answered in {_ms_since(started)} ms")
         heads = migration_heads(current_app.extensions["migrate"].directory)
         schema = _schema_check(applied, heads)
-    return Readiness({"database": database, "migrations": schema, "redis": _redis_check()})
+        destinations = _destinations_check()
+    return Readiness(
+        {
+            "database": database,
+            "migrations": schema,
+            "redis": _redis_check(),
+            "destinations": destinations,
+        }
+    )
 
 
-def applied_revisions() -> set[str]:
-    """The revisions Alembic recorded in the database (none before the first upgrade)."""
+@contextmanager
+def _probe_connection() -> Iterator[psycopg.Connection]:
+    """A connection of the probe's own, with short timeouts."""
     # libpq's own URL, not SQLAlchemy's with its driver name.
     url = make_url(current_app.config["SQLALCHEMY_DATABASE_URI"]).set(drivername="postgresql")
     with psycopg.connect(
@@ -66,11 +83,36 @@ def applied_revisions() -> set[str]:
         autocommit=True,
     ) as connection:
         connection.execute(f"SET statement_timeout = {CHECK_TIMEOUT_SECONDS * 1000}")
+        yield connection
+
+
+def applied_revisions() -> set[str]:
+    """The revisions Alembic recorded in the database (none before the first upgrade)."""
+    with _probe_connection() as connection:
         try:
             rows = connection.execute("SELECT version_num FROM alembic_version").fetchall()
         except psycopg.errors.UndefinedTable:
             return set()
     return {revision for (revision,) in rows}
+
+
+def _destinations_check() -> Check:
+    """Always ok: a held limit waits, it does not stop the service. Names the held
+    limits (public: never their URLs or why), HELD_NAMED at most."""
+    try:
+        with _probe_connection() as connection:
+            rows = connection.execute("SELECT name, processor, options FROM limits").fetchall()
+    except psycopg.Error as error:
+        return Check(True, f"not checked: {_reason(error)}")
+    names = sorted(name for name, processor, options in rows if held.reason(processor, options))
+    if not names:
+        return Check(True, "no limit held")
+    shown = ", ".join(names[:HELD_NAMED])
+    more = f" and {len(names) - HELD_NAMED} more" if len(names) > HELD_NAMED else ""
+    return Check(
+        True,
+        f"held, their destination not allowed here (see GET /limits/<name>/): {shown}{more}",
+    )
 
 
 @cache

@@ -212,6 +212,7 @@ def _redis_figures():
         yield depth
         yield GaugeMetricFamily(
             "slotted_scheduled_slot_jobs",
-            "Slot jobs waiting in rq-scheduler for their time",
+            "Slot jobs waiting in rq-scheduler for their time: those of the slots starting "
+            "within SCHEDULE_AHEAD_MINUTES (later slots get theirs as time passes)",
             value=Scheduler(queue_name=SLOTS_QUEUE, connection=redis).count(),
         )

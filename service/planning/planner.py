@@ -10,10 +10,14 @@ Two rules, applied to IDs in submission order over the open slots of a window:
 when the window is full, leaving the remaining IDs for the next window (overflow "defer").
 Both are lazy: one ID is taken from the input per pair yielded, and nothing is held but
 the window's loads, so ten million IDs plan in the memory of ten.
+
+The grid also tells, by arithmetic alone, whether IDs filling slots in time order would
+go past the plan's horizon (`overreach`), from how many places its slots have taken.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -98,12 +102,14 @@ class SlotGrid:
 
     Slots are `slot_seconds` long; windows are `window_slots` slots long and aligned to
     multiples of their length since the Unix epoch (with the defaults: the hour's four
-    quarters). A slot is open while its start is more than `lead_seconds` ahead.
+    quarters). A slot is open while its start is more than `lead_seconds` ahead and, with
+    a `horizon_seconds`, at most that far ahead: a plan never reaches past its horizon.
     """
 
     slot_seconds: int = 60
     window_slots: int = 15
     lead_seconds: float = 2.0
+    horizon_seconds: float | None = None
 
     @property
     def slot_length(self) -> timedelta:
@@ -132,10 +138,13 @@ class SlotGrid:
         return [start + i * self.slot_length for i in range(self.window_slots)]
 
     def is_open(self, slot: datetime, now: datetime, not_before: datetime | None = None) -> bool:
-        """Starts more than the lead after `now`, and not before `not_before`: the lead is
-        about the time left to write the plan, which a later start does not change."""
-        ahead = (slot - _utc(now)).total_seconds() > self.lead_seconds
-        return ahead and (not_before is None or slot >= _utc(not_before))
+        """Starts more than the lead after `now`, by the horizon, and not before
+        `not_before`: the lead is about the time left to write the plan, which a later
+        start does not change."""
+        ahead = (slot - _utc(now)).total_seconds()
+        by_horizon = self.horizon_seconds is None or ahead <= self.horizon_seconds
+        started = not_before is None or slot >= _utc(not_before)
+        return self.lead_seconds < ahead and by_horizon and started
 
     def open_slots(
         self, window: datetime, now: datetime, not_before: datetime | None = None
@@ -150,6 +159,76 @@ class SlotGrid:
         start = max(_utc(now), _utc(not_before)) if not_before else now
         window = self.window_of(start)
         return window if self.open_slots(window, now, not_before) else self.next_window(window)
+
+    def first_open_slot(self, now: datetime, not_before: datetime | None = None) -> datetime:
+        """The earliest slot open at `now`, the horizon aside."""
+        first = self.slot_of(_utc(now) + timedelta(seconds=self.lead_seconds)) + self.slot_length
+        if not_before is None:
+            return first
+        start = self.slot_of(not_before)
+        return max(first, start if start == _utc(not_before) else start + self.slot_length)
+
+    def last_slot_by_horizon(self, now: datetime) -> datetime:
+        """The last slot that starts by the horizon (the grid must have one)."""
+        return self.slot_of(_utc(now) + timedelta(seconds=self.horizon_seconds))
+
+    def spread_window(
+        self, now: datetime, not_before: datetime | None, min_open: int
+    ) -> datetime | None:
+        """The window a spread task's overflow goes to: the first from the target window
+        with `min_open` open slots (so always within two windows, unless the lead or the
+        horizon cuts them); None when none starts by the horizon."""
+        window = self.target_window(now, not_before)
+        while window <= self.last_slot_by_horizon(now):
+            if len(self.open_slots(window, now, not_before)) >= min_open:
+                return window
+            window = self.next_window(window)
+        return None
+
+    def open_span(self, now: datetime, not_before: datetime | None) -> tuple[datetime, datetime]:
+        """The first slot open at `now` and the last by the horizon: every slot from one
+        to the other is open (none is, when the first comes after the last)."""
+        return self.first_open_slot(now, not_before), self.last_slot_by_horizon(now)
+
+    def places_by_horizon(self, now: datetime, not_before: datetime | None, rpm: int) -> int:
+        """The places below `rpm` of the slots open at `now` up to the horizon, were
+        they empty."""
+        return self.slots_between(*self.open_span(now, not_before)) * rpm
+
+    def past_the_horizon(
+        self, now: datetime, not_before: datetime | None, ids: int, rpm: int
+    ) -> datetime:
+        """The slot the last of `ids` IDs left over at the horizon would need, filling the
+        slots after it up to `rpm`. They are counted empty, since no new plan reaches
+        there: the slot named is the earliest that last ID could have."""
+        first, last = self.open_span(now, not_before)
+        after = max(first, last + self.slot_length)
+        return after + (math.ceil(ids / rpm) - 1) * self.slot_length
+
+    def slots_between(self, first: datetime, last: datetime) -> int:
+        """How many slots start from `first` to `last`, both included."""
+        return max(0, (last - first) // self.slot_length + 1)
+
+
+@dataclass(frozen=True)
+class Overreach:
+    """A plan that goes past its horizon: how many of its IDs fit by it, and the slot its
+    last ID would need."""
+
+    fit: int
+    last_slot: datetime
+
+
+def overreach(
+    grid: SlotGrid, now: datetime, not_before: datetime | None, ids: int, rpm: int, placed: int
+) -> Overreach | None:
+    """Whether `ids` IDs filling the open slots in time order, up to `rpm` each, go past
+    the grid's horizon when `placed` of the places below RPM by it are taken already;
+    None when they all fit."""
+    free = max(0, grid.places_by_horizon(now, not_before, rpm) - placed)
+    if ids <= free:
+        return None
+    return Overreach(free, grid.past_the_horizon(now, not_before, ids - free, rpm))
 
 
 def _utc(moment: datetime) -> datetime:

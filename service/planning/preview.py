@@ -1,10 +1,10 @@
 """Plan previews: where a task's IDs would land if it were submitted now.
 
-The same planner, rules and loads as real planning, with nothing stored and no lock that
-a submitter or a planner would wait for: the IDs are de-duplicated in a temporary table
-as a task's are in its own chunks, the loads are read without locking, the settings are
-read without share-locking them, and the transaction is rolled back at the end. Only
-per-slot counters stay in memory, however many IDs come.
+The same planner, rules, loads and horizon as real planning, with nothing stored and no
+lock that a submitter or a planner would wait for: the IDs are de-duplicated in a
+temporary table as a task's are in its own chunks, the loads are read without locking,
+the settings are read without share-locking them, and the transaction is rolled back at
+the end. Only per-slot counters stay in memory, however many IDs come.
 """
 
 from __future__ import annotations
@@ -12,17 +12,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 
-from service.core.extensions import db, raw_connection
+from service.core.extensions import db
 from service.core.models import Limit, Overflow
 from service.limits import store as limits
 from service.limits.settings import shared
+from service.planning import horizon
 from service.planning.store import database_now
 from service.planning.windows import WindowPlanner
-from service.tasks.store import read_ids, store_distinct_ids
+from service.tasks.store import STAGED_TASK, read_ids, stage_ids
 
 PREVIEW_CHUNKS = "preview_id_chunks"
-# The temporary table holds one set of IDs: any task id will do.
-PREVIEW_TASK = 0
 
 
 class PreviewPlanner(WindowPlanner):
@@ -39,7 +38,7 @@ class PreviewPlanner(WindowPlanner):
     def _limit(self, limit_id: int) -> Limit:
         return limits.by_id(limit_id)
 
-    def _lock(self, window: datetime) -> None:
+    def _lock(self, span: list[datetime]) -> None:
         """Nothing is written, so no other planner needs to wait for this one."""
 
     def _loads(self, slots: list[datetime]) -> list[int]:
@@ -74,13 +73,23 @@ def preview_plan(
     overflow = overflow or Overflow.SPREAD
     try:
         # Read before the rollback, which may take a default limit just recorded with it.
-        limit_id, limit_name = _id_and_name(limits.named_by_request(limit))
-        submitted, distinct = _stage(ids)
+        chosen = limits.named_by_request(limit)
+        limit_id, limit_name = _id_and_name(chosen)
+        # The distinct IDs in a temporary table, gone with the transaction.
+        staged = stage_ids(ids, PREVIEW_CHUNKS)
+        submitted, distinct = staged.submitted, staged.distinct
         now = now or database_now()
+        # Before planning: a plan past the horizon may be years of slots long.
+        horizon.check(chosen, overflow, not_before, distinct, now)
         planner = PreviewPlanner(
-            limit_id, overflow, now, expected_ids=distinct, not_before=not_before
+            limit_id,
+            overflow,
+            now,
+            expected_ids=distinct,
+            not_before=not_before,
+            horizon_days=horizon.horizon_days(),
         )
-        planner.plan(read_ids(db.session.connection(), PREVIEW_CHUNKS, PREVIEW_TASK), _count)
+        planner.plan(read_ids(db.session.connection(), PREVIEW_CHUNKS, STAGED_TASK), _count)
     finally:
         db.session.rollback()
     slots = planner.slots()
@@ -101,13 +110,6 @@ def preview_plan(
 
 def _id_and_name(limit: Limit) -> tuple[int, str]:
     return limit.id, limit.name
-
-
-def _stage(ids: Iterable[int]) -> tuple[int, int]:
-    """The distinct IDs in a temporary table, gone with the transaction."""
-    with raw_connection().cursor() as cur:
-        cur.execute(f"CREATE TEMP TABLE {PREVIEW_CHUNKS} (LIKE task_id_chunks) ON COMMIT DROP")
-        return store_distinct_ids(cur, PREVIEW_CHUNKS, PREVIEW_TASK, ids)
 
 
 def _count(pairs: Iterator, slots: list[datetime]) -> list[int]:

@@ -10,6 +10,9 @@ order): a resume never becomes a burst. IDs in slots still open keep them.
 The flag and the plan change together: a resume that dies half way leaves the limit
 paused and its plan as it was, and resuming again does the whole of it. Resuming a
 limit that runs changes nothing.
+
+A held limit (service/limits/held.py) is let go the same way once it is allowed: by a
+change of its options, or by `release` when this process's settings allow it.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from sqlalchemy import select
 
 from service.core.extensions import db
 from service.core.models import IdTask, Limit
-from service.jobs import schedule_slots
+from service.jobs import schedule_ahead, schedule_slots
+from service.limits import held
 from service.limits import services as limit_services
 from service.limits import store as limits
 from service.limits.store import subtract_loads
 from service.planning import store
+from service.planning.reading import slot_grid
 from service.planning.retries import replan_in_place
 from service.planning.store import database_now
 
@@ -36,6 +41,13 @@ from service.planning.store import database_now
 def pause(name: str) -> None:
     """Stop a limit's slots from running; IDs a slot job has claimed already finish."""
     change_limit(name, {"paused": True})
+
+
+def release(name: str, now: datetime | None = None) -> int:
+    """Let a limit found held go, now that this process's settings allow it: its IDs
+    whose slot passed meanwhile are planned again from now, as a resume plans them;
+    returns how many."""
+    return change_limit(name, {}, now).replanned
 
 
 def resume(name: str, now: datetime | None = None) -> int:
@@ -64,20 +76,41 @@ class LimitChange:
 
 def change_limit(name: str, changes: dict, now: datetime | None = None) -> LimitChange:
     """Change a limit's fields, pausing or resuming it; the slots a resume planned into
-    get their jobs once it has committed."""
-    resuming = changes.get("paused") is False
+    get their jobs once it has committed.
+
+    A held limit (service/limits/held.py) that runs after the change (its new options
+    are allowed, or the settings allow it now) is let go as a resume lets a paused one
+    go: its overdue IDs are planned again from now."""
+    before = limits.get_limit(name)
+    resuming = changes.get("paused") is False or held.was_held(before)
     # Task rows are locked before the limit's row, in the order the retry planner takes them.
-    overdue = _lock_overdue_tasks(limits.get_limit(name).id, now) if resuming else None
+    overdue = _lock_overdue_tasks(before.id, now) if resuming else None
     limit = limits.get_limit(name, limits.CHANGE)
+    stopped = limit.paused or held.was_held(limit)
     limit_services.change_fields(limit, changes)
+    runs = not changes.get("paused", limit.paused) and held.reason_of(limit) is None
     replanned, slots = 0, set()
-    if overdue is not None and limit.paused:
+    if overdue is not None and stopped and runs:
         replanned, slots = _replan_overdue(limit, overdue, now)
+        slots |= _pending_within_reach(limit.id, overdue.cutoff)
     if "paused" in changes:
         limit.paused = changes["paused"]
+    if runs:
+        limit.held_since = None
     db.session.commit()
-    schedule_slots(limit.name, slots)
+    schedule_slots(limit.name, slots, now)
     return LimitChange(limit, replanned)
+
+
+def _pending_within_reach(limit_id: int, since: datetime) -> set[datetime]:
+    """The slots after `since` holding pending IDs that rq-scheduler should hold jobs
+    for: reconcile skipped them while the limit was paused, and the next run may come
+    too late for the first of them."""
+    grid = slot_grid()
+    start = grid.slot_of(since)
+    count = schedule_ahead() // grid.slot_length + 1
+    near = [start + number * grid.slot_length for number in range(count)]
+    return limits.slots_with_pending_ids(limit_id, near)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Planning's SQL, every statement in one place: the database's clock, window locks,
-slot loads, new assignments (COPY), rows moved to other slots, and the rows that
-retries and resumes plan again.
+slot loads and the places they have taken by the horizon, new assignments (COPY), rows
+moved to other slots, and the rows that retries and resumes plan again.
 
 Statuses are bound as parameters. Each function runs in the session's transaction
 and leaves it to its caller.
@@ -20,13 +20,27 @@ PENDING = {"pending": AssignmentStatus.PENDING}
 RETRYING = {"retrying": AssignmentStatus.RETRYING}
 
 NOW = text("SELECT clock_timestamp()")
-LOCK_WINDOW = text("SELECT pg_advisory_xact_lock(:key)")
-LOADS = text(
-    "SELECT slot_start, load FROM slots WHERE limit_id = :limit AND slot_start = ANY(:slots)"
+# In the keys' order, which is the windows' time order.
+LOCK_WINDOWS = text(
+    "SELECT count(pg_advisory_xact_lock(key)) FROM unnest(CAST(:keys AS bigint[])) AS key"
 )
+# A range read of the slots' key: an array of every slot would cost more to send than
+# the read itself, for the thousands of slots of a long plan.
+LOADS = text(
+    "SELECT slot_start, load FROM slots "
+    "WHERE limit_id = :limit AND slot_start BETWEEN :first AND :last"
+)
+# The places below RPM that a limit's slots from :first to :last have taken.
+PLACED = text(
+    "SELECT coalesce(sum(least(load, :rpm)), 0) FROM slots "
+    "WHERE limit_id = :limit AND slot_start BETWEEN :first AND :last"
+)
+# Slots by their start in whole seconds since the epoch: integers travel faster than
+# timestamps, which counts for the thousands of slots of a long plan.
 ADD_LOADS = text(
     "INSERT INTO slots (limit_id, slot_start, load) "
-    "SELECT :limit, * FROM unnest(CAST(:slots AS timestamptz[]), CAST(:loads AS int[])) "
+    "SELECT :limit, to_timestamp(u.start), u.load "
+    "FROM unnest(CAST(:starts AS bigint[]), CAST(:loads AS int[])) AS u(start, load) "
     "ON CONFLICT (limit_id, slot_start) DO UPDATE SET load = slots.load + EXCLUDED.load"
 )
 # COPY needs psycopg's own cursor: the one statement here in its style.
@@ -65,20 +79,33 @@ def database_now() -> datetime:
     return db.session.execute(NOW).scalar().astimezone(UTC)
 
 
-def lock_window(key: int) -> None:
-    """Until the transaction ends; `key` is `locks.window_key`."""
-    db.session.execute(LOCK_WINDOW, {"key": key})
+def lock_windows(keys: list[int]) -> None:
+    """Until the transaction ends, in one round trip; `keys` are `locks.window_key`s in
+    time order."""
+    db.session.execute(LOCK_WINDOWS, {"keys": keys})
+
+
+def placed_below_rpm(limit_id: int, first: datetime, last: datetime, rpm: int) -> int:
+    """How many places below `rpm` the limit's slots from `first` to `last` hold taken:
+    a slot's load, or `rpm` for a slot above it. One range read of the slots' key."""
+    return db.session.scalar(PLACED, {"limit": limit_id, "first": first, "last": last, "rpm": rpm})
 
 
 def loads(limit_id: int, slots: list[datetime]) -> dict[datetime, int]:
-    """The loads of those of the slots that hold any."""
-    return dict(db.session.execute(LOADS, {"limit": limit_id, "slots": slots}).all())
+    """The loads of the slots from the first of `slots` to the last that hold any."""
+    params = {"limit": limit_id, "first": slots[0], "last": slots[-1]}
+    return dict(db.session.execute(LOADS, params).all())
 
 
 def add_loads(limit_id: int, used: list[tuple[datetime, int]]) -> None:
+    """Add to the loads of slots, which start at whole seconds."""
     db.session.execute(
         ADD_LOADS,
-        {"limit": limit_id, "slots": [slot for slot, _ in used], "loads": [n for _, n in used]},
+        {
+            "limit": limit_id,
+            "starts": [int(slot.timestamp()) for slot, _ in used],
+            "loads": [n for _, n in used],
+        },
     )
 
 

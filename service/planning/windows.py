@@ -11,11 +11,11 @@ Retries of failed IDs go through the same windows, locks and rules.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 
-from flask import current_app
 from sqlalchemy import update
 
 from service.core import locks
@@ -26,12 +26,15 @@ from service.jobs import schedule_slots
 from service.limits import store as limits
 from service.limits.settings import shared
 from service.planning import store
-from service.planning.planner import EPOCH, distribute, fill
-from service.planning.reading import slot_grid
+from service.planning.horizon import PastTheHorizon, horizon_days, planning_grid
+from service.planning.planner import EPOCH, Overreach, distribute, fill
 from service.tasks.store import ID_CHUNKS, get_task, read_ids
 
-# ((position, user_id), slot index) pairs and the window's open slots -> rows written.
+# ((position, user_id), slot index) pairs and the open slots planned into -> rows written.
 Writer = Callable[[Iterator, list[datetime]], list[int]]
+# IDs filled in time order take at most this many windows per round trip (their locks,
+# loads, COPY and new loads), so a long plan costs a few statements, not a few a window.
+MAX_SPAN_WINDOWS = 1000
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,9 @@ def plan_stored_task(task_id: int, now: datetime | None = None) -> PlanOutcome:
 
     A task planned already is left as it is. `now` fixes the planning time (tests); by
     default the database's clock is read after each window lock is taken, so time spent
-    waiting for a lock never plans into a slot that has started meanwhile.
+    waiting for a lock never plans into a slot that has started meanwhile. A task that
+    would go past the horizon (other tasks took the capacity it was admitted with) is
+    refused: nothing of its plan stays, and its `error` says why.
     """
     _mark_planning(task_id)
     try:
@@ -61,20 +66,41 @@ def plan_stored_task(task_id: int, now: datetime | None = None) -> PlanOutcome:
         db.session.rollback()
         return PlanOutcome(task_id, skipped=f"already {task.status}")
     planner = WindowPlanner(
-        task.limit_id, task.overflow, now, expected_ids=task.total, not_before=task.not_before
+        task.limit_id,
+        task.overflow,
+        now,
+        expected_ids=task.total,
+        not_before=task.not_before,
+        horizon_days=horizon_days(),
     )
+    try:
+        # Undone alone on a refusal, so that the task's row lock holds until it is marked.
+        with db.session.begin_nested():
+            _plan_ids(task, planner)
+    except PastTheHorizon as refusal:
+        return _refuse(task, refusal)
+    task.planned = planner.planned
+    task.first_slot, task.last_slot = min(planner.used_slots), max(planner.used_slots)
+    task.status = TaskStatus.SCHEDULED
+    db.session.commit()
+    schedule_slots(planner.limit.name, planner.used_slots, now)
+    return PlanOutcome(task_id, planner.planned, task.first_slot, task.last_slot)
+
+
+def _plan_ids(task: IdTask, planner: WindowPlanner) -> None:
     # The IDs stream from a connection of their own, so that each window's rows go out
     # in one COPY that PostgreSQL ingests while Python computes the next ones. They are
     # committed and cannot change meanwhile: changing them takes the task row lock.
     with db.engine.connect() as reader:
         ids = read_ids(reader, ID_CHUNKS, task.id)
         planner.plan(ids, _copy_writer(task.id, task.limit_id))
-    task.planned = planner.planned
-    task.first_slot, task.last_slot = min(planner.used_slots), max(planner.used_slots)
-    task.status = TaskStatus.SCHEDULED
+
+
+def _refuse(task: IdTask, refusal: PastTheHorizon) -> PlanOutcome:
+    task.status = TaskStatus.REFUSED
+    task.error = f"not planned: {refusal.message}"
     db.session.commit()
-    schedule_slots(planner.limit.name, planner.used_slots)
-    return PlanOutcome(task_id, planner.planned, task.first_slot, task.last_slot)
+    return PlanOutcome(task.id, skipped=task.error)
 
 
 def _mark_planning(task_id: int) -> None:
@@ -114,7 +140,9 @@ class WindowPlanner:
     PLAN_LEAD_SECONDS plus the time `expected_ids` take at PLANNING_RATE, so a big task
     never puts IDs into a slot that starts while its rows are still being written.
     With `not_before`, planning starts at the window holding it and never uses a slot
-    that starts earlier; the lead still counts from now.
+    that starts earlier; the lead still counts from now. With `horizon_days`, no slot
+    starting later than that after now is open, and IDs left over there raise
+    PastTheHorizon.
     """
 
     def __init__(
@@ -124,31 +152,75 @@ class WindowPlanner:
         now: datetime | None,
         expected_ids: int = 0,
         not_before: datetime | None = None,
+        horizon_days: int | None = None,
     ):
         values = self._settings()
         self.limit = self._limit(limit_id)
-        grid = slot_grid(values)
-        writing = expected_ids / current_app.config["PLANNING_RATE"]
-        self.grid = replace(grid, lead_seconds=grid.lead_seconds + writing)
+        self.grid = planning_grid(values, expected_ids, horizon_days)
+        self.horizon_days = horizon_days
         self.rpm = self.limit.rpm
         self.spread_min_open_slots = values["SPREAD_MIN_OPEN_SLOTS"]
         self.overflow, self.fixed_now, self.not_before = overflow, now, not_before
+        self.expected_ids = expected_ids
         self.planned = 0
         self.used_slots: set[datetime] = set()
 
     def plan(self, ids: Iterator, write: Writer) -> None:
-        window = self.grid.target_window(self._now(), self.not_before)
-        while not self._plan_window(ids, window, write):
-            window = self.grid.next_window(window)
+        started = self._now()
+        window = self.grid.target_window(started, self.not_before)
+        while self._may_plan_into(window, started):
+            span = self._span(window, started)
+            if self._plan_span(ids, span, write):
+                return
+            window = self.grid.next_window(span[-1])
 
-    def _plan_window(self, ids: Iterator, window: datetime, write: Writer) -> bool:
-        """Plan into one window; True once no ID is left for the next.
+    def _may_plan_into(self, window: datetime, started: datetime) -> bool:
+        """Whether `window` starts by the horizon. Past it, IDs left over (with a horizon,
+        `expected_ids` counts them all) raise PastTheHorizon; with none left, the plan is
+        done (the last ones filled the last places)."""
+        if self.grid.horizon_seconds is None or window <= self._horizon_slot(started):
+            return True
+        if self.planned < self.expected_ids:
+            raise self._past_the_horizon(started)
+        return False
 
-        Fill may use any open slot. The overflow is spread here only while enough
-        slots are open (SPREAD_MIN_OPEN_SLOTS), so that a task is never crowded into
-        the last minutes of a window; otherwise it moves on to the next window.
+    def _horizon_slot(self, started: datetime) -> datetime | None:
+        if self.grid.horizon_seconds is None:
+            return None
+        return self.grid.last_slot_by_horizon(started)
+
+    def _span(self, window: datetime, started: datetime) -> list[datetime]:
+        """The windows to plan into next, from `window` on: one; or, for IDs that fill
+        slots in time order (overflow defer), as many as the IDs left would fill if the
+        slots were empty, up to MAX_SPAN_WINDOWS and the horizon."""
+        last = self._horizon_slot(started)
+        if self.overflow == Overflow.SPREAD:
+            return [window]
+        per_window = self.rpm * self.grid.window_slots
+        wanted = min(MAX_SPAN_WINDOWS, math.ceil((self.expected_ids - self.planned) / per_window))
+        span = [window]
+        while len(span) < wanted:
+            following = self.grid.next_window(span[-1])
+            if last is not None and following > last:
+                break
+            span.append(following)
+        return span
+
+    def _past_the_horizon(self, started: datetime) -> PastTheHorizon:
+        left = max(1, self.expected_ids - self.planned)
+        last_slot = self.grid.past_the_horizon(started, self.not_before, left, self.rpm)
+        reach = Overreach(self.planned, last_slot)
+        return PastTheHorizon(reach, self.expected_ids, self.not_before, started, self.horizon_days)
+
+    def _plan_span(self, ids: Iterator, span: list[datetime], write: Writer) -> bool:
+        """Plan into the open slots of the span's windows; True once no ID is left for
+        the next ones.
+
+        Fill may use any open slot. The overflow is spread here (a span of one window)
+        only while enough slots are open (SPREAD_MIN_OPEN_SLOTS), so that a task is never
+        crowded into the last minutes of a window; otherwise it moves on to the next.
         """
-        slots = self._open_slots(window)
+        slots = self._open_slots(span)
         if not slots:
             return False
         loads = self._loads(slots)
@@ -156,7 +228,7 @@ class WindowPlanner:
             self._add_loads(slots, write(distribute(ids, loads, self.rpm), slots))
             return True
         room = sum(max(0, self.rpm - load) for load in loads)
-        # fill stops at a full window or at the last ID; fewer than room: the last.
+        # fill stops at full slots or at the last ID; fewer than room: the last.
         return self._add_loads(slots, write(fill(ids, loads, self.rpm), slots)) < room
 
     def _now(self) -> datetime:
@@ -169,14 +241,17 @@ class WindowPlanner:
     def _limit(self, limit_id: int) -> Limit:
         return limits.by_id(limit_id, limits.SHARE)  # so does a change of its RPM
 
-    def _open_slots(self, window: datetime) -> list[datetime]:
-        """The window's slots still open once it is locked."""
-        self._lock(window)
-        return self.grid.open_slots(window, self._now(), self.not_before)
+    def _open_slots(self, span: list[datetime]) -> list[datetime]:
+        """The span's slots still open once its windows are locked."""
+        self._lock(span)
+        now = self._now()
+        return [
+            slot for window in span for slot in self.grid.open_slots(window, now, self.not_before)
+        ]
 
-    def _lock(self, window: datetime) -> None:
-        number = (window - EPOCH) // self.grid.window_length
-        store.lock_window(locks.window_key(self.limit.id, number))
+    def _lock(self, span: list[datetime]) -> None:
+        numbers = [(window - EPOCH) // self.grid.window_length for window in span]
+        store.lock_windows([locks.window_key(self.limit.id, number) for number in numbers])
 
     def _loads(self, slots: list[datetime]) -> list[int]:
         known = store.loads(self.limit.id, slots)

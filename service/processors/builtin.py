@@ -3,8 +3,9 @@
 - `record_user`, a group processor: records each user in the database, in the
   transaction that records the outcomes;
 - `http_request`, a per-ID processor: one HTTP call per ID to the downstream its
-  options name (`url`, `method`, `timeout`), made concurrently from a pool of threads
-  over pooled keep-alive connections.
+  options name (`url`, `method`, `timeout`, and the name of a secret as
+  `authorization`), made concurrently from a pool of threads over pooled keep-alive
+  connections, only to destinations the deployment allows (service/core/destinations.py).
 
 Limits name them by their public paths, `workers.processors:record_user` and
 `workers.processors:http_request`.
@@ -20,10 +21,12 @@ from urllib.parse import urlsplit
 
 import httpx
 from flask import current_app
-from marshmallow import Schema, ValidationError, fields
-from marshmallow.validate import URL, OneOf, Range
+from marshmallow import Schema, ValidationError, fields, validates_schema
+from marshmallow.validate import URL, OneOf, Range, Regexp
 from sqlalchemy import text
 
+from service.core.config import SECRET_NAME, SECRET_VARIABLE
+from service.core.destinations import CachingResolver, Destination, NotAllowed, parse_url
 from service.core.extensions import db
 from service.processors.contract import Failure, per_id, processor
 
@@ -54,13 +57,64 @@ def _holds_id(url: str) -> None:
         raise ValidationError("must hold {id}, where each user ID goes")
 
 
+def destination_refusal(template: str) -> str | None:
+    """Why calls to a URL with {id} may not go where it says under this deployment's
+    settings (DOWNSTREAM_URLS, PROCESSOR_HTTP_URL), judged on its text; None when they
+    may (each call is judged again on the address its host resolves to)."""
+    try:
+        authority = urlsplit(template).netloc
+    except ValueError:
+        return "is not a URL that can be called"
+    if "{id}" in authority:
+        return "must hold {id} in its path or its query, not in its host"
+    return current_app.config["DOWNSTREAM_ALLOW_LIST"].refusal(template.replace("{id}", "1"))
+
+
+def secret_refusal(name: str, template: str) -> str | None:
+    """Why the secret `name` may not go with calls to a URL with {id}, or None."""
+    secrets = current_app.config["DOWNSTREAM_SECRETS"]
+    secret = secrets.get(name)
+    if secret is None:
+        known = ", ".join(sorted(secrets)) or "none"
+        # The name is not repeated: a client may have written a secret's value there.
+        return f"names no secret of this deployment ({SECRET_VARIABLE}<NAME>); it holds: {known}"
+    try:
+        url = parse_url(template.replace("{id}", "1"))
+    except NotAllowed:
+        return None  # the URL's own refusal says why
+    if not secret.covers(url):
+        return f"{name} is sent only to URLs under {secret.prefix.text}, and the url is not"
+    return None
+
+
+def _allowed_destination(template: str) -> None:
+    refused = destination_refusal(template)
+    if refused:
+        raise ValidationError(refused)
+
+
 class HttpOptions(Schema):
     """Options of `http_request`: where and how to call, and how long to wait."""
 
     url = fields.String(
         required=True,
-        validate=[URL(schemes={"http", "https"}, require_tld=False), _holds_id],
-        metadata={"description": "the URL of each call, with {id} where the ID goes"},
+        validate=[
+            URL(schemes={"http", "https"}, require_tld=False),
+            _holds_id,
+            _allowed_destination,
+        ],
+        metadata={
+            "description": "the URL of each call, with {id} where the ID goes; under a "
+            "prefix of DOWNSTREAM_URLS (or PROCESSOR_HTTP_URL's)"
+        },
+    )
+    authorization = fields.String(
+        validate=Regexp(SECRET_NAME, error="must be a secret's NAME: A-Z, 0-9 and _"),
+        metadata={
+            "description": "the NAME of a secret of the deployment "
+            f"({SECRET_VARIABLE}<NAME>), sent as each call's Authorization header, only "
+            "to URLs under the secret's prefix; the value is never shown"
+        },
     )
     method = fields.String(
         load_default="POST", validate=OneOf(["GET", "POST", "PUT", "PATCH", "DELETE"])
@@ -70,6 +124,27 @@ class HttpOptions(Schema):
         validate=Range(min=0, max=300, min_inclusive=False),
         metadata={"description": "seconds to wait for each answer"},
     )
+
+    @validates_schema
+    def _secret_only_under_its_prefix(self, data: dict, **kwargs) -> None:
+        if "authorization" in data:
+            refused = secret_refusal(data["authorization"], data["url"])
+            if refused:
+                raise ValidationError(refused, "authorization")
+
+
+def _why_held(options: dict) -> str | None:
+    """Why a limit's stored options may not be used under this deployment's settings:
+    its URL, or its secret, is no longer allowed."""
+    template = options.get("url")
+    if not template:
+        return None
+    refused = destination_refusal(template)
+    if refused:
+        return f"its URL {refused}"
+    name = options.get("authorization")
+    refused = secret_refusal(name, template) if name else None
+    return f"its authorization: {refused}" if refused else None
 
 
 @per_id
@@ -81,31 +156,92 @@ def http_request(user_id: int, key: str, options: dict) -> Failure | None:
     repeated call. It lasts at most `longest_call`, four times the timeout. 2xx is
     done. 429, 408, 425, 5xx, timeouts and connection errors are retried; any other
     answer fails the ID for good.
+
+    Nothing is called unless the URL is allowed (DOWNSTREAM_URLS) and so is every
+    address its host resolves to; the connection goes to one of those very addresses.
+    A refusal fails the ID for good, saying why. The Authorization header is sent only
+    under its secret's prefix.
     """
     template = options.get("url")
     if not template:  # a default limit recorded from settings that set no URL
         return Failure("the limit's options name no url", retry=False)
     url = template.replace("{id}", str(user_id))
     shown = _without_query(url)
-    timeout = options["timeout"]
     try:
-        with _client(timeout).stream(
-            options["method"], url, headers={"Idempotency-Key": key}
-        ) as answer:
-            _read_briefly(answer, time.monotonic() + (HTTP_CALL_PHASES - 1) * timeout)
-    except httpx.TimeoutException:
-        return Failure(f"timed out calling {shown}")
-    except httpx.HTTPError as exc:
-        return Failure(f"{type(exc).__name__} calling {shown}: {exc}")
-    if answer.is_success:
-        return None
-    retry = answer.status_code in RETRYABLE_HTTP or answer.status_code >= 500
-    return Failure(f"HTTP {answer.status_code} from {shown}", retry=retry)
+        target = current_app.config["DOWNSTREAM_ALLOW_LIST"].destination(url, _resolver())
+        authorization = _authorization(target, options.get("authorization"))
+    except NotAllowed as refused:
+        return Failure(f"not called: {shown} {refused}", retry=False)
+    except OSError as exc:  # the name does not resolve (now)
+        return Failure(f"cannot resolve the host of {shown}: {exc}")
+    headers = {"Idempotency-Key": key, "Host": target.host_header}
+    if authorization:
+        headers["Authorization"] = authorization
+    return _call(target, options, headers, shown)
+
+
+def _call(target: Destination, options: dict, headers: dict, shown: str) -> Failure | None:
+    """Call the checked addresses in turn, the next only when one refused to connect (as
+    a connection to the name would), always asking for the URL's host (Host, and SNI
+    for https, against which its certificate is verified)."""
+    timeout = options["timeout"]
+    client = _client(timeout, target.url.host)
+    extensions = {"sni_hostname": target.url.host}
+    for address in target.addresses:
+        try:
+            with client.stream(
+                options["method"], target.at(address), headers=headers, extensions=extensions
+            ) as answer:
+                _read_briefly(answer, time.monotonic() + (HTTP_CALL_PHASES - 1) * timeout)
+        except httpx.ConnectError as exc:
+            refused = exc
+            continue
+        except httpx.TimeoutException:
+            return Failure(f"timed out calling {shown}")
+        except httpx.HTTPError as exc:
+            return Failure(f"{type(exc).__name__} calling {shown}: {exc}")
+        if answer.is_success:
+            return None
+        retry = answer.status_code in RETRYABLE_HTTP or answer.status_code >= 500
+        return Failure(f"HTTP {answer.status_code} from {shown}", retry=retry)
+    return Failure(f"ConnectError calling {shown}: {refused}")
+
+
+def _authorization(target: Destination, name: str | None) -> str | None:
+    """The Authorization header of a call: the limit's own secret when it names one,
+    refused outside that secret's prefix; else PROCESSOR_HTTP_AUTHORIZATION under
+    PROCESSOR_HTTP_URL's prefix; else none."""
+    config = current_app.config
+    if name:
+        secret = config["DOWNSTREAM_SECRETS"].get(name)
+        if secret is None:
+            raise NotAllowed(f"names the secret {name}, which this deployment does not hold")
+        if not secret.covers(target.url):
+            raise NotAllowed(f"is not under the prefix of its secret {name}")
+        return secret.value
+    fallback = config["PROCESSOR_HTTP_SECRET"]
+    return fallback.value if fallback and fallback.covers(target.url) else None
+
+
+# Each process resolves a host again once its answer is this old (RESOLVE_CACHE_SECONDS).
+_system_resolver = CachingResolver()
+
+
+def _resolver():
+    """The resolver calls are checked against; an app's DOWNSTREAM_RESOLVER (a function
+    of host and port, returning addresses) stands in for the system's, in tests."""
+    return current_app.config.get("DOWNSTREAM_RESOLVER") or _system_resolver
 
 
 def _without_query(url: str) -> str:
-    """A URL as an error text names it: a query string may carry a client's token."""
-    return urlsplit(url)._replace(query="", fragment="").geturl()
+    """A URL as an error text names it: a query string may carry a client's token, and
+    a user and password are no part of where a call goes."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "the limit's url"
+    where = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=where, query="", fragment="").geturl()
 
 
 # Each waits at most `timeout`: connecting, sending, the answer's first byte, its last.
@@ -127,23 +263,24 @@ def _read_briefly(answer: httpx.Response, deadline: float) -> None:
 
 http_request.options_schema = HttpOptions
 http_request.longest_call = lambda options: HTTP_CALL_PHASES * options.get("timeout", 10.0)
+http_request.why_held = _why_held
 
 
 _clients: dict[tuple, httpx.Client] = {}
 _clients_lock = threading.Lock()
 
 
-def _client(timeout: float) -> httpx.Client:
-    """One pooled client per process, settings and timeout (a forked job must not share
-    its parent's sockets), holding up to PROCESSOR_CONCURRENCY keep-alive connections."""
-    config = current_app.config
-    size = config["PROCESSOR_CONCURRENCY"]
-    authorization = config["PROCESSOR_HTTP_AUTHORIZATION"]
-    key = (os.getpid(), size, authorization, timeout)
+def _client(timeout: float, host: str) -> httpx.Client:
+    """One pooled client per process, settings, timeout and host called (a forked job
+    must not share its parent's sockets; a TLS connection made for one host name is
+    never reused for another that shares its address), holding up to
+    PROCESSOR_CONCURRENCY keep-alive connections. No header rides on the client: a
+    secret goes only with the calls under its prefix."""
+    size = current_app.config["PROCESSOR_CONCURRENCY"]
+    key = (os.getpid(), size, timeout, host)
     with _clients_lock:
         if key not in _clients:
             _clients[key] = httpx.Client(
-                headers={"Authorization": authorization} if authorization else {},
                 timeout=timeout,
                 limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
             )

@@ -22,7 +22,10 @@ A processor may take **options**, what it needs to know about its downstream (a 
 timeout), set on each limit that uses it: it declares a marshmallow schema as its
 `options_schema` attribute, which checks a limit's options when they are written (a
 limit refuses options for a processor that declares none), and an `options` parameter,
-through which each call gets its limit's options as that schema loaded them.
+through which each call gets its limit's options as that schema loaded them. A
+processor whose options name a destination the operator controls (a URL, a secret)
+declares `why_held(options)`: a limit written earlier whose options the deployment no
+longer allows is then held, not failed.
 
 The built-in processors are in service/processors/builtin.py; limits name them by
 their public paths under `workers.processors`, which stored limits hold.
@@ -91,6 +94,16 @@ def longest_call(processor: Callable, options: dict) -> float | None:
     """Seconds that one call of a per-ID processor may last at most, when it says so (a
     `longest_call` attribute, given its limit's options): a claim must outlive it."""
     declared = getattr(processor, "longest_call", None)
+    return declared(options) if declared else None
+
+
+def why_held(processor: Callable, options: dict) -> str | None:
+    """Why a limit's stored options may not be used under this deployment's settings
+    (its destination is no longer allowed), when the processor says (a `why_held`
+    attribute, given the options), else None. Such a limit is held: its slots run
+    nothing and its IDs wait, as a paused limit's do, until the settings or the options
+    allow it again."""
+    declared = getattr(processor, "why_held", None)
     return declared(options) if declared else None
 
 

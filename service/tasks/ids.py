@@ -1,11 +1,16 @@
-"""Validation of submitted user IDs: positive integers that fit in 64 bits."""
+"""Validation of submitted user IDs: positive integers that fit in 64 bits.
+
+However they come (a JSON list, a string of them, a text body), the IDs are read into an
+array of 64-bit integers (8 bytes an ID) or streamed, never into a list of Python ints
+(about 36 bytes an ID).
+"""
 
 from __future__ import annotations
 
 import codecs
-import io
 import json
 import re
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -129,10 +134,15 @@ def id_from_json(value: object) -> int:
 
 
 def parse_json_ids(values: list) -> list[int]:
-    """The IDs of a JSON list; InvalidIds names each bad one by its index (0-based)."""
+    """The IDs of a JSON list; InvalidIds names each bad one by its index (0-based).
+
+    An item may be CHECKED_ID: an ID that load_json_with_ids found, in a list with bad
+    ones (a list of IDs only, it gives as an array)."""
     listed: list[BadId] = []
     invalid = 0
     for index, value in enumerate(values):
+        if value is CHECKED_ID:
+            continue
         reason = json_id_error(value)
         if reason is None:
             continue
@@ -157,10 +167,110 @@ def _shown(text: str) -> str:
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
 
 
-def parse_payload(payload: str) -> list[int]:
+class _CheckedId:
+    """What load_json_with_ids leaves in a document for an integer that is an ID: the
+    value itself is in the document's array of IDs."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<ID>"
+
+
+CHECKED_ID = _CheckedId()
+
+
+def load_json_with_ids(text: str) -> object:
+    """The JSON document `text` as json.loads reads it, with the same errors, except that
+    its top-level `ids`, when a list of IDs only, comes as an array of 64-bit integers.
+
+    A body of a million IDs would be a million Python ints in a list (36 bytes an ID),
+    which the array holds in 8. json.loads hands each integer to a hook that keeps an ID
+    in the array and puts CHECKED_ID in its place (the list then holds the same object
+    everywhere: 8 bytes an item); any other integer stays as it was. Every other value
+    is as json.loads makes it, so that a field that refuses an integer (a name, say)
+    refuses CHECKED_ID with the same words.
+    """
+    return _IdsInJson().load(text)
+
+
+class _IdsInJson:
+    """The array of every ID of a document, in document order, and how to find the run of
+    it that is the top-level `ids` list."""
+
+    def __init__(self):
+        self._ids = array("q")
+        # Objects that named a key twice, by id(), with all their (key, value) pairs:
+        # json.loads keeps the last value, but the IDs of the others are in the array too.
+        self._repeated: dict[int, tuple[dict, list]] = {}
+
+    def load(self, text: str) -> object:
+        document = json.loads(text, parse_int=self._integer, object_pairs_hook=self._object)
+        if isinstance(document, dict) and type(document.get("ids")) is list:
+            document["ids"] = self._top_level_ids(document)
+        return document
+
+    def _integer(self, digits: str) -> object:
+        value = int(digits)  # too many digits: the ValueError json.loads would raise
+        if 1 <= value <= MAX_ID:
+            self._ids.append(value)
+            return CHECKED_ID
+        return value
+
+    def _object(self, pairs: list) -> dict:
+        made = dict(pairs)
+        if len(made) < len(pairs):
+            self._repeated[id(made)] = (made, pairs)
+        return made
+
+    def _pairs(self, made: dict) -> list:
+        repeated = self._repeated.get(id(made))
+        return repeated[1] if repeated else list(made.items())
+
+    def _top_level_ids(self, document: dict) -> array | list:
+        items = document["ids"]
+        if items.count(CHECKED_ID) < len(items):
+            return items  # some are no IDs: parse_json_ids names them
+        pairs = self._pairs(document)
+        last = max(index for index, (key, _) in enumerate(pairs) if key == "ids")
+        start = sum(self._ids_in(value) for _, value in pairs[:last])
+        if start == 0 and len(items) == len(self._ids):
+            return self._ids
+        return self._ids[start : start + len(items)]
+
+    def _ids_in(self, value: object) -> int:
+        """How many IDs of the array `value` holds, however deep."""
+        count, stack = 0, [value]
+        while stack:
+            item = stack.pop()
+            if item is CHECKED_ID:
+                count += 1
+            elif type(item) is list:
+                count += item.count(CHECKED_ID)
+                stack.extend(inner for inner in item if type(inner) in (list, dict))
+            elif type(item) is dict:
+                stack.extend(inner for _, inner in self._pairs(item))
+        return count
+
+
+def parse_payload(payload: str) -> array:
     """The IDs of a string, read as a text body is (lines and columns included)."""
-    # A lone surrogate passes as its three bytes: one character, refused with its token.
-    return list(stream_ids(io.BytesIO(payload.encode("utf-8", "surrogatepass"))))
+    return array("q", stream_ids(_EncodedText(payload)))
+
+
+class _EncodedText:
+    """A string read as its UTF-8 bytes, a block at a time: never all of it encoded."""
+
+    def __init__(self, text: str):
+        self._text = text
+        self._at = 0
+
+    def read(self, size: int) -> bytes:
+        block = self._text[self._at : self._at + size]
+        self._at += len(block)
+        # A lone surrogate passes as its three bytes: one character, refused with its
+        # token. No block ends inside a character: a str holds whole code points.
+        return block.encode("utf-8", "surrogatepass")
 
 
 def stream_ids(stream: BinaryIO, header: bool | None = False, read_size: int = 1 << 16) -> IdStream:

@@ -5,7 +5,7 @@ Each change is one transaction; the planning it needs is queued once it has comm
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 
 from service.core.errors import Conflict
@@ -16,9 +16,16 @@ from service.limits import store as limits
 from service.tasks import store
 
 # The statuses in which no ID has been handed to a worker yet.
-REPLANNABLE = (TaskStatus.RECEIVED, TaskStatus.PLANNING, TaskStatus.SCHEDULED)
+REPLANNABLE = (TaskStatus.RECEIVED, TaskStatus.PLANNING, TaskStatus.SCHEDULED, TaskStatus.REFUSED)
 # The fields besides the IDs that decide a task's plan: a change re-plans it.
 PLAN_RULES = ("limit", "overflow", "not_before")
+# A check of a task about to be planned, run before its transaction commits; it raises a
+# DomainError to refuse it (the planning layer's horizon: service/planning/horizon.py).
+Admission = Callable[[IdTask], None]
+
+
+def _admit_any(task: IdTask) -> None:
+    """No check: every task is planned."""
 
 
 def submit_task(
@@ -27,10 +34,12 @@ def submit_task(
     overflow: str | None = None,
     not_before: datetime | None = None,
     limit: str | None = None,
+    admit: Admission = _admit_any,
 ) -> IdTask:
     """Store a task and its distinct IDs in one transaction, then queue its planning.
 
-    The task names its limit (`default` when none; 422 when there is no such limit).
+    The task names its limit (`default` when none; 422 when there is no such limit), and
+    `admit` may refuse it once its IDs are counted, before anything is committed.
     """
     task = IdTask(
         task_name=task_name,
@@ -42,19 +51,21 @@ def submit_task(
     db.session.add(task)
     db.session.flush()
     store.store_ids(task, ids)
+    admit(task)
     db.session.commit()
     enqueue_planning(task.id, task.total)
     return task
 
 
-def replace_task(task_id: int, fields: dict) -> IdTask:
+def replace_task(task_id: int, fields: dict, admit: Admission = _admit_any) -> IdTask:
     """PUT: every field given or set to its default; the same IDs keep their plan."""
     defaults = {"limit": limits.DEFAULT, "overflow": Overflow.SPREAD, "not_before": None}
-    return update_task(task_id, {**defaults, **fields})
+    return update_task(task_id, {**defaults, **fields}, admit)
 
 
-def update_task(task_id: int, changes: dict) -> IdTask:
-    """Rename at any time; new IDs, overflow or start only while none has run, and re-plan.
+def update_task(task_id: int, changes: dict, admit: Admission = _admit_any) -> IdTask:
+    """Rename at any time; new IDs, overflow or start only while none has run, and re-plan
+    (once `admit` lets the task so changed be planned).
 
     IDs equal to the task's own (the same distinct IDs in the same order) are no change.
     """
@@ -63,23 +74,30 @@ def update_task(task_id: int, changes: dict) -> IdTask:
         changes = {**changes, "limit": limits.named_by_request(changes["limit"], limits.KEY_SHARE)}
     if "task_name" in changes:
         task.task_name = changes["task_name"]
-    if "ids" in changes and store.same_ids(task, changes["ids"]):
-        task.duplicates = len(changes["ids"]) - task.total
-        changes = {name: value for name, value in changes.items() if name != "ids"}
+    if "ids" in changes:
+        # Staged in PostgreSQL, which compares them with the task's own: a million IDs
+        # stay out of memory here. Too many are refused only when they are to replace
+        # the task's, so that a task that has run refuses new IDs as it always did.
+        changes = {**changes, "ids": store.stage_ids(changes["ids"], limited=False)}
+        if store.same_ids(task, changes["ids"]):
+            task.duplicates = changes["ids"].submitted - task.total
+            changes = {name: value for name, value in changes.items() if name != "ids"}
     new_rules = {
         name: changes[name]
         for name in PLAN_RULES
         if name in changes and changes[name] != getattr(task, name)
     }
     replan = "ids" in changes or bool(new_rules)
-    old_limit, left = (task.limit_id, task.limit.name), set()
+    # A finished task may have lost its limit: the name is then None.
+    old_limit, left = (task.limit_id, task.limit_name), set()
     if replan:
         left = _release_plan(task)
         for name, value in new_rules.items():
             setattr(task, name, value)
         if "ids" in changes:
             store.replace_ids(task, changes["ids"])
-        task.status = TaskStatus.RECEIVED
+        task.status, task.error = TaskStatus.RECEIVED, None
+        admit(task)
     db.session.commit()
     if replan:
         drop_idle_slot_jobs(*old_limit, left)
@@ -92,12 +110,12 @@ def cancel_task(task_id: int) -> None:
     task = store.get_task(task_id, lock=True)
     if task.status == TaskStatus.CANCELLED:
         return
-    if task.status in FINISHED:
+    if task.status in FINISHED and task.status != TaskStatus.REFUSED:
         raise Conflict(f"task {task_id} has already finished ({task.status})")
     left = store.release_pending(task, AssignmentStatus.CANCELLED)
-    task.status = TaskStatus.CANCELLED
+    task.status, task.error = TaskStatus.CANCELLED, None
     db.session.commit()
-    drop_idle_slot_jobs(task.limit_id, task.limit.name, left)
+    drop_idle_slot_jobs(task.limit_id, task.limit_name, left)
 
 
 def list_task_ids(

@@ -6,6 +6,7 @@ cursor; every other statement is SQLAlchemy's."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from itertools import islice
 
@@ -28,6 +29,10 @@ from service.limits.store import subtract_loads
 
 IDS_PER_CHUNK = 10_000
 ID_CHUNKS = "task_id_chunks"
+# New IDs for a task, de-duplicated there before they are compared with its own or take
+# their place; it holds one set of IDs, under any task id.
+STAGED_CHUNKS = "staged_id_chunks"
+STAGED_TASK = 0
 # Tasks up to this many IDs echo them in `payload`, as the original API did;
 # larger ones are read page by page from /ids/ so that lists stay small.
 PAYLOAD_ECHO_MAX_IDS = 1000
@@ -49,21 +54,59 @@ def get_task(task_id: int, *, lock: bool = False) -> IdTask:
     return task
 
 
-def same_ids(task: IdTask, ids: list[int]) -> bool:
-    """Whether `ids` are the task's own: the same distinct IDs in the same order."""
-    distinct = list(dict.fromkeys(ids))
-    if len(distinct) != task.total:
+@dataclass(frozen=True)
+class StagedIds:
+    """IDs in a temporary table shaped like task_id_chunks, gone with the transaction."""
+
+    table: str
+    submitted: int
+    distinct: int
+
+
+def stage_ids(ids: Iterable[int], table: str = STAGED_CHUNKS, limited: bool = True) -> StagedIds:
+    """COPY the IDs, de-duplicated, into a new temporary table `table`. Unless `limited`,
+    more than MAX_IDS_PER_TASK are staged too (replace_ids refuses them)."""
+    with raw_connection().cursor() as cur:
+        cur.execute(
+            sql.SQL("CREATE TEMP TABLE {} (LIKE task_id_chunks) ON COMMIT DROP").format(
+                sql.Identifier(table)
+            )
+        )
+        counts = store_distinct_ids(cur, table, STAGED_TASK, ids, limited)
+    return StagedIds(table, *counts)
+
+
+def same_ids(task: IdTask, staged: StagedIds) -> bool:
+    """Whether the staged IDs are the task's own: the same distinct IDs in the same order.
+
+    Both are cut into chunks of IDS_PER_CHUNK the same way, so that as many IDs with the
+    same chunks are the same IDs; PostgreSQL compares them, holding none in memory here.
+    """
+    if staged.distinct != task.total:
         return False
-    stored = db.session.scalars(
-        select(TaskIdChunk.ids).where(TaskIdChunk.task_id == task.id).order_by(TaskIdChunk.chunk_no)
-    )
-    return [user_id for chunk in stored for user_id in chunk] == distinct
+    return not db.session.execute(
+        text(
+            f"SELECT EXISTS (SELECT chunk_no, ids FROM {staged.table} EXCEPT "
+            "SELECT chunk_no, ids FROM task_id_chunks WHERE task_id = :task)"
+        ),
+        {"task": task.id},
+    ).scalar()
 
 
-def replace_ids(task: IdTask, ids: Iterable[int]) -> None:
-    """The task's IDs, all new."""
+def replace_ids(task: IdTask, staged: StagedIds) -> None:
+    """The task's IDs, all new: the staged ones."""
+    limit = current_app.config["MAX_IDS_PER_TASK"]
+    if staged.submitted > limit:
+        raise _too_many(limit)
     db.session.execute(TaskIdChunk.__table__.delete().where(TaskIdChunk.task_id == task.id))
-    store_ids(task, ids)
+    db.session.execute(
+        text(
+            "INSERT INTO task_id_chunks (task_id, chunk_no, ids) "
+            f"SELECT :task, chunk_no, ids FROM {staged.table}"
+        ),
+        {"task": task.id},
+    )
+    _count_ids(task, staged.submitted, staged.distinct)
 
 
 def handed_out(task_id: int) -> bool:
@@ -188,6 +231,11 @@ def store_ids(task: IdTask, ids: Iterable[int]) -> None:
     """Store the task's distinct IDs; count them and the repeats dropped."""
     with raw_connection().cursor() as cur:
         submitted, distinct = store_distinct_ids(cur, ID_CHUNKS, task.id, ids)
+    _count_ids(task, submitted, distinct)
+
+
+def _count_ids(task: IdTask, submitted: int, distinct: int) -> None:
+    """The task's counts of its stored IDs, and the IDs themselves when few enough."""
     payload = None
     if distinct <= PAYLOAD_ECHO_MAX_IDS:
         payload = db.session.execute(
@@ -202,20 +250,23 @@ def store_ids(task: IdTask, ids: Iterable[int]) -> None:
     task.payload = payload
 
 
-def store_distinct_ids(cur, table: str, task_id: int, ids: Iterable[int]) -> tuple[int, int]:
+def store_distinct_ids(
+    cur, table: str, task_id: int, ids: Iterable[int], limited: bool = True
+) -> tuple[int, int]:
     """COPY the IDs into `table` (shaped as task_id_chunks) as arrays of IDS_PER_CHUNK,
     then drop repeats if there are any; return how many were submitted and distinct.
+    More than MAX_IDS_PER_TASK are refused as they come, unless not `limited`.
 
     PostgreSQL does the de-duplication, so memory stays flat however many IDs come.
     """
-    limit = current_app.config["MAX_IDS_PER_TASK"]
+    limit = current_app.config["MAX_IDS_PER_TASK"] if limited else None
     chunks = sql.Identifier(table)
     submitted = 0
     with cur.copy(sql.SQL("COPY {} (task_id, chunk_no, ids) FROM STDIN").format(chunks)) as copy:
         for chunk_no, chunk in enumerate(batches(ids, IDS_PER_CHUNK)):
             submitted += len(chunk)
-            if submitted > limit:
-                raise TooLarge(f"a task takes at most {limit} IDs (MAX_IDS_PER_TASK)")
+            if limit is not None and submitted > limit:
+                raise _too_many(limit)
             copy.write_row((task_id, chunk_no, "{" + ",".join(map(str, chunk)) + "}"))
     if not submitted:
         raise Refused("no IDs given: the body holds none")
@@ -229,6 +280,10 @@ def store_distinct_ids(cur, table: str, task_id: int, ids: Iterable[int]) -> tup
     if distinct < submitted:
         _rewrite_without_repeats(cur, chunks, task_id)
     return submitted, distinct
+
+
+def _too_many(limit: int) -> TooLarge:
+    return TooLarge(f"a task takes at most {limit} IDs (MAX_IDS_PER_TASK)")
 
 
 def _rewrite_without_repeats(cur, chunks: sql.Identifier, task_id: int) -> None:

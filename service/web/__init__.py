@@ -1,10 +1,8 @@
 """The web layer: the HTTP API (one flask-smorest blueprint per resource, in
-resources/), the operator's pages, rq-dashboard, the token check, and the one place
-where domain errors become HTTP answers (errors.py)."""
+resources/), the operator's pages, rq-dashboard, the token check (auth.py), and the one
+place where domain errors become HTTP answers (errors.py)."""
 
 from __future__ import annotations
-
-import hmac
 
 import rq_dashboard
 from flask import Blueprint, current_app, g, request
@@ -14,23 +12,12 @@ from werkzeug.routing import IntegerConverter
 
 from service.core.extensions import db
 from service.core.models import MAX_ID
-from service.web import errors, pages
+from service.web import auth, errors, pages
 from service.web.base import SchemaRulesPlugin, ServiceApi, schema_name
 from service.web.resources import health, limits, metrics, root, slots, tasks, users
 
 api = ServiceApi()
 
-# Paths readable without a token: they describe the API or probe its health, and hold
-# no data.
-PUBLIC_ENDPOINTS = {
-    "root.Root",
-    "api-docs.openapi_json",
-    "api-docs.openapi_swagger_ui",
-    "swagger_ui.static",
-    "static",
-    "health.Liveness",
-    "health.Readiness",
-}
 # The blueprints whose GETs read PostgreSQL.
 DATA_BLUEPRINTS = {"users", "tasks", "slots"}
 
@@ -45,7 +32,10 @@ class IdConverter(IntegerConverter):
 def init_app(app) -> None:
     api.init_app(
         app,
-        spec_kwargs={"marshmallow_plugin": SchemaRulesPlugin(schema_name_resolver=schema_name)},
+        spec_kwargs={
+            "marshmallow_plugin": SchemaRulesPlugin(schema_name_resolver=schema_name),
+            "extra_plugins": [auth.ScopesPlugin()],
+        },
     )
     errors.init_app(app, api)
     app.url_map.converters["id"] = IdConverter
@@ -61,8 +51,8 @@ def init_app(app) -> None:
     if app.config["SERVED_HOSTS"]:
         app.before_request(_served_hosts_only)
     app.before_request(_no_cross_site_changes)
-    if app.config.get("API_TOKEN"):
-        app.before_request(_require_token)
+    # Always: tokens stored while the process runs close an open deployment at once.
+    app.before_request(auth.require_token)
     app.before_request(_read_without_transaction)
     app.teardown_request(_end_read)
     pages.init_app(app)
@@ -132,26 +122,6 @@ def _host_name(host: str) -> str:
     if host.startswith("["):
         return host[1 : host.find("]")].lower()
     return host.rpartition(":")[0].lower() if host.count(":") == 1 else host.lower()
-
-
-def _require_token() -> None:
-    if request.endpoint in PUBLIC_ENDPOINTS:
-        return
-    expected = current_app.config["API_TOKEN"]
-    if not hmac.compare_digest(_presented_token().encode(), expected.encode()):
-        abort(
-            401,
-            message="a valid API token is required: 'Authorization: Bearer <API_TOKEN>'",
-            # Basic with the token as password lets a browser open /rq and /docs.
-            headers={"WWW-Authenticate": 'Basic realm="slotted"'},
-        )
-
-
-def _presented_token() -> str:
-    auth = request.authorization
-    if auth is None:
-        return ""
-    return (auth.password if auth.type == "basic" else auth.token) or ""
 
 
 def _serve_swagger_ui(app) -> None:

@@ -48,19 +48,18 @@ def _finish(response: Response) -> Response:
     metrics.observe_request(request.method, rule, response.status_code, seconds)
     duration_ms = round(seconds * 1000, 2)
     response.headers[REQUEST_ID_HEADER] = g.request_id
+    fields = {
+        "method": request.method,
+        "path": request.path,
+        "status": response.status_code,
+        "duration_ms": duration_ms,
+        "request_id": g.request_id,
+    }
+    # The name of the token the request was made with (service/web/auth.py), never the
+    # token: absent when none was known.
+    if "token_name" in g:
+        fields["token"] = g.token_name
     log.info(
-        "%s %s %s",
-        request.method,
-        request.path,
-        response.status_code,
-        extra={
-            "fields": {
-                "method": request.method,
-                "path": request.path,
-                "status": response.status_code,
-                "duration_ms": duration_ms,
-                "request_id": g.request_id,
-            }
-        },
+        "%s %s %s", request.method, request.path, response.status_code, extra={"fields": fields}
     )
     return response

@@ -3,17 +3,20 @@ the content-type check and the OpenAPI component names."""
 
 from __future__ import annotations
 
+import json
+
 from apispec.ext.marshmallow import MarshmallowPlugin
 from apispec.ext.marshmallow.common import resolve_schema_cls, resolve_schema_instance
 from flask import request
 from flask_smorest import Api, Blueprint
 from flask_smorest.exceptions import NotModified
-from webargs.flaskparser import FlaskParser
+from webargs.flaskparser import FlaskParser, is_json_request
 from werkzeug.exceptions import BadRequest, HTTPException, UnsupportedMediaType
 from werkzeug.http import quote_etag
 
+from service.tasks.ids import load_json_with_ids
 from service.web import errors
-from service.web.schemas import ErrorSchema
+from service.web.schemas import ErrorSchema, TaskSubmitSchema
 
 
 class ServiceApi(Api):
@@ -30,14 +33,38 @@ class ServiceApi(Api):
 
 
 class _JsonParser(FlaskParser):
-    # json.loads raises more than JSONDecodeError on hostile input (too deep a nesting,
-    # an integer of thousands of digits); each of those is the client's error, not ours.
+    def load_json(self, req, schema):
+        if isinstance(schema, TaskSubmitSchema) and is_json_request(req):
+            return _client_json(_task_json, req)
+        return super().load_json(req, schema)
+
     def _raw_load_json(self, req):
-        try:
-            return super()._raw_load_json(req)
-        except (ValueError, RecursionError) as exc:
-            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-            raise BadRequest(f"Invalid JSON body: {reason}") from None
+        return _client_json(super()._raw_load_json, req)
+
+
+def _client_json(load, req):
+    """What `load` reads of the body; json.loads raises more than JSONDecodeError on
+    hostile input (too deep a nesting, an integer of thousands of digits), and each of
+    those is the client's error, not ours."""
+    try:
+        return load(req)
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise BadRequest(f"Invalid JSON body: {reason}") from None
+
+
+def _task_json(req) -> object:
+    """A task's body, which may hold millions of IDs: decoded as webargs decodes a body
+    (strict UTF-8), then read with its IDs in an array (load_json_with_ids)."""
+    body = req.get_data(cache=False)
+    try:
+        text = body.decode()
+    except UnicodeDecodeError as exc:
+        # webargs' words. Its document is the bytes' repr, which has no line break: the
+        # position reads the same with an empty one, without making that repr.
+        raise json.JSONDecodeError(f"Bytes decoding error : {exc.reason}", "", exc.start) from None
+    del body  # neither cached nor kept while the text is read: a body's size less at the peak
+    return load_json_with_ids(text)
 
 
 # X-Pagination as it is really sent: one header, its value a JSON object in a string.

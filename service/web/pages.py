@@ -2,8 +2,9 @@
 IDs, one task.
 
 A plain Flask blueprint, not part of the JSON API: the OpenAPI document describes only
-the API. API_TOKEN guards these pages as it guards the API (a browser sends it as the
-password of HTTP Basic). Their errors are pages too: a person reads them in a browser.
+the API. The token check guards these pages as it guards the API (scope `read`; a
+browser sends the token as the password of HTTP Basic). Their errors are pages too: a
+person reads them in a browser.
 """
 
 from __future__ import annotations

@@ -209,6 +209,8 @@ def finish(task: IdTask, grid: SlotGrid, last_finished: datetime | None, now: da
     paused limit or a slot run late pushes back), else when its last ID finished."""
     if task.status == TaskStatus.CANCELLED:
         return {"state": "cancelled", "at": last_finished}
+    if task.status == TaskStatus.REFUSED:
+        return {"state": "refused", "at": None}
     if not task.pending:
         return {"state": "finished", "at": last_finished}
     if task.last_slot is None:

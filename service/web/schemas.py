@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from datetime import UTC, datetime, timedelta
 
 from flask import g, url_for
@@ -139,6 +140,8 @@ class _IdList(fields.Field):
         super().__init__(metadata=metadata, **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, array):
+            return value  # IDs only, checked as the body was read (load_json_with_ids)
         if not isinstance(value, list):
             raise ValidationError("must be a list of integers")
         try:
@@ -326,6 +329,13 @@ class TaskSummarySchema(RowSchema):
     not_before = fields.DateTime(allow_none=True)
     first_slot = fields.DateTime(allow_none=True)
     last_slot = fields.DateTime(allow_none=True)
+    error = fields.String(
+        allow_none=True,
+        metadata={
+            "description": "why a `refused` task was not planned (its plan would have gone "
+            "past the horizon, MAX_PLAN_DAYS); null otherwise"
+        },
+    )
     ids_url = fields.Method("_ids_url")
 
     def _ids_url(self, task) -> str:
@@ -496,7 +506,10 @@ class ReadinessSchema(Schema):
     checks = fields.Dict(
         keys=fields.String(),
         values=fields.Nested(CheckSchema),
-        metadata={"description": "database, migrations and redis"},
+        metadata={
+            "description": "database, migrations and redis; and destinations, which is "
+            "always ok and names the limits held because their destination is not allowed"
+        },
     )
 
 
@@ -558,6 +571,14 @@ class LimitSchema(Schema):
     processor = fields.String()
     options = fields.Dict(keys=fields.String())
     paused = fields.Boolean(metadata={"description": "its slots do not run until resumed"})
+    held = fields.String(
+        allow_none=True,
+        metadata={
+            "description": "why its slots do not run although it is not paused: its "
+            "destination (URL or secret) is not allowed by the deployment's settings "
+            "(DOWNSTREAM_URLS, DOWNSTREAM_SECRET_<NAME>); null when it is"
+        },
+    )
     pending = fields.Integer(metadata={"description": "IDs of its tasks not yet finished"})
     done = fields.Integer()
     failed = fields.Integer(metadata={"description": "IDs failed after every attempt"})

@@ -11,6 +11,7 @@ def test_defaults_apply_when_only_the_servers_are_given():
     assert (config.SLOT_SECONDS, config.WINDOW_SLOTS) == (60, 15)
     assert config.API_TOKEN is None
     assert config.IDEMPOTENCY_KEY_HOURS == 24
+    assert (config.MAX_PLAN_DAYS, config.SCHEDULE_AHEAD_MINUTES) == (30, 120)
     assert config.LOG_FORMAT == "text"
 
 
@@ -39,6 +40,12 @@ def test_the_driver_is_named_for_sqlalchemy():
         ({**REQUIRED, "PROCESSOR_HTTP_URL": "http://x/"}, "must hold {id}"),
         ({**REQUIRED, "LOG_FORMAT": "xml"}, "LOG_FORMAT must be text or json"),
         ({**REQUIRED, "API_TOKEN": "fifteen-chars.."}, "API_TOKEN must be at least 16"),
+        ({**REQUIRED, "MAX_PLAN_DAYS": "0"}, "MAX_PLAN_DAYS must be at least 1"),
+        ({**REQUIRED, "SCHEDULE_AHEAD_MINUTES": "0"}, "SCHEDULE_AHEAD_MINUTES must be at least 1"),
+        (
+            {**REQUIRED, "SCHEDULE_AHEAD_MINUTES": "1", "RECONCILE_INTERVAL_SECONDS": "30"},
+            r"must cover at least 3 reconcile intervals \(90 s",
+        ),
     ],
 )
 def test_a_bad_setting_stops_the_start(environ, complaint):

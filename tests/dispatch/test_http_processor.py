@@ -131,7 +131,12 @@ def test_calls_overlap_on_reused_connections_with_the_authorization_header(make_
     assert record.most_in_flight == 8  # 40 calls of 0.2 s overlap, eight at a time
     assert record.connections <= 8  # kept alive and reused, not one per call
     assert {auth for *_, auth in record.calls} == {"Bearer s3cret"}
-    settings = Config(DATABASE_URL="x", REDIS_URL="y", PROCESSOR_HTTP_AUTHORIZATION="Bearer s3cret")
+    settings = Config(
+        DATABASE_URL="x",
+        REDIS_URL="y",
+        PROCESSOR_HTTP_URL=url,
+        PROCESSOR_HTTP_AUTHORIZATION="Bearer s3cret",
+    )
     assert "s3cret" not in repr(settings)  # what a log line of the settings would show
 
 

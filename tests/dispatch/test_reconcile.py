@@ -23,6 +23,7 @@ from service.planning.windows import plan_stored_task
 from ..helpers import (
     FIRST_SLOT,
     PAST,
+    add_limit,
     just_before_a_window,
     submit,
     times_processed,
@@ -30,7 +31,7 @@ from ..helpers import (
 
 
 def test_reconcile_rebuilds_what_redis_lost(rpm3):
-    soon = just_before_a_window(timedelta(minutes=5))  # well within the hour ahead
+    soon = just_before_a_window(timedelta(minutes=5))  # well within the two hours ahead
     planned = submit(range(1, 7))
     plan_stored_task(planned, now=soon)
     much_later = submit([20])
@@ -45,6 +46,7 @@ def test_reconcile_rebuilds_what_redis_lost(rpm3):
         "claims released": 0,
         "slot jobs added": 3,  # two soon, one past; the one hours ahead waits its turn
         "late slots": 1,
+        "slot jobs beyond reach removed": 0,
         "planning jobs added": 1,
         "retry planning queued": 0,
     }
@@ -95,6 +97,24 @@ def test_reconcile_never_adds_a_job_for_a_slot_whose_job_holds_its_lock(rpm3):
         # backend lets its locks go a moment later, not at once.
         job.execute("SELECT pg_advisory_unlock_shared(%s)", (running,))
         assert reconcile()["slot jobs added"] == 1  # the IDs left get one
+
+
+def test_the_lock_of_a_running_slot_is_seen_whatever_its_limits_id(rpm3):
+    # Past 16 bits, a limit's id used to spill into the namespace of the lock's key.
+    db.session.execute(text("SELECT setval(pg_get_serial_sequence('limits', 'id'), 70000)"))
+    db.session.commit()
+    add_limit("wide", 3)
+    wide = limits.find("wide").id
+    assert wide == 70001
+    plan_stored_task(submit([1, 2], limit="wide"), now=PAST)
+    get_redis().flushall()
+    running = locks.slot_key(wide, FIRST_SLOT)
+    assert running >> 47 == locks.SLOT
+    with psycopg.connect(rpm3.config["DATABASE_URL"], autocommit=True) as job:
+        job.execute("SELECT pg_advisory_lock_shared(%s)", (running,))
+        assert reconcile()["slot jobs added"] == 0
+        job.execute("SELECT pg_advisory_unlock_shared(%s)", (running,))
+        assert reconcile()["slot jobs added"] == 1
 
 
 @pytest.mark.parametrize("left_in", ["nowhere", "intermediate queue"])

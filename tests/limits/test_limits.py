@@ -2,6 +2,7 @@
 when written; the default limit recorded from the settings."""
 
 import sys
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import text
@@ -16,6 +17,7 @@ from ..helpers import FIRST_SLOT, PAST, add_limit, at, loads, minute, snapshot, 
 
 LIMITS = "/limits/"
 NOW = at("2030-01-07 10:05:20")
+ONE_MINUTE = timedelta(minutes=1)
 
 
 def test_the_default_limit_is_listed_with_the_deployments_rpm(client):
@@ -28,6 +30,7 @@ def test_the_default_limit_is_listed_with_the_deployments_rpm(client):
             "processor": "workers.processors:record_user",
             "options": {},
             "paused": False,
+            "held": None,
             "pending": 0,
             "done": 0,
             "failed": 0,
@@ -290,3 +293,44 @@ def test_a_slot_of_a_limit_naming_an_unmarked_function_fails_its_ids_for_good(rp
         "tests.processors:not_a_processor is not marked as a processor "
         "(decorate it with @processor (a group processor) or @per_id)"
     }
+
+
+def _next_limit_id_is(app, next_id: int) -> None:
+    with app.app_context():
+        db.session.execute(
+            text("SELECT setval(pg_get_serial_sequence('limits', 'id'), :last)"),
+            {"last": next_id - 1},
+        )
+        db.session.commit()
+
+
+def test_limits_are_created_and_used_past_32767_creations(app, client, make_app):
+    # A create-delete loop used to end at the SMALLINT's bound: "integer out of range".
+    _next_limit_id_is(app, 32767)
+    for name in ("crm", "billing", "mail"):
+        assert client.post(LIMITS, json={"name": name, "rpm": 5}).status_code == 201
+    assert client.delete(f"{LIMITS}mail/").status_code == 204
+    _next_limit_id_is(app, 2**31 - 1)
+    assert client.post(LIMITS, json={"name": "last", "rpm": 5}).status_code == 201
+    with app.app_context():
+        ids = {name: limits.find(name).id for name in ("crm", "billing", "last")}
+    assert ids == {"crm": 32767, "billing": 32768, "last": 2**31 - 1}
+
+    tasks = {}
+    for name in ("billing", "last"):
+        answer = client.post(
+            "/celery_ids_tasks/", json={"task_name": "t", "ids": [1, 2, 3], "limit": name}
+        )
+        assert (answer.status_code, answer.json["limit"]) == (202, name)
+        tasks[name] = answer.json["id"]
+    with make_app(PACING=False).app_context():
+        for task_id in tasks.values():
+            plan_stored_task(task_id, now=PAST)
+        assert run_slot("billing", FIRST_SLOT).done == 3
+        assert loads(FIRST_SLOT, FIRST_SLOT + ONE_MINUTE, "last") == {FIRST_SLOT: 3}
+    # Cancelling frees the slots' loads of the widest id too.
+    assert client.delete(f"/celery_ids_tasks/{tasks['last']}/").status_code == 204
+    assert client.get(f"{LIMITS}billing/").json["done"] == 3
+    assert client.get(f"{LIMITS}last/").json["pending"] == 0
+    with app.app_context():
+        assert loads(FIRST_SLOT, FIRST_SLOT + ONE_MINUTE, "last") == {FIRST_SLOT: 0}

@@ -29,8 +29,9 @@ def test_readiness_passes_every_check_on_a_migrated_database(app, client):
     assert answer.status_code == 200
     assert answer.json["status"] == "ok"
     checks = answer.json["checks"]
-    assert set(checks) == {"database", "migrations", "redis"}
+    assert set(checks) == {"database", "migrations", "redis", "destinations"}
     assert all(check["ok"] for check in checks.values())
+    assert checks["destinations"]["detail"] == "no limit held"
     heads = migration_heads(app.extensions["migrate"].directory)
     assert checks["migrations"]["detail"] == f"at head {', '.join(sorted(heads))}"
 

@@ -302,6 +302,9 @@ class Traffic(threading.Thread):
             self.running.set()
 
 
+LAST_WITHOUT_REWRITE = "0011"
+
+
 def test_an_upgrade_of_a_million_ids_never_holds_up_the_service_for_a_second(scratch):
     with scratch.app.app_context():
         flask_migrate.upgrade(revision="0007")
@@ -317,7 +320,9 @@ def test_an_upgrade_of_a_million_ids_never_holds_up_the_service_for_a_second(scr
             assert traffic.running.wait(30)
             before = len(traffic.durations)
             started = time.perf_counter()
-            flask_migrate.upgrade()
+            # Up to the last revision that promises it: 0012 rewrites assignments, holding
+            # it for its whole run (docs/upgrading.md, "Big tables").
+            flask_migrate.upgrade(revision=LAST_WITHOUT_REWRITE)
             upgrade_seconds = time.perf_counter() - started
             during = len(traffic.durations) - before
             time.sleep(0.2)  # and it still works on the new schema
@@ -325,16 +330,21 @@ def test_an_upgrade_of_a_million_ids_never_holds_up_the_service_for_a_second(scr
             traffic.stopping.set()
             traffic.join(60)
         version, index = _version(), _index(PENDING_INDEX)
-        head = _head()
+        started = time.perf_counter()
+        flask_migrate.upgrade(revision="0012")
+        rewrite_seconds = time.perf_counter() - started
+        widened = _limit_columns()
     longest, kind = max(traffic.durations)
     print(
-        f"\n{BIG_ROWS:,} IDs filled in {filled:.1f} s; upgrade 0007 -> {head} took "
-        f"{upgrade_seconds:.1f} s; the other connection ran {during} statements meanwhile, "
-        f"the longest ({kind}) {longest * 1000:.0f} ms"
+        f"\n{BIG_ROWS:,} IDs filled in {filled:.1f} s; upgrade 0007 -> {LAST_WITHOUT_REWRITE} "
+        f"took {upgrade_seconds:.1f} s; the other connection ran {during} statements "
+        f"meanwhile, the longest ({kind}) {longest * 1000:.0f} ms; 0012 then rewrote the "
+        f"tables in {rewrite_seconds:.1f} s"
     )
     assert traffic.errors == []
-    assert version == head
+    assert version == LAST_WITHOUT_REWRITE
     assert index == BY_LIMIT
+    assert widened == INTEGERS
     # It kept its pace alongside: behind a rebuild of the index, it makes a few dozen.
     assert during > 200
     assert longest < 1.0
@@ -469,6 +479,251 @@ def test_a_downgrade_below_0008_refuses_while_other_limits_hold_pending_ids(scra
             assert connection.execute(text("SELECT count(*) FROM assignments")).scalar() == 5
         flask_migrate.upgrade()
         assert _version() == _head()
+
+
+def test_a_downgrade_below_0013_refuses_while_tokens_exist(scratch):
+    app = scratch.app
+    runner = app.test_cli_runner()
+    with app.app_context():
+        flask_migrate.upgrade()
+        for name, scope in (("ops", "admin"), ("ci", "read")):
+            created = runner.invoke(args=["tokens", "create", name, "--scope", scope])
+            assert created.exit_code == 0, created.output
+
+        result = runner.invoke(args=["db", "downgrade", "0012"])
+        assert result.exit_code == 1
+        assert "Error: downgrade below 0013 refused: 2 API tokens exist: ci, ops." in result.output
+        assert _version() == "0013"
+        listed = runner.invoke(args=["tokens", "list"]).output.splitlines()
+        assert [line.split()[0] for line in listed[1:]] == ["ci", "ops"]
+
+        # Once they are revoked, it proceeds.
+        for name in ("ci", "ops"):
+            assert runner.invoke(args=["tokens", "revoke", name]).exit_code == 0
+        flask_migrate.downgrade(revision="0012")
+        assert _version() == "0012"
+        with db.engine.connect() as connection:
+            assert connection.execute(text("SELECT to_regclass('api_tokens')")).scalar() is None
+        flask_migrate.upgrade()
+        assert _version() == _head()
+
+
+def test_a_downgrade_below_0014_refuses_while_a_task_is_refused(scratch):
+    app = scratch.app
+    runner = app.test_cli_runner()
+    with app.app_context():
+        flask_migrate.upgrade()
+        tasks = "/celery_ids_tasks/"
+        refused = app.test_client().post(tasks, json={"task_name": "t", "ids": [1]}).json["id"]
+        db.session.execute(
+            text("UPDATE id_tasks SET status = 'refused', error = 'not planned: ...'")
+        )
+        db.session.commit()
+
+        result = runner.invoke(args=["db", "downgrade", "0013"])
+        assert result.exit_code == 1
+        assert f"Error: downgrade below 0014 refused: tasks {refused} are refused" in result.output
+        assert _version() == "0014"
+
+        # Once it is cancelled, it proceeds: no task holds the status or a reason.
+        flask_migrate.upgrade()
+        assert app.test_client().delete(f"{tasks}{refused}/").status_code == 204
+        db.session.remove()  # the requests ran in this context: its session reads no more
+        flask_migrate.downgrade(revision="0013")
+        assert _version() == "0013"
+        with db.engine.connect() as connection:
+            columns = connection.execute(
+                text(
+                    "SELECT column_name FROM information_schema.columns "
+                    "WHERE table_name = 'id_tasks'"
+                )
+            ).scalars()
+            assert "error" not in set(columns)
+        flask_migrate.upgrade()
+        assert _version() == _head()
+
+
+def _limit_columns() -> dict[str, str]:
+    """The type of limits.id and of every column that holds a limit's id."""
+    with db.engine.connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT table_name || '.' || column_name, data_type "
+                "FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND (column_name = 'limit_id' "
+                "OR (table_name = 'limits' AND column_name = 'id'))"
+            )
+        ).all()
+    return dict(rows)
+
+
+def _limit_sequence() -> tuple:
+    with db.engine.connect() as connection:
+        return tuple(
+            connection.execute(
+                text(
+                    "SELECT data_type::text, max_value, last_value FROM pg_sequences "
+                    "WHERE schemaname = current_schema() AND sequencename = 'limits_id_seq'"
+                )
+            ).one()
+        )
+
+
+def _rows_of_limits() -> tuple:
+    with db.engine.connect() as connection:
+        return tuple(
+            tuple(connection.execute(text(query)).all())
+            for query in (
+                "SELECT id, name FROM limits ORDER BY id",
+                "SELECT id, limit_id FROM id_tasks ORDER BY id",
+                "SELECT limit_id, slot_start, load FROM slots ORDER BY 1, 2",
+                "SELECT task_id, position, limit_id, status FROM assignments ORDER BY 1, 2",
+            )
+        )
+
+
+def _fill_limits_at_0011(connection) -> None:
+    """Two limits, crm the last a SMALLINT allows, with a task, slots and IDs each."""
+    connection.execute(text("SELECT setval(pg_get_serial_sequence('limits', 'id'), 32766)"))
+    connection.execute(
+        text("INSERT INTO limits (name, rpm, processor) VALUES ('crm', 60, :p)"),
+        {"p": HTTP_PROCESSOR},
+    )
+    connection.execute(
+        text(
+            "INSERT INTO id_tasks (id, task_name, overflow, status, total, duplicates, planned, "
+            "done, failed, limit_id) SELECT l.id, l.name, 'spread', 'scheduled', 2, 0, 2, 0, 0, "
+            "l.id FROM limits l"
+        )
+    )
+    connection.execute(
+        text(
+            "INSERT INTO slots (limit_id, slot_start, load) "
+            "SELECT l.id, :s + m * interval '1 minute', 1 FROM limits l, generate_series(0, 1) m"
+        ),
+        {"s": SLOT},
+    )
+    connection.execute(
+        text(
+            "INSERT INTO assignments (task_id, position, user_id, limit_id, slot_start, status) "
+            "SELECT l.id, m, 100 + m, l.id, :s + m * interval '1 minute', 'pending' "
+            "FROM limits l, generate_series(0, 1) m"
+        ),
+        {"s": SLOT},
+    )
+
+
+INTEGERS = {
+    "limits.id": "integer",
+    "id_tasks.limit_id": "integer",
+    "slots.limit_id": "integer",
+    "assignments.limit_id": "integer",
+}
+SMALLINTS = dict.fromkeys(INTEGERS, "smallint")
+
+
+def test_0012_widens_limit_ids_and_their_sequence_keeping_every_row(scratch):
+    with scratch.app.app_context():
+        flask_migrate.upgrade(revision="0011")
+        assert _limit_columns() == SMALLINTS
+        with db.engine.begin() as connection:
+            _fill_limits_at_0011(connection)
+            # The next limit is one a SMALLINT cannot number.
+            with pytest.raises(sqlalchemy.exc.DataError), connection.begin_nested():
+                connection.execute(
+                    text("INSERT INTO limits (name, rpm, processor) VALUES ('next', 1, 'x:y')")
+                )
+        before = _rows_of_limits()
+
+        flask_migrate.upgrade(revision="0012")
+        assert _version() == "0012"
+        assert _limit_columns() == INTEGERS
+        assert _limit_sequence() == ("integer", 2147483647, 32767)
+        assert _rows_of_limits() == before
+        with db.engine.begin() as connection:
+            created = connection.execute(
+                text(
+                    "INSERT INTO limits (name, rpm, processor) VALUES ('next', 1, 'x:y') "
+                    "RETURNING id"
+                )
+            ).scalar()
+            # Its keys hold: the slots' primary key and the foreign keys to limits.
+            with pytest.raises(sqlalchemy.exc.IntegrityError), connection.begin_nested():
+                connection.execute(
+                    text("INSERT INTO slots (limit_id, slot_start) VALUES (:l, :s)"),
+                    {"l": 32767, "s": SLOT},
+                )
+            with pytest.raises(sqlalchemy.exc.IntegrityError), connection.begin_nested():
+                connection.execute(
+                    text("INSERT INTO slots (limit_id, slot_start) VALUES (99999, :s)"),
+                    {"s": SLOT},
+                )
+        assert created == 32768
+        assert _index(PENDING_INDEX) == BY_LIMIT
+
+
+def test_a_downgrade_below_0012_refuses_while_an_id_is_beyond_a_smallint(scratch):
+    app = scratch.app
+    with app.app_context():
+        flask_migrate.upgrade(revision="0011")
+        with db.engine.begin() as connection:
+            _fill_limits_at_0011(connection)
+        flask_migrate.upgrade(revision="0012")
+        with db.engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO limits (name, rpm, processor) VALUES ('billing', 30, :p), "
+                    "('mail', 30, :p)"
+                ),
+                {"p": HTTP_PROCESSOR},
+            )
+            # An ID planned for a limit deleted since: still recorded under its id.
+            connection.execute(
+                text(
+                    "INSERT INTO assignments (task_id, position, user_id, limit_id, slot_start, "
+                    "status) VALUES (9, 0, 9, 40000, :s, 'done')"
+                ),
+                {"s": SLOT},
+            )
+        before = _rows_of_limits()
+
+        with pytest.raises(RuntimeError) as refused:
+            command.downgrade(_alembic_config(), "0011")
+        message = str(refused.value)
+        assert "downgrade below 0012 refused" in message
+        assert "2 limits have a larger one: billing (id 32768), mail (id 32769)" in message
+        assert "1 IDs of tasks are recorded under such limits" in message
+        assert _version() == "0012"
+        assert _limit_columns() == INTEGERS
+        assert _rows_of_limits() == before
+
+        result = app.test_cli_runner().invoke(args=["db", "downgrade", "0011"])
+        assert result.exit_code == 1
+        assert "Error: downgrade below 0012 refused" in result.output
+
+        # Once no id is beyond a SMALLINT, it narrows back; the sequence goes on from the
+        # largest id recorded, not from the deleted limits above it.
+        with db.engine.begin() as connection:
+            connection.execute(text("DELETE FROM limits WHERE id > 32767"))
+            connection.execute(text("DELETE FROM assignments WHERE limit_id > 32767"))
+        flask_migrate.downgrade(revision="0011")
+        assert _version() == "0011"
+        assert _limit_columns() == SMALLINTS
+        assert _limit_sequence() == ("smallint", 32767, 32767)
+        assert _rows_of_limits() == _without_wide(before)
+        flask_migrate.upgrade(revision="0012")
+        assert _limit_columns() == INTEGERS
+
+
+def _without_wide(rows: tuple) -> tuple:
+    """`_rows_of_limits()` without what lies beyond a SMALLINT."""
+    limits_, tasks, slots, assignments = rows
+    return (
+        tuple(row for row in limits_ if row[0] <= 32767),
+        tasks,
+        slots,
+        tuple(row for row in assignments if row[2] <= 32767),
+    )
 
 
 @pytest.fixture

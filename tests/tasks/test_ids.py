@@ -1,5 +1,7 @@
 import io
+import json
 import tracemalloc
+from array import array
 
 import pytest
 
@@ -8,11 +10,13 @@ from service.tasks.ids import (
     A_STRING,
     BELOW_ONE,
     BEYOND_64_BITS,
+    CHECKED_ID,
     MAX_ID,
     NOT_A_NUMBER,
     NOT_AN_INTEGER,
     TOO_LONG,
     InvalidIds,
+    load_json_with_ids,
     parse_json_ids,
     parse_payload,
     stream_ids,
@@ -20,15 +24,15 @@ from service.tasks.ids import (
 
 
 def test_payload_accepts_commas_spaces_and_newlines():
-    assert parse_payload("1,2, 3\n4\t5,") == [1, 2, 3, 4, 5]
+    assert parse_payload("1,2, 3\n4\t5,") == array("q", [1, 2, 3, 4, 5])
 
 
 def test_empty_entries_between_separators_are_skipped():
-    assert parse_payload(",,1,,2,") == [1, 2]
+    assert parse_payload(",,1,,2,") == array("q", [1, 2])
 
 
 def test_largest_64_bit_id_is_accepted():
-    assert parse_payload(str(MAX_ID)) == [MAX_ID]
+    assert parse_payload(str(MAX_ID)) == array("q", [MAX_ID])
     assert parse_json_ids([MAX_ID]) == [MAX_ID]
 
 
@@ -198,3 +202,88 @@ def test_a_first_line_of_digits_and_letters_is_no_header():
     assert bad_places(b"user_1\n1\n2", header=None) == [(1, 1, "user_1")]
     assert bad_places(b"user_id\n1\n2") == [(1, 1, "user_id")]
     assert bad_places(b"user_id\n1\nx", header=None) == [(3, 1, "x")]
+
+
+def test_the_ids_of_a_json_document_come_as_an_array_of_64_bit_integers():
+    document = load_json_with_ids(
+        f'{{"task_name": "t", "ids": [1, 20, 1, {MAX_ID}], "overflow": "defer"}}'
+    )
+    assert type(document["ids"]) is array
+    assert document["ids"].typecode == "q"
+    assert document == {
+        "task_name": "t",
+        "ids": array("q", [1, 20, 1, MAX_ID]),
+        "overflow": "defer",
+    }
+
+
+def test_a_payload_comes_as_an_array_of_64_bit_integers_read_a_block_at_a_time():
+    ids = list(range(10**9, 10**9 + 30_000))
+    payload = "é," + ",".join(map(str, ids))  # the bad token first: columns count characters
+    with pytest.raises(InvalidIds) as caught:
+        parse_payload(payload)
+    assert [(bad.column, bad.token) for bad in caught.value.listed] == [(1, "é")]
+    assert parse_payload(payload[2:]) == array("q", ids)
+
+
+def _as_loaded_with_ids(value: object, top: bool = True) -> object:
+    """json.loads's document as load_json_with_ids gives it: its IDs stood in for by
+    CHECKED_ID, the top-level `ids` an array when it holds nothing else."""
+    if type(value) is int and 1 <= value <= MAX_ID:
+        return CHECKED_ID
+    if type(value) is list:
+        return [_as_loaded_with_ids(item, False) for item in value]
+    if type(value) is not dict:
+        return value
+    made = {key: _as_loaded_with_ids(item, False) for key, item in value.items()}
+    ids = value.get("ids")
+    if top and type(ids) is list:
+        valid = all(_as_loaded_with_ids(item, False) is CHECKED_ID for item in ids)
+        made["ids"] = array("q", ids) if valid else made["ids"]
+    return made
+
+
+JSON_DOCUMENTS = [
+    '{"ids": []}',
+    '{"ids": [1, 2, 3], "task_name": "t"}',
+    '{"x": [5, {"y": 6, "y": [7]}, [8]], "ids": [9, 10]}',  # IDs before the list
+    '{"ids": [1, 2], "task_name": 3, "ids": [4]}',  # the last of a key counts
+    '{"a": {"b": [1, 2], "b": 3}, "ids": [4, 5]}',
+    '{"ids": [1, [2, 3], 4]}',
+    f'{{"ids": [1, -5, "2", true, 1.5, {MAX_ID + 1}, null, 0, -0, 1e5, NaN, {{"a": 1}}]}}',
+    '{"ids": "1,2"}',
+    '[1, 2, {"ids": [3]}]',
+    f'{{"ids": [{2**70}]}}',
+    "7",
+    '{"task_name": "é\\ud800", "ids": [1]}',
+]
+
+
+@pytest.mark.parametrize("text", JSON_DOCUMENTS)
+def test_a_json_document_reads_as_json_loads_reads_it(text):
+    assert load_json_with_ids(text) == _as_loaded_with_ids(json.loads(text))
+
+
+MALFORMED_JSON = [
+    "",
+    '{"task_name": ',
+    '{"ids": [1, 2,]}',
+    '{"ids": [1 2]}',
+    '{"ids": [01]}',
+    '{"ids": [1, 2]',
+    '{"ids": [1, 2]} x',
+    '{"ids": [1, "2\x01"]}',
+    '{"ids": [' + "9" * 5000 + "]}",
+    '{"ids": [1, 2, ' + "9" * 5000 + ", }",
+    "\ufeff{}",
+    "[" * 50_000,
+]
+
+
+@pytest.mark.parametrize("text", MALFORMED_JSON)
+def test_malformed_json_is_refused_as_json_loads_refuses_it(text):
+    with pytest.raises((ValueError, RecursionError)) as expected:
+        json.loads(text)
+    with pytest.raises(expected.type) as refused:
+        load_json_with_ids(text)
+    assert str(refused.value) == str(expected.value)

@@ -13,6 +13,13 @@ SUBMISSIONS = (TASKS, f"{TASKS}preview")
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
 
+@pytest.fixture
+def client(make_app):
+    """A client of an app whose plan horizon (MAX_PLAN_DAYS) reaches past a year, so that a
+    start meets the year's bound that the document states, not the horizon."""
+    return make_app(MAX_PLAN_DAYS=367).test_client()
+
+
 def document(client) -> dict:
     return client.get("/openapi.json").json
 

@@ -1,4 +1,4 @@
-"""/metrics: for Prometheus, which sends the API token as a bearer token."""
+"""/metrics: for Prometheus, which sends a token (scope `read`) as a bearer token."""
 
 from flask import Response
 from flask.views import MethodView

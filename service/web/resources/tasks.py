@@ -3,7 +3,7 @@
 from flask import current_app, request
 from flask.views import MethodView
 
-from service.planning import preview
+from service.planning import horizon, preview
 from service.tasks import services as tasks
 from service.tasks import store as task_store
 from service.tasks.ids import IDS_BODY_PATTERN, stream_ids
@@ -129,7 +129,8 @@ class Tasks(MethodView):
     def post(self):
         """Submit IDs as JSON, or as a text/csv body; planning runs on a worker"""
         fields = _submission()
-        return _Accepted(tasks.submit_task(**fields), _header_skipped(fields["ids"]))
+        task = tasks.submit_task(**fields, admit=horizon.admit)
+        return _Accepted(task, _header_skipped(fields["ids"]))
 
 
 @blp.route("/preview")
@@ -161,7 +162,7 @@ class TaskById(MethodView):
     @blp.alt_response(404, response="DEFAULT_ERROR")
     def put(self, fields, task_id):
         """Replace a task's name, IDs and overflow (new IDs only before any has run)"""
-        return tasks.replace_task(task_id, _changes(fields))
+        return tasks.replace_task(task_id, _changes(fields), horizon.admit)
 
     @blp.doc(operationId="update_task")
     @blp.arguments(TaskSubmitSchema(partial=True))
@@ -170,7 +171,7 @@ class TaskById(MethodView):
     @blp.alt_response(404, response="DEFAULT_ERROR")
     def patch(self, fields, task_id):
         """Change a task's name, IDs or overflow (IDs only before any has run)"""
-        return tasks.update_task(task_id, _changes(fields))
+        return tasks.update_task(task_id, _changes(fields), horizon.admit)
 
     @blp.doc(operationId="cancel_task")
     @blp.response(204)
