@@ -47,6 +47,9 @@ HTTP_PROCESSOR = f"{PROCESSORS_MODULE}:http_request"
 SECRET_VARIABLE = "DOWNSTREAM_SECRET_"
 SECRET_URL_SUFFIX = "_URL"
 SECRET_NAME = re.compile(r"[A-Z0-9_]+\Z")
+# What an HTTP header's value may hold (visible ASCII, spaces and tabs inside): a value
+# outside it makes the HTTP library raise an error that quotes it, and errors are stored.
+HEADER_VALUE = re.compile(r"[\x21-\x7e]([\x20-\x7e\t]*[\x21-\x7e])?\Z")
 
 
 @dataclass(frozen=True)
@@ -200,8 +203,9 @@ class Config:
             )
 
     def _check_destinations(self) -> None:
-        # Parsed now, so that a malformed prefix or a half-given secret refuses the start.
-        _ = self.allow_list, self.downstream_secrets
+        # Parsed now, so that a malformed prefix or a half-given or unsendable secret
+        # refuses the start.
+        _ = self.allow_list, self.downstream_secrets, self.processor_http_secret
         if self.PROCESSOR_HTTP_AUTHORIZATION and not self.PROCESSOR_HTTP_URL:
             raise ConfigError(
                 "PROCESSOR_HTTP_AUTHORIZATION is sent only to URLs under PROCESSOR_HTTP_URL's "
@@ -260,6 +264,7 @@ class Config:
                 prefix = Prefix.parse(setting.url, f"{variable}{SECRET_URL_SUFFIX}")
             except NotAllowed as refused:
                 raise ConfigError(f"{variable}{SECRET_URL_SUFFIX} {refused}") from None
+            _check_header_value(variable, setting.value)
             found[setting.name] = Secret(setting.name, prefix, setting.value)
         return found
 
@@ -268,6 +273,7 @@ class Config:
         """PROCESSOR_HTTP_AUTHORIZATION, bound to PROCESSOR_HTTP_URL's prefix."""
         if not self.PROCESSOR_HTTP_AUTHORIZATION:
             return None
+        _check_header_value("PROCESSOR_HTTP_AUTHORIZATION", self.PROCESSOR_HTTP_AUTHORIZATION)
         return Secret(
             "PROCESSOR_HTTP_AUTHORIZATION",
             self.processor_http_prefix,
@@ -312,6 +318,15 @@ class Config:
             # after this many milliseconds instead of the kernel's quarter of an hour.
             "tcp_user_timeout": 30_000,
         }
+
+
+def _check_header_value(variable: str, value: str) -> None:
+    if not HEADER_VALUE.match(value):
+        # The value itself is never repeated: it is a secret.
+        raise ConfigError(
+            f"{variable} must be a header value of visible ASCII characters (spaces and "
+            "tabs inside): no line break, control or non-ASCII character"
+        )
 
 
 def _secrets_in(environ: Mapping[str, str]) -> tuple[SecretSetting, ...]:

@@ -30,8 +30,12 @@ Addresses, judged on what the host resolves to when a call is made:
   (`http://10.1.2.3:8080/`), or is `localhost` and the address is loopback. A host name
   that resolves to such an address is refused: `https://partner.example/` never reaches
   10.0.0.5, whatever its DNS answers;
-- IPv6 addresses that carry an IPv4 one (`::ffff:a.b.c.d`, NAT64's `64:ff9b::/96`,
-  6to4's `2002::/16`) are judged by the IPv4 address.
+- IPv6 addresses that carry an IPv4 one (`::ffff:a.b.c.d`, `::a.b.c.d`, NAT64's
+  `64:ff9b::/96` and `64:ff9b:1::/48`, 6to4's `2002::/16`) are judged by the IPv4
+  address.
+
+Hosts are judged as they go on the wire (`wire_host`): an international name in its
+IDNA form, the one spelling the resolver, TLS and the prefixes all see.
 """
 
 from __future__ import annotations
@@ -77,7 +81,11 @@ PRIVATE = tuple(
     ipaddress.ip_network(network)
     for network in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7", "100.64.0.0/10")
 )
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# NAT64's well-known prefix, and its local-use range (RFC 8215), the IPv4 address in the
+# last 32 bits as gateways most often write it.
+NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+# The deprecated IPv4-compatible form, ::a.b.c.d (:: and ::1 are not of it).
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 # `:*` after a prefix's host: any port.
 ANY_PORT = re.compile(r"^(?P<origin>[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*):\*(?=[/?#]|$)")
 # In a path, what a server may decode into another path than the one allowed.
@@ -116,8 +124,21 @@ def raw_path(url: httpx.URL) -> str:
 def _check_path(path: str) -> None:
     if ENCODED_SEPARATORS.search(path):
         raise NotAllowed("must not hold an encoded slash or backslash in its path")
-    if any(unquote(segment) in (".", "..") for segment in path.split("/")):
+    if "%25" in path:
+        # A percent encoded again: a server that decodes twice sees what the check did
+        # not (`%252e%252e` is `..` to it).
+        raise NotAllowed("must not hold an encoded percent sign (%25) in its path")
+    # Some servers drop a segment's `;parameters` before they resolve dots: `..;` is `..`.
+    if any(unquote(segment.partition(";")[0]) in (".", "..") for segment in path.split("/")):
         raise NotAllowed("must not hold . or .. segments in its path")
+
+
+def wire_host(url: httpx.URL) -> str:
+    """The host as it goes on the wire: ASCII, an international name in its IDNA form.
+    The resolver, TLS and the prefixes all judge this one spelling; httpx's `host` shows
+    such a name in Unicode, which the system's resolver would encode by older rules into
+    another name (`straße.de` into `strasse.de`)."""
+    return url.raw_host.decode("ascii").lower()
 
 
 def port_of(url: httpx.URL) -> int:
@@ -143,8 +164,10 @@ def _carried(address: Address) -> Address:
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped:
             return address.ipv4_mapped
-        if address in NAT64:
+        if any(address in network for network in NAT64):
             return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if address in IPV4_COMPATIBLE and int(address) > 1:
+            return ipaddress.IPv4Address(int(address))
         if address.sixtofour:
             return address.sixtofour
     return address
@@ -214,16 +237,16 @@ class Prefix:
         url = parse_url(any_port["origin"] + written[any_port.end() :] if any_port else written)
         if url.query or url.fragment or "{id}" in written:
             raise NotAllowed("must not hold a query, a fragment or {id}")
-        refused = never_allowed_host(url.host)
+        refused = never_allowed_host(wire_host(url))
         if refused:
             raise NotAllowed(f"names {refused}, which is never allowed")
         port = None if any_port else port_of(url)
-        return cls(url.scheme, host_key(url.host), port, raw_path(url), written, source)
+        return cls(url.scheme, host_key(wire_host(url)), port, raw_path(url), written, source)
 
     def covers(self, url: httpx.URL) -> bool:
         return (
             url.scheme == self.scheme
-            and host_key(url.host) == self.host
+            and host_key(wire_host(url)) == self.host
             and (self.port is None or port_of(url) == self.port)
             and _under(raw_path(url), self.path)
         )
@@ -296,17 +319,17 @@ class AllowList:
     def check(self, text: str) -> httpx.URL:
         """The URL, when its text is allowed; NotAllowed saying why otherwise."""
         url = parse_url(text)
-        refused = never_allowed_host(url.host)
+        refused = never_allowed_host(wire_host(url))
         if refused:
             raise NotAllowed(f"names {refused}, which is never allowed")
         if any(prefix.covers(url) for prefix in self.prefixes):
             return url
-        address = literal(url.host)
+        address = literal(wire_host(url))
         kind = needs_naming(address) if address is not None else None
-        named = any(prefix.host == host_key(url.host) for prefix in self.prefixes)
+        named = any(prefix.host == host_key(wire_host(url)) for prefix in self.prefixes)
         if kind and not named:
             raise NotAllowed(
-                f"names {url.host}, {kind}: allowed only by a prefix of DOWNSTREAM_URLS "
+                f"names {wire_host(url)}, {kind}: allowed only by a prefix of DOWNSTREAM_URLS "
                 f"with that host (allowed: {self.shown})"
             )
         raise NotAllowed(f"is outside DOWNSTREAM_URLS (allowed: {self.shown})")
@@ -323,11 +346,11 @@ class AllowList:
         every one of them is allowed. NotAllowed saying why otherwise; an OSError when
         the host does not resolve."""
         url = self.check(text)
-        addresses = tuple(resolve(url.host, port_of(url)))
+        addresses = tuple(resolve(wire_host(url), port_of(url)))
         if not addresses:
-            raise OSError(f"{url.host} resolves to no address")
+            raise OSError(f"{wire_host(url)} resolves to no address")
         for written in addresses:
-            refused = address_refusal(url.host, ipaddress.ip_address(written))
+            refused = address_refusal(wire_host(url), ipaddress.ip_address(written))
             if refused:
                 raise NotAllowed(f"resolves to {written}, {refused}")
         return Destination(url, addresses)

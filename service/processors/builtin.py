@@ -26,7 +26,13 @@ from marshmallow.validate import URL, OneOf, Range, Regexp
 from sqlalchemy import text
 
 from service.core.config import SECRET_NAME, SECRET_VARIABLE
-from service.core.destinations import CachingResolver, Destination, NotAllowed, parse_url
+from service.core.destinations import (
+    CachingResolver,
+    Destination,
+    NotAllowed,
+    parse_url,
+    wire_host,
+)
 from service.core.extensions import db
 from service.processors.contract import Failure, per_id, processor
 
@@ -185,8 +191,9 @@ def _call(target: Destination, options: dict, headers: dict, shown: str) -> Fail
     a connection to the name would), always asking for the URL's host (Host, and SNI
     for https, against which its certificate is verified)."""
     timeout = options["timeout"]
-    client = _client(timeout, target.url.host)
-    extensions = {"sni_hostname": target.url.host}
+    host = wire_host(target.url)
+    client = _client(timeout, host)
+    extensions = {"sni_hostname": host}
     for address in target.addresses:
         try:
             with client.stream(
@@ -280,8 +287,13 @@ def _client(timeout: float, host: str) -> httpx.Client:
     key = (os.getpid(), size, timeout, host)
     with _clients_lock:
         if key not in _clients:
+            limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
             _clients[key] = httpx.Client(
+                # A transport of its own: httpx then follows no proxy the environment
+                # names, which would carry the call, and its Authorization, from another
+                # network than the one the address was checked for (NO_PROXY would never
+                # match, the host being an address). SSL_CERT_FILE still applies.
+                transport=httpx.HTTPTransport(limits=limits),
                 timeout=timeout,
-                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
             )
         return _clients[key]

@@ -16,6 +16,7 @@ from service.core.destinations import (
     never_allowed,
     parse_url,
     prefix_of_template,
+    wire_host,
 )
 
 SERVERS = {"DATABASE_URL": "postgresql://x/y", "REDIS_URL": "redis://z"}
@@ -93,6 +94,9 @@ def test_an_ip_literal_matches_in_any_of_its_spellings_and_no_other_host():
         ("http://api.example.com/v1/%2E/x", ". or .. segments"),
         ("http://api.example.com/v1/..%2Fadmin", "encoded slash"),
         ("http://api.example.com/v1/a%5cb", "encoded slash or backslash"),
+        ("http://api.example.com/v1/..;/admin", ". or .. segments"),
+        ("http://api.example.com/v1/.;x=1/admin", ". or .. segments"),
+        ("http://api.example.com/v1/%252e%252e/admin", "encoded percent sign"),
         ("ftp://api.example.com/v1/x", "http:// or https://"),
         ("http:///v1/x", "http:// or https://"),
     ],
@@ -111,6 +115,8 @@ def test_urls_that_could_reach_what_their_text_does_not_show_are_refused(url, re
         ("http://[fd00:ec2::254]/x", "a cloud metadata address"),
         ("http://100.100.100.200/x", "a cloud metadata address"),
         ("http://[::ffff:169.254.169.254]/x", "a cloud metadata address"),
+        ("http://[::169.254.169.254]/x", "a cloud metadata address"),
+        ("http://[64:ff9b:1::a9fe:a9fe]/x", "a cloud metadata address"),
         ("http://metadata.google.internal/computeMetadata/v1", "a cloud metadata name"),
         ("http://metadata/x", "a cloud metadata name"),
         ("http://METADATA.google.internal./x", "a cloud metadata name"),
@@ -304,3 +310,44 @@ def test_a_secret_may_be_given_as_settings_too():
     settings = Config(**SERVERS, secrets=(pair,))
     assert settings.downstream_secrets["PARTNER"].prefix.text == "https://partner.example/"
     assert "s3cret" not in repr(pair)
+
+
+def test_an_international_name_is_judged_resolved_and_sent_in_its_idna_form():
+    """The system's resolver and TLS would encode `straße` by older rules than httpx's
+    Host header (`strasse` against `xn--strae-qua`): one spelling must serve all three."""
+    asked = []
+
+    def resolve(host, port):
+        asked.append(host)
+        return ["8.8.8.8"]  # never connected to: only the check runs here
+
+    url = parse_url("https://straße.example/u/1")
+    assert wire_host(url) == url.raw_host.decode() == "xn--strae-oqa.example"
+    allowed_list = AllowList((Prefix.parse("https://straße.example/"),))
+    destination = allowed_list.destination("https://straße.example/u/1", resolve)
+    assert asked == ["xn--strae-oqa.example"]
+    assert destination.host_header == "xn--strae-oqa.example"
+    with pytest.raises(NotAllowed, match="outside DOWNSTREAM_URLS"):
+        allowed_list.check("https://strasse.example/u/1")
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["DOWNSTREAM_SECRET_PARTNER", "PROCESSOR_HTTP_AUTHORIZATION"],
+)
+@pytest.mark.parametrize(
+    "value", ["Bearer s3cret\nX-Evil: 1", "Bearer s3cret\x00", "Bearer s3crét"]
+)
+def test_a_secret_that_cannot_be_a_header_value_stops_the_start_without_showing_it(variable, value):
+    # The HTTP library would refuse it at each call with an error quoting it, and that
+    # error would be stored as the ID's.
+    environ = {
+        **SERVERS,
+        "PROCESSOR_HTTP_URL": "https://partner.example/users/{id}",
+        "DOWNSTREAM_SECRET_PARTNER_URL": "https://partner.example/",
+        "DOWNSTREAM_SECRET_PARTNER": "Bearer fine",
+        variable: value,
+    }
+    with pytest.raises(ConfigError, match=f"{variable} must be a header value") as refused:
+        Config.from_env(environ)
+    assert "s3cr" not in str(refused.value)

@@ -188,3 +188,27 @@ def test_a_refusal_is_stored_bounded_and_without_the_query(make_app, downstream)
     assert len(error) == MAX_ERROR_CHARS and error.endswith("…")
     assert "s3cret" not in error and "?" not in error
     assert record.connections == 0
+
+
+def test_a_proxy_named_by_the_environment_never_carries_a_call(make_app, downstream, monkeypatch):
+    """A proxy would make the call from a network the address was not checked for, and
+    receive its Authorization: the environment's proxy settings are not followed."""
+    record, port, _ = downstream
+    proxied = Record()
+    proxy = Server(proxied)
+    with proxy:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "all_proxy"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.port}")
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setattr(builtin, "_clients", {})
+        app = make_app(DOWNSTREAM_URLS="http://127.0.0.1:*/", PACING=False, MAX_ATTEMPTS=1)
+        with app.app_context():
+            url = f"http://127.0.0.1:{port}/users/{{id}}"
+            add_limit("partner", 5, HTTP_PROCESSOR, url=url)
+            task_id = submit([1, 2], limit="partner")
+            plan_stored_task(task_id, now=PAST)
+            run = run_slot("partner", FIRST_SLOT)
+    assert run.done == 2
+    assert sorted(user_id for _, user_id, _, _ in record.calls) == [1, 2]
+    assert proxied.calls == [] and proxied.connections == 0
