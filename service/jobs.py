@@ -40,6 +40,7 @@ ALL_QUEUES = (SLOTS_QUEUE, PLANNING_QUEUE)  # a worker serves slots first: they 
 SLOT_JOB = "workers.slots.run_slot"
 PLAN_TASK_JOB = "workers.planning.plan_task"
 PLAN_RETRIES_JOB = "workers.planning.plan_retries"
+REPLAN_JOB = "workers.planning.replan_limit"
 # rq-scheduler moves due jobs once a second: a slot job due this much before its slot
 # reaches a worker in time, and waits inside itself for the exact start.
 EARLY_SECONDS = 1.5
@@ -100,6 +101,28 @@ def enqueue_retry_planning() -> bool:
         get_queue(PLANNING_QUEUE).enqueue(PLAN_RETRIES_JOB, job_id=job_id, result_ttl=3600)
     except RedisError:
         log.warning("could not queue the planning of retries; reconciling will")
+        return False
+    return True
+
+
+def replan_job_id(event_id: int) -> str:
+    return f"replan-{event_id}"
+
+
+def enqueue_replan(limit_id: int, event_id: int) -> bool:
+    """Queue the re-plan that a change of a limit's learned rate calls for; False when
+    Redis could not take it (reconciling queues it again: the event stays unfinished)."""
+    try:
+        get_queue(PLANNING_QUEUE).enqueue(
+            REPLAN_JOB,
+            limit_id,
+            event_id,
+            job_id=replan_job_id(event_id),
+            result_ttl=3600,
+            failure_ttl=7 * 86400,
+        )
+    except RedisError:
+        log.warning("could not queue re-plan %s of limit %s; reconciling will", event_id, limit_id)
         return False
     return True
 

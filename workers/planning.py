@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.planning import retries, windows
+from service.planning import replan, retries, windows
 from workers.context import job_context
 
 
@@ -16,3 +16,9 @@ def plan_retries() -> int:
     """Plan the retrying IDs of every task into later slots; returns how many."""
     with job_context():
         return retries.plan_retries()
+
+
+def replan_limit(limit_id: int, event_id: int) -> replan.Replan:
+    """Plan a limit's IDs in slots not yet started again at its learned rate."""
+    with job_context():
+        return replan.replan_limit(limit_id, event_id)

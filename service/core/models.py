@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Identity,
     Index,
@@ -84,6 +85,7 @@ class Limit(db.Model):
     __table_args__ = (
         UniqueConstraint("name"),
         CheckConstraint("rpm >= 1", name="rpm"),
+        CheckConstraint("max_refusals >= 1", name="max_refusals"),
     )
 
     id: Mapped[int] = mapped_column(Integer, Identity(start=1), primary_key=True)
@@ -95,10 +97,42 @@ class Limit(db.Model):
     # When a process found its destination outside what the deployment allows (see
     # service/limits/held.py); null again once one finds it allowed.
     held_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The downstream's refusals lower the learned rate (service/limits/learning.py).
+    adaptive: Mapped[bool] = mapped_column(Boolean, server_default=text("true"), default=True)
+    # Refusals of one ID in a row that fail it for good.
+    max_refusals: Mapped[int] = mapped_column(Integer, server_default="30", default=30)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
+
+
+class LearnedRate(db.Model):
+    """What a limit's downstream has taught it by refusing calls (service/limits/
+    learning.py). A table apart from `limits`, so that recording a refusal never waits
+    for the share lock a planner holds on the limit's row."""
+
+    __tablename__ = "learned_rates"
+    __table_args__ = (
+        CheckConstraint("learned_rpm IS NULL OR learned_rpm >= 1", name="learned_rpm"),
+    )
+
+    limit_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("limits.id", ondelete="CASCADE"), primary_key=True
+    )
+    # The slot capacity the downstream has shown it takes; null while that is `rpm`.
+    learned_rpm: Mapped[int | None] = mapped_column(Integer)
+    # The slot whose refusals last lowered it: it is lowered at most once per slot.
+    learned_slot: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Its last change: it rises again after a quiet period from then.
+    learned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    refusals: Mapped[int] = mapped_column(BigInteger, server_default="0", default=0)
+    last_refusal_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_refusal_status: Mapped[int | None] = mapped_column(SmallInteger)
+    last_refusal_retry_after: Mapped[float | None] = mapped_column(Float)
+    last_refusal_reason: Mapped[str | None] = mapped_column(Text)
+    # The newest re-plan: an older one still under way stops for it.
+    replan_event_id: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class IdTask(db.Model):
@@ -199,6 +233,8 @@ class Slot(db.Model):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_claim_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     late: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # It took IDs from a re-plan (service/planning/replan.py).
+    replanned: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
 
 class Assignment(db.Model):
@@ -250,6 +286,30 @@ class Assignment(db.Model):
     claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # When a retrying ID may run again.
     retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The downstream's refusals of it in a row: they use no attempt.
+    refusals: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    # The re-plan (a LimitEvent) that last moved it.
+    replanned_in: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class LimitEvent(db.Model):
+    """A change of a limit's learned rate, and the re-plan that followed it."""
+
+    __tablename__ = "limit_events"
+    __table_args__ = (Index("ix_limit_events_by_limit", "limit_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(start=1), primary_key=True)
+    limit_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("limits.id", ondelete="CASCADE"), nullable=False
+    )
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    kind: Mapped[str] = mapped_column(String(16))  # lowered, raised, reset
+    reason: Mapped[str] = mapped_column(Text)
+    from_rpm: Mapped[int] = mapped_column(Integer)
+    to_rpm: Mapped[int] = mapped_column(Integer)
+    moved: Mapped[int] = mapped_column(Integer, server_default="0", default=0)
+    # When its re-plan ended; null while under way (or stopped for a newer one).
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class SharedSetting(db.Model):

@@ -92,7 +92,7 @@ class GroupCalls(_Calls):
     that a job whose lock went with its connection takes it again (reconcile would
     otherwise take its slot for one whose job is gone)."""
 
-    def hand(self, group: list[Claim], turn: float) -> None:
+    def hand(self, group: list[Claim], turn: float, step: float = 0.0) -> None:
         ours = self.claimer.still_ours(group)
         self.tally += process_and_record(
             self.slot, self.claimer.id, ours, self.processor, self.max_attempts
@@ -130,9 +130,13 @@ class ConcurrentCalls(_Calls):
         self.recorded_at = time.monotonic()
         self.start_lag = 0.0
 
-    def hand(self, group: list[Claim], turn: float) -> None:
+    def hand(self, group: list[Claim], turn: float, step: float = 0.0) -> None:
+        """Each ID of the group still claimed goes to the pool, to be called at its own
+        turn (`turn` is the first's, the others follow `step` apart): never ahead of it."""
+        turns = {(item.task_id, item.position): turn + k * step for k, item in enumerate(group)}
         for item in self.claimer.still_ours(group):
-            self.in_flight.append((item, self.pool.submit(self._call, item, turn)))
+            own = turns[(item.task_id, item.position)]
+            self.in_flight.append((item, self.pool.submit(self._call, item, own)))
         self.record_due()
 
     def record_due(self) -> None:
@@ -178,6 +182,7 @@ class ConcurrentCalls(_Calls):
         self.unrecorded = []
 
     def _call(self, item: Claim, turn: float) -> Ended | object:
+        self.clock.wait_until(turn, lambda: self.abandoned or self.holding)
         if self.abandoned or self.holding or time.monotonic() + self.longest > item.holds_until:
             # Not called: the job is ending or waiting for PostgreSQL, or the claim may
             # run out mid-call. The ID is handed back and claimed again.

@@ -33,6 +33,7 @@ class Claim:
     user_id: int
     attempts: int  # before this one
     claimed_at: datetime  # tells this claim from a later one of the same ID
+    refusals: int = 0  # the downstream's refusals of it in a row, before this call
     # time.monotonic() until which the claim surely holds (it was taken no earlier
     # than this process's moment before the claim, for `life`).
     holds_until: float = math.inf
@@ -91,7 +92,8 @@ def claim(
         late=timedelta(seconds=LATE_AFTER_SECONDS),
         now=now or datetime.now(UTC),
         catch_up=timedelta(seconds=CATCH_UP_SECONDS),
-        span=step_of(slot_seconds, 1),
+        span=timedelta(seconds=slot_seconds),
+        pace=step_of(slot_seconds, 1),
     )
     db.session.commit()
     step = step_of(slot_seconds, turns.load)

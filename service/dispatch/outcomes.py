@@ -2,7 +2,10 @@
 
 An ID becomes `done`, `failed` (after MAX_ATTEMPTS, or a failure marked final), or
 `retrying`: a retry is a request too, so it is planned into a later slot like any ID,
-after a backoff, by service/planning/retries.py.
+after a backoff, by service/planning/retries.py. A refusal (`Refused`) is retried too,
+after its Retry-After, without using an attempt; its limit's `max_refusals` in a row
+fail the ID. Refusals teach the limit a lower rate (service/limits/rates.py), whose
+re-plan is enqueued once the outcomes have committed.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from service.core.extensions import db
 from service.core.models import AssignmentStatus, TaskStatus
 from service.dispatch import store
 from service.dispatch.claims import Claim, claim_keys, hold
-from service.jobs import enqueue_retry_planning
+from service.jobs import enqueue_replan, enqueue_retry_planning
+from service.limits import rates
+from service.limits.learning import refusal_wait
 from service.limits.settings import shared
 from service.limits.store import SlotOfLimit
-from service.processors.contract import Failure, as_failure, bounded, takes
+from service.processors.contract import Failure, Refused, as_failure, bounded, takes
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +39,16 @@ class Tally:
 
     done: int = 0
     failed: int = 0
+    refused: int = 0  # calls the downstream refused for now: no attempt used
 
     @property
     def processed(self) -> int:
-        return self.done + self.failed
+        return self.done + self.failed + self.refused
 
     def __add__(self, other: Tally) -> Tally:
-        return Tally(self.done + other.done, self.failed + other.failed)
+        return Tally(
+            self.done + other.done, self.failed + other.failed, self.refused + other.refused
+        )
 
 
 def backoff(attempts: int) -> timedelta:
@@ -111,34 +119,72 @@ def record_outcomes(
     went to another worker meanwhile, that worker's outcome is the one that counts.
     """
     statuses = store.lock_task_statuses(sorted({item.task_id for item in group}))
-    max_attempts = max_attempts or shared()["MAX_ATTEMPTS"]
+    refusing = any(isinstance(failure, Refused) for failure in failures.values())
+    settings = shared() if refusing or not max_attempts else {}
+    rules = _Rules(
+        max_attempts or settings["MAX_ATTEMPTS"],
+        slot.max_refusals,
+        settings.get("SLOT_SECONDS", 60),
+        datetime.now(UTC),
+    )
     verdicts = [
-        _verdict(item, failures.get(item.user_id), statuses.get(item.task_id), max_attempts)
+        rules.verdict(item, failures.get(item.user_id), statuses.get(item.task_id))
         for item in group
     ]
     ended = [(ended_at or {}).get((item.task_id, item.position)) for item in group]
     written = store.write_outcomes(claim_keys(group), verdicts, ended)
+    refused = _refusals_written(written, failures)
     succeeded = [row for row in written if row.status == AssignmentStatus.DONE]
-    failed = len(written) - len(succeeded)
+    failed = len(written) - len(succeeded) - len(refused)
     store.add_slot_outcomes(slot.limit_id, slot.start, len(succeeded), failed)
     _count_on_tasks(written)
+    change = rates.note_refusals(slot, refused, rules.slot_seconds) if refused else None
     db.session.commit()
     if any(row.status == AssignmentStatus.RETRYING for row in written):
         enqueue_retry_planning()
-    return Tally(len(succeeded), failed)
+    if change is not None:
+        enqueue_replan(slot.limit_id, change.event_id)
+    return Tally(len(succeeded), failed, len(refused))
 
 
-def _verdict(item: Claim, failure: Failure | None, task_status: str | None, max_attempts: int):
-    """(new status, error, retry at) of one claimed ID."""
-    if failure is None:
-        return AssignmentStatus.DONE, None, None
-    error = bounded(failure.message)
-    if not failure.retry or item.attempts + 1 >= max_attempts:
-        return AssignmentStatus.FAILED, error, None
-    if task_status == TaskStatus.CANCELLED:
-        return AssignmentStatus.CANCELLED, error, None  # no retry for a cancelled task
-    retry_at = datetime.now(UTC) + backoff(item.attempts + 1)
-    return AssignmentStatus.RETRYING, error, retry_at
+def _refusals_written(written: list, failures: Mapping[int, Failure]) -> list[Refused]:
+    """The refusals among the outcomes written, in their order."""
+    verdicts = (failures.get(row.user_id) for row in written)
+    return [verdict for verdict in verdicts if isinstance(verdict, Refused)]
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """What becomes of a claimed ID: the deployment's MAX_ATTEMPTS, the limit's
+    max_refusals, the slot's length (a refusal's default wait) and the moment of
+    recording, from which waits count."""
+
+    max_attempts: int
+    max_refusals: int
+    slot_seconds: int
+    now: datetime
+
+    def verdict(self, item: Claim, failure: Failure | None, task_status: str | None):
+        """(new status, error, retry at, whether it used an attempt) of one claimed ID."""
+        if failure is None:
+            return AssignmentStatus.DONE, None, None, True
+        error = bounded(failure.message)
+        if isinstance(failure, Refused):
+            return self._after_refusal(item, failure, error, task_status)
+        if not failure.retry or item.attempts + 1 >= self.max_attempts:
+            return AssignmentStatus.FAILED, error, None, True
+        if task_status == TaskStatus.CANCELLED:
+            return AssignmentStatus.CANCELLED, error, None, True  # no retry for a cancelled task
+        return AssignmentStatus.RETRYING, error, self.now + backoff(item.attempts + 1), True
+
+    def _after_refusal(self, item: Claim, refusal: Refused, error: str, task_status):
+        if item.refusals + 1 >= self.max_refusals:
+            error = bounded(f"refused {item.refusals + 1} times in a row: {refusal.message}")
+            return AssignmentStatus.FAILED, error, None, False
+        if task_status == TaskStatus.CANCELLED:
+            return AssignmentStatus.CANCELLED, error, None, False
+        wait = timedelta(seconds=refusal_wait(refusal.retry_after, self.slot_seconds))
+        return AssignmentStatus.RETRYING, error, self.now + wait, False
 
 
 def _count_on_tasks(written: list) -> None:

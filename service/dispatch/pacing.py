@@ -1,9 +1,10 @@
 """Pacing: each ID of a slot is handed to the processor at its own turn.
 
-A slot's IDs are due one `step` apart, `step` being 90 % of the slot over its load, so
-they spread evenly through the slot. The turns are reserved in PostgreSQL as IDs are
-claimed (`slots.next_turn_at`), so several workers sharing a slot take turns one after
-another, and a slot that starts late, or gets IDs back from a dead worker, goes on at the
+A slot's IDs are due one `step` apart, `step` being the slot over its load, so they
+spread evenly through the slot and on across its end into the next one: a strict
+limiter downstream sees the same gap between any two calls. The turns are reserved in
+PostgreSQL as IDs are claimed (`slots.next_turn_at`), so several workers sharing a slot
+take turns one after another, and a slot that starts late, or gets IDs back from a dead worker, goes on at the
 same step from the moment it resumes: never as a burst.
 """
 
@@ -17,9 +18,11 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-# Pacing spreads a slot's IDs over this share of it, leaving the rest as a margin.
-PACE_SHARE = 0.9
-# IDs whose turns fall within this many seconds go to the processor together.
+# Pacing spreads a slot's IDs over this share of it. The whole of it: with less, the
+# calls inside a slot come faster than the slot's rate, which a strict limiter refuses.
+PACE_SHARE = 1.0
+# IDs whose turns fall within this many seconds are handed out together (one check of
+# their claims); a per-ID processor still starts each call at its own turn.
 PACING_TICK_SECONDS = 0.05
 # A slot whose next turn is further behind the clock than this restarts its turns from
 # now - this: a late slot catches up at most this much at once.

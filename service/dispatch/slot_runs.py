@@ -25,7 +25,8 @@ from service.dispatch.calls import calls_for
 from service.dispatch.claimers import Claimer, ClaimerLockBusy
 from service.dispatch.claims import Batch, claim, deployment_id, mark_tasks_running
 from service.dispatch.pacing import SYSTEM_CLOCK, Clock, paced_groups, step_of
-from service.jobs import add_slot_helper
+from service.jobs import add_slot_helper, enqueue_replan
+from service.limits import rates
 from service.limits import store as limits
 from service.limits.settings import shared
 from service.limits.store import SlotOfLimit
@@ -71,10 +72,11 @@ class SlotRun:
     paused: bool = False  # its limit was paused: it stopped claiming, or never began
     stopped_before_start: bool = False  # its worker was asked to stop while it waited
     held: bool = False  # its limit's destination is not allowed here: it never began
+    refused: int = 0  # calls the downstream refused for now, to be planned again
 
     @property
     def processed(self) -> int:
-        return self.done + self.failed
+        return self.done + self.failed + self.refused
 
 
 def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> SlotRun:
@@ -120,12 +122,31 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
             # connection is gone.
             calls.abandon()
             raise
-    done, failed = calls.tally.done, calls.tally.failed
+    tally = calls.tally
     run = SlotRun(
-        limit_name, start, claimed, done, failed, handed_back, round(lateness, 3), paused, early
+        limit_name,
+        start,
+        claimed,
+        tally.done,
+        tally.failed,
+        handed_back,
+        round(lateness, 3),
+        paused,
+        early,
+        refused=tally.refused,
     )
+    if tally.done and not tally.refused:
+        _raise_if_quiet(slot, slot_seconds)
     _log_run(run)
     return run
+
+
+def _raise_if_quiet(slot: SlotOfLimit, slot_seconds: int) -> None:
+    """A slot that ran without a refusal may end the quiet period of a learned rate."""
+    change = rates.raise_if_quiet(slot.limit_id, slot_seconds)
+    db.session.commit()
+    if change is not None:
+        enqueue_replan(slot.limit_id, change.event_id)
 
 
 class _Claims:
@@ -196,8 +217,9 @@ class _Claims:
         self.taken = len(batch.claims)
         if batch.claims:
             mark_tasks_running({c.task_id for c in batch.claims})
+        step = batch.step if current_app.config["PACING"] else 0.0
         for turn, group in _groups(batch, self.clock, self.calls.record_due):
-            self.calls.hand(group, turn)
+            self.calls.hand(group, turn, step)
             self.helping.note(self.calls.behind(turn))
         return len(batch.claims), False
 
@@ -256,12 +278,13 @@ def _log_run(run: SlotRun) -> None:
         else f"started {run.lateness_seconds:.3f} s late"
     )
     log.info(
-        "slot %s of %s: %d claimed, %d done, %d failed, %d handed back, %s%s",
+        "slot %s of %s: %d claimed, %d done, %d failed, %d refused, %d handed back, %s%s",
         run.slot.isoformat(),
         run.limit,
         run.claimed,
         run.done,
         run.failed,
+        run.refused,
         run.handed_back,
         started,
         ", its limit paused" if run.paused else "",
@@ -273,6 +296,7 @@ def _log_run(run: SlotRun) -> None:
                 "processed": run.processed,
                 "done": run.done,
                 "failed": run.failed,
+                "refused": run.refused,
                 "handed_back": run.handed_back,
                 "lateness_seconds": run.lateness_seconds,
                 "paused": run.paused,

@@ -36,16 +36,26 @@ CLAIM = text(
     "UPDATE assignments AS a SET status = :running, claimed_at = clock_timestamp(), "
     "  claimed_by = :claimer, claimed_until = clock_timestamp() + :life "
     "FROM picked WHERE a.task_id = picked.task_id AND a.position = picked.position "
-    "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.claimed_at"
+    "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.claimed_at, a.refusals"
 )
+# The learned rate of the slot's limit, when it has one (service/limits/learning.py).
+LEARNED_RPM = "(SELECT r.learned_rpm FROM learned_rates AS r WHERE r.limit_id = :limit)"
+# IDs are paced at the slot's load, or at the learned rate if that is lower, which then
+# holds at once, mid-slot too: the slot runs on past its end. Under a learned rate the
+# first turn of a slot also waits for the last of the slot before, so that the two
+# never run at once.
 RESERVE_TURNS = text(
     "UPDATE slots SET "
     "  started_at = coalesce(started_at, clock_timestamp()), "
     "  last_claim_at = clock_timestamp(), "
     "  late = late OR (started_at IS NULL AND clock_timestamp() > slot_start + :late), "
-    "  next_turn_at = greatest(coalesce(next_turn_at, slot_start), :now - :catch_up) "
-    "    + make_interval(secs => :n * :span / greatest(load, 1)) "
-    "WHERE limit_id = :limit AND slot_start = :slot RETURNING next_turn_at, load"
+    "  next_turn_at = greatest(coalesce(next_turn_at, greatest(slot_start, "
+    "      (SELECT p.next_turn_at FROM slots AS p WHERE p.limit_id = :limit "
+    f"         AND p.slot_start = :slot - :span AND {LEARNED_RPM} IS NOT NULL))), "
+    "    :now - :catch_up) "
+    f"    + make_interval(secs => :n * :pace / greatest(least(load, {LEARNED_RPM}), 1)) "
+    "WHERE limit_id = :limit AND slot_start = :slot "
+    f"RETURNING next_turn_at, least(load, {LEARNED_RPM}) AS load"
 )
 MARK_TASKS_RUNNING = text(
     "UPDATE id_tasks SET status = :running WHERE id = ANY(:ids) AND status = :scheduled"
@@ -90,8 +100,11 @@ CLAIMER_GONE = "NOT coalesce(a.claimed_by = ANY(live.keys), a.claimed_by IS NULL
 LOCK_TASK_STATUSES = text(
     "SELECT id, status FROM id_tasks WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"
 )
+# An attempt is counted unless the call was refused; refusals count in a row.
 WRITE_OUTCOMES = text(
-    "UPDATE assignments AS a SET status = k.status, attempts = a.attempts + 1, "
+    "UPDATE assignments AS a SET status = k.status, "
+    "  attempts = a.attempts + CASE WHEN k.attempt THEN 1 ELSE 0 END, "
+    "  refusals = CASE WHEN k.attempt THEN 0 ELSE a.refusals + 1 END, "
     "  error = k.error, claimed_at = NULL, claimed_by = NULL, claimed_until = NULL, "
     "  retry_at = k.retry_at, "
     "  finished_at = CASE WHEN k.status = :retrying THEN NULL "
@@ -99,8 +112,8 @@ WRITE_OUTCOMES = text(
     "FROM unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
     "            CAST(:claimed AS timestamptz[]), CAST(:statuses AS text[]), "
     "            CAST(:errors AS text[]), CAST(:retry_at AS timestamptz[]), "
-    "            CAST(:ended_at AS timestamptz[])) "
-    "  AS k(task_id, position, claimed_at, status, error, retry_at, ended_at) "
+    "            CAST(:ended_at AS timestamptz[]), CAST(:attempt AS boolean[])) "
+    "  AS k(task_id, position, claimed_at, status, error, retry_at, ended_at, attempt) "
     f"WHERE {STILL_UNDER_CLAIM} "
     "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.status"
 )
@@ -151,8 +164,9 @@ def claim_pending(limit_id: int, slot: datetime, claimer: int, size: int, life: 
 
 
 def reserve_turns(limit_id: int, slot: datetime, claimed: int, **timing):
-    """Move the slot's next turn on by `claimed` steps; returns (next_turn_at, load).
-    `timing` holds `late`, `now`, `catch_up` and `span` (see RESERVE_TURNS)."""
+    """Move the slot's next turn on by `claimed` steps; returns (next_turn_at, the load
+    it is paced at). `timing` holds `late`, `now`, `catch_up`, `span` (the slot's
+    length) and `pace` (the seconds a slot paces its load over) (see RESERVE_TURNS)."""
     return db.session.execute(
         RESERVE_TURNS, {"n": claimed, "limit": limit_id, "slot": slot, **timing}
     ).one()
@@ -231,15 +245,16 @@ def lock_task_statuses(task_ids: list[int]) -> dict[int, str]:
 
 def write_outcomes(keys: dict[str, list], verdicts: list[tuple], ended_at: list) -> list:
     """One statement for a whole group: each row still under its claim gets its verdict
-    (status, error, retry at) and, when known, when its call ended; returns the rows
-    written."""
+    (status, error, retry at, whether it used an attempt) and, when known, when its
+    call ended; returns the rows written."""
     return db.session.execute(
         WRITE_OUTCOMES,
         {
             **keys,
-            "statuses": [status for status, _, _ in verdicts],
-            "errors": [error for _, error, _ in verdicts],
-            "retry_at": [retry_at for _, _, retry_at in verdicts],
+            "statuses": [status for status, _, _, _ in verdicts],
+            "errors": [error for _, error, _, _ in verdicts],
+            "retry_at": [retry_at for _, _, retry_at, _ in verdicts],
+            "attempt": [attempt for _, _, _, attempt in verdicts],
             "ended_at": ended_at,
             "retrying": AssignmentStatus.RETRYING,
             **RUNNING,

@@ -20,6 +20,7 @@ from service.core.config import HTTP_PROCESSOR, RECORD_USER
 from service.core.errors import Refused, not_found
 from service.core.extensions import db
 from service.core.models import FINISHED, AssignmentStatus, IdTask, Limit
+from service.limits import learning
 
 DEFAULT = "default"
 # What a limit created without a processor runs: the built-in one that records users.
@@ -48,10 +49,19 @@ class SlotOfLimit:
     options: dict = field(default_factory=dict)
     # The deployment's id, the first part of every idempotency key sent downstream.
     deployment: str = ""
+    max_refusals: int = 30
 
     @classmethod
     def of(cls, limit: Limit, start: datetime, deployment: str = "") -> SlotOfLimit:
-        return cls(limit.id, limit.name, start, limit.processor, limit.options, deployment)
+        return cls(
+            limit.id,
+            limit.name,
+            start,
+            limit.processor,
+            limit.options,
+            deployment,
+            limit.max_refusals,
+        )
 
 
 def find(name: str, lock: str | None = None) -> Limit | None:
@@ -164,6 +174,19 @@ def mark_held(limit_id: int) -> None:
     )
 
 
+def slot_capacity(limit: Limit) -> int:
+    """What a slot of the limit takes: its learned rate (service/limits/learning.py),
+    never above its rpm."""
+    learned = db.session.scalar(
+        text("SELECT learned_rpm FROM learned_rates WHERE limit_id = :limit"), {"limit": limit.id}
+    )
+    return learning.capacity(limit.rpm, learned)
+
+
+def name_of(limit_id: int) -> str | None:
+    return db.session.scalar(select(Limit.name).where(Limit.id == limit_id))
+
+
 def all_names() -> list[str]:
     return list(db.session.scalars(select(Limit.name).order_by(Limit.name)))
 
@@ -207,3 +230,89 @@ def subtract_loads(released: dict[tuple[int, datetime], int]) -> None:
         ),
         {**params, "counts": [released[key] for key in keys]},
     )
+
+
+# Learned rates (service/limits/learning.py). A refusal is counted on the limit's row of
+# `learned_rates`, made by the first one; that row is locked until the outcomes commit.
+RECORD_REFUSALS = text(
+    "INSERT INTO learned_rates AS r (limit_id, refusals, last_refusal_at, "
+    "  last_refusal_status, last_refusal_retry_after, last_refusal_reason) "
+    "VALUES (:limit, :n, clock_timestamp(), :status, :retry_after, :reason) "
+    "ON CONFLICT (limit_id) DO UPDATE SET refusals = r.refusals + EXCLUDED.refusals, "
+    "  last_refusal_at = EXCLUDED.last_refusal_at, "
+    "  last_refusal_status = EXCLUDED.last_refusal_status, "
+    "  last_refusal_retry_after = EXCLUDED.last_refusal_retry_after, "
+    "  last_refusal_reason = EXCLUDED.last_refusal_reason "
+    "RETURNING r.learned_rpm, r.learned_slot, clock_timestamp() AS now"
+)
+LEARNED = text(
+    "SELECT l.rpm, l.adaptive, r.learned_rpm, r.learned_slot, r.learned_at, "
+    "  r.last_refusal_at, clock_timestamp() AS now "
+    "FROM limits AS l LEFT JOIN learned_rates AS r ON r.limit_id = l.id WHERE l.id = :limit"
+)
+LOCK_LEARNED = text("SELECT 1 FROM learned_rates WHERE limit_id = :limit FOR UPDATE")
+# Done IDs of a slot and the one before it, and how long the slot has been running.
+RECENT_DONE = text(
+    "SELECT coalesce(sum(done) FILTER (WHERE slot_start = :slot), 0) AS here, "
+    "  coalesce(sum(done) FILTER (WHERE slot_start < :slot), 0) AS before, "
+    "  extract(epoch FROM clock_timestamp() - "
+    "    min(coalesce(started_at, slot_start)) FILTER (WHERE slot_start = :slot)) AS seconds "
+    "FROM slots WHERE limit_id = :limit AND slot_start IN (:slot, :previous)"
+)
+NEW_EVENT = text(
+    "INSERT INTO limit_events (limit_id, kind, reason, from_rpm, to_rpm) "
+    "VALUES (:limit, :kind, :reason, :from_rpm, :to_rpm) RETURNING id"
+)
+SET_LEARNED = text(
+    "INSERT INTO learned_rates AS r (limit_id, learned_rpm, learned_slot, learned_at, "
+    "  replan_event_id) "
+    "VALUES (:limit, :learned, :slot, clock_timestamp(), :event) "
+    "ON CONFLICT (limit_id) DO UPDATE SET learned_rpm = EXCLUDED.learned_rpm, "
+    "  learned_slot = coalesce(EXCLUDED.learned_slot, r.learned_slot), "
+    "  learned_at = EXCLUDED.learned_at, replan_event_id = EXCLUDED.replan_event_id"
+)
+LEARNED_RATES = text(
+    "SELECT limit_id, learned_rpm, refusals, last_refusal_at, last_refusal_status, "
+    "  last_refusal_retry_after, last_refusal_reason, replan_event_id "
+    "FROM learned_rates WHERE limit_id = ANY(:limits)"
+)
+
+
+def record_refusals(limit_id: int, count: int, status, retry_after, reason: str):
+    """Count refusals on the limit, keeping the last; returns (learned_rpm,
+    learned_slot, now)."""
+    params = {"limit": limit_id, "n": count, "status": status, "retry_after": retry_after}
+    return db.session.execute(RECORD_REFUSALS, {**params, "reason": reason}).one()
+
+
+def learned(limit_id: int, lock: bool = False):
+    """(rpm, adaptive, learned_rpm, learned_slot, learned_at, last_refusal_at, now) of a
+    limit; with `lock`, its learned rate's row is locked until the transaction ends."""
+    if lock:
+        db.session.execute(LOCK_LEARNED, {"limit": limit_id})
+    return db.session.execute(LEARNED, {"limit": limit_id}).one_or_none()
+
+
+def recent_done(limit_id: int, slot: datetime, previous: datetime):
+    """(here, before, seconds): IDs done in the slot and in the one before it, and the
+    seconds since the slot began to run."""
+    params = {"limit": limit_id, "slot": slot, "previous": previous}
+    return db.session.execute(RECENT_DONE, params).one()
+
+
+def new_event(limit_id: int, kind: str, reason: str, from_rpm: int, to_rpm: int) -> int:
+    params = {"limit": limit_id, "kind": kind, "reason": reason}
+    return db.session.scalar(NEW_EVENT, {**params, "from_rpm": from_rpm, "to_rpm": to_rpm})
+
+
+def set_learned(limit_id: int, learned_rpm: int | None, slot: datetime | None, event: int):
+    """The limit's learned rate (None: back at its rpm), changed by `event`; `slot` is
+    the slot whose refusals lowered it."""
+    params = {"limit": limit_id, "learned": learned_rpm, "slot": slot, "event": event}
+    db.session.execute(SET_LEARNED, params)
+
+
+def learned_rates(limit_ids: list[int]) -> dict[int, object]:
+    """The learned-rate rows of the limits that have one, by limit id."""
+    rows = db.session.execute(LEARNED_RATES, {"limits": limit_ids})
+    return {row.limit_id: row for row in rows}

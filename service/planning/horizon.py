@@ -28,6 +28,7 @@ from flask import current_app
 from service.core.errors import Refused
 from service.core.extensions import db
 from service.core.models import IdTask, Limit, Overflow
+from service.limits import store as limits
 from service.limits.settings import shared
 from service.planning import store
 from service.planning.planner import Overreach, SlotGrid, overreach
@@ -100,9 +101,10 @@ def check(
     min_open = values["SPREAD_MIN_OPEN_SLOTS"]
     if spread and grid.spread_window(now, not_before, min_open) is not None:
         return
+    rpm = limits.slot_capacity(limit)
     first, last = grid.open_span(now, not_before)
-    placed = store.placed_below_rpm(limit.id, first, last, limit.rpm) if first <= last else 0
-    reach = overreach(grid, now, not_before, total, limit.rpm, placed)
+    placed = store.placed_below_rpm(limit.id, first, last, rpm) if first <= last else 0
+    reach = overreach(grid, now, not_before, total, rpm, placed)
     if reach is not None:
         raise PastTheHorizon(reach, total, not_before, now, horizon_days())
 

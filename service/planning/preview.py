@@ -96,7 +96,8 @@ def preview_plan(
     return {
         "now": now,
         "limit": limit_name,
-        "rpm": planner.rpm,
+        "rpm": planner.limit.rpm,
+        "capacity": planner.rpm,
         "overflow": overflow,
         "not_before": not_before,
         "total": distinct,

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from datetime import datetime
 
 from service.core.extensions import db
-from service.core.models import IdTask, TaskStatus
+from service.core.models import IdTask, Overflow, TaskStatus
 from service.jobs import schedule_slots
 from service.planning import store
 from service.planning.windows import WindowPlanner
@@ -48,7 +48,12 @@ def _plan_group(task_id: int, retry_at: datetime) -> tuple[int, str | None, set[
     if not rows:
         db.session.commit()
         return 0, None, set()
-    planner = replan_in_place(task, rows, retry_at)
+    # IDs the downstream refused are planned under its capacity, whatever the task's
+    # overflow: spreading them above it would only be refused again.
+    refused = any(refusals for _, _, refusals in rows)
+    overflow = Overflow.DEFER if refused else task.overflow
+    positions = [(position, user_id) for position, user_id, _ in rows]
+    planner = replan_in_place(task, positions, retry_at, overflow=overflow)
     db.session.commit()
     return len(rows), planner.limit.name, planner.used_slots
 
@@ -59,11 +64,13 @@ def replan_in_place(
     not_before: datetime | None,
     now: datetime | None = None,
     expected_ids: int | None = None,
+    overflow: str | None = None,
 ) -> WindowPlanner:
     """Plan IDs of a task that are still in their rows (retrying ones, or pending ones
     whose slot passed) into its limit's slots from `not_before` on (or from now, if that
     has passed); the task's last slot follows. `now` and `expected_ids` are the
-    planner's (default: the database's clock, and the IDs given).
+    planner's (default: the database's clock, and the IDs given); `overflow`, the
+    task's unless given.
 
     Called with the task's row lock held; the planner tells the slots used, to be
     scheduled once the transaction commits.
@@ -81,7 +88,7 @@ def replan_in_place(
 
     planner = WindowPlanner(
         task.limit_id,
-        task.overflow,
+        overflow or task.overflow,
         now,
         expected_ids=expected_ids or len(positions),
         not_before=not_before,

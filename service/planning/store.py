@@ -57,7 +57,7 @@ RETRY_GROUPS = text(
     "ORDER BY task_id, retry_at"
 )
 LOCK_RETRY_GROUP = text(
-    "SELECT position, user_id FROM assignments "
+    "SELECT position, user_id, refusals FROM assignments "
     "WHERE task_id = :task AND status = :retrying AND retry_at = :retry_at "
     "ORDER BY position FOR UPDATE"
 )
@@ -138,8 +138,9 @@ def retry_groups() -> list:
     return db.session.execute(RETRY_GROUPS, RETRYING).all()
 
 
-def lock_retry_group(task_id: int, retry_at: datetime) -> list[tuple[int, int]]:
-    """(position, user_id) of a task's IDs retrying at `retry_at`, their rows locked."""
+def lock_retry_group(task_id: int, retry_at: datetime) -> list[tuple[int, int, int]]:
+    """(position, user_id, refusals) of a task's IDs retrying at `retry_at`, their rows
+    locked."""
     rows = db.session.execute(
         LOCK_RETRY_GROUP, {"task": task_id, "retry_at": retry_at, **RETRYING}
     ).all()
@@ -161,3 +162,138 @@ def lock_overdue_rows(limit_id: int, cutoff: datetime, task_ids: list[int]) -> l
 def first_slot(task_id: int) -> datetime | None:
     """Where the task's first IDs now are: moved ones no longer hold their old slot."""
     return db.session.scalar(FIRST_SLOT, {"task": task_id, "cancelled": AssignmentStatus.CANCELLED})
+
+
+# Re-plans (service/planning/replan.py), in the order a chunk runs them.
+REPLAN_IS_CURRENT = text(
+    "SELECT replan_event_id = :event FROM learned_rates WHERE limit_id = :limit"
+)
+# A limit's pending rows in open slots that this re-plan has not placed yet, in time
+# order from a cursor: a range read of the index of pending rows by slot.
+REPLAN_SOURCES = (
+    "SELECT task_id, position, user_id, slot_start FROM assignments "
+    "WHERE limit_id = :limit AND status = :pending AND slot_start > :open_after "
+    "  AND (slot_start, task_id, position) > (:after_slot, :after_task, :after_position) "
+    "  AND replanned_in IS DISTINCT FROM :event {more} "
+    "ORDER BY slot_start, task_id, position LIMIT :size"
+)
+LOCK_TASKS = text("SELECT id FROM id_tasks WHERE id = ANY(:ids) ORDER BY id FOR UPDATE")
+# Each slot's load, and how much of it is pending IDs that this re-plan has not placed
+# (it will, so they take no room).
+REPLAN_ROOM = text(
+    "SELECT s.slot_start, s.load, (SELECT count(*) FROM assignments AS a "
+    "  WHERE a.limit_id = s.limit_id AND a.slot_start = s.slot_start "
+    "    AND a.status = :pending AND a.replanned_in IS DISTINCT FROM :event) AS unplaced "
+    "FROM slots AS s WHERE s.limit_id = :limit AND s.slot_start BETWEEN :first AND :last"
+)
+REPLACE_ROWS = text(
+    "UPDATE assignments AS a SET slot_start = to_timestamp(m.slot), replanned_in = :event "
+    "FROM unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
+    "  CAST(:slots AS bigint[])) AS m(task_id, position, slot) "
+    "WHERE a.task_id = m.task_id AND a.position = m.position"
+)
+# Loads moved from slot to slot, their rows locked in time order as planners do.
+SHIFT_LOADS = text(
+    "INSERT INTO slots AS s (limit_id, slot_start, load, replanned) "
+    "SELECT :limit, to_timestamp(d.slot), d.n, d.n > 0 "
+    "FROM unnest(CAST(:slots AS bigint[]), CAST(:deltas AS int[])) AS d(slot, n) "
+    "ORDER BY d.slot "
+    "ON CONFLICT (limit_id, slot_start) DO UPDATE SET load = s.load + EXCLUDED.load, "
+    "  replanned = s.replanned OR EXCLUDED.replanned"
+)
+PUSH_LAST_SLOTS = text(
+    "UPDATE id_tasks AS t SET last_slot = greatest(t.last_slot, to_timestamp(m.slot)) "
+    "FROM unnest(CAST(:tasks AS bigint[]), CAST(:slots AS bigint[])) AS m(task_id, slot) "
+    "WHERE t.id = m.task_id"
+)
+EVENT_MOVED = text("UPDATE limit_events SET moved = moved + :n WHERE id = :event")
+EVENT_FINISHED = text("UPDATE limit_events SET finished_at = clock_timestamp() WHERE id = :event")
+TASK_SPANS = text(
+    "UPDATE id_tasks AS t SET first_slot = m.first, last_slot = m.last "
+    "FROM (SELECT task_id, min(slot_start) AS first, max(slot_start) AS last "
+    "      FROM assignments WHERE task_id = ANY(:ids) AND status <> :cancelled "
+    "      GROUP BY task_id) AS m "
+    "WHERE t.id = m.task_id"
+)
+
+
+def replan_is_current(limit_id: int, event_id: int) -> bool:
+    return bool(db.session.scalar(REPLAN_IS_CURRENT, {"limit": limit_id, "event": event_id}))
+
+
+def replan_sources(
+    limit_id: int, event_id: int, open_after: datetime, after: tuple, size: int, **locked
+) -> list:
+    """Up to `size` (task_id, position, user_id, slot_start) rows to re-plan, after the
+    cursor `after` (slot, task, position). With `tasks` and `last` (locked), only rows
+    of those tasks up to that slot, their rows locked."""
+    more = ""
+    if locked:
+        more = "AND task_id = ANY(:tasks) AND slot_start <= :last"
+    query = REPLAN_SOURCES.format(more=more) + (" FOR UPDATE" if locked else "")
+    params = {"limit": limit_id, "event": event_id, "open_after": open_after, "size": size}
+    slot, task, position = after
+    cursor = {"after_slot": slot, "after_task": task, "after_position": position}
+    return db.session.execute(text(query), {**params, **cursor, **locked, **PENDING}).all()
+
+
+def lock_tasks(task_ids: list[int]) -> None:
+    db.session.execute(LOCK_TASKS, {"ids": sorted(task_ids)})
+
+
+def replan_room(limit_id: int, event_id: int, first: datetime, last: datetime) -> dict:
+    """{slot: load less the pending IDs this re-plan will place}, for the slots held."""
+    params = {"limit": limit_id, "event": event_id, "first": first, "last": last, **PENDING}
+    return {
+        row.slot_start: row.load - row.unplaced for row in db.session.execute(REPLAN_ROOM, params)
+    }
+
+
+def replace_rows(event_id: int, moves: list[tuple[int, int, datetime]]) -> None:
+    """Rows (task, position) into new slots, marked as placed by the re-plan."""
+    db.session.execute(
+        REPLACE_ROWS,
+        {
+            "event": event_id,
+            "tasks": [task for task, _, _ in moves],
+            "positions": [position for _, position, _ in moves],
+            "slots": [int(slot.timestamp()) for _, _, slot in moves],
+        },
+    )
+
+
+def shift_loads(limit_id: int, deltas: dict[datetime, int]) -> None:
+    """Add each delta (negative: taken out) to its slot's load; a slot that gains is
+    marked re-planned."""
+    slots = sorted(slot for slot, n in deltas.items() if n)
+    if not slots:
+        return
+    db.session.execute(
+        SHIFT_LOADS,
+        {
+            "limit": limit_id,
+            "slots": [int(slot.timestamp()) for slot in slots],
+            "deltas": [deltas[slot] for slot in slots],
+        },
+    )
+
+
+def push_last_slots(latest: dict[int, datetime]) -> None:
+    """Tasks' last slots moved on to at least these."""
+    tasks = sorted(latest)
+    slots = [int(latest[task].timestamp()) for task in tasks]
+    db.session.execute(PUSH_LAST_SLOTS, {"tasks": tasks, "slots": slots})
+
+
+def add_moved(event_id: int, count: int) -> None:
+    db.session.execute(EVENT_MOVED, {"event": event_id, "n": count})
+
+
+def finish_event(event_id: int) -> None:
+    db.session.execute(EVENT_FINISHED, {"event": event_id})
+
+
+def task_spans(task_ids: list[int]) -> None:
+    """Tasks' first and last slots, read again from their rows."""
+    params = {"ids": sorted(task_ids), "cancelled": AssignmentStatus.CANCELLED}
+    db.session.execute(TASK_SPANS, params)

@@ -154,11 +154,14 @@ class WindowPlanner:
         not_before: datetime | None = None,
         horizon_days: int | None = None,
     ):
+        """`overflow` is the task's, or DEFER for IDs re-planned after a refusal (the
+        slot capacity is then a hard cap)."""
         values = self._settings()
         self.limit = self._limit(limit_id)
         self.grid = planning_grid(values, expected_ids, horizon_days)
         self.horizon_days = horizon_days
-        self.rpm = self.limit.rpm
+        # The learned rate, when the downstream has refused more than it takes.
+        self.rpm = limits.slot_capacity(self.limit)
         self.spread_min_open_slots = values["SPREAD_MIN_OPEN_SLOTS"]
         self.overflow, self.fixed_now, self.not_before = overflow, now, not_before
         self.expected_ids = expected_ids

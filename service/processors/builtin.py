@@ -17,6 +17,8 @@ import os
 import threading
 import time
 from collections import Counter
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 import httpx
@@ -34,10 +36,12 @@ from service.core.destinations import (
     wire_host,
 )
 from service.core.extensions import db
-from service.processors.contract import Failure, per_id, processor
+from service.processors.contract import Failure, Refused, per_id, processor
 
 # Answers worth another attempt: the resource is busy or broken, not the request.
-RETRYABLE_HTTP = {408, 425, 429}
+RETRYABLE_HTTP = {408, 425}
+# Answers that refuse the call for now: no failure of the ID, a lesson about the rate.
+REFUSING_HTTP = {429, 503}
 
 
 @processor
@@ -160,8 +164,9 @@ def http_request(user_id: int, key: str, options: dict) -> Failure | None:
     It carries the ID's `Idempotency-Key` (the deployment's id, its task and position:
     the same on every attempt), so a downstream that deduplicates by key knows a
     repeated call. It lasts at most `longest_call`, four times the timeout. 2xx is
-    done. 429, 408, 425, 5xx, timeouts and connection errors are retried; any other
-    answer fails the ID for good.
+    done. 429 and 503 are refusals (planned again after their Retry-After, using no
+    attempt); 408, 425, other 5xx, timeouts and connection errors are retried; any
+    other answer fails the ID for good.
 
     Nothing is called unless the URL is allowed (DOWNSTREAM_URLS) and so is every
     address its host resolves to; the connection goes to one of those very addresses.
@@ -207,11 +212,40 @@ def _call(target: Destination, options: dict, headers: dict, shown: str) -> Fail
             return Failure(f"timed out calling {shown}")
         except httpx.HTTPError as exc:
             return Failure(f"{type(exc).__name__} calling {shown}: {exc}")
-        if answer.is_success:
-            return None
-        retry = answer.status_code in RETRYABLE_HTTP or answer.status_code >= 500
-        return Failure(f"HTTP {answer.status_code} from {shown}", retry=retry)
+        return _verdict(answer, shown)
     return Failure(f"ConnectError calling {shown}: {refused}")
+
+
+def _verdict(answer: httpx.Response, shown: str) -> Failure | None:
+    """2xx is done; 429 and 503 refuse the call for now, for as long as their
+    Retry-After says; 408, 425 and the other 5xx are failures worth another attempt;
+    anything else fails the ID for good."""
+    status = answer.status_code
+    if answer.is_success:
+        return None
+    message = f"HTTP {status} from {shown}"
+    if status in REFUSING_HTTP:
+        retry_after = retry_after_seconds(answer.headers.get("retry-after"))
+        return Refused(message, retry_after=retry_after, status=status)
+    return Failure(message, retry=status in RETRYABLE_HTTP or status >= 500)
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """A Retry-After header's wait in seconds: a number of seconds, or an HTTP date from
+    `now` on; None when absent or neither (the wait is then the service's to choose,
+    and so is the bound on one that is absurd)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:  # "-0000": a time in UTC, says RFC 5322
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - (now or datetime.now(UTC))).total_seconds())
 
 
 def _authorization(target: Destination, name: str | None) -> str | None:

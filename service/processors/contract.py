@@ -16,7 +16,10 @@ limit's comes from `ID_PROCESSOR`), of one of two kinds:
   of their own: what it writes elsewhere is not undone with them.
 
 Either kind signals a failure by returning it; an exception fails the ID (a group
-processor's, every ID of the call).
+processor's, every ID of the call). A `Refused` verdict says the downstream refused the
+call for now (it is busy: HTTP 429 or 503): that is no failure of the ID, which uses up
+no attempt and is planned again no sooner than its `retry_after`; and it teaches the
+limit a lower rate (service/limits/learning.py).
 
 A processor may take **options**, what it needs to know about its downstream (a URL, a
 timeout), set on each limit that uses it: it declares a marshmallow schema as its
@@ -46,6 +49,18 @@ class Failure:
 
     message: str
     retry: bool = True
+
+
+@dataclass(frozen=True)
+class Refused(Failure):
+    """The downstream refused the call for now: try again no sooner than `retry_after`
+    seconds (None: when the service thinks fit). No attempt is used up; a limit's
+    `max_refusals` in a row fail the ID for good. `status` is the HTTP status that said
+    so, when there is one."""
+
+    message: str = "refused by the downstream"
+    retry_after: float | None = None
+    status: int | None = None
 
 
 def per_id(function: Callable) -> Callable:

@@ -541,7 +541,9 @@ class PreviewSlotSchema(Schema):
     start = fields.AwareDateTime()
     added = fields.Integer(metadata={"description": "IDs of the task it would take"})
     load = fields.Integer(metadata={"description": "its load with them"})
-    capacity = fields.Integer(metadata={"description": "RPM"})
+    capacity = fields.Integer(
+        metadata={"description": "what the slot takes: RPM, or the learned rate below it"}
+    )
 
 
 class PreviewSchema(Schema):
@@ -550,13 +552,21 @@ class PreviewSchema(Schema):
     now = fields.AwareDateTime(metadata={"description": "the planning time of the preview"})
     limit = fields.String(metadata={"description": "the limit it was planned under"})
     rpm = fields.Integer()
+    capacity = fields.Integer(
+        metadata={
+            "description": "what each slot takes: RPM, or the limit's learned rate when "
+            "its downstream refused more (learned_rpm)"
+        }
+    )
     overflow = fields.String(metadata={"enum": list(Overflow)})
     not_before = fields.AwareDateTime(allow_none=True)
     total = fields.Integer(metadata={"description": "distinct IDs"})
     duplicates = fields.Integer(metadata={"description": "repeated IDs, dropped"})
     first_slot = fields.AwareDateTime()
     last_slot = fields.AwareDateTime()
-    slots_above_rpm = fields.Integer(metadata={"description": "slots that would end above RPM"})
+    slots_above_rpm = fields.Integer(
+        metadata={"description": "slots that would end above their capacity"}
+    )
     slots = fields.List(
         fields.Nested(PreviewSlotSchema), metadata={"description": "the slots it would use"}
     )

@@ -1,0 +1,109 @@
+"""Learned rates: what a limit's downstream takes, as its refusals have shown.
+
+A limit's `rpm` is what the operator believes the downstream takes; the downstream says
+better, by refusing calls (HTTP 429 or 503, or a processor's `Refused`). Each limit keeps
+a learned rate beside its `rpm`, in PostgreSQL, so that every process plans and paces by
+the same one:
+
+- it starts at `rpm` (stored as null);
+- refusals lower it, at most once per slot (a burst of refusals counts once), to the
+  lower of LOWER_TO of the rate and what the downstream accepted over the last slot's
+  length (when there was a slot's length to judge by);
+- after QUIET_SLOTS slots without a refusal (and without a change) it rises by
+  RISE_SHARE of `rpm` (at least 1), never above `rpm`: probing back up costs a few
+  refusals at most;
+- the operator may reset it to `rpm`, or switch adaptation off for a limit (`adaptive`):
+  refusals are then only retried after their Retry-After.
+
+Each change is an event (`limit_events`) that re-plans the limit's IDs in the slots not
+yet started (service/planning/replan.py). The arithmetic is here, pure; the statements
+are in service/limits/store.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+LOWER_TO = 0.7
+QUIET_SLOTS = 5
+RISE_SHARE = 0.05
+# A refusal without a (usable) Retry-After waits one slot; none waits longer than this.
+MAX_REFUSAL_WAIT_SECONDS = 3600.0
+
+LOWERED, RAISED, RESET = "lowered", "raised", "reset"
+
+
+def capacity(rpm: int, learned_rpm: int | None) -> int:
+    """The slot capacity planning uses: the learned rate, never above `rpm`."""
+    return rpm if learned_rpm is None else min(rpm, learned_rpm)
+
+
+def lowered(current: int, accepted: float | None) -> int:
+    """The rate after refusals: LOWER_TO of the current one, or what the downstream
+    accepted if that is lower; at least 1."""
+    target = math.floor(current * LOWER_TO)
+    if accepted is not None:
+        target = min(target, math.floor(accepted))
+    return max(1, target)
+
+
+def raised(current: int, rpm: int) -> int:
+    """The rate after a quiet period: one step up, at most `rpm`."""
+    return min(rpm, current + max(1, round(rpm * RISE_SHARE)))
+
+
+def quiet_period(slot_seconds: int) -> timedelta:
+    return timedelta(seconds=QUIET_SLOTS * slot_seconds)
+
+
+def accepted_over_a_slot(
+    done_here: int,
+    seconds_here: float,
+    done_before: int,
+    slot_seconds: int,
+) -> float | None:
+    """How many calls the downstream accepted over the last slot's length, from the
+    slot under way (`done_here` in its first `seconds_here`) and the one before it
+    (`done_before`, taken as spread evenly through it). None when less than half a
+    slot has been seen: too short to judge by."""
+    here = min(max(seconds_here, 0.0), float(slot_seconds))
+    share_before = 1.0 - here / slot_seconds
+    if done_before == 0 and here < slot_seconds / 2:
+        return None
+    return done_here + done_before * share_before
+
+
+def refusal_wait(retry_after: float | None, slot_seconds: int) -> float:
+    """How long a refused ID waits before it is planned again: its Retry-After, or one
+    slot when it gave none or one that is no number of seconds; at most
+    MAX_REFUSAL_WAIT_SECONDS."""
+    if retry_after is None or not math.isfinite(retry_after) or retry_after < 0:
+        return float(slot_seconds)
+    return min(retry_after, MAX_REFUSAL_WAIT_SECONDS)
+
+
+@dataclass(frozen=True)
+class RateChange:
+    """A change of a limit's learned rate: the event it made, from what to what."""
+
+    event_id: int
+    kind: str
+    from_rpm: int
+    to_rpm: int
+
+    def wants_replan(self) -> bool:
+        return self.from_rpm != self.to_rpm
+
+
+def description(kind: str, from_rpm: int, to_rpm: int, why: str) -> str:
+    return f"learned rate {kind} from {from_rpm} to {to_rpm} per slot: {why}"
+
+
+def is_quiet(
+    now: datetime, learned_at: datetime | None, last_refusal_at: datetime | None, quiet
+) -> bool:
+    """Whether a quiet period has passed since the last change and the last refusal."""
+    moments = [moment for moment in (learned_at, last_refusal_at) if moment is not None]
+    return all(now - moment >= quiet for moment in moments)

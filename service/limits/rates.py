@@ -1,0 +1,101 @@
+"""Changing a limit's learned rate (the rules are service/limits/learning.py's): lowered
+by refusals as they are recorded, raised after a quiet period as slots end, reset by
+the operator. Each change is an event; the caller enqueues its re-plan once the
+transaction has committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from service.limits import store
+from service.limits.learning import (
+    LOWERED,
+    RAISED,
+    RESET,
+    RateChange,
+    accepted_over_a_slot,
+    capacity,
+    description,
+    is_quiet,
+    lowered,
+    quiet_period,
+    raised,
+)
+from service.limits.store import SlotOfLimit
+from service.processors.contract import Refused, bounded
+
+log = logging.getLogger(__name__)
+
+
+def note_refusals(
+    slot: SlotOfLimit, refusals: list[Refused], slot_seconds: int
+) -> RateChange | None:
+    """Count a slot's refusals on its limit and, unless this slot lowered the rate
+    already (or adaptation is off), lower it; in the caller's transaction, after the
+    slot's done count was added to. Returns the change, if any."""
+    last = refusals[-1]
+    reason = bounded(last.message)
+    store.record_refusals(slot.limit_id, len(refusals), last.status, last.retry_after, reason)
+    limit = store.learned(slot.limit_id)
+    if not limit.adaptive:
+        return None
+    if limit.learned_slot is not None and limit.learned_slot >= slot.start:
+        return None  # one burst of refusals counts once
+    current = capacity(limit.rpm, limit.learned_rpm)
+    previous = slot.start - timedelta(seconds=slot_seconds)
+    done = store.recent_done(slot.limit_id, slot.start, previous)
+    accepted = accepted_over_a_slot(
+        done.here, float(done.seconds or 0.0), done.before, slot_seconds
+    )
+    new = lowered(current, accepted)
+    if new >= current:
+        return None
+    seen = "" if accepted is None else f", {accepted:.0f} accepted over the last slot"
+    why = f"{len(refusals)} refused in the slot of {slot.start.isoformat()}{seen} ({reason})"
+    return _change(slot.limit_id, limit.rpm, LOWERED, current, new, why, slot.start)
+
+
+def raise_if_quiet(limit_id: int, slot_seconds: int) -> RateChange | None:
+    """Raise a lowered rate by one step once a quiet period has passed without a
+    refusal or a change; the caller commits."""
+    quiet = quiet_period(slot_seconds)
+
+    def due(limit) -> bool:
+        if limit is None or limit.learned_rpm is None or not limit.adaptive:
+            return False
+        return is_quiet(limit.now, limit.learned_at, limit.last_refusal_at, quiet)
+
+    # Read first without a lock: most slots end with nothing to raise.
+    if not due(store.learned(limit_id)):
+        return None
+    limit = store.learned(limit_id, lock=True)
+    if not due(limit):
+        return None
+    current = capacity(limit.rpm, limit.learned_rpm)
+    new = raised(current, limit.rpm)
+    why = f"no refusal for {quiet.total_seconds():.0f} s"
+    return _change(limit_id, limit.rpm, RAISED, current, new, why)
+
+
+def reset(limit_id: int, rpm: int, why: str) -> RateChange | None:
+    """The learned rate back at `rpm`, the limit's (new) one; the caller commits."""
+    limit = store.learned(limit_id, lock=True)
+    if limit is None or limit.learned_rpm is None:
+        return None
+    return _change(limit_id, rpm, RESET, capacity(rpm, limit.learned_rpm), rpm, why)
+
+
+def _change(
+    limit_id: int, rpm: int, kind: str, current: int, new: int, why: str, slot=None
+) -> RateChange:
+    event = store.new_event(limit_id, kind, why, current, new)
+    store.set_learned(limit_id, None if new >= rpm else new, slot, event)
+    log.warning(
+        "limit %s: %s",
+        limit_id,
+        description(kind, current, new, why),
+        extra={"fields": {"limit_id": limit_id, "event": event, "from": current, "to": new}},
+    )
+    return RateChange(event, kind, current, new)
