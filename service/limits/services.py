@@ -13,14 +13,19 @@ from service.core.errors import Conflict, Refused
 from service.core.extensions import db
 from service.core.models import Limit
 from service.limits import held, store
+from service.limits.learning import capacity
 from service.processors.contract import NOT_MARKED, is_processor, load_processor
+
+# Refusals of one ID in a row that fail it, unless a limit says otherwise.
+DEFAULT_MAX_REFUSALS = 30
 
 
 def list_limits() -> list[dict]:
     store.find(store.DEFAULT)  # listed even before its first use
     limits = db.session.scalars(select(Limit).order_by(Limit.name)).all()
-    counts = store.counts([limit.id for limit in limits])
-    return [_answer(limit, counts) for limit in limits]
+    ids = [limit.id for limit in limits]
+    counts, learned = store.counts(ids), store.learned_rates(ids)
+    return [_answer(limit, counts, learned.get(limit.id)) for limit in limits]
 
 
 def read_limit(name: str) -> dict:
@@ -28,8 +33,8 @@ def read_limit(name: str) -> dict:
 
 
 def answer(limit: Limit) -> dict:
-    """A limit as the API shows it, with the counts of its IDs."""
-    return _answer(limit, store.counts([limit.id]))
+    """A limit as the API shows it, with the counts of its IDs and its learned rate."""
+    return _answer(limit, store.counts([limit.id]), store.learned_rates([limit.id]).get(limit.id))
 
 
 def create_limit(fields: dict) -> dict:
@@ -42,15 +47,18 @@ def create_limit(fields: dict) -> dict:
         processor=processor,
         options=options,
         paused=fields.get("paused", False),
+        adaptive=fields.get("adaptive", True),
+        max_refusals=fields.get("max_refusals", DEFAULT_MAX_REFUSALS),
     )
     db.session.add(limit)
     db.session.commit()
-    return _answer(limit, {})
+    return _answer(limit, {}, None)
 
 
 def change_fields(limit: Limit, changes: dict) -> None:
-    """Apply a change of RPM, processor or options to a limit whose row is locked
-    (CHANGE); `paused` is service/pausing.py's. A new RPM applies to planning from then
+    """Apply a change of RPM, processor, options or the refusal rules to a limit whose
+    row is locked (CHANGE); `paused` and the learned rate are
+    service/planning/resume.py's. A new RPM applies to planning from then
     on (it waits for planning under way); the IDs planned already keep their slots. A
     new processor or options apply from the next slot that runs."""
     processor = changes.get("processor", limit.processor)
@@ -59,6 +67,9 @@ def change_fields(limit: Limit, changes: dict) -> None:
         limit.processor, limit.options = processor, checked_options(processor, options)
     if "rpm" in changes:
         limit.rpm = changes["rpm"]
+    for name in ("adaptive", "max_refusals"):
+        if name in changes:
+            setattr(limit, name, changes[name])
 
 
 def delete_limit(name: str) -> None:
@@ -106,8 +117,9 @@ def checked_options(processor_path: str, options: dict) -> dict:
         raise Refused("the options are refused", {"options": exc.messages}) from None
 
 
-def _answer(limit: Limit, counts: dict) -> dict:
-    """A limit as the API shows it, with the counts of its IDs."""
+def _answer(limit: Limit, counts: dict, learned) -> dict:
+    """A limit as the API shows it, with the counts of its IDs and what its downstream's
+    refusals taught it (`learned`, its row of learned_rates, if it has one)."""
     return {
         "name": limit.name,
         "rpm": limit.rpm,
@@ -115,5 +127,26 @@ def _answer(limit: Limit, counts: dict) -> dict:
         "options": limit.options,
         "paused": limit.paused,
         "held": held.reason_of(limit),
+        "adaptive": limit.adaptive,
+        "max_refusals": limit.max_refusals,
+        "learned_rpm": capacity(limit.rpm, learned.learned_rpm if learned else None),
+        "refusals": learned.refusals if learned else 0,
+        "last_refusal": _last_refusal(learned),
         **counts.get(limit.id, {"pending": 0, "done": 0, "failed": 0}),
     }
+
+
+def _last_refusal(learned) -> dict | None:
+    if learned is None or learned.last_refusal_at is None:
+        return None
+    return {
+        "at": learned.last_refusal_at,
+        "status": learned.last_refusal_status,
+        "retry_after": learned.last_refusal_retry_after,
+        "reason": learned.last_refusal_reason,
+    }
+
+
+def list_events(name: str, offset: int, size: int) -> tuple[list, int]:
+    """A page of the changes of a limit's learned rate, newest first, and how many."""
+    return store.events_page(store.get_limit(name).id, offset, size)

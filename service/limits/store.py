@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import insert
 from service.core.config import HTTP_PROCESSOR, RECORD_USER
 from service.core.errors import Refused, not_found
 from service.core.extensions import db
-from service.core.models import FINISHED, AssignmentStatus, IdTask, Limit
+from service.core.models import FINISHED, AssignmentStatus, IdTask, Limit, LimitEvent
 from service.limits import learning
 
 DEFAULT = "default"
@@ -181,6 +181,16 @@ def slot_capacity(limit: Limit) -> int:
         text("SELECT learned_rpm FROM learned_rates WHERE limit_id = :limit"), {"limit": limit.id}
     )
     return learning.capacity(limit.rpm, learned)
+
+
+def events_page(limit_id: int, offset: int, size: int) -> tuple[list[LimitEvent], int]:
+    """A page of the limit's events, newest first, and how many it has."""
+    mine = LimitEvent.limit_id == limit_id
+    count = db.session.scalar(select(func.count()).select_from(LimitEvent).where(mine))
+    page = db.session.scalars(
+        select(LimitEvent).where(mine).order_by(LimitEvent.id.desc()).offset(offset).limit(size)
+    ).all()
+    return list(page), count
 
 
 def name_of(limit_id: int) -> str | None:

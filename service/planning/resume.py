@@ -27,8 +27,8 @@ from sqlalchemy import select
 
 from service.core.extensions import db
 from service.core.models import IdTask, Limit
-from service.jobs import schedule_ahead, schedule_slots
-from service.limits import held
+from service.jobs import enqueue_replan, schedule_ahead, schedule_slots
+from service.limits import held, rates
 from service.limits import services as limit_services
 from service.limits import store as limits
 from service.limits.store import subtract_loads
@@ -97,9 +97,22 @@ def change_limit(name: str, changes: dict, now: datetime | None = None) -> Limit
         limit.paused = changes["paused"]
     if runs:
         limit.held_since = None
+    reset = _reset_learned(limit, changes)
     db.session.commit()
     schedule_slots(limit.name, slots, now)
+    if reset is not None:
+        enqueue_replan(limit.id, reset.event_id)
     return LimitChange(limit, replanned)
+
+
+def _reset_learned(limit: Limit, changes: dict):
+    """`learned_rpm: null`, or adaptation switched off: the learned rate back at rpm
+    (an event whose re-plan may move IDs earlier)."""
+    if "learned_rpm" in changes:
+        return rates.reset(limit.id, limit.rpm, "reset by the operator")
+    if changes.get("adaptive") is False:
+        return rates.reset(limit.id, limit.rpm, "adaptation switched off")
+    return None
 
 
 def _pending_within_reach(limit_id: int, since: datetime) -> set[datetime]:

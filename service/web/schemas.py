@@ -573,6 +573,26 @@ class PreviewSchema(Schema):
     header_skipped = _header_skipped()
 
 
+# Refusals in a row a limit may allow an ID at most.
+MAX_REFUSALS = 1000
+
+
+def _only_null(value) -> None:
+    if value is not None:
+        raise ValidationError("only null, which resets the learned rate to rpm")
+
+
+class LastRefusalSchema(Schema):
+    at = fields.AwareDateTime()
+    status = fields.Integer(
+        allow_none=True, metadata={"description": "the HTTP status, when there was one"}
+    )
+    retry_after = fields.Float(
+        allow_none=True, metadata={"description": "seconds it asked to wait, if it said"}
+    )
+    reason = fields.String()
+
+
 class LimitSchema(Schema):
     """A limit as answered, with the counts of its tasks' IDs."""
 
@@ -589,12 +609,51 @@ class LimitSchema(Schema):
             "(DOWNSTREAM_URLS, DOWNSTREAM_SECRET_<NAME>); null when it is"
         },
     )
+    adaptive = fields.Boolean(
+        metadata={"description": "the downstream's refusals lower its learned rate"}
+    )
+    learned_rpm = fields.Integer(
+        metadata={
+            "description": "what a slot takes as the downstream's refusals have shown: "
+            "rpm until it refuses, lowered then, rising again after a quiet period; "
+            "planning, re-plans and previews use it"
+        }
+    )
+    max_refusals = fields.Integer(
+        metadata={"description": "refusals of one ID in a row that fail it for good"}
+    )
+    refusals = fields.Integer(metadata={"description": "calls the downstream refused, in all"})
+    last_refusal = fields.Nested(
+        LastRefusalSchema,
+        allow_none=True,
+        metadata={"description": "the downstream's last refusal; null if it never refused"},
+    )
     pending = fields.Integer(metadata={"description": "IDs of its tasks not yet finished"})
     done = fields.Integer()
     failed = fields.Integer(metadata={"description": "IDs failed after every attempt"})
     slots_url = fields.Function(
         lambda limit: url_for("slots.Plan", limit=limit["name"], _external=True),
         metadata={"type": "string"},
+    )
+    events_url = fields.Function(
+        lambda limit: url_for("limits.LimitEvents", limit_name=limit["name"], _external=True),
+        metadata={"type": "string", "description": "the changes of its learned rate"},
+    )
+
+
+class LimitEventSchema(Schema):
+    """A change of a limit's learned rate, and the re-plan it caused."""
+
+    id = fields.Integer()
+    at = fields.AwareDateTime()
+    kind = fields.String(metadata={"enum": ["lowered", "raised", "reset"]})
+    reason = fields.String(metadata={"description": "why: the refusals, a quiet period"})
+    from_rpm = fields.Integer()
+    to_rpm = fields.Integer()
+    moved = fields.Integer(metadata={"description": "IDs the re-plan moved to other slots"})
+    finished_at = fields.AwareDateTime(
+        allow_none=True,
+        metadata={"description": "when its re-plan ended; null while under way"},
     )
 
 
@@ -625,14 +684,42 @@ class LimitUpdateSchema(Schema):
             "(default false)"
         }
     )
+    adaptive = _JsonBoolean(
+        metadata={
+            "description": "true (default): refusals (HTTP 429, 503) lower the learned "
+            "rate and re-plan; false: refused IDs are only planned again after their "
+            "Retry-After, and the learned rate goes back to rpm"
+        }
+    )
+    max_refusals = fields.Integer(
+        strict=True,
+        validate=Range(min=1, max=MAX_REFUSALS),
+        metadata={"description": "refusals of one ID in a row that fail it (default 30)"},
+    )
+    learned_rpm = fields.Raw(
+        allow_none=True,
+        validate=_only_null,
+        metadata={
+            "type": "null",
+            "description": "null resets the learned rate to rpm (PATCH only); IDs may "
+            "then move earlier",
+        },
+    )
 
 
 class LimitReplaceSchema(LimitUpdateSchema):
-    """PUT: every writable field, so that one a client leaves out is refused, not reset."""
+    """PUT: every writable field, so that one a client leaves out is refused, not reset.
+    The learned rate is state, not a field to replace: PATCH resets it."""
 
     def on_bind_field(self, field_name, field_obj):
         field_obj.required = True
 
+    class Meta:
+        exclude = ("learned_rpm",)
+
 
 class LimitCreateSchema(LimitUpdateSchema):
     name = limit_name("the limit's key", required=True)
+
+    class Meta:
+        exclude = ("learned_rpm",)

@@ -6,7 +6,7 @@ import pytest
 
 from service.dispatch.claimers import new_claimer_id, release_held_by
 from service.dispatch.claims import claim
-from service.dispatch.pacing import PACING_TICK_SECONDS, Clock, paced_groups, step_of
+from service.dispatch.pacing import Clock, paced_groups, step_of
 from service.dispatch.slot_runs import run_slot
 from service.limits.store import DEFAULT
 from service.planning.windows import plan_stored_task
@@ -78,14 +78,16 @@ def test_a_slot_on_time_spreads_its_ids_through_it(noted):
     assert all(abs(offset - k * step) <= 0.06 for k, offset in enumerate(offsets)), offsets[:20]
 
 
-def test_a_slots_ids_are_handed_out_within_its_first_90_percent(noted_twenty_a_slot):
+def test_a_slots_ids_are_handed_out_evenly_through_the_whole_slot(noted_twenty_a_slot):
+    """The same gap between any two calls, across the slot's end too: the last ID is
+    one step before the next slot's first."""
     plan_stored_task(submit(range(1, 21)), now=PAST)
     processors.clock = FakeClock(SLOT.timestamp())
     run_slot(DEFAULT, SLOT, clock=processors.clock)
     offsets = [moment - SLOT.timestamp() for moment, ids in processors.calls for _ in ids]
-    # The share is written out here, not read from the code under test.
-    assert offsets == pytest.approx([k * 0.9 * 60 / 20 for k in range(20)], abs=0.1)
-    assert offsets[-1] < 0.9 * 60 + PACING_TICK_SECONDS
+    # The step is written out here, not read from the code under test.
+    assert offsets == pytest.approx([k * 60 / 20 for k in range(20)], abs=0.1)
+    assert 60 - offsets[-1] == pytest.approx(3.0, abs=0.1)
 
 
 def test_ids_handed_back_get_turns_after_those_already_handed_out(noted):

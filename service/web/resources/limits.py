@@ -5,11 +5,12 @@ from werkzeug.routing import BaseConverter, ValidationError
 
 from service.limits import services
 from service.planning import resume as pausing
-from service.web.base import ServiceBlueprint, require_content_type
+from service.web.base import ServiceBlueprint, page_window, require_content_type
 from service.web.schemas import (
     LIMIT_NAME_PATTERN,
     MAX_LIMIT_NAME,
     LimitCreateSchema,
+    LimitEventSchema,
     LimitReplaceSchema,
     LimitSchema,
     LimitUpdateSchema,
@@ -83,7 +84,7 @@ class LimitByName(MethodView):
     @blp.alt_response(404, response="DEFAULT_ERROR")
     def patch(self, fields, limit_name):
         """Change some of a limit's fields: a new RPM applies to planning from then on;
-        `paused` pauses or resumes it"""
+        `paused` pauses or resumes it; `learned_rpm: null` resets the learned rate"""
         return pausing.update_limit(limit_name, fields)
 
     @blp.doc(operationId="delete_limit")
@@ -93,3 +94,19 @@ class LimitByName(MethodView):
     def delete(self, limit_name):
         """Delete a limit none of whose IDs is pending (409 says how many are)"""
         services.delete_limit(limit_name)
+
+
+@blp.route("/<limit:limit_name>/events/")
+class LimitEvents(MethodView):
+    @blp.doc(operationId="list_limit_events")
+    @blp.etag
+    @blp.response(200, LimitEventSchema(many=True))
+    @blp.alt_response(404, response="DEFAULT_ERROR")
+    @blp.paginate()
+    def get(self, limit_name, pagination_parameters):
+        """List the changes of a limit's learned rate, newest first: when, why, from what
+        rate to what, and how many IDs each re-plan moved"""
+        page, pagination_parameters.item_count = services.list_events(
+            limit_name, *page_window(pagination_parameters)
+        )
+        return page
