@@ -273,12 +273,14 @@ def _limit_named(name: str) -> Limit:
 
 @limits_group.command("list")
 def limits_list() -> None:
-    """Print each limit: name, RPM, processor, whether paused (and held), IDs pending."""
-    rows = [("name", "rpm", "processor", "paused", "pending")]
+    """Print each limit: name, RPM, learned rate, processor, whether paused (and held),
+    IDs pending."""
+    rows = [("name", "rpm", "learned", "processor", "paused", "pending")]
     rows += [
         (
             row["name"],
             row["rpm"],
+            row["learned_rpm"] if row["adaptive"] else "off",
             row["processor"],
             ("yes" if row["paused"] else "no") + (" (held)" if row["held"] else ""),
             row["pending"],

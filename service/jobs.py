@@ -457,7 +457,15 @@ def clean_abandoned_jobs() -> None:
 
 
 def planning_is_queued(task_id: int) -> bool:
-    job = _job(planning_job_id(task_id))
+    return _is_queued(planning_job_id(task_id))
+
+
+def replan_is_queued(event_id: int) -> bool:
+    return _is_queued(replan_job_id(event_id))
+
+
+def _is_queued(job_id: str) -> bool:
+    job = _job(job_id)
     status = job.get_status(refresh=False) if job else None
     return (status in WAITING_STATUSES and _waits_for_real(job)) or status == JobStatus.STARTED
 

@@ -1,7 +1,8 @@
 """A local HTTP server standing in for a downstream: it notes every call (when, which
 ID, which idempotency key, which Authorization and Host headers) and every connection,
 answers after `latency` seconds with the status `answers` gives for the ID (200
-otherwise), and keeps connections alive."""
+otherwise), and keeps connections alive. Given a rate, it refuses what goes beyond it,
+with 429, as a limiter would."""
 
 from __future__ import annotations
 
@@ -23,6 +24,28 @@ class Record:
     in_flight: int = 0
     most_in_flight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Sent as Retry-After with every 429 and 503 answer, when set.
+    retry_after: str | None = None
+    # With a rate (calls a second), calls beyond it and a burst of `burst` are refused
+    # with 429, as a token-bucket limiter refuses them; `refused` notes each (time, ID).
+    rate: float | None = None
+    burst: int = 1
+    refused: list[tuple[float, int]] = field(default_factory=list)
+    tokens: float | None = None
+    filled_at: float = 0.0
+
+    def admits(self, now: float) -> bool:
+        """Whether the limiter takes a call now (call with the lock held)."""
+        if self.rate is None:
+            return True
+        if self.tokens is None:
+            self.tokens, self.filled_at = float(self.burst), now
+        self.tokens = min(self.burst, self.tokens + (now - self.filled_at) * self.rate)
+        self.filled_at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
     def keys(self) -> dict[int, list[str | None]]:
         keys: dict[int, list[str | None]] = {}
@@ -43,6 +66,11 @@ def _handler(record: Record):
         def do_POST(self):
             user_id = int(self.path.rsplit("/", 1)[-1])
             with record.lock:
+                now = time.time()
+                if not record.admits(now):
+                    record.refused.append((now, user_id))
+                    self._answer(429)
+                    return
                 record.calls.append(
                     (
                         time.time(),
@@ -57,7 +85,12 @@ def _handler(record: Record):
             time.sleep(record.slow_ids.get(user_id, record.latency))
             with record.lock:
                 record.in_flight -= 1
-            self.send_response(record.answers.get(user_id, 200))
+            self._answer(record.answers.get(user_id, 200))
+
+        def _answer(self, status: int) -> None:
+            self.send_response(status)
+            if status in (429, 503) and record.retry_after is not None:
+                self.send_header("Retry-After", record.retry_after)
             self.send_header("Content-Length", "0")
             self.end_headers()
 

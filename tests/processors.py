@@ -7,7 +7,7 @@ from marshmallow import Schema, fields
 
 from service.planning import resume as pausing
 from service.processors.builtin import record_user
-from service.processors.contract import Failure, per_id, processor
+from service.processors.contract import Failure, Refused, per_id, processor
 
 
 @processor
@@ -106,3 +106,16 @@ def answer_a_list(user_ids):
 def not_a_processor(user_ids):
     """A function of an allowed module, not marked as a processor."""
     return {}
+
+
+@processor
+def refuse_odd(user_ids):
+    """Refuses the odd IDs for 30 s (as a busy downstream would); the even ones pass."""
+    return {
+        user_id: Refused("busy: try later", retry_after=30) for user_id in user_ids if user_id % 2
+    }
+
+
+@per_id
+def refuse_every_call(user_id, key):
+    return Refused("no capacity now")

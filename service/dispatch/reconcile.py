@@ -19,12 +19,15 @@ from service.jobs import (
     clean_abandoned_jobs,
     drop_far_slot_jobs,
     enqueue_planning,
+    enqueue_replan,
     enqueue_retry_planning,
     ensure_slot_job,
     forget_lost_job,
     get_scheduler,
     planning_is_queued,
     planning_job_id,
+    replan_is_queued,
+    replan_job_id,
     schedule_ahead,
 )
 from service.limits import held
@@ -63,7 +66,8 @@ def reconcile(after_outage: bool = False, now: datetime | None = None) -> dict[s
       which happens here once the settings allow it. A job that a worker took from its
       queue and died before starting counts as none;
     - tasks still received or planning get their planning job back if it is gone, and
-      retrying IDs a run of the retry planning.
+      retrying IDs a run of the retry planning, and a limit's unfinished re-plan
+      (service/planning/replan.py) its job.
     """
     timeout = timedelta(seconds=current_app.config["CLAIM_TIMEOUT_SECONDS"])
     spare_gone = after_outage or _server_just_started()
@@ -96,6 +100,7 @@ def reconcile(after_outage: bool = False, now: datetime | None = None) -> dict[s
         forget_lost_job(planning_job_id(task.id))
         enqueue_planning(task.id, task.total)
     retries = retries_waiting() and enqueue_retry_planning()
+    replans = _requeue_replans()
     return {
         "claims released": released,
         "slot jobs added": added,
@@ -103,7 +108,20 @@ def reconcile(after_outage: bool = False, now: datetime | None = None) -> dict[s
         "slot jobs beyond reach removed": far,
         "planning jobs added": len(requeued),
         "retry planning queued": int(retries),
+        "re-plans queued": replans,
     }
+
+
+def _requeue_replans() -> int:
+    """The newest re-plan of each limit, unfinished and with no job (Redis lost it, or
+    its worker died), queued again: it goes on where it stopped."""
+    unfinished = limits.unfinished_replans()
+    db.session.commit()
+    lost = [(limit_id, event) for limit_id, event in unfinished if not replan_is_queued(event)]
+    for limit_id, event in lost:
+        forget_lost_job(replan_job_id(event))
+        enqueue_replan(limit_id, event)
+    return len(lost)
 
 
 def _held(limit: Limit, now: datetime) -> bool:

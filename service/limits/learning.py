@@ -66,13 +66,16 @@ def accepted_over_a_slot(
 ) -> float | None:
     """How many calls the downstream accepted over the last slot's length, from the
     slot under way (`done_here` in its first `seconds_here`) and the one before it
-    (`done_before`, taken as spread evenly through it). None when less than half a
-    slot has been seen: too short to judge by."""
+    (`done_before`, taken as spread evenly through it, so the share of it still within
+    the last slot's length counts). Without a slot before, what the slot under way
+    accepted is taken at its pace over a whole slot. None when that is less than half
+    a slot: too short to judge by."""
     here = min(max(seconds_here, 0.0), float(slot_seconds))
-    share_before = 1.0 - here / slot_seconds
-    if done_before == 0 and here < slot_seconds / 2:
+    if done_before:
+        return done_here + done_before * (1.0 - here / slot_seconds)
+    if here < slot_seconds / 2:
         return None
-    return done_here + done_before * share_before
+    return done_here * slot_seconds / here
 
 
 def refusal_wait(retry_after: float | None, slot_seconds: int) -> float:

@@ -193,6 +193,17 @@ def events_page(limit_id: int, offset: int, size: int) -> tuple[list[LimitEvent]
     return list(page), count
 
 
+def unfinished_replans() -> list[tuple[int, int]]:
+    """(limit_id, event_id) of each limit's newest re-plan that has not ended."""
+    rows = db.session.execute(
+        text(
+            "SELECT r.limit_id, r.replan_event_id FROM learned_rates AS r "
+            "JOIN limit_events AS e ON e.id = r.replan_event_id WHERE e.finished_at IS NULL"
+        )
+    )
+    return [tuple(row) for row in rows]
+
+
 def name_of(limit_id: int) -> str | None:
     return db.session.scalar(select(Limit.name).where(Limit.id == limit_id))
 

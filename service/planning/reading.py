@@ -15,7 +15,7 @@ from sqlalchemy.orm import defer
 from service.core.extensions import db
 from service.core.models import Assignment, AssignmentStatus, IdTask, Limit, Slot
 from service.limits.settings import shared
-from service.limits.store import named_by_request
+from service.limits.store import named_by_request, slot_capacity
 from service.planning.planner import SlotGrid
 
 # One answer shows at most a day of one-minute slots.
@@ -39,7 +39,8 @@ def plan_between(
     limit_name: str | None = None,
 ) -> dict:
     """A limit's slots (default: the default limit's) from `start`'s window to `end`
-    (default: `windows` windows later), as they stand at `now` (default: the clock's)."""
+    (default: `windows` windows later), as they stand at `now` (default: the clock's),
+    each against the limit's slot capacity: its learned rate, never above its rpm."""
     limit = named_by_request(limit_name)
     grid = slot_grid()
     now = now or datetime.now(UTC)
@@ -49,7 +50,7 @@ def plan_between(
     end = min(
         end or start + windows * grid.window_length, start + MAX_SLOTS_SHOWN * grid.slot_length
     )
-    rpm = limit.rpm
+    capacity = slot_capacity(limit)
     stored = {
         slot.slot_start: slot
         for slot in db.session.scalars(
@@ -62,7 +63,7 @@ def plan_between(
     window = start
     while window < end:
         slots = [
-            _slot(moment, stored.get(moment), rpm, grid.is_open(moment, now))
+            _slot(moment, stored.get(moment), capacity, grid.is_open(moment, now))
             for moment in grid.slots_of_window(window)
             if moment < end
         ]
@@ -71,7 +72,7 @@ def plan_between(
                 "start": window,
                 "end": grid.next_window(window),
                 "load": sum(slot["load"] for slot in slots),
-                "capacity": rpm * len(slots),
+                "capacity": sum(slot["capacity"] for slot in slots),
                 "slots": slots,
             }
         )
@@ -79,7 +80,8 @@ def plan_between(
     return {
         "limit": limit.name,
         "paused": limit.paused,
-        "rpm": rpm,
+        "rpm": limit.rpm,
+        "learned_rpm": capacity,
         "slot_seconds": grid.slot_seconds,
         "window_slots": grid.window_slots,
         "now": now,
@@ -87,16 +89,17 @@ def plan_between(
     }
 
 
-def _slot(moment: datetime, stored: Slot | None, rpm: int, is_open: bool) -> dict:
+def _slot(moment: datetime, stored: Slot | None, capacity: int, is_open: bool) -> dict:
     return {
         "start": moment,
         "load": stored.load if stored else 0,
-        "capacity": rpm,
+        "capacity": capacity,
         "done": stored.done if stored else 0,
         "failed": stored.failed if stored else 0,
         "open": is_open,
         "started_at": stored.started_at if stored else None,
         "late": stored.late if stored else False,
+        "replanned": stored.replanned if stored else False,
     }
 
 

@@ -39,7 +39,7 @@ from service.planning.planner import EPOCH, SlotGrid, fill
 log = logging.getLogger(__name__)
 
 # Rows one transaction places at most.
-CHUNK_ROWS = 5000
+CHUNK_ROWS = 2000
 # Windows one transaction locks at most: a chunk of a low rate places fewer rows.
 CHUNK_WINDOWS = 40
 

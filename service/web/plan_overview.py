@@ -1,7 +1,8 @@
 """What the plan pages show: the current and the next hour of slots, each slot's load
-against RPM with its outcomes, the tasks planned into them, the latest failures and the
-slot jobs that rq-scheduler holds; every limit at a glance; one slot's IDs a page at a
-time; one task's progress, slots, finish and failures."""
+against its capacity (the learned rate, at most RPM) with its outcomes, the tasks
+planned into them, the latest failures and the slot jobs that rq-scheduler holds; every
+limit at a glance; one slot's IDs a page at a time; one task's progress, slots, finish
+and failures."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from sqlalchemy import func, or_, select
 from werkzeug.exceptions import NotFound
 
 from service.core.extensions import db
-from service.core.models import Assignment, AssignmentStatus, IdTask, Slot, TaskStatus
+from service.core.models import Assignment, AssignmentStatus, IdTask, Limit, Slot, TaskStatus
 from service.jobs import scheduled_jobs
+from service.limits import learning
 from service.limits import store as limits
+from service.limits.held import reason_of
 from service.planning import reading
 from service.planning.planner import SlotGrid
 from service.planning.reading import plan_between, slot_grid
@@ -27,7 +30,7 @@ HOUR_SLOTS = 60
 HOURS_SHOWN = 2
 JOBS_SHOWN = 50
 IDS_PER_PAGE = 100
-# Loads up to RPM are drawn in this many shades; above RPM in a colour of its own.
+# Loads up to the capacity are drawn in this many shades; above it in a colour of its own.
 SHADES = 4
 FAILURES_PER_PAGE = 50
 # The plan page lists this many of the tasks in its two hours, and of the latest failures.
@@ -60,6 +63,9 @@ def current_plan(
         "limit": plan["limit"],
         "limits": limits.all_names(),
         "rpm": plan["rpm"],
+        "learned_rpm": plan["learned_rpm"],
+        "adaptive": limit.adaptive,
+        "held": _held(limit),
         "paused": plan["paused"],
         "slot_seconds": grid.slot_seconds,
         "window_slots": grid.window_slots,
@@ -102,6 +108,7 @@ def slot_ids(slot: datetime, page: int, limit_name: str | None = None) -> dict:
         "limit": limit.name,
         "stored": db.session.get(Slot, (limit.id, slot)),
         "rpm": limit.rpm,
+        "capacity": limits.slot_capacity(limit),
         "ids": ids,
         "total": total,
         "first": (page - 1) * IDS_PER_PAGE + 1,
@@ -112,8 +119,8 @@ def slot_ids(slot: datetime, page: int, limit_name: str | None = None) -> dict:
 
 
 def limits_overview(now: datetime | None = None) -> dict:
-    """Every limit: its RPM, whether paused, the current slot's load, its IDs pending
-    and where its backlog ends."""
+    """Every limit: its RPM and learned rate, whether paused, the current slot's load,
+    its IDs pending and where its backlog ends."""
     now = now or datetime.now(UTC)
     grid = slot_grid()
     limits.find(limits.DEFAULT)  # recorded the first time it is needed, as everywhere
@@ -122,6 +129,7 @@ def limits_overview(now: datetime | None = None) -> dict:
     current = grid.slot_of(now)
     loads, counts = reading.loads_at(current), limits.counts(ids)
     ends = reading.backlog_ends(ids)
+    learned = limits.learned_rates(ids)
     return {
         "now": now,
         "current": current,
@@ -130,12 +138,26 @@ def limits_overview(now: datetime | None = None) -> dict:
             {
                 "limit": limit,
                 "load": loads.get(limit.id, 0),
+                "capacity": _capacity(limit, learned.get(limit.id)),
                 **counts.get(limit.id, {"pending": 0, "done": 0, "failed": 0}),
                 "backlog": _backlog(ends.get(limit.id), grid, now),
             }
             for limit in shown
         ],
     }
+
+
+def _capacity(limit: Limit, learned) -> int:
+    return learning.capacity(limit.rpm, learned.learned_rpm if learned else None)
+
+
+def _held(limit: Limit) -> dict | None:
+    """Why the limit's slots are held, under this process's settings or (`since`) as
+    another process found them."""
+    why = reason_of(limit)
+    if why is None and limit.held_since is None:
+        return None
+    return {"reason": why, "since": limit.held_since}
 
 
 def _backlog(last_slot: datetime | None, grid: SlotGrid, now: datetime) -> dict | None:
@@ -244,7 +266,7 @@ def _windows(plan: dict, waiting: dict, marked: set, current: datetime) -> list[
         {
             **window,
             "slots": [
-                _cell(slot, plan["rpm"], waiting.get(slot["start"], 0), current, marked)
+                _cell(slot, waiting.get(slot["start"], 0), current, marked)
                 for slot in window["slots"]
             ],
         }
@@ -287,13 +309,13 @@ def _tasks_between(
     }
 
 
-def _cell(slot: dict, rpm: int, pending: int, current: datetime, marked: set) -> dict:
-    load = slot["load"]
+def _cell(slot: dict, pending: int, current: datetime, marked: set) -> dict:
+    load, capacity = slot["load"], slot["capacity"]
     return {
         **slot,
         "pending": pending,
-        "over": load > rpm,
-        "shade": min(SHADES, math.ceil(SHADES * load / rpm)),
+        "over": load > capacity,
+        "shade": min(SHADES, math.ceil(SHADES * load / capacity)),
         "now": slot["start"] == current,
         "past": slot["start"] < current,
         "marked": slot["start"] in marked,

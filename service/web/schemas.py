@@ -464,7 +464,9 @@ class PageQuerySchema(Schema):
 class SlotSchema(Schema):
     start = fields.AwareDateTime()
     load = fields.Integer()
-    capacity = fields.Integer()
+    capacity = fields.Integer(
+        metadata={"description": "what it takes: the limit's learned rate, at most its rpm"}
+    )
     done = fields.Integer()
     failed = fields.Integer()
     open = fields.Boolean(metadata={"description": "still taking new IDs"})
@@ -472,6 +474,9 @@ class SlotSchema(Schema):
         allow_none=True, metadata={"description": "when its first ID was claimed"}
     )
     late = fields.Boolean(metadata={"description": "it ran after its time"})
+    replanned = fields.Boolean(
+        metadata={"description": "it took IDs moved by a re-plan, when the learned rate changed"}
+    )
 
 
 class WindowSchema(Schema):
@@ -485,7 +490,10 @@ class WindowSchema(Schema):
 class PlanSchema(Schema):
     limit = fields.String(metadata={"description": "whose slots these are"})
     paused = fields.Boolean(metadata={"description": "its slots do not run until resumed"})
-    rpm = fields.Integer()
+    rpm = fields.Integer(metadata={"description": "the limit's configured rate"})
+    learned_rpm = fields.Integer(
+        metadata={"description": "what its downstream takes, as refusals showed: at most rpm"}
+    )
     slot_seconds = fields.Integer()
     window_slots = fields.Integer()
     now = fields.AwareDateTime()

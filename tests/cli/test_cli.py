@@ -124,9 +124,9 @@ def test_limits_are_created_listed_paused_and_resumed(app, runner):
     assert runner.invoke(args=["limits", "pause", "partner-api"]).exit_code == 0
     listed = runner.invoke(args=["limits", "list"]).output.splitlines()
     assert [line.split() for line in listed] == [
-        ["name", "rpm", "processor", "paused", "pending"],
-        ["default", "120", "workers.processors:record_user", "no", "0"],
-        ["partner-api", "30", "workers.processors:http_request", "yes", "0"],
+        ["name", "rpm", "learned", "processor", "paused", "pending"],
+        ["default", "120", "120", "workers.processors:record_user", "no", "0"],
+        ["partner-api", "30", "30", "workers.processors:http_request", "yes", "0"],
     ]
     resumed = runner.invoke(args=["limits", "resume", "partner-api"])
     assert resumed.exit_code == 0, resumed.output

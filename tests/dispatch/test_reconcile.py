@@ -49,6 +49,7 @@ def test_reconcile_rebuilds_what_redis_lost(rpm3):
         "slot jobs beyond reach removed": 0,
         "planning jobs added": 1,
         "retry planning queued": 0,
+        "re-plans queued": 0,
     }
     assert len(list(get_scheduler().get_jobs())) == 2
     assert Queue(SLOTS_QUEUE, connection=get_redis()).job_ids == [slot_job_id(DEFAULT, FIRST_SLOT)]

@@ -106,7 +106,10 @@ def test_a_limit_whose_destination_is_not_allowed_is_refused_when_written(
     changed = {"processor": HTTP_PROCESSOR, "options": {"url": url, **options}}
     patched = client.patch(f"{LIMITS}partner/", json=changed)
     assert (patched.status_code, patched.json["errors"]["options"].keys()) == (422, {field})
-    replaced = client.put(f"{LIMITS}partner/", json={**changed, "rpm": 3, "paused": False})
+    replaced = client.put(
+        f"{LIMITS}partner/",
+        json={**changed, "rpm": 3, "paused": False, "adaptive": True, "max_refusals": 30},
+    )
     assert (replaced.status_code, replaced.json["errors"]["options"].keys()) == (422, {field})
     assert client.get(f"{LIMITS}partner/").json["processor"] != HTTP_PROCESSOR
 
@@ -220,7 +223,7 @@ def test_get_limits_says_why_a_limit_is_held(held):
     listed = {limit["name"]: limit["held"] for limit in client.get(LIMITS).json}
     assert listed == {"default": None, "partner": answer.json["held"]}
     lines = closed.test_cli_runner().invoke(args=["limits", "list"]).output.splitlines()
-    assert lines[2].split()[3:5] == ["no", "(held)"]
+    assert lines[2].split()[4:6] == ["no", "(held)"]
 
 
 def test_readiness_names_held_limits_but_not_their_urls_and_stays_ready(held):

@@ -31,10 +31,16 @@ def test_the_default_limit_is_listed_with_the_deployments_rpm(client):
             "options": {},
             "paused": False,
             "held": None,
+            "adaptive": True,
+            "max_refusals": 30,
+            "learned_rpm": 120,
+            "refusals": 0,
+            "last_refusal": None,
             "pending": 0,
             "done": 0,
             "failed": 0,
             "slots_url": "http://localhost/slots/?limit=default",
+            "events_url": "http://localhost/limits/default/events/",
         }
     ]
 
@@ -54,6 +60,8 @@ def test_a_limit_is_created_read_changed_and_deleted(client):
         "processor": "workers.processors:http_request",
         "options": {"url": "http://crm.internal/users/{id}"},
         "paused": False,
+        "adaptive": True,
+        "max_refusals": 30,
     }
     replaced = client.put(f"{LIMITS}mail-relay/", json=http)
     assert replaced.status_code == 200

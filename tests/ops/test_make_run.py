@@ -94,7 +94,7 @@ def test_make_run_serves_the_stack_on_embedded_servers_and_stops_it_all(tmp_path
         assert request(base + "/readyz")["status"] == "ok"
         with urllib.request.urlopen(base + "/metrics", timeout=10) as answer:
             figures = parse_metrics(answer.read().decode())
-        assert figures[("slotted_ids", (("status", "done"),))] == 3
+        assert figures[("slotted_ids", (("limit", "default"), ("status", "done")))] == 3
         # Polled until done, by whichever of gunicorn's two workers: counted in one sum.
         polled = requests_counted(figures, "GET", "/celery_ids_tasks/<id:task_id>/", 200)
         assert polled >= 1

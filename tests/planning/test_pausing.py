@@ -200,13 +200,19 @@ def test_a_limit_is_paused_and_resumed_over_the_api(rpm3, partner):
     assert max(planned.values()) == 4
 
 
-PARTNER = {"rpm": 3, "processor": "workers.processors:record_user", "options": {}}
+PARTNER = {
+    "rpm": 3,
+    "processor": "workers.processors:record_user",
+    "options": {},
+    "adaptive": True,
+    "max_refusals": 30,
+}
 
 
 def test_a_limit_put_names_every_field_and_a_missing_one_resets_nothing(rpm3, partner):
     client = rpm3.test_client()
     client.patch("/limits/partner/", json={"paused": True})
-    for missing in ("rpm", "processor", "options", "paused"):
+    for missing in ("rpm", "processor", "options", "paused", "adaptive", "max_refusals"):
         fields = {**PARTNER, "paused": False}
         del fields[missing]
         refused = client.put("/limits/partner/", json=fields)

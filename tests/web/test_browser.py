@@ -22,6 +22,7 @@ from service.planning.windows import plan_stored_task
 
 from ..helpers import add_limit, set_load, submit
 from ..processes import free_port, start, stop, wait_for_http
+from .test_learned_rate_pages import planned_at_rpm_3_then_learned_2
 from .test_plan_page import next_hours_window, record
 
 pytestmark = pytest.mark.slow
@@ -177,6 +178,37 @@ def test_the_grid_labels_its_columns_and_draws_past_slots_apart(browser, app, se
     assert "inset" in marked[0].value_of_css_property("box-shadow")
     unmarked = browser.find_element(By.CSS_SELECTOR, ahead)
     assert unmarked.value_of_css_property("box-shadow") == "none"
+
+
+AFTER = "return getComputedStyle(document.querySelector(arguments[0]), '::after').content"
+
+
+def test_the_plan_page_draws_a_learned_rate_and_replanned_slots(browser, app, server, tmp_path):
+    with app.app_context():
+        shared_settings.change({"RPM": 3})
+        window, third, fourth = planned_at_rpm_3_then_learned_2()
+
+    browser.get(server + "/plan")
+    browser.save_screenshot(str(tmp_path / "plan_learned.png"))
+
+    summary = browser.find_element(By.CSS_SELECTOR, ".summary")
+    assert "RPM 3 · learned 2 · slots of 60 s" in summary.text
+    learned = summary.find_element(By.CSS_SELECTOR, ".learned")
+    red, green, blue = rgb(learned.value_of_css_property("color"))
+    assert red > blue + 80  # amber, apart from the grey text around it
+    legend = browser.find_element(By.CSS_SELECTOR, ".legend").text
+    assert "re-planned" in legend and "above learned rate" in legend
+    replanned = browser.find_elements(By.CSS_SELECTOR, ".cell.replanned")
+    marked = [cell.get_attribute("data-slot") for cell in replanned]
+    assert marked == [minute(third), minute(fourth)]
+    assert "re-planned" in replanned[0].get_attribute("title")
+    first, marked_one = (f'.cell[data-slot="{minute(slot)}"]' for slot in (window, third))
+    assert browser.execute_script(AFTER, marked_one) == '"\u21bb"'  # a circling arrow
+    assert browser.execute_script(AFTER, first) == "none"
+    # Planned at RPM 3 before the rate was learned: above it now, so red.
+    red, green, blue = rgb(browser.execute_script(BACKGROUND, first))
+    assert red > green + 80 and red > blue + 80
+    assert (tmp_path / "plan_learned.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_swagger_ui_renders_from_assets_the_app_serves(browser, server, tmp_path):
