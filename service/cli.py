@@ -182,7 +182,7 @@ def plan_show(moment: datetime | None, windows: int, rows: int, limit_name: str)
     plan = plan_between(start, None, windows=windows, limit_name=limit.name)
     for window in plan["windows"]:
         listed = ids_by_slot(limit.id, window["start"], window["end"], rows)
-        click.echo(render_window(window, plan["rpm"], listed, rows))
+        click.echo(render_window(window, plan["rpm"], listed, rows, plan["learned_rpm"]))
         click.echo()
 
 
@@ -195,8 +195,13 @@ def plan_reconcile() -> None:
         click.echo(f"{what}: {count}")
 
 
-def render_window(window: dict, rpm: int, listed: dict, rows: int) -> str:
-    """A window as text: headers, the IDs of each slot top-down, a rule after row RPM."""
+def render_window(
+    window: dict, rpm: int, listed: dict, rows: int, learned: int | None = None
+) -> str:
+    """A window as text: headers, the IDs of each slot top-down, a rule after the row of
+    the slot capacity (RPM, or the learned rate below it)."""
+    capacity = learned if learned is not None and learned < rpm else rpm
+    rule = f"RPM {rpm}" if capacity == rpm else f"learned {capacity} (RPM {rpm})"
     slots = window["slots"]
     labels = [_label(slot["start"]) for slot in slots]
     width = max(len(label) for label in labels)
@@ -207,13 +212,13 @@ def render_window(window: dict, rpm: int, listed: dict, rows: int) -> str:
 
     lines = [
         f"window {_label(window['start'])}-{_label(window['end'])} UTC: "
-        f"{window['load']} IDs planned, capacity {window['capacity']} (RPM {rpm})",
+        f"{window['load']} IDs planned, capacity {window['capacity']} ({rule})",
         " ".join(cell(label) for label in labels),
     ]
     depth = min(rows, max((slot["load"] for slot in slots), default=0))
     for row in range(depth):
-        if row == rpm:
-            lines.append(" ".join("-" * width for _ in slots) + f"  RPM {rpm}")
+        if row == capacity:
+            lines.append(" ".join("-" * width for _ in slots) + f"  {rule}")
         values = [listed.get(slot["start"], []) for slot in slots]
         lines.append(" ".join(cell(ids[row]) if row < len(ids) else cell("") for ids in values))
     if any(slot["load"] > depth for slot in slots):

@@ -93,12 +93,16 @@ def enqueue_planning(task_id: int, total_ids: int) -> bool:
 
 
 def enqueue_retry_planning() -> bool:
-    """Queue a run of `plan_retries`; at most one a second is queued."""
+    """Queue a run of `plan_retries`; at most one a second is queued. At the front of
+    the slots queue, as a re-plan: IDs refused or failed a moment ago wait for it, and a
+    worker busy pacing slots would otherwise take every due slot job first."""
     job_id = f"plan-retries-{int(time.time())}"
     try:
         if Job.exists(job_id, connection=get_redis()):
             return False
-        get_queue(PLANNING_QUEUE).enqueue(PLAN_RETRIES_JOB, job_id=job_id, result_ttl=3600)
+        get_queue(SLOTS_QUEUE).enqueue(
+            PLAN_RETRIES_JOB, job_id=job_id, result_ttl=3600, at_front=True
+        )
     except RedisError:
         log.warning("could not queue the planning of retries; reconciling will")
         return False
@@ -111,15 +115,18 @@ def replan_job_id(event_id: int) -> str:
 
 def enqueue_replan(limit_id: int, event_id: int) -> bool:
     """Queue the re-plan that a change of a limit's learned rate calls for; False when
-    Redis could not take it (reconciling queues it again: the event stays unfinished)."""
+    Redis could not take it (reconciling queues it again: the event stays unfinished).
+    At the front of the slots queue: it moves IDs out of slots about to start, and a
+    worker takes a due slot job before any planning job."""
     try:
-        get_queue(PLANNING_QUEUE).enqueue(
+        get_queue(SLOTS_QUEUE).enqueue(
             REPLAN_JOB,
             limit_id,
             event_id,
             job_id=replan_job_id(event_id),
             result_ttl=3600,
             failure_ttl=7 * 86400,
+            at_front=True,
         )
     except RedisError:
         log.warning("could not queue re-plan %s of limit %s; reconciling will", event_id, limit_id)

@@ -7,7 +7,8 @@
   `learned_rpm` (null while it equals `rpm`), `learned_slot` (the slot of the last
   lowering: at most one per slot), `learned_at` (its last change, for the quiet period
   before it rises), `refusals` (how many in all), the last refusal (`last_refusal_at`,
-  `_status`, `_retry_after`, `_reason`) and `replan_event_id` (the newest re-plan);
+  `_status`, `_retry_after`, `_reason`), `replan_event_id` (the newest re-plan) and
+  `next_turn_at` (under a learned rate the limit's slots take turns from one sequence);
 - `assignments.refusals`: refusals of the ID in a row (they use no attempt), and
   `assignments.replanned_in`: the re-plan that last moved it;
 - `slots.replanned`: the slot took IDs from a re-plan (the plan page marks it);
@@ -63,6 +64,7 @@ def upgrade():
         sa.Column("last_refusal_retry_after", sa.Float(), nullable=True),
         sa.Column("last_refusal_reason", sa.Text(), nullable=True),
         sa.Column("replan_event_id", sa.BigInteger(), nullable=True),
+        sa.Column("next_turn_at", TIMESTAMP, nullable=True),
         sa.CheckConstraint(
             "learned_rpm IS NULL OR learned_rpm >= 1", name=op.f("ck_learned_rates_learned_rpm")
         ),

@@ -133,6 +133,9 @@ class LearnedRate(db.Model):
     last_refusal_reason: Mapped[str | None] = mapped_column(Text)
     # The newest re-plan: an older one still under way stops for it.
     replan_event_id: Mapped[int | None] = mapped_column(BigInteger)
+    # Under a learned rate every slot of the limit takes its turns from this one
+    # sequence, so that two slots never run at once (one running past its end, or late).
+    next_turn_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class IdTask(db.Model):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from service.dispatch.claimers import Claimer
 from service.dispatch.claims import Claim, hold
 from service.dispatch.outcomes import Tally, process_and_record, record_outcomes
 from service.dispatch.pacing import Clock
+from service.limits.learning import seen_accepting
 from service.limits.store import SlotOfLimit
 from service.processors.contract import Failure, as_failure, is_per_id, longest_call, takes
 
@@ -41,10 +43,15 @@ class Ended:
 
 
 def calls_for(
-    slot: SlotOfLimit, claimer: Claimer, processor: Callable, clock: Clock, max_attempts: int
+    slot: SlotOfLimit,
+    claimer: Claimer,
+    processor: Callable,
+    clock: Clock,
+    max_attempts: int,
+    slot_seconds: int,
 ):
     kind = ConcurrentCalls if is_per_id(processor) else GroupCalls
-    return kind(slot, claimer, processor, clock, max_attempts)
+    return kind(slot, claimer, processor, clock, max_attempts, slot_seconds)
 
 
 class _Calls:
@@ -57,9 +64,10 @@ class _Calls:
         processor: Callable,
         clock: Clock,
         max_attempts: int,
+        slot_seconds: int = 60,
     ):
         self.slot, self.claimer, self.processor, self.clock = slot, claimer, processor, clock
-        self.max_attempts = max_attempts
+        self.max_attempts, self.slot_seconds = max_attempts, slot_seconds
         self.tally = Tally()
 
     def hold_back(self) -> None:
@@ -129,6 +137,10 @@ class ConcurrentCalls(_Calls):
         self.unrecorded: list[tuple[Claim, Ended]] = []
         self.recorded_at = time.monotonic()
         self.start_lag = 0.0
+        # When calls that succeeded ended, over about the last slot: what the downstream
+        # was seen to accept, should it refuse.
+        self.accepted_ends: deque[float] = deque()
+        self.first_call_at: float | None = None
 
     def hand(self, group: list[Claim], turn: float, step: float = 0.0) -> None:
         """Each ID of the group still claimed goes to the pool, to be called at its own
@@ -172,14 +184,31 @@ class ConcurrentCalls(_Calls):
 
     def record_finished(self) -> None:
         self.recorded_at = time.monotonic()
-        self.unrecorded += self._take_finished()
+        finished = self._take_finished()
+        self._note_accepted([ended for _, ended in finished])
+        self.unrecorded += finished
         if not self.unrecorded:
             return
         held = hold([item for item, _ in self.unrecorded], self.claimer.id)
         failures = {item.user_id: ended.failure for item, ended in self.unrecorded if ended.failure}
         ended_at = {(item.task_id, item.position): ended.at for item, ended in self.unrecorded}
-        self.tally += record_outcomes(self.slot, held, failures, self.max_attempts, ended_at)
+        seen = self._seen_accepting() if failures else None
+        self.tally += record_outcomes(
+            self.slot, held, failures, self.max_attempts, ended_at, seen_accepting=seen
+        )
         self.unrecorded = []
+
+    def _note_accepted(self, ended: list[Ended]) -> None:
+        horizon = self.clock.seconds() - self.slot_seconds
+        self.accepted_ends.extend(e.at.timestamp() for e in ended if e.failure is None)
+        while self.accepted_ends and self.accepted_ends[0] < horizon:
+            self.accepted_ends.popleft()
+
+    def _seen_accepting(self) -> float | None:
+        if self.first_call_at is None:
+            return None
+        ends, now = list(self.accepted_ends), self.clock.seconds()
+        return seen_accepting(ends, now, self.first_call_at, self.slot_seconds)
 
     def _call(self, item: Claim, turn: float) -> Ended | object:
         self.clock.wait_until(turn, lambda: self.abandoned or self.holding)
@@ -188,6 +217,8 @@ class ConcurrentCalls(_Calls):
             # run out mid-call. The ID is handed back and claimed again.
             return NOT_CALLED
         self.start_lag = self.clock.seconds() - turn
+        if self.first_call_at is None:
+            self.first_call_at = self.clock.seconds()
         with self.app.app_context():
             try:
                 verdict = self.processor(item.user_id, item.key(self.slot.deployment), **self.extra)

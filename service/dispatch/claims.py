@@ -92,7 +92,6 @@ def claim(
         late=timedelta(seconds=LATE_AFTER_SECONDS),
         now=now or datetime.now(UTC),
         catch_up=timedelta(seconds=CATCH_UP_SECONDS),
-        span=timedelta(seconds=slot_seconds),
         pace=step_of(slot_seconds, 1),
     )
     db.session.commit()

@@ -108,12 +108,15 @@ def record_outcomes(
     failures: Mapping[int, Failure],
     max_attempts: int | None = None,
     ended_at: Mapping[tuple[int, int], datetime] | None = None,
+    seen_accepting: float | None = None,
 ) -> Tally:
     """Done, failed for good, or retrying (planned again by a job of its own); counters
     follow. `max_attempts` is the deployment's, read here when the caller has not.
     `ended_at` tells, by (task, position), when each call ended: the ID's `finished_at`
     (by default, the moment of recording, as for a group processor, whose calls end in
-    the transaction that records them).
+    the transaction that records them). `seen_accepting` is what the caller saw the
+    downstream accept over the last slot's length, which a refusal's lowering of the
+    rate may use.
 
     Only rows still held by this claim are written: if the claim timed out and the IDs
     went to another worker meanwhile, that worker's outcome is the one that counts.
@@ -138,7 +141,9 @@ def record_outcomes(
     failed = len(written) - len(succeeded) - len(refused)
     store.add_slot_outcomes(slot.limit_id, slot.start, len(succeeded), failed)
     _count_on_tasks(written)
-    change = rates.note_refusals(slot, refused, rules.slot_seconds) if refused else None
+    change = None
+    if refused:
+        change = rates.note_refusals(slot, refused, rules.slot_seconds, seen_accepting)
     db.session.commit()
     if any(row.status == AssignmentStatus.RETRYING for row in written):
         enqueue_retry_planning()

@@ -105,7 +105,7 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
     db.session.commit()
     slot_seconds, max_attempts = settings["SLOT_SECONDS"], settings["MAX_ATTEMPTS"]
     with claimers.claiming(slot.limit_id, start) as claimer:
-        calls = calls_for(slot, claimer, processor, clock, max_attempts)
+        calls = calls_for(slot, claimer, processor, clock, max_attempts, slot_seconds)
         runner = _Claims(
             slot, claimer, calls, clock, slot_seconds, claim_life(processor, slot.options)
         )

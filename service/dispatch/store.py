@@ -38,24 +38,31 @@ CLAIM = text(
     "FROM picked WHERE a.task_id = picked.task_id AND a.position = picked.position "
     "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.claimed_at, a.refusals"
 )
-# The learned rate of the slot's limit, when it has one (service/limits/learning.py).
-LEARNED_RPM = "(SELECT r.learned_rpm FROM learned_rates AS r WHERE r.limit_id = :limit)"
-# IDs are paced at the slot's load, or at the learned rate if that is lower, which then
-# holds at once, mid-slot too: the slot runs on past its end. Under a learned rate the
-# first turn of a slot also waits for the last of the slot before, so that the two
-# never run at once.
+# A slot's IDs are paced at its load; under a learned rate (service/limits/learning.py)
+# every slot of the limit takes its turns from the limit's one sequence, at the learned
+# rate, at once, mid-slot too: a slot planned above it runs on past its end and the next
+# one waits for it, so that the downstream never sees two slots at once. A late start
+# catches up at most `catch_up`, and never more than two steps.
 RESERVE_TURNS = text(
-    "UPDATE slots SET "
-    "  started_at = coalesce(started_at, clock_timestamp()), "
-    "  last_claim_at = clock_timestamp(), "
-    "  late = late OR (started_at IS NULL AND clock_timestamp() > slot_start + :late), "
-    "  next_turn_at = greatest(coalesce(next_turn_at, greatest(slot_start, "
-    "      (SELECT p.next_turn_at FROM slots AS p WHERE p.limit_id = :limit "
-    f"         AND p.slot_start = :slot - :span AND {LEARNED_RPM} IS NOT NULL))), "
-    "    :now - :catch_up) "
-    f"    + make_interval(secs => :n * :pace / greatest(least(load, {LEARNED_RPM}), 1)) "
-    "WHERE limit_id = :limit AND slot_start = :slot "
-    f"RETURNING next_turn_at, least(load, {LEARNED_RPM}) AS load"
+    "WITH slot AS ("
+    "  UPDATE slots SET "
+    "    started_at = coalesce(started_at, clock_timestamp()), "
+    "    last_claim_at = clock_timestamp(), "
+    "    late = late OR (started_at IS NULL AND clock_timestamp() > slot_start + :late), "
+    "    next_turn_at = greatest(coalesce(next_turn_at, slot_start), "
+    "      :now - least(:catch_up, 2 * :pace / greatest(load, 1) * interval '1 second')) "
+    "      + make_interval(secs => :n * :pace / greatest(load, 1)) "
+    "  WHERE limit_id = :limit AND slot_start = :slot RETURNING next_turn_at, load), "
+    "shared AS ("
+    "  UPDATE learned_rates SET "
+    "    next_turn_at = greatest(coalesce(next_turn_at, :slot), :slot, "
+    "      :now - least(:catch_up, 2 * :pace / learned_rpm * interval '1 second')) "
+    "      + make_interval(secs => :n * :pace / learned_rpm) "
+    "  WHERE limit_id = :limit AND learned_rpm IS NOT NULL "
+    "  RETURNING next_turn_at, learned_rpm) "
+    "SELECT coalesce(shared.next_turn_at, slot.next_turn_at) AS next_turn_at, "
+    "  coalesce(shared.learned_rpm, slot.load) AS load "
+    "FROM slot LEFT JOIN shared ON true"
 )
 MARK_TASKS_RUNNING = text(
     "UPDATE id_tasks SET status = :running WHERE id = ANY(:ids) AND status = :scheduled"
@@ -164,9 +171,10 @@ def claim_pending(limit_id: int, slot: datetime, claimer: int, size: int, life: 
 
 
 def reserve_turns(limit_id: int, slot: datetime, claimed: int, **timing):
-    """Move the slot's next turn on by `claimed` steps; returns (next_turn_at, the load
-    it is paced at). `timing` holds `late`, `now`, `catch_up`, `span` (the slot's
-    length) and `pace` (the seconds a slot paces its load over) (see RESERVE_TURNS)."""
+    """Move the slot's next turn on by `claimed` steps (or its limit's, under a learned
+    rate); returns (next_turn_at, the number of IDs a slot's length is paced for).
+    `timing` holds `late`, `now`, `catch_up` and `pace` (the seconds a slot paces its
+    load over) (see RESERVE_TURNS)."""
     return db.session.execute(
         RESERVE_TURNS, {"n": claimed, "limit": limit_id, "slot": slot, **timing}
     ).one()

@@ -11,7 +11,8 @@ the same one:
   length (when there was a slot's length to judge by);
 - after QUIET_SLOTS slots without a refusal (and without a change) it rises by
   RISE_SHARE of `rpm` (at least 1), never above `rpm`: probing back up costs a few
-  refusals at most;
+  refusals at most, and a rate lowered too far comes back within a minute or so of
+  slots;
 - the operator may reset it to `rpm`, or switch adaptation off for a limit (`adaptive`):
   refusals are then only retried after their Retry-After.
 
@@ -27,8 +28,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 LOWER_TO = 0.7
-QUIET_SLOTS = 5
-RISE_SHARE = 0.05
+QUIET_SLOTS = 3
+RISE_SHARE = 0.1
 # A refusal without a (usable) Retry-After waits one slot; none waits longer than this.
 MAX_REFUSAL_WAIT_SECONDS = 3600.0
 
@@ -76,6 +77,17 @@ def accepted_over_a_slot(
     if here < slot_seconds / 2:
         return None
     return done_here * slot_seconds / here
+
+
+def seen_accepting(ends: list[float], now: float, since: float, slot_seconds: int):
+    """What a slot job saw the downstream accept over the last slot's length: its calls
+    that succeeded ending in it (`ends`, times in seconds), counted over a whole slot
+    when it has run less than that since `since`; None before half a slot."""
+    seen = min(now - since, float(slot_seconds))
+    if seen < slot_seconds / 2:
+        return None
+    recent = sum(1 for end in ends if end > now - slot_seconds)
+    return recent * slot_seconds / seen
 
 
 def refusal_wait(retry_after: float | None, slot_seconds: int) -> float:

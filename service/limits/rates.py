@@ -30,11 +30,12 @@ log = logging.getLogger(__name__)
 
 
 def note_refusals(
-    slot: SlotOfLimit, refusals: list[Refused], slot_seconds: int
+    slot: SlotOfLimit, refusals: list[Refused], slot_seconds: int, seen: float | None = None
 ) -> RateChange | None:
     """Count a slot's refusals on its limit and, unless this slot lowered the rate
     already (or adaptation is off), lower it; in the caller's transaction, after the
-    slot's done count was added to. Returns the change, if any."""
+    slot's done count was added to. `seen` is what the caller itself saw accepted over
+    the last slot's length, if it knows. Returns the change, if any."""
     last = refusals[-1]
     reason = bounded(last.message)
     store.record_refusals(slot.limit_id, len(refusals), last.status, last.retry_after, reason)
@@ -46,9 +47,11 @@ def note_refusals(
     current = capacity(limit.rpm, limit.learned_rpm)
     previous = slot.start - timedelta(seconds=slot_seconds)
     done = store.recent_done(slot.limit_id, slot.start, previous)
-    accepted = accepted_over_a_slot(
-        done.here, float(done.seconds or 0.0), done.before, slot_seconds
-    )
+    counted = accepted_over_a_slot(done.here, float(done.seconds or 0.0), done.before, slot_seconds)
+    # The slots' counters come behind the calls (recorded in batches, and a slot job
+    # helped by others sees only its own calls): the higher of the two is nearer.
+    known = [figure for figure in (counted, seen) if figure is not None]
+    accepted = max(known) if known else None
     new = lowered(current, accepted)
     if new >= current:
         return None

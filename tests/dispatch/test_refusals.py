@@ -16,7 +16,7 @@ from service.dispatch.claims import claim
 from service.dispatch.outcomes import record_outcomes
 from service.dispatch.reconcile import reconcile
 from service.dispatch.slot_runs import run_slot
-from service.jobs import PLANNING_QUEUE, get_queue, replan_job_id
+from service.jobs import SLOTS_QUEUE, get_queue, replan_job_id
 from service.limits import store as limits
 from service.limits.learning import accepted_over_a_slot, lowered, raised, refusal_wait
 from service.limits.store import SlotOfLimit
@@ -115,8 +115,8 @@ def test_refusals_lower_the_rate_once_per_slot_and_ask_for_a_re_plan(refusing):
         ("lowered", 2, 1),
     ]
     assert (learned().learned_rpm, learned().refusals) == (1, 6)
-    queued = get_queue(PLANNING_QUEUE).job_ids
-    assert [replan_job_id(e.id) for e in events()] == [j for j in queued if "replan" in j]
+    queued = get_queue(SLOTS_QUEUE).job_ids
+    assert {replan_job_id(e.id) for e in events()} == {j for j in queued if "replan" in j}
 
 
 def test_a_limit_without_adaptation_only_retries_its_refusals(refusing):
@@ -159,12 +159,12 @@ def test_a_lowered_rate_rises_one_step_after_a_quiet_period(rpm3):
     db.session.commit()
     plan_stored_task(submit([1, 2], limit="partner"), now=PAST)
     run_slot("partner", FIRST_SLOT)
-    assert learned().learned_rpm == 22  # 5 % of 40
-    assert [(e.kind, e.from_rpm, e.to_rpm) for e in events()] == [("raised", 20, 22)]
+    assert learned().learned_rpm == 24  # 10 % of 40
+    assert [(e.kind, e.from_rpm, e.to_rpm) for e in events()] == [("raised", 20, 24)]
     # The rise was a change: the next one waits for another quiet period.
     plan_stored_task(submit([3], limit="partner"), now=PAST)
     run_slot("partner", SECOND_SLOT)
-    assert learned().learned_rpm == 22
+    assert learned().learned_rpm == 24
 
 
 def test_the_api_shows_the_learned_rate_and_resets_it(refusing):
@@ -247,7 +247,7 @@ def test_a_re_plan_lost_with_redis_is_queued_again_by_reconcile(refusing):
     [event] = events()
     get_redis().flushdb()
     assert reconcile()["re-plans queued"] == 1
-    assert replan_job_id(event.id) in get_queue(PLANNING_QUEUE).job_ids
+    assert replan_job_id(event.id) in get_queue(SLOTS_QUEUE).job_ids
     assert reconcile()["re-plans queued"] == 0  # queued already
     replan_limit(limits.find("partner").id, event.id)
     assert reconcile()["re-plans queued"] == 0  # finished
@@ -308,4 +308,4 @@ def test_what_was_accepted_over_a_slot_is_judged_from_a_slots_length_at_least():
     assert accepted_over_a_slot(5, 15.0, 40, 60) == 35.0
     assert accepted_over_a_slot(60, 90.0, 0, 60) == 60.0  # a late slot: one slot's worth
     assert lowered(40, None) == 28 and lowered(40, 24.6) == 24 and lowered(1, 0.0) == 1
-    assert raised(20, 40) == 22 and raised(39, 40) == 40 and raised(3, 4) == 4
+    assert raised(20, 40) == 24 and raised(39, 40) == 40 and raised(3, 4) == 4

@@ -833,3 +833,36 @@ def test_a_migration_setting_that_is_not_a_duration_or_count_is_refused(
     monkeypatch.setenv(name, value)
     with app.app_context(), pytest.raises(RuntimeError, match=name):
         command.upgrade(_alembic_config(), "head")
+
+
+def test_a_downgrade_below_0016_refuses_while_a_limit_holds_a_learned_rate(scratch):
+    app = scratch.app
+    runner = app.test_cli_runner()
+    with app.app_context():
+        flask_migrate.upgrade()
+        client = app.test_client()
+        assert client.post("/limits/", json={"name": "partner", "rpm": 40}).status_code == 201
+        db.session.execute(
+            text(
+                "INSERT INTO learned_rates (limit_id, learned_rpm) "
+                "SELECT id, 20 FROM limits WHERE name = 'partner'"
+            )
+        )
+        db.session.commit()
+
+        result = runner.invoke(args=["db", "downgrade", "0015"])
+        assert result.exit_code == 1
+        assert "Error: downgrade below 0016 refused: limits partner hold learned" in result.output
+        assert _version() == "0016"
+
+        # Once it is reset, it proceeds, and the upgrade comes back to a working limit.
+        reset = client.patch("/limits/partner/", json={"learned_rpm": None})
+        assert (reset.status_code, reset.json["learned_rpm"]) == (200, 40)
+        db.session.remove()
+        flask_migrate.downgrade(revision="0015")
+        assert _version() == "0015"
+        with db.engine.connect() as connection:
+            assert connection.execute(text("SELECT to_regclass('learned_rates')")).scalar() is None
+        flask_migrate.upgrade()
+        assert _version() == _head()
+        assert client.get("/limits/partner/").json["learned_rpm"] == 40

@@ -190,6 +190,7 @@ OPERATIONS = {
     "replace_limit": ("put", "/limits/{limit_name}/"),
     "update_limit": ("patch", "/limits/{limit_name}/"),
     "delete_limit": ("delete", "/limits/{limit_name}/"),
+    "list_limit_events": ("get", "/limits/{limit_name}/events/"),
     "check_liveness": ("get", "/healthz"),
     "check_readiness": ("get", "/readyz"),
     "get_metrics": ("get", "/metrics"),
