@@ -119,3 +119,12 @@ def refuse_odd(user_ids):
 @per_id
 def refuse_every_call(user_id, key):
     return Refused("no capacity now")
+
+
+# When each call of `note_call_start` began, by user ID (time.time()).
+call_starts: dict = {}
+
+
+@per_id
+def note_call_start(user_id, key):
+    call_starts[user_id] = time.time()

@@ -2,13 +2,14 @@
 
 - `limits`: `adaptive` (refusals lower the learned rate; default on) and `max_refusals`
   (refusals in a row that fail an ID);
-- `learned_rates`, a row per limit that was ever refused, apart from `limits` so that
-  recording a refusal never waits for a planner's share lock on the limit's row:
+- `learned_rates`, a row per limit that ran a slot, apart from `limits` so that
+  recording a refusal or a claim never waits for a planner's share lock on the limit's
+  row:
   `learned_rpm` (null while it equals `rpm`), `learned_slot` (the slot of the last
   lowering: at most one per slot), `learned_at` (its last change, for the quiet period
   before it rises), `refusals` (how many in all), the last refusal (`last_refusal_at`,
   `_status`, `_retry_after`, `_reason`), `replan_event_id` (the newest re-plan) and
-  `next_turn_at` (under a learned rate the limit's slots take turns from one sequence);
+  `next_turn_at` (every slot of the limit takes its turns from this one sequence);
 - `assignments.refusals`: refusals of the ID in a row (they use no attempt), and
   `assignments.replanned_in`: the re-plan that last moved it;
 - `slots.replanned`: the slot took IDs from a re-plan (the plan page marks it);

@@ -109,8 +109,9 @@ class Limit(db.Model):
 
 class LearnedRate(db.Model):
     """What a limit's downstream has taught it by refusing calls (service/limits/
-    learning.py). A table apart from `limits`, so that recording a refusal never waits
-    for the share lock a planner holds on the limit's row."""
+    learning.py), and the limit's sequence of turns. A table apart from `limits`, so
+    that recording a refusal, or a claim, never waits for the share lock a planner
+    holds on the limit's row."""
 
     __tablename__ = "learned_rates"
     __table_args__ = (
@@ -133,8 +134,8 @@ class LearnedRate(db.Model):
     last_refusal_reason: Mapped[str | None] = mapped_column(Text)
     # The newest re-plan: an older one still under way stops for it.
     replan_event_id: Mapped[int | None] = mapped_column(BigInteger)
-    # Under a learned rate every slot of the limit takes its turns from this one
-    # sequence, so that two slots never run at once (one running past its end, or late).
+    # Every slot of the limit takes its turns from this one sequence, so that two slots
+    # never run at once (one running past its end, or late).
     next_turn_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 

@@ -21,7 +21,14 @@ from service.dispatch.outcomes import Tally, process_and_record, record_outcomes
 from service.dispatch.pacing import Clock
 from service.limits.learning import seen_accepting
 from service.limits.store import SlotOfLimit
-from service.processors.contract import Failure, as_failure, is_per_id, longest_call, takes
+from service.processors.contract import (
+    Failure,
+    as_failure,
+    is_per_id,
+    longest_call,
+    prepare,
+    takes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +148,10 @@ class ConcurrentCalls(_Calls):
         # was seen to accept, should it refuse.
         self.accepted_ends: deque[float] = deque()
         self.first_call_at: float | None = None
+        try:
+            prepare(self.processor, options)
+        except Exception:  # the calls will meet it, and say what it is
+            log.exception("preparing the processor of %s failed", self.slot.limit_name)
 
     def hand(self, group: list[Claim], turn: float, step: float = 0.0) -> None:
         """Each ID of the group still claimed goes to the pool, to be called at its own

@@ -3,9 +3,10 @@
 A slot's IDs are due one `step` apart, `step` being the slot over its load, so they
 spread evenly through the slot and on across its end into the next one: a strict
 limiter downstream sees the same gap between any two calls. The turns are reserved in
-PostgreSQL as IDs are claimed (`slots.next_turn_at`), so several workers sharing a slot
-take turns one after another, and a slot that starts late, or gets IDs back from a dead
-worker, goes on at the same step from the moment it resumes: never as a burst.
+PostgreSQL as IDs are claimed, in one sequence per limit (`learned_rates.next_turn_at`),
+so several workers sharing a slot take turns one after another, two slots of a limit
+never run at once, and a slot that starts late, or gets IDs back from a dead worker,
+goes on at the same step from the moment it resumes: never as a burst.
 """
 
 from __future__ import annotations

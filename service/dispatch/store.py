@@ -38,31 +38,35 @@ CLAIM = text(
     "FROM picked WHERE a.task_id = picked.task_id AND a.position = picked.position "
     "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.claimed_at, a.refusals"
 )
-# A slot's IDs are paced at its load; under a learned rate (service/limits/learning.py)
-# every slot of the limit takes its turns from the limit's one sequence, at the learned
-# rate, at once, mid-slot too: a slot planned above it runs on past its end and the next
-# one waits for it, so that the downstream never sees two slots at once. A late start
-# catches up at most `catch_up`, and never more than two steps.
+# Every slot of a limit takes its turns from the limit's one sequence (kept on its row
+# of learned_rates), each claim reserving its IDs' turns after the last reserved, at its
+# slot's step: the slot over its load, or over the learned rate when that is lower (at
+# once, mid-slot too: the slot then runs on past its end). So the downstream never
+# sees two slots of a limit at once, however late one starts or runs on. A slot's
+# first turn is its start, or now less a catch-up of at most `catch_up` and two steps.
+# The slot's row is locked before the limit's learned_rates row, as recording does.
 RESERVE_TURNS = text(
     "WITH slot AS ("
     "  UPDATE slots SET "
     "    started_at = coalesce(started_at, clock_timestamp()), "
     "    last_claim_at = clock_timestamp(), "
-    "    late = late OR (started_at IS NULL AND clock_timestamp() > slot_start + :late), "
-    "    next_turn_at = greatest(coalesce(next_turn_at, slot_start), "
-    "      :now - least(:catch_up, 2 * :pace / greatest(load, 1) * interval '1 second')) "
-    "      + make_interval(secs => :n * :pace / greatest(load, 1)) "
-    "  WHERE limit_id = :limit AND slot_start = :slot RETURNING next_turn_at, load), "
-    "shared AS ("
-    "  UPDATE learned_rates SET "
-    "    next_turn_at = greatest(coalesce(next_turn_at, :slot), :slot, "
-    "      :now - least(:catch_up, 2 * :pace / learned_rpm * interval '1 second')) "
-    "      + make_interval(secs => :n * :pace / learned_rpm) "
-    "  WHERE limit_id = :limit AND learned_rpm IS NOT NULL "
-    "  RETURNING next_turn_at, learned_rpm) "
-    "SELECT coalesce(shared.next_turn_at, slot.next_turn_at) AS next_turn_at, "
-    "  coalesce(shared.learned_rpm, slot.load) AS load "
-    "FROM slot LEFT JOIN shared ON true"
+    "    late = late OR (started_at IS NULL AND clock_timestamp() > slot_start + :late) "
+    "  WHERE limit_id = :limit AND slot_start = :slot RETURNING load), "
+    "step AS ("
+    "  SELECT :pace / greatest(least(slot.load, r.learned_rpm), 1) AS seconds, "
+    "    least(slot.load, r.learned_rpm) AS paced "
+    "  FROM slot LEFT JOIN learned_rates AS r ON r.limit_id = :limit), "
+    "turns AS ("
+    "  INSERT INTO learned_rates AS r (limit_id, next_turn_at) "
+    "  SELECT :limit, greatest(CAST(:slot AS timestamptz), "
+    "      :now - least(:catch_up, 2 * step.seconds * interval '1 second')) "
+    "    + make_interval(secs => :n * step.seconds) FROM step "
+    "  ON CONFLICT (limit_id) DO UPDATE SET next_turn_at = "
+    "    greatest(r.next_turn_at, CAST(:slot AS timestamptz), "
+    "      :now - least(:catch_up, 2 * (SELECT seconds FROM step) * interval '1 second')) "
+    "    + make_interval(secs => :n * (SELECT seconds FROM step)) "
+    "  RETURNING r.next_turn_at) "
+    "SELECT turns.next_turn_at, step.paced AS load FROM turns, step"
 )
 MARK_TASKS_RUNNING = text(
     "UPDATE id_tasks SET status = :running WHERE id = ANY(:ids) AND status = :scheduled"
@@ -171,10 +175,10 @@ def claim_pending(limit_id: int, slot: datetime, claimer: int, size: int, life: 
 
 
 def reserve_turns(limit_id: int, slot: datetime, claimed: int, **timing):
-    """Move the slot's next turn on by `claimed` steps (or its limit's, under a learned
-    rate); returns (next_turn_at, the number of IDs a slot's length is paced for).
-    `timing` holds `late`, `now`, `catch_up` and `pace` (the seconds a slot paces its
-    load over) (see RESERVE_TURNS)."""
+    """Move the limit's next turn on by `claimed` steps of the slot; returns
+    (next_turn_at, the number of IDs a slot's length is paced for). `timing` holds
+    `late`, `now`, `catch_up` and `pace` (the seconds a slot paces its load over) (see
+    RESERVE_TURNS)."""
     return db.session.execute(
         RESERVE_TURNS, {"n": claimed, "limit": limit_id, "slot": slot, **timing}
     ).one()

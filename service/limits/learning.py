@@ -8,7 +8,7 @@ the same one:
 - it starts at `rpm` (stored as null);
 - refusals lower it, at most once per slot (a burst of refusals counts once), to the
   lower of LOWER_TO of the rate and what the downstream accepted over the last slot's
-  length (when there was a slot's length to judge by);
+  length, as the slot job that met the refusals saw it (when it had run half a slot);
 - after QUIET_SLOTS slots without a refusal (and without a change) it rises by
   RISE_SHARE of `rpm` (at least 1), never above `rpm`: probing back up costs a few
   refusals at most, and a rate lowered too far comes back within a minute or so of
@@ -57,26 +57,6 @@ def raised(current: int, rpm: int) -> int:
 
 def quiet_period(slot_seconds: int) -> timedelta:
     return timedelta(seconds=QUIET_SLOTS * slot_seconds)
-
-
-def accepted_over_a_slot(
-    done_here: int,
-    seconds_here: float,
-    done_before: int,
-    slot_seconds: int,
-) -> float | None:
-    """How many calls the downstream accepted over the last slot's length, from the
-    slot under way (`done_here` in its first `seconds_here`) and the one before it
-    (`done_before`, taken as spread evenly through it, so the share of it still within
-    the last slot's length counts). Without a slot before, what the slot under way
-    accepted is taken at its pace over a whole slot. None when that is less than half
-    a slot: too short to judge by."""
-    here = min(max(seconds_here, 0.0), float(slot_seconds))
-    if done_before:
-        return done_here + done_before * (1.0 - here / slot_seconds)
-    if here < slot_seconds / 2:
-        return None
-    return done_here * slot_seconds / here
 
 
 def seen_accepting(ends: list[float], now: float, since: float, slot_seconds: int):

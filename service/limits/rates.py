@@ -7,7 +7,6 @@ transaction has committed.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 
 from service.limits import store
 from service.limits.learning import (
@@ -15,7 +14,6 @@ from service.limits.learning import (
     RAISED,
     RESET,
     RateChange,
-    accepted_over_a_slot,
     capacity,
     description,
     is_quiet,
@@ -34,8 +32,10 @@ def note_refusals(
 ) -> RateChange | None:
     """Count a slot's refusals on its limit and, unless this slot lowered the rate
     already (or adaptation is off), lower it; in the caller's transaction, after the
-    slot's done count was added to. `seen` is what the caller itself saw accepted over
-    the last slot's length, if it knows. Returns the change, if any."""
+    outcomes were written. `seen` is what the caller itself saw the downstream
+    accept over the last slot's length, if it knows (the slots' counters cannot tell:
+    a slot's calls may start well after it does, when the one before runs on). Returns
+    the change, if any."""
     last = refusals[-1]
     reason = bounded(last.message)
     store.record_refusals(slot.limit_id, len(refusals), last.status, last.retry_after, reason)
@@ -45,18 +45,11 @@ def note_refusals(
     if limit.learned_slot is not None and limit.learned_slot >= slot.start:
         return None  # one burst of refusals counts once
     current = capacity(limit.rpm, limit.learned_rpm)
-    previous = slot.start - timedelta(seconds=slot_seconds)
-    done = store.recent_done(slot.limit_id, slot.start, previous)
-    counted = accepted_over_a_slot(done.here, float(done.seconds or 0.0), done.before, slot_seconds)
-    # The slots' counters come behind the calls (recorded in batches, and a slot job
-    # helped by others sees only its own calls): the higher of the two is nearer.
-    known = [figure for figure in (counted, seen) if figure is not None]
-    accepted = max(known) if known else None
-    new = lowered(current, accepted)
+    new = lowered(current, seen)
     if new >= current:
         return None
-    seen = "" if accepted is None else f", {accepted:.0f} accepted over the last slot"
-    why = f"{len(refusals)} refused in the slot of {slot.start.isoformat()}{seen} ({reason})"
+    judged = "" if seen is None else f", {seen:.0f} accepted over the last slot"
+    why = f"{len(refusals)} refused in the slot of {slot.start.isoformat()}{judged} ({reason})"
     return _change(slot.limit_id, limit.rpm, LOWERED, current, new, why, slot.start)
 
 

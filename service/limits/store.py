@@ -272,14 +272,6 @@ LEARNED = text(
     "FROM limits AS l LEFT JOIN learned_rates AS r ON r.limit_id = l.id WHERE l.id = :limit"
 )
 LOCK_LEARNED = text("SELECT 1 FROM learned_rates WHERE limit_id = :limit FOR UPDATE")
-# Done IDs of a slot and the one before it, and how long the slot has been running.
-RECENT_DONE = text(
-    "SELECT coalesce(sum(done) FILTER (WHERE slot_start = :slot), 0) AS here, "
-    "  coalesce(sum(done) FILTER (WHERE slot_start < :slot), 0) AS before, "
-    "  extract(epoch FROM clock_timestamp() - "
-    "    min(coalesce(started_at, slot_start)) FILTER (WHERE slot_start = :slot)) AS seconds "
-    "FROM slots WHERE limit_id = :limit AND slot_start IN (:slot, :previous)"
-)
 NEW_EVENT = text(
     "INSERT INTO limit_events (limit_id, kind, reason, from_rpm, to_rpm) "
     "VALUES (:limit, :kind, :reason, :from_rpm, :to_rpm) RETURNING id"
@@ -312,13 +304,6 @@ def learned(limit_id: int, lock: bool = False):
     if lock:
         db.session.execute(LOCK_LEARNED, {"limit": limit_id})
     return db.session.execute(LEARNED, {"limit": limit_id}).one_or_none()
-
-
-def recent_done(limit_id: int, slot: datetime, previous: datetime):
-    """(here, before, seconds): IDs done in the slot and in the one before it, and the
-    seconds since the slot began to run."""
-    params = {"limit": limit_id, "slot": slot, "previous": previous}
-    return db.session.execute(RECENT_DONE, params).one()
 
 
 def new_event(limit_id: int, kind: str, reason: str, from_rpm: int, to_rpm: int) -> int:

@@ -302,7 +302,24 @@ def _read_briefly(answer: httpx.Response, deadline: float) -> None:
             return
 
 
+def _prepare(options: dict) -> None:
+    """The pooled client of the limit's host, and its addresses resolved (kept for
+    RESOLVE_CACHE_SECONDS): made before the slot's first turn, not by its first calls
+    at once. A URL that is refused or does not resolve is left to the calls to say."""
+    template = options.get("url")
+    if not template:
+        return
+    try:
+        target = current_app.config["DOWNSTREAM_ALLOW_LIST"].destination(
+            template.replace("{id}", "1"), _resolver()
+        )
+    except (NotAllowed, OSError):
+        return
+    _client(options.get("timeout", 10.0), wire_host(target.url))
+
+
 http_request.options_schema = HttpOptions
+http_request.prepare = _prepare
 http_request.longest_call = lambda options: HTTP_CALL_PHASES * options.get("timeout", 10.0)
 http_request.why_held = _why_held
 

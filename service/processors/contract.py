@@ -112,6 +112,16 @@ def longest_call(processor: Callable, options: dict) -> float | None:
     return declared(options) if declared else None
 
 
+def prepare(processor: Callable, options: dict) -> None:
+    """Let a per-ID processor make ready what its first call would otherwise make (a
+    pooled client, a resolved address), when it says how (a `prepare` attribute, given
+    its limit's options): called once per slot job before the slot's first turn, so
+    that the first calls, held up by it, do not go out together."""
+    declared = getattr(processor, "prepare", None)
+    if declared:
+        declared(options)
+
+
 def why_held(processor: Callable, options: dict) -> str | None:
     """Why a limit's stored options may not be used under this deployment's settings
     (its destination is no longer allowed), when the processor says (a `why_held`

@@ -203,3 +203,16 @@ def test_a_stored_error_names_the_url_without_its_query(make_app):
     assert "calling http://127.0.0.1:" in error or "from http://127.0.0.1:" in error
     assert "/users/5" in error
     assert "s3cret" not in error and "?" not in error
+
+
+def test_the_pooled_client_is_made_before_the_slots_first_turn(make_app, downstream):
+    """Made by the first calls, it would hold them up together and let them go as one
+    burst, which a strict limiter refuses."""
+    from service.processors import builtin
+
+    _, url = downstream
+    app = http_app(make_app, url, PROCESSOR_HTTP_TIMEOUT=7.5)
+    builtin._clients.clear()
+    with app.app_context():
+        builtin.http_request.prepare({"url": url, "timeout": 7.5})
+    assert [key[2:] for key in builtin._clients] == [(7.5, "127.0.0.1")]

@@ -12,7 +12,7 @@ from service.limits.store import DEFAULT
 from service.planning.windows import plan_stored_task
 
 from .. import processors
-from ..helpers import at, limit_id, submit
+from ..helpers import at, limit_id, slots_by_id, submit
 
 PAST = at("2026-01-05 08:59:50")
 SLOT = at("2026-01-05 09:00")
@@ -109,3 +109,31 @@ def test_paced_groups_stop_when_a_stop_is_requested():
         groups.append((turn, group))
     assert groups == [(100.0, [0])]
     assert clock.seconds() == 100.0  # it did not wait for the next turn
+
+
+def test_per_id_calls_start_at_their_own_turns_never_ahead_across_a_slots_end(make_app):
+    """Ten IDs a 1-s slot, two slots: each call starts at its own turn (slot start plus
+    its place times 0.1 s) or after it, never ahead, and the tenth of a slot comes in
+    its last tenth: the gap at the slot's end is the same as inside it."""
+    app = make_app(
+        RPM=10,
+        SLOT_SECONDS=1,
+        WINDOW_SLOTS=5,
+        PLAN_LEAD_SECONDS=0.2,
+        ID_PROCESSOR="tests.processors:note_call_start",
+    )
+    processors.call_starts = {}
+    with app.app_context():
+        task_id = submit(range(1, 21), overflow="defer")
+        plan_stored_task(task_id)
+        planned = slots_by_id(task_id)
+        slots = sorted(set(planned.values()))
+        for slot in slots:
+            run_slot(DEFAULT, slot)
+    assert len(slots) == 2
+    for user_id, started in processors.call_starts.items():
+        place = (user_id - 1) % 10
+        turn = planned[user_id].timestamp() + place * 0.1
+        assert started >= turn - 0.005, (user_id, started - turn)
+    last_of_first = processors.call_starts[10] - slots[0].timestamp()
+    assert 0.895 <= last_of_first < 1.5

@@ -18,7 +18,7 @@ from service.dispatch.reconcile import reconcile
 from service.dispatch.slot_runs import run_slot
 from service.jobs import SLOTS_QUEUE, get_queue, replan_job_id
 from service.limits import store as limits
-from service.limits.learning import accepted_over_a_slot, lowered, raised, refusal_wait
+from service.limits.learning import lowered, raised, refusal_wait, seen_accepting
 from service.limits.store import SlotOfLimit
 from service.planning.replan import replan_limit
 from service.planning.retries import plan_retries
@@ -300,12 +300,12 @@ def _run_until_done(task_id: int, limit_id: int, deadline: float) -> None:
     raise AssertionError("the task did not finish in time")
 
 
-def test_what_was_accepted_over_a_slot_is_judged_from_a_slots_length_at_least():
-    # Half a slot in, 10 done, none before: 20 over a whole slot at that pace.
-    assert accepted_over_a_slot(10, 30.0, 0, 60) == 20.0
-    assert accepted_over_a_slot(10, 10.0, 0, 60) is None  # too soon to tell
-    # A quarter in, 5 done here, 40 in the slot before: its last three quarters count.
-    assert accepted_over_a_slot(5, 15.0, 40, 60) == 35.0
-    assert accepted_over_a_slot(60, 90.0, 0, 60) == 60.0  # a late slot: one slot's worth
+def test_what_was_accepted_is_judged_over_a_slots_length_at_least():
+    ends = [100.0 + k * 0.1 for k in range(10)]  # 10 calls done in the last second
+    # A second of a 2-s slot seen: 10 in it, 20 over a whole slot at that pace.
+    assert seen_accepting(ends, 101.0, 100.0, 2) == 20.0
+    assert seen_accepting(ends, 100.5, 100.0, 2) is None  # too soon to tell
+    # Three slots seen: only the calls of the last slot's length count.
+    assert seen_accepting(ends, 102.55, 96.0, 2) == 4.0
     assert lowered(40, None) == 28 and lowered(40, 24.6) == 24 and lowered(1, 0.0) == 1
     assert raised(20, 40) == 24 and raised(39, 40) == 40 and raised(3, 4) == 4
