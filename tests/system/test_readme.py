@@ -128,7 +128,7 @@ def test_the_readme_blocks_run_as_written_and_answer_what_it_says(stack):
     printed = "\n".join(stdout for _, stdout, _ in outputs)
     assert "Task added to queue" in printed
     assert "Idempotent-Replayed: true" in printed
-    assert re.search(r"^crm\s+30\s+workers\.processors:http_request\s+no", printed, re.M)
+    assert re.search(r"^crm\s+30\s+30\s+workers\.processors:http_request\s+no", printed, re.M)
 
 
 def test_a_status_the_readme_does_not_announce_is_found(tmp_path):
