@@ -313,9 +313,36 @@ def _echo_table(rows: list[tuple]) -> None:
     metavar="KEY=VALUE",
     help="An option of the processor; repeat for several.",
 )
-def limits_create(name: str, rpm: int, processor: str, options: tuple[str, ...]) -> None:
+@click.option(
+    "--adaptive/--not-adaptive",
+    default=True,
+    show_default=True,
+    help="Whether the downstream's refusals lower the limit's learned rate.",
+)
+@click.option(
+    "--max-refusals",
+    type=int,
+    default=limit_services.DEFAULT_MAX_REFUSALS,
+    show_default=True,
+    help="Refusals of one ID in a row that fail it.",
+)
+def limits_create(
+    name: str,
+    rpm: int,
+    processor: str,
+    options: tuple[str, ...],
+    adaptive: bool,
+    max_refusals: int,
+) -> None:
     """Create a limit NAME, checked as POST /limits/ checks it."""
-    given = {"name": name, "rpm": rpm, "processor": processor, "options": _options(options)}
+    given = {
+        "name": name,
+        "rpm": rpm,
+        "processor": processor,
+        "options": _options(options),
+        "adaptive": adaptive,
+        "max_refusals": max_refusals,
+    }
     with _refusals_as_errors():
         created = limit_services.create_limit(LimitCreateSchema().load(given))
     click.echo(f"limit {created['name']}: rpm {created['rpm']}, processor {created['processor']}")

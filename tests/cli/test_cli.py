@@ -115,12 +115,19 @@ def test_limits_are_created_listed_paused_and_resumed(app, runner):
             "url=https://partner.example/v1/users/{id}/sync",
             "--option",
             "timeout=5",
+            "--max-refusals",
+            "12",
         ]
     )
     assert created.exit_code == 0, created.output
     assert "limit partner-api: rpm 30" in created.output
     with app.app_context():
-        assert limits.find("partner-api").options["timeout"] == 5.0
+        partner = limits.find("partner-api")
+        assert (partner.options["timeout"], partner.max_refusals, partner.adaptive) == (
+            5.0,
+            12,
+            True,
+        )
     assert runner.invoke(args=["limits", "pause", "partner-api"]).exit_code == 0
     listed = runner.invoke(args=["limits", "list"]).output.splitlines()
     assert [line.split() for line in listed] == [
