@@ -109,6 +109,9 @@ def enqueue_retry_planning() -> bool:
     return True
 
 
+REPLAN_JOB_TIMEOUT_SECONDS = 3600
+
+
 def replan_job_id(event_id: int) -> str:
     return f"replan-{event_id}"
 
@@ -124,6 +127,8 @@ def enqueue_replan(limit_id: int, event_id: int) -> bool:
             limit_id,
             event_id,
             job_id=replan_job_id(event_id),
+            # Ten million IDs take minutes; a re-plan stopped midway goes on when run again.
+            job_timeout=REPLAN_JOB_TIMEOUT_SECONDS,
             result_ttl=3600,
             failure_ttl=7 * 86400,
             at_front=True,

@@ -18,6 +18,7 @@ them. Each kind here has a namespace of its own, carried in its key:
 | CLAIMER | two keys, session | a slot job's own connection | the claimer is alive |
 | SLOT | bigint, session, shared | a slot job's own connection | the slot is being run |
 | IDEMPOTENCY_KEY | two keys, transaction | a request with the header | one answer per key |
+| REPLAN | two keys, transaction | a chunk of a re-plan | one re-plan of a limit at a time |
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ WINDOW = 0x5107
 CLAIMER = 0x5108
 SLOT = 0x5109
 IDEMPOTENCY_KEY = 0x510A
+REPLAN = 0x510B
 
 
 def _bigint_key(namespace: int, limit_id: int, number: int) -> int:

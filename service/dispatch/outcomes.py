@@ -138,7 +138,14 @@ def record_outcomes(
     written = store.write_outcomes(claim_keys(group), verdicts, ended)
     refused = _refusals_written(written, failures)
     succeeded = [row for row in written if row.status == AssignmentStatus.DONE]
-    failed = len(written) - len(succeeded) - len(refused)
+    # A refusal that failed its ID for good (max_refusals) is a failure there.
+    waiting = sum(
+        1
+        for row in written
+        if row.status == AssignmentStatus.RETRYING
+        and isinstance(failures.get(row.user_id), Refused)
+    )
+    failed = len(written) - len(succeeded) - waiting
     store.add_slot_outcomes(slot.limit_id, slot.start, len(succeeded), failed)
     _count_on_tasks(written)
     change = None
@@ -149,7 +156,7 @@ def record_outcomes(
         enqueue_retry_planning()
     if change is not None:
         enqueue_replan(slot.limit_id, change.event_id)
-    return Tally(len(succeeded), failed, len(refused))
+    return Tally(len(succeeded), failed, waiting)
 
 
 def _refusals_written(written: list, failures: Mapping[int, Failure]) -> list[Refused]:

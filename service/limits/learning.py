@@ -88,9 +88,6 @@ class RateChange:
     from_rpm: int
     to_rpm: int
 
-    def wants_replan(self) -> bool:
-        return self.from_rpm != self.to_rpm
-
 
 def description(kind: str, from_rpm: int, to_rpm: int, why: str) -> str:
     return f"learned rate {kind} from {from_rpm} to {to_rpm} per slot: {why}"

@@ -71,6 +71,8 @@ def raise_if_quiet(limit_id: int, slot_seconds: int) -> RateChange | None:
         return None
     current = capacity(limit.rpm, limit.learned_rpm)
     new = raised(current, limit.rpm)
+    if new == current:  # at rpm already (it was lowered to below the rate learned)
+        return None
     why = f"no refusal for {quiet.total_seconds():.0f} s"
     return _change(limit_id, limit.rpm, RAISED, current, new, why)
 

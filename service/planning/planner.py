@@ -49,6 +49,26 @@ def fill(ids: Iterator[T], loads: list[int], rpm: int) -> Iterator[tuple[T, int]
     return _fill(ids, list(loads), rpm)
 
 
+def fill_from(
+    items: Iterable[T], bounds: Iterable[int], loads: list[int], rpm: int
+) -> Iterator[tuple[T, int]]:
+    """Yield `(item, index)` filling the slots in order up to `rpm`, as `fill` does, with
+    each item placed no earlier than its bound (the index of the first slot it may take)
+    and never before the item placed before it: the order is kept. Stops at the first
+    item no slot is left for (it and those after it are not placed). The caller's list
+    is not changed."""
+    _check(loads, rpm)
+    loads, index = list(loads), 0
+    for item, bound in zip(items, bounds):
+        index = max(index, bound)
+        while index < len(loads) and loads[index] >= rpm:
+            index += 1
+        if index >= len(loads):
+            return
+        loads[index] += 1
+        yield item, index
+
+
 def _check(loads: list[int], rpm: int) -> None:
     if rpm < 1:
         raise ValueError(f"rpm must be at least 1, got {rpm}")

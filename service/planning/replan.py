@@ -3,14 +3,17 @@
 When a limit's learned rate changes (service/limits/rates.py), its pending IDs in slots
 not yet started are planned again at the new capacity, by the usual fill rule, as a hard
 cap whatever their tasks' overflow: in time order (slot, task, position), from the first
-open slot on, never into a started slot. On a drop they move later; on a rise they may
-move earlier, into the capacity that opened.
+open slot on, never into a started slot, nor before an ID's earliest moment (its task's
+not_before, its retry's retry_at). On a drop they move later, as fewer fit in a slot;
+on a rise they may move earlier, into the capacity that opened.
 
 It runs in bounded transactions, CHUNK_ROWS rows each, so that a limit with a million
-pending IDs never holds its window locks for long. Each chunk locks, in the order every
-planner takes them, its tasks' rows, then the windows from its first slot to its last,
-then its rows, and places them after those of the chunk before; the slots ahead still
-hold the IDs not placed yet, which take no room in the sums (they are placed in turn).
+pending IDs never holds its window locks for long. Each chunk takes the limit's re-plan
+lock (one re-plan of a limit at a time), then, in the order every planner takes them,
+its tasks' rows, the settings, the limit's row, the windows from its first slot to its
+last, then its rows, and places them after those of the chunk before; the slots ahead
+still hold the IDs not placed yet, which take no room in the sums (they come later in
+time order and are placed in turn).
 A chunk killed half way leaves nothing; the rows placed carry the event's id, so a
 re-run goes on where it stopped. A newer change of the rate stops an older re-plan: the
 newer one places every row again. Tasks' last slots follow as it goes (a drop moves them
@@ -22,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,7 +38,7 @@ from service.limits.learning import capacity
 from service.limits.settings import shared
 from service.planning import store
 from service.planning.horizon import planning_grid
-from service.planning.planner import EPOCH, SlotGrid, fill
+from service.planning.planner import EPOCH, SlotGrid, fill_from
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +106,7 @@ def _place_chunk(outcome: Replan, cursor: _Cursor, now: datetime | None) -> set[
     """One transaction: the next rows placed; returns the slots they went to, or None
     once none is left (or a newer re-plan took over)."""
     limit_id, event_id = outcome.limit_id, outcome.event_id
+    store.lock_replans(limit_id)
     if not store.replan_is_current(limit_id, event_id):
         outcome.superseded = True
         db.session.rollback()
@@ -118,14 +123,17 @@ def _place_chunk(outcome: Replan, cursor: _Cursor, now: datetime | None) -> set[
         db.session.rollback()
         return None
     tasks = sorted({row.task_id for row in peeked})
-    last = _last_slot_held(grid, target, peeked, cap)
-    store.lock_tasks(tasks)
     first = min(peeked[0].slot_start, target + grid.slot_length)
+    last = _last_slot_held(grid, target, peeked, cap)
+    # In the order every planner takes them: tasks, settings, the limit, windows.
+    store.lock_tasks(tasks)
+    shared(lock=True)
+    limits.by_id(limit_id, limits.SHARE)
     _lock_windows(grid, limit_id, first, last)
     rows = store.replan_sources(
-        limit_id, event_id, open_after, cursor.after, size, tasks=tasks, last=last
+        limit_id, event_id, open_after, cursor.after, size, tasks=tasks, first=first, last=last
     )
-    moves = _targets(grid, limit_id, event_id, rows, target, last, cap, moment)
+    moves = _targets(grid, outcome, rows, target, last, cap, moment)
     if not moves:  # the slots held were full: the next chunk looks further on
         db.session.rollback()
         cursor.target = last
@@ -151,9 +159,10 @@ def _lock_windows(grid: SlotGrid, limit_id: int, first: datetime, last: datetime
     store.lock_windows(keys)
 
 
-def _targets(grid, limit_id, event_id, rows, target, last, cap, now) -> list[tuple]:
+def _targets(grid, outcome: Replan, rows, target, last, cap, now) -> list[tuple]:
     """(row, slot) for the rows that fit, in order, filling the open slots after
-    `target` up to `last` at `cap`."""
+    `target` up to `last` at `cap`, none before its earliest moment (its task's
+    not_before, its retry's retry_at)."""
     slots = []
     slot = target + grid.slot_length
     while slot <= last:
@@ -162,9 +171,20 @@ def _targets(grid, limit_id, event_id, rows, target, last, cap, now) -> list[tup
         slot += grid.slot_length
     if not slots or not rows:
         return []
-    taken = store.replan_room(limit_id, event_id, slots[0], slots[-1])
-    loads = [max(0, taken.get(slot, 0)) for slot in slots]
-    return [(row, slots[index]) for row, index in fill(iter(rows), loads, cap)]
+    after = (rows[-1].slot_start, rows[-1].task_id, rows[-1].position)
+    held = store.replan_room(outcome.limit_id, outcome.event_id, slots[0], slots[-1], after)
+    own = Counter(row.slot_start for row in rows)  # they are moving: no room taken
+    loads = [max(0, held.get(slot, 0) - own[slot]) for slot in slots]
+    bounds = [_first_index(slots, row.earliest) for row in rows]
+    return [(row, slots[index]) for row, index in fill_from(rows, bounds, loads, cap)]
+
+
+def _first_index(slots: list[datetime], earliest: datetime | None) -> int:
+    """The first of the slots that starts at `earliest` or later (past the last when
+    none does)."""
+    if earliest is None:
+        return 0
+    return bisect_left(slots, earliest)
 
 
 def _write(outcome: Replan, cursor: _Cursor, moves: list[tuple], slot_length) -> None:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import text
 
+from service.core import locks
 from service.core.extensions import db, raw_connection
 from service.core.models import AssignmentStatus
 
@@ -47,8 +48,9 @@ ADD_LOADS = text(
 COPY_ASSIGNMENTS = (
     "COPY assignments (task_id, position, user_id, limit_id, slot_start, status) FROM STDIN"
 )
+# A retried ID keeps its retry_at: a re-plan never moves it before that.
 MOVE_TO_SLOT = text(
-    "UPDATE assignments SET slot_start = :slot, status = :pending, retry_at = NULL "
+    "UPDATE assignments SET slot_start = :slot, status = :pending "
     "WHERE task_id = :task AND position = :position"
 )
 RETRIES_WAITING = text("SELECT EXISTS (SELECT 1 FROM assignments WHERE status = :retrying)")
@@ -165,25 +167,33 @@ def first_slot(task_id: int) -> datetime | None:
 
 
 # Re-plans (service/planning/replan.py), in the order a chunk runs them.
+# Taken first by each chunk: one re-plan of a limit at a time, and an older one sees
+# that a newer one took over only once the newer one's chunk has committed.
+LOCK_REPLANS = text("SELECT pg_advisory_xact_lock(:ns, :limit)")
 REPLAN_IS_CURRENT = text(
     "SELECT replan_event_id = :event FROM learned_rates WHERE limit_id = :limit"
 )
 # A limit's pending rows in open slots that this re-plan has not placed yet, in time
-# order from a cursor: a range read of the index of pending rows by slot.
+# order from a cursor (a range read of the index of pending rows by slot), each with the
+# earliest moment it may run: its task's not_before, or its retry's retry_at.
 REPLAN_SOURCES = (
-    "SELECT task_id, position, user_id, slot_start FROM assignments "
-    "WHERE limit_id = :limit AND status = :pending AND slot_start > :open_after "
-    "  AND (slot_start, task_id, position) > (:after_slot, :after_task, :after_position) "
-    "  AND replanned_in IS DISTINCT FROM :event {more} "
-    "ORDER BY slot_start, task_id, position LIMIT :size"
+    "SELECT a.task_id, a.position, a.user_id, a.slot_start, "
+    "  greatest(t.not_before, a.retry_at) AS earliest "
+    "FROM assignments AS a JOIN id_tasks AS t ON t.id = a.task_id "
+    "WHERE a.limit_id = :limit AND a.status = :pending AND a.slot_start > :open_after "
+    "  AND (a.slot_start, a.task_id, a.position) > (:after_slot, :after_task, :after_position) "
+    "  AND a.replanned_in IS DISTINCT FROM :event {more} "
+    "ORDER BY a.slot_start, a.task_id, a.position LIMIT :size"
 )
 LOCK_TASKS = text("SELECT id FROM id_tasks WHERE id = ANY(:ids) ORDER BY id FOR UPDATE")
-# Each slot's load, and how much of it is pending IDs that this re-plan has not placed
-# (it will, so they take no room).
+# Each slot's load, and how much of it is pending IDs this re-plan will place after the
+# chunk (they come later in time order, so they take no room yet).
 REPLAN_ROOM = text(
     "SELECT s.slot_start, s.load, (SELECT count(*) FROM assignments AS a "
     "  WHERE a.limit_id = s.limit_id AND a.slot_start = s.slot_start "
-    "    AND a.status = :pending AND a.replanned_in IS DISTINCT FROM :event) AS unplaced "
+    "    AND a.status = :pending AND a.replanned_in IS DISTINCT FROM :event "
+    "    AND (a.slot_start, a.task_id, a.position) > (:after_slot, :after_task, :after_position)"
+    "  ) AS later "
     "FROM slots AS s WHERE s.limit_id = :limit AND s.slot_start BETWEEN :first AND :last"
 )
 REPLACE_ROWS = text(
@@ -217,6 +227,10 @@ TASK_SPANS = text(
 )
 
 
+def lock_replans(limit_id: int) -> None:
+    db.session.execute(LOCK_REPLANS, {"ns": locks.REPLAN, "limit": limit_id})
+
+
 def replan_is_current(limit_id: int, event_id: int) -> bool:
     return bool(db.session.scalar(REPLAN_IS_CURRENT, {"limit": limit_id, "event": event_id}))
 
@@ -224,13 +238,13 @@ def replan_is_current(limit_id: int, event_id: int) -> bool:
 def replan_sources(
     limit_id: int, event_id: int, open_after: datetime, after: tuple, size: int, **locked
 ) -> list:
-    """Up to `size` (task_id, position, user_id, slot_start) rows to re-plan, after the
-    cursor `after` (slot, task, position). With `tasks` and `last` (locked), only rows
-    of those tasks up to that slot, their rows locked."""
+    """Up to `size` (task_id, position, user_id, slot_start, earliest) rows to re-plan,
+    after the cursor `after` (slot, task, position). With `tasks`, `first` and `last`
+    (locked), only rows of those tasks from `first` to `last`, their rows locked."""
     more = ""
     if locked:
-        more = "AND task_id = ANY(:tasks) AND slot_start <= :last"
-    query = REPLAN_SOURCES.format(more=more) + (" FOR UPDATE" if locked else "")
+        more = "AND a.task_id = ANY(:tasks) AND a.slot_start BETWEEN :first AND :last"
+    query = REPLAN_SOURCES.format(more=more) + (" FOR UPDATE OF a" if locked else "")
     params = {"limit": limit_id, "event": event_id, "open_after": open_after, "size": size}
     slot, task, position = after
     cursor = {"after_slot": slot, "after_task": task, "after_position": position}
@@ -241,12 +255,16 @@ def lock_tasks(task_ids: list[int]) -> None:
     db.session.execute(LOCK_TASKS, {"ids": sorted(task_ids)})
 
 
-def replan_room(limit_id: int, event_id: int, first: datetime, last: datetime) -> dict:
-    """{slot: load less the pending IDs this re-plan will place}, for the slots held."""
+def replan_room(
+    limit_id: int, event_id: int, first: datetime, last: datetime, after: tuple
+) -> dict:
+    """{slot: its load less the pending IDs the re-plan will place after the row `after`
+    (slot, task, position)}, for the slots from `first` to `last`."""
+    slot, task, position = after
     params = {"limit": limit_id, "event": event_id, "first": first, "last": last, **PENDING}
-    return {
-        row.slot_start: row.load - row.unplaced for row in db.session.execute(REPLAN_ROOM, params)
-    }
+    cursor = {"after_slot": slot, "after_task": task, "after_position": position}
+    rows = db.session.execute(REPLAN_ROOM, {**params, **cursor})
+    return {row.slot_start: row.load - row.later for row in rows}
 
 
 def replace_rows(event_id: int, moves: list[tuple[int, int, datetime]]) -> None:

@@ -12,6 +12,7 @@ from service.core.extensions import db
 from service.core.models import IdTask
 from service.limits import store as limits
 from service.planning import replan
+from service.planning.planner import fill_from
 from service.planning.replan import replan_limit
 from service.planning.windows import plan_stored_task
 
@@ -143,3 +144,23 @@ def test_a_spread_task_is_placed_under_the_cap_too(rpm3):
     found = rows(task)
     assert max(by_slot([r for r in found if r.slot_start >= slot(3)]).values()) == 2
     assert len(found) == 80
+
+
+def test_a_rise_never_moves_an_id_before_its_tasks_not_before(partner):
+    first, second = partner
+    later = submit(range(201, 205), overflow="defer", limit="partner", not_before=slot(20))
+    plan_stored_task(later, now=PAST)
+    replan_limit(limits.find("partner").id, learn(2), now=LATER)
+    replan_limit(limits.find("partner").id, learn(3), now=LATER)
+    placed = rows(later)
+    assert min(row.slot_start for row in placed) >= slot(20)
+    assert len(placed) == 4
+
+
+def test_fill_from_keeps_order_bounds_and_the_cap():
+    placed = list(fill_from("abcdef", [0, 0, 3, 0, 0, 5], [1, 0, 0, 0, 0, 0], 2))
+    # a, b fill what slot 0 has left and slot 1; c waits for slot 3; d and e follow it
+    # (never before the one placed before); f waits for slot 5.
+    assert placed == [("a", 0), ("b", 1), ("c", 3), ("d", 3), ("e", 4), ("f", 5)]
+    assert list(fill_from("abc", [0, 0, 9], [2, 2], 2)) == []  # no room at all
+    assert list(fill_from("abc", [0, 0, 0], [1, 2], 2)) == [("a", 0)]
