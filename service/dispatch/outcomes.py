@@ -11,12 +11,14 @@ re-plan is enqueued once the outcomes have committed.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from flask import current_app
+from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from service.core.extensions import db
@@ -28,6 +30,7 @@ from service.limits import rates
 from service.limits.learning import refusal_wait
 from service.limits.settings import shared
 from service.limits.store import SlotOfLimit
+from service.planning.replan import replan_limit
 from service.processors.contract import Failure, Refused, as_failure, bounded, takes
 
 log = logging.getLogger(__name__)
@@ -155,8 +158,32 @@ def record_outcomes(
     if any(row.status == AssignmentStatus.RETRYING for row in written):
         enqueue_retry_planning()
     if change is not None:
-        enqueue_replan(slot.limit_id, change.event_id)
+        start_replan(slot.limit_id, change.event_id)
     return Tally(len(succeeded), failed, waiting)
+
+
+def start_replan(limit_id: int, event_id: int) -> None:
+    """Queue the re-plan of a change of the learned rate and, inside a worker's job,
+    start it at once on a thread of this job's process too: the limit's other slot
+    jobs, which wait for their turns, may hold every worker for a while. The two share
+    the work (one chunk at a time); whichever is left finishes it."""
+    enqueue_replan(limit_id, event_id)
+    if get_current_job() is None:  # run by hand, or by a test: the queued job will do
+        return
+    app = current_app._get_current_object()
+    threading.Thread(
+        target=_replan_beside, args=(app, limit_id, event_id), daemon=True, name="replan"
+    ).start()
+
+
+def _replan_beside(app, limit_id: int, event_id: int) -> None:
+    with app.app_context():
+        try:
+            replan_limit(limit_id, event_id)
+        except Exception:  # the queued job, or reconcile, goes on with it
+            log.exception("re-plan %s of limit %s beside its slot job failed", event_id, limit_id)
+        finally:
+            db.session.remove()
 
 
 def _refusals_written(written: list, failures: Mapping[int, Failure]) -> list[Refused]:

@@ -24,8 +24,9 @@ from service.dispatch import claimers, store
 from service.dispatch.calls import calls_for
 from service.dispatch.claimers import Claimer, ClaimerLockBusy
 from service.dispatch.claims import Batch, claim, deployment_id, mark_tasks_running
+from service.dispatch.outcomes import start_replan
 from service.dispatch.pacing import SYSTEM_CLOCK, Clock, paced_groups, step_of
-from service.jobs import add_slot_helper, enqueue_replan
+from service.jobs import add_slot_helper
 from service.limits import rates
 from service.limits import store as limits
 from service.limits.settings import shared
@@ -146,7 +147,7 @@ def _raise_if_quiet(slot: SlotOfLimit, slot_seconds: int) -> None:
     change = rates.raise_if_quiet(slot.limit_id, slot_seconds)
     db.session.commit()
     if change is not None:
-        enqueue_replan(slot.limit_id, change.event_id)
+        start_replan(slot.limit_id, change.event_id)
 
 
 class _Claims:

@@ -8,7 +8,8 @@ the same one:
 - it starts at `rpm` (stored as null);
 - refusals lower it, at most once per slot (a burst of refusals counts once), to the
   lower of LOWER_TO of the rate and what the downstream accepted over the last slot's
-  length, as the slot job that met the refusals saw it (when it had run half a slot);
+  length, as the slot job that met the refusals saw it (when it had run half a slot),
+  never below MOST_LOWERED of it in one step;
 - after QUIET_SLOTS slots without a refusal (and without a change) it rises by
   RISE_SHARE of `rpm` (at least 1), never above `rpm`: probing back up costs a few
   refusals at most, and a rate lowered too far comes back within a minute or so of
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 LOWER_TO = 0.7
+# One lowering takes the rate down to this share of it at most.
+MOST_LOWERED = 0.5
 QUIET_SLOTS = 3
 RISE_SHARE = 0.1
 # A refusal without a (usable) Retry-After waits one slot; none waits longer than this.
@@ -43,10 +46,12 @@ def capacity(rpm: int, learned_rpm: int | None) -> int:
 
 def lowered(current: int, accepted: float | None) -> int:
     """The rate after refusals: LOWER_TO of the current one, or what the downstream
-    accepted if that is lower; at least 1."""
+    accepted if that is lower, but never below half the current one in one step (what
+    a slot job saw accepted is its own calls only, while others of the limit ran too);
+    at least 1."""
     target = math.floor(current * LOWER_TO)
     if accepted is not None:
-        target = min(target, math.floor(accepted))
+        target = max(min(target, math.floor(accepted)), math.ceil(current * MOST_LOWERED))
     return max(1, target)
 
 

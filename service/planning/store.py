@@ -176,10 +176,13 @@ REPLAN_IS_CURRENT = text(
 # A limit's pending rows in open slots that this re-plan has not placed yet, in time
 # order from a cursor (a range read of the index of pending rows by slot), each with the
 # earliest moment it may run: its task's not_before, or its retry's retry_at.
+# The task's not_before is a subquery, not a join: read for the rows taken only, it
+# keeps the plan an index range read that stops at the LIMIT.
 REPLAN_SOURCES = (
-    "SELECT a.task_id, a.position, a.user_id, a.slot_start, "
-    "  greatest(t.not_before, a.retry_at) AS earliest "
-    "FROM assignments AS a JOIN id_tasks AS t ON t.id = a.task_id "
+    "SELECT a.task_id, a.position, a.user_id, a.slot_start, greatest("
+    "    (SELECT t.not_before FROM id_tasks AS t WHERE t.id = a.task_id), a.retry_at"
+    "  ) AS earliest "
+    "FROM assignments AS a "
     "WHERE a.limit_id = :limit AND a.status = :pending AND a.slot_start > :open_after "
     "  AND (a.slot_start, a.task_id, a.position) > (:after_slot, :after_task, :after_position) "
     "  AND a.replanned_in IS DISTINCT FROM :event {more} "

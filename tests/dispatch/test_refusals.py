@@ -308,4 +308,5 @@ def test_what_was_accepted_is_judged_over_a_slots_length_at_least():
     # Three slots seen: only the calls of the last slot's length count.
     assert seen_accepting(ends, 102.55, 96.0, 2) == 4.0
     assert lowered(40, None) == 28 and lowered(40, 24.6) == 24 and lowered(1, 0.0) == 1
+    assert lowered(40, 5.0) == 20  # never below half in one step
     assert raised(20, 40) == 24 and raised(39, 40) == 40 and raised(3, 4) == 4
