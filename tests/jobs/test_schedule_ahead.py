@@ -74,9 +74,19 @@ def test_a_plan_of_a_month_keeps_two_hours_of_jobs_and_reconcile_adds_the_next(m
         # slot), not 100,000.
         near = [slot for slot in slots if slot <= now + AHEAD]
         assert len(near) in (239, 240)
-        expected = {"scheduled": len(near), "slots": 0, "planning": 1, "job hashes": len(near)}
+        # On a busy machine planning may take long enough that the first slot is due
+        # when its job is made: it then goes straight to its queue.
+        queued = held["slots"]
+        assert queued <= 1, held
+        expected = {
+            "scheduled": len(near) - queued,
+            "slots": queued,
+            "planning": 1,
+            "job hashes": len(near),
+        }
         assert held == expected, f"Redis holds {held} after planning {IDS} slots"
-        assert set(scheduled_slots()) == set(near)
+        on_queue = set(near[:queued])
+        assert set(scheduled_slots()) | on_queue == set(near)
         assert took < 10, f"submitting and planning {IDS} slots took {took:.1f} s"
         # Far slots without a job are no loss: reconcile at once adds nothing.
         assert reconcile(now=now)["slot jobs added"] == 0
@@ -86,7 +96,8 @@ def test_a_plan_of_a_month_keeps_two_hours_of_jobs_and_reconcile_adds_the_next(m
         # run's interval) before its slot starts, and is due before it does.
         clock = now + timedelta(hours=1)
         reconcile(now=clock)
-        assert set(scheduled_slots()) == {slot for slot in slots if slot <= clock + AHEAD}
+        within = {slot for slot in slots if slot <= clock + AHEAD}
+        assert set(scheduled_slots()) | on_queue == within
         interval = timedelta(seconds=app.config["RECONCILE_INTERVAL_SECONDS"])
         for _ in range(6):
             known, clock = scheduled_slots(), clock + interval
@@ -94,7 +105,7 @@ def test_a_plan_of_a_month_keeps_two_hours_of_jobs_and_reconcile_adds_the_next(m
             due = scheduled_slots()
             new = {slot: when for slot, when in due.items() if slot not in known}
             assert len(new) == added
-            assert set(due) == {slot for slot in slots if slot <= clock + AHEAD}
+            assert set(due) | on_queue == {slot for slot in slots if slot <= clock + AHEAD}
             assert all(
                 when < slot and slot - clock > AHEAD - interval for slot, when in new.items()
             )
