@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from service.core.errors import DomainError, unique_violation
 from service.core.extensions import db, get_redis, worker_redis
-from service.core.models import Limit, Overflow
+from service.core.models import DEFAULT_MAX_REFUSALS, Limit, Overflow
 from service.core.outages import keep_running, quiet_library_tracebacks, wait_for_servers
 from service.dispatch.reconcile import reconcile
 from service.dispatch.worker import serve
@@ -322,7 +322,7 @@ def _echo_table(rows: list[tuple]) -> None:
 @click.option(
     "--max-refusals",
     type=int,
-    default=limit_services.DEFAULT_MAX_REFUSALS,
+    default=DEFAULT_MAX_REFUSALS,
     show_default=True,
     help="Refusals of one ID in a row that fail it.",
 )

@@ -32,6 +32,8 @@ from service.core.extensions import db
 
 # The largest user ID: IDs are stored as BIGINT.
 MAX_ID = 2**63 - 1
+# Refusals of one ID in a row that fail it, unless its limit says otherwise.
+DEFAULT_MAX_REFUSALS = 30
 
 
 class TaskStatus(StrEnum):
@@ -100,7 +102,9 @@ class Limit(db.Model):
     # The downstream's refusals lower the learned rate (service/limits/learning.py).
     adaptive: Mapped[bool] = mapped_column(Boolean, server_default=text("true"), default=True)
     # Refusals of one ID in a row that fail it for good.
-    max_refusals: Mapped[int] = mapped_column(Integer, server_default="30", default=30)
+    max_refusals: Mapped[int] = mapped_column(
+        Integer, server_default=str(DEFAULT_MAX_REFUSALS), default=DEFAULT_MAX_REFUSALS
+    )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()

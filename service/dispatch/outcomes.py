@@ -130,7 +130,7 @@ def record_outcomes(
     rules = _Rules(
         max_attempts or settings["MAX_ATTEMPTS"],
         slot.max_refusals,
-        settings.get("SLOT_SECONDS", 60),
+        settings["SLOT_SECONDS"] if refusing else 0,  # only a refusal's wait needs it
         datetime.now(UTC),
     )
     verdicts = [
@@ -142,18 +142,14 @@ def record_outcomes(
     refused = _refusals_written(written, failures)
     succeeded = [row for row in written if row.status == AssignmentStatus.DONE]
     # A refusal that failed its ID for good (max_refusals) is a failure there.
-    waiting = sum(
-        1
-        for row in written
-        if row.status == AssignmentStatus.RETRYING
-        and isinstance(failures.get(row.user_id), Refused)
-    )
+    waiting = sum(1 for row, _ in refused if row.status == AssignmentStatus.RETRYING)
     failed = len(written) - len(succeeded) - waiting
     store.add_slot_outcomes(slot.limit_id, slot.start, len(succeeded), failed)
     _count_on_tasks(written)
     change = None
     if refused:
-        change = rates.note_refusals(slot, refused, rules.slot_seconds, seen_accepting)
+        verdicts = [refusal for _, refusal in refused]
+        change = rates.note_refusals(slot, verdicts, rules.slot_seconds, seen_accepting)
     db.session.commit()
     if any(row.status == AssignmentStatus.RETRYING for row in written):
         enqueue_retry_planning()
@@ -186,10 +182,10 @@ def _replan_beside(app, limit_id: int, event_id: int) -> None:
             db.session.remove()
 
 
-def _refusals_written(written: list, failures: Mapping[int, Failure]) -> list[Refused]:
-    """The refusals among the outcomes written, in their order."""
-    verdicts = (failures.get(row.user_id) for row in written)
-    return [verdict for verdict in verdicts if isinstance(verdict, Refused)]
+def _refusals_written(written: list, failures: Mapping[int, Failure]) -> list[tuple]:
+    """(row, refusal) of the outcomes written that were refusals, in their order."""
+    verdicts = ((row, failures.get(row.user_id)) for row in written)
+    return [(row, verdict) for row, verdict in verdicts if isinstance(verdict, Refused)]
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,10 @@ from sqlalchemy import select
 
 from service.core.errors import Conflict, Refused
 from service.core.extensions import db
-from service.core.models import Limit
+from service.core.models import DEFAULT_MAX_REFUSALS, Limit
 from service.limits import held, store
 from service.limits.learning import capacity
 from service.processors.contract import NOT_MARKED, is_processor, load_processor
-
-# Refusals of one ID in a row that fail it, unless a limit says otherwise.
-DEFAULT_MAX_REFUSALS = 30
 
 
 def list_limits() -> list[dict]:

@@ -19,7 +19,14 @@ from sqlalchemy.dialects.postgresql import insert
 from service.core.config import HTTP_PROCESSOR, RECORD_USER
 from service.core.errors import Refused, not_found
 from service.core.extensions import db
-from service.core.models import FINISHED, AssignmentStatus, IdTask, Limit, LimitEvent
+from service.core.models import (
+    DEFAULT_MAX_REFUSALS,
+    FINISHED,
+    AssignmentStatus,
+    IdTask,
+    Limit,
+    LimitEvent,
+)
 from service.limits import learning
 
 DEFAULT = "default"
@@ -49,7 +56,7 @@ class SlotOfLimit:
     options: dict = field(default_factory=dict)
     # The deployment's id, the first part of every idempotency key sent downstream.
     deployment: str = ""
-    max_refusals: int = 30
+    max_refusals: int = DEFAULT_MAX_REFUSALS
 
     @classmethod
     def of(cls, limit: Limit, start: datetime, deployment: str = "") -> SlotOfLimit:
@@ -263,8 +270,7 @@ RECORD_REFUSALS = text(
     "  last_refusal_at = EXCLUDED.last_refusal_at, "
     "  last_refusal_status = EXCLUDED.last_refusal_status, "
     "  last_refusal_retry_after = EXCLUDED.last_refusal_retry_after, "
-    "  last_refusal_reason = EXCLUDED.last_refusal_reason "
-    "RETURNING r.learned_rpm, r.learned_slot, clock_timestamp() AS now"
+    "  last_refusal_reason = EXCLUDED.last_refusal_reason"
 )
 LEARNED = text(
     "SELECT l.rpm, l.adaptive, r.learned_rpm, r.learned_slot, r.learned_at, "
@@ -291,11 +297,10 @@ LEARNED_RATES = text(
 )
 
 
-def record_refusals(limit_id: int, count: int, status, retry_after, reason: str):
-    """Count refusals on the limit, keeping the last; returns (learned_rpm,
-    learned_slot, now)."""
+def record_refusals(limit_id: int, count: int, status, retry_after, reason: str) -> None:
+    """Count refusals on the limit, keeping the last."""
     params = {"limit": limit_id, "n": count, "status": status, "retry_after": retry_after}
-    return db.session.execute(RECORD_REFUSALS, {**params, "reason": reason}).one()
+    db.session.execute(RECORD_REFUSALS, {**params, "reason": reason})
 
 
 def learned(limit_id: int, lock: bool = False):
