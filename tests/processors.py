@@ -1,10 +1,13 @@
 """Processors for the tests, named in ID_PROCESSOR or a limit like the built-in ones."""
 
+import asyncio
 import time
 
 from flask import current_app
 from marshmallow import Schema, fields
 
+from service.core.extensions import db
+from service.dispatch import claimers
 from service.planning import resume as pausing
 from service.processors.builtin import record_user
 from service.processors.contract import Failure, Refused, per_id, processor
@@ -128,3 +131,58 @@ call_starts: dict = {}
 @per_id
 def note_call_start(user_id, key):
     call_starts[user_id] = time.time()
+
+
+# When each call of `note_call_start_async` began, by user ID (time.time()).
+async_call_starts: dict = {}
+
+
+@per_id
+async def note_call_start_async(user_id, key):
+    """An async per-ID call of a fifth of a second, noting when it began."""
+    async_call_starts[user_id] = time.time()
+    await asyncio.sleep(0.2)
+
+
+@per_id
+async def fail_odd_async(user_id, key):
+    """Fails the odd IDs by returning a failure, raises on multiples of ten."""
+    if user_id % 10 == 0:
+        raise ValueError(f"no user {user_id}")
+    return Failure("odd") if user_id % 2 else None
+
+
+@per_id
+async def hang_async(user_id, key):
+    """A call that would last a minute, declaring that it lasts at most 0.3 s."""
+    await asyncio.sleep(60)
+
+
+hang_async.longest_call = lambda options: 0.3
+
+
+@per_id
+async def stop_the_worker_at_3(user_id, key):
+    """As a worker's warm stop would, asks the slot job to stop at ID 3's call."""
+    async_call_starts[user_id] = time.time()
+    if user_id == 3:
+        claimers.request_stop()
+    await asyncio.sleep(0.05)
+
+
+# How many times the loop's own app context was seen by an async call, and whether
+# a session there is another than the slot job's.
+async_contexts: list = []
+
+
+@per_id
+async def note_app_context(user_id, key):
+    async_contexts.append((current_app.name, id(db.session())))
+
+
+@per_id
+def fail_odd_sync(user_id, key):
+    """`fail_odd_async`, written as a plain function: the thread pool calls it."""
+    if user_id % 10 == 0:
+        raise ValueError(f"no user {user_id}")
+    return Failure("odd") if user_id % 2 else None

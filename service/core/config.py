@@ -105,6 +105,9 @@ class Config:
     PROCESSOR_HTTP_AUTHORIZATION: str | None = field(default=None, repr=False)
     # Calls of a per-ID processor in flight at once, per slot job.
     PROCESSOR_CONCURRENCY: int = 64
+    # Calls of an async per-ID processor in flight at once, per slot job: they wait on
+    # one event loop, not a thread each, so thousands cost little.
+    PROCESSOR_ASYNC_CONCURRENCY: int = 2000
     # Helper jobs a slot that runs behind its turns may add, to share it.
     MAX_HELPERS_PER_SLOT: int = 4
     API_TOKEN: str | None = field(default=None, repr=False)
@@ -149,6 +152,7 @@ class Config:
             "MAX_PLAN_DAYS",
             "SCHEDULE_AHEAD_MINUTES",
             "PROCESSOR_CONCURRENCY",
+            "PROCESSOR_ASYNC_CONCURRENCY",
             "IDEMPOTENCY_KEY_HOURS",
             "DATABASE_CONNECT_TIMEOUT_SECONDS",
         )

@@ -1,11 +1,15 @@
 """How a slot job hands its claimed IDs to its limit's processor: a group processor
 gets each paced group in the transaction that records it; a per-ID processor gets each
-ID at its turn on a pool of threads, its outcomes recorded in batches.
+ID at its turn, an `async def` one on an event loop, a plain one on a pool of threads,
+its outcomes recorded in batches.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -15,6 +19,7 @@ from datetime import datetime
 
 from flask import current_app
 
+from service.dispatch import claimers
 from service.dispatch.claimers import Claimer
 from service.dispatch.claims import Claim, hold
 from service.dispatch.outcomes import Tally, process_and_record, record_outcomes
@@ -24,6 +29,8 @@ from service.limits.store import SlotOfLimit
 from service.processors.contract import (
     Failure,
     as_failure,
+    close,
+    is_async,
     is_per_id,
     longest_call,
     prepare,
@@ -57,7 +64,10 @@ def calls_for(
     max_attempts: int,
     slot_seconds: int,
 ):
-    kind = ConcurrentCalls if is_per_id(processor) else GroupCalls
+    if is_async(processor):
+        kind = LoopCalls
+    else:
+        kind = ConcurrentCalls if is_per_id(processor) else GroupCalls
     return kind(slot, claimer, processor, clock, max_attempts, slot_seconds)
 
 
@@ -132,12 +142,11 @@ class ConcurrentCalls(_Calls):
     def __init__(self, *args):
         super().__init__(*args)
         self.app = current_app._get_current_object()
-        concurrency = self.app.config["PROCESSOR_CONCURRENCY"]
         options = self.slot.options
         self.extra = {"options": options} if takes(self.processor, "options") else {}
         self.longest = longest_call(self.processor, options) or 0.0
         self.abandoned = self.holding = False
-        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="processor")
+        self._start_runner(self.app.config["PROCESSOR_CONCURRENCY"])
         self.in_flight: list[tuple[Claim, Future]] = []
         # Outcomes of calls that ended, with when, kept until a transaction has recorded
         # them.
@@ -149,9 +158,15 @@ class ConcurrentCalls(_Calls):
         self.accepted_ends: deque[float] = deque()
         self.first_call_at: float | None = None
         try:
-            prepare(self.processor, options)
+            self._prepare(options)
         except Exception:  # the calls will meet it, and say what it is
             log.exception("preparing the processor of %s failed", self.slot.limit_name)
+
+    def _start_runner(self, concurrency: int) -> None:
+        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="processor")
+
+    def _prepare(self, options: dict) -> None:
+        prepare(self.processor, options)
 
     def hand(self, group: list[Claim], turn: float, step: float = 0.0) -> None:
         """Each ID of the group still claimed goes to the pool, to be called at its own
@@ -178,6 +193,9 @@ class ConcurrentCalls(_Calls):
             wait(futures, timeout=RECORD_EVERY_SECONDS, return_when=FIRST_COMPLETED)
             self.record_finished()
         self.record_finished()
+        self._stop_runner()
+
+    def _stop_runner(self) -> None:
         self.pool.shutdown()
 
     def abandon(self) -> None:
@@ -244,3 +262,159 @@ class ConcurrentCalls(_Calls):
         self.in_flight = [pair for pair in self.in_flight if not pair[1].done()]
         outcomes = [(item, future.result()) for item, future in finished]
         return [(item, verdict) for item, verdict in outcomes if verdict is not NOT_CALLED]
+
+
+class LoopCalls(ConcurrentCalls):
+    """An async per-ID processor's calls, awaited on one event loop in a thread of the
+    slot job: thousands in flight cost a task each, not a thread each. Each call waits
+    for its own turn on a timer of the loop, starts only while its claim holds for
+    longer than the longest call, and is cut short once it has lasted that long. The
+    slot job's own thread claims, checks and records, as for the thread pool.
+
+    Calls still waiting for their turns when the worker is asked to stop, or when
+    PostgreSQL goes away, are not made: their IDs are handed back. Calls under way then
+    end, and are recorded."""
+
+    def _start_runner(self, concurrency: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.room = asyncio.Semaphore(concurrency)
+        self.waiting: set[asyncio.Task] = set()  # touched on the loop's thread only
+        self.tasks: set[asyncio.Task] = set()
+        started = threading.Event()
+        self.thread = threading.Thread(
+            target=self._run_loop, args=(started,), daemon=True, name="processor-loop"
+        )
+        self.thread.start()
+        started.wait()
+
+    def _run_loop(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        # An app context of the loop's own: a processor that reads current_app (or a
+        # session) never shares the slot job's.
+        with self.app.app_context():
+            self.context = contextvars.copy_context()
+            started.set()
+            self.loop.run_forever()
+
+    def _on_loop(self, coroutine) -> None:
+        """Run a coroutine on the loop, in the loop's app context, and wait for it."""
+        done: Future = Future()
+
+        def start() -> None:
+            task = self.loop.create_task(coroutine)
+            task.add_done_callback(lambda ended: _settle(done, ended))
+
+        self.loop.call_soon_threadsafe(start, context=self.context)
+        done.result()
+
+    def _prepare(self, options: dict) -> None:
+        async def prepared():
+            made = prepare(self.processor, options)
+            if asyncio.iscoroutine(made):
+                await made
+
+        self._on_loop(prepared())
+
+    def hand(self, group: list[Claim], turn: float, step: float = 0.0) -> None:
+        """Each ID of the group still claimed gets a task on the loop, which starts its
+        call at its own turn: one hand-over to the loop's thread per group."""
+        calls = []
+        for k, item in enumerate(self.claimer.still_ours(group)):
+            ended = Future()
+            self.in_flight.append((item, ended))
+            calls.append((item, turn + k * step, ended))
+        if calls:
+            self.loop.call_soon_threadsafe(self._start_calls, calls, context=self.context)
+        self.record_due()
+
+    def _start_calls(self, calls: list) -> None:
+        for item, turn, ended in calls:
+            task = self.loop.create_task(self._at_turn(item, turn, ended))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _at_turn(self, item: Claim, turn: float, ended: Future) -> None:
+        task = asyncio.current_task()
+        self.waiting.add(task)
+        try:
+            delay = turn - self.clock.seconds()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await self.room.acquire()
+        except asyncio.CancelledError:  # stopping, or PostgreSQL away: not called
+            ended.set_result(NOT_CALLED)
+            return
+        finally:
+            self.waiting.discard(task)
+        try:
+            ended.set_result(await self._call_now(item, turn))
+        except asyncio.CancelledError:  # the job is ending: nothing more is recorded
+            ended.set_result(NOT_CALLED)
+        finally:
+            self.room.release()
+
+    async def _call_now(self, item: Claim, turn: float) -> Ended | object:
+        if self.abandoned or self.holding or claimers.stop_requested():
+            return NOT_CALLED
+        if time.monotonic() + self.longest > item.holds_until:
+            return NOT_CALLED  # the claim may run out mid-call: claimed again instead
+        self.start_lag = self.clock.seconds() - turn
+        if self.first_call_at is None:
+            self.first_call_at = self.clock.seconds()
+        key = item.key(self.slot.deployment)
+        limit = asyncio.timeout(self.longest or None)
+        try:
+            async with limit:
+                verdict = await self.processor(item.user_id, key, **self.extra)
+            failure = as_failure(verdict)
+        except TimeoutError:
+            if not limit.expired():
+                raise
+            failure = Failure(f"the call lasted longer than its longest, {self.longest:g} s")
+        except Exception as exc:  # a processor's bug fails its ID, not the slot
+            log.exception("processor failed on ID %s", item.user_id)
+            failure = Failure(f"{type(exc).__name__}: {exc}")
+        return Ended(failure, self.clock.now())
+
+    def _cancel_waiting(self) -> None:
+        """Calls not yet started are not made (their IDs are handed back)."""
+        self.loop.call_soon_threadsafe(_cancel_all, self.waiting)
+
+    def hold_back(self) -> None:
+        super().hold_back()
+        self._cancel_waiting()
+
+    def finish(self) -> None:
+        if claimers.stop_requested():
+            self._cancel_waiting()
+        super().finish()
+
+    def _stop_runner(self) -> None:
+        try:
+            self._on_loop(close(self.processor, self.slot.options))
+        except Exception:  # nothing is left to record: say so, and end the loop anyway
+            log.exception("closing the processor of %s failed", self.slot.limit_name)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(_cancel_all, self.tasks)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def _cancel_all(tasks: set[asyncio.Task]) -> None:
+    for task in list(tasks):
+        task.cancel()
+
+
+def _settle(done: Future, task: asyncio.Task) -> None:
+    if task.cancelled():
+        done.cancel()
+    elif task.exception() is not None:
+        done.set_exception(task.exception())
+    else:
+        done.set_result(task.result())

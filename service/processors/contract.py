@@ -10,10 +10,12 @@ limit's comes from `ID_PROCESSOR`), of one of two kinds:
   at all. Declaring a `keys` parameter
   (`process(user_ids, keys)`) brings each ID's idempotency key alongside it.
 - a **per-ID** processor, marked with `@per_id`: `process(user_id: int, key: str) ->
-  Failure | str | None`, called once per ID at its turn, from a pool of threads, so that
-  calls to a slow downstream overlap (up to PROCESSOR_CONCURRENCY at once) instead of
-  delaying the IDs behind them. Its outcomes are recorded in batches, in transactions
-  of their own: what it writes elsewhere is not undone with them.
+  Failure | str | None`, called once per ID at its turn, so that calls to a slow
+  downstream overlap instead of delaying the IDs behind them. An `async def` one is
+  awaited on the slot job's one event loop (up to PROCESSOR_ASYNC_CONCURRENCY at
+  once, each cut short after its `longest_call`); a plain one is called from a pool of
+  threads (up to PROCESSOR_CONCURRENCY). Its outcomes are recorded in batches, in
+  transactions of their own: what it writes elsewhere is not undone with them.
 
 Either kind signals a failure by returning it; an exception fails the ID (a group
 processor's, every ID of the call). A `Refused` verdict says the downstream refused the
@@ -112,14 +114,31 @@ def longest_call(processor: Callable, options: dict) -> float | None:
     return declared(options) if declared else None
 
 
-def prepare(processor: Callable, options: dict) -> None:
+def prepare(processor: Callable, options: dict) -> object:
     """Let a per-ID processor make ready what its first call would otherwise make (a
     pooled client, a resolved address), when it says how (a `prepare` attribute, given
     its limit's options): called once per slot job before the slot's first turn, so
-    that the first calls, held up by it, do not go out together."""
+    that the first calls, held up by it, do not go out together. An async processor's
+    `prepare` may be `async def` too: it is then awaited on the slot job's loop, and
+    its result returned for the caller to await."""
     declared = getattr(processor, "prepare", None)
     if declared:
-        declared(options)
+        return declared(options)
+    return None
+
+
+def is_async(processor: Callable) -> bool:
+    """A per-ID processor written as `async def`: awaited on an event loop."""
+    return is_per_id(processor) and inspect.iscoroutinefunction(processor)
+
+
+async def close(processor: Callable, options: dict) -> None:
+    """Let an async per-ID processor close what it opened on a slot job's event loop (a
+    pooled client), when it says how (an async `close` attribute, given its limit's
+    options): awaited on that loop once the slot job's last call has ended."""
+    declared = getattr(processor, "close", None)
+    if declared:
+        await declared(options)
 
 
 def why_held(processor: Callable, options: dict) -> str | None:
