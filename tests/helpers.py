@@ -1,6 +1,7 @@
 """Helpers shared by the tests and the benchmarks: moments, submitting and planning, reading
 the outcome, percentiles."""
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -121,3 +122,17 @@ def snapshot(app) -> dict[str, int]:
         }
         counts["redis keys"] = get_redis().dbsize()
         return counts
+
+
+def call_http_request(user_id: int, key: str, options: dict):
+    """One call of the async `http_request` on a loop of its own, as a slot job's loop
+    awaits it, its sessions closed with the loop."""
+    from service.processors.builtin import http_request
+
+    async def once():
+        try:
+            return await http_request(user_id, key, options)
+        finally:
+            await http_request.close(options)
+
+    return asyncio.run(once())

@@ -146,7 +146,7 @@ class ConcurrentCalls(_Calls):
         self.extra = {"options": options} if takes(self.processor, "options") else {}
         self.longest = longest_call(self.processor, options) or 0.0
         self.abandoned = self.holding = False
-        self._start_runner(self.app.config["PROCESSOR_CONCURRENCY"])
+        self._start_runner()
         self.in_flight: list[tuple[Claim, Future]] = []
         # Outcomes of calls that ended, with when, kept until a transaction has recorded
         # them.
@@ -162,7 +162,8 @@ class ConcurrentCalls(_Calls):
         except Exception:  # the calls will meet it, and say what it is
             log.exception("preparing the processor of %s failed", self.slot.limit_name)
 
-    def _start_runner(self, concurrency: int) -> None:
+    def _start_runner(self) -> None:
+        concurrency = self.app.config["PROCESSOR_CONCURRENCY"]
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="processor")
 
     def _prepare(self, options: dict) -> None:
@@ -275,9 +276,9 @@ class LoopCalls(ConcurrentCalls):
     PostgreSQL goes away, are not made: their IDs are handed back. Calls under way then
     end, and are recorded."""
 
-    def _start_runner(self, concurrency: int) -> None:
+    def _start_runner(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.room = asyncio.Semaphore(concurrency)
+        self.room = asyncio.Semaphore(self.app.config["PROCESSOR_ASYNC_CONCURRENCY"])
         self.waiting: set[asyncio.Task] = set()  # touched on the loop's thread only
         self.tasks: set[asyncio.Task] = set()
         started = threading.Event()

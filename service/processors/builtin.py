@@ -4,8 +4,9 @@
   transaction that records the outcomes;
 - `http_request`, a per-ID processor: one HTTP call per ID to the downstream its
   options name (`url`, `method`, `timeout`, and the name of a secret as
-  `authorization`), made concurrently from a pool of threads over pooled keep-alive
-  connections, only to destinations the deployment allows (service/core/destinations.py).
+  `authorization`), awaited concurrently on the slot job's event loop over pooled
+  keep-alive connections (aiohttp), only to destinations the deployment allows
+  (service/core/destinations.py).
 
 Limits name them by their public paths, `workers.processors:record_user` and
 `workers.processors:http_request`.
@@ -13,15 +14,16 @@ Limits name them by their public paths, `workers.processors:record_user` and
 
 from __future__ import annotations
 
-import os
-import threading
+import asyncio
+import ssl
 import time
 from collections import Counter
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
+import yarl
 from flask import current_app
 from marshmallow import Schema, ValidationError, fields, validates_schema
 from marshmallow.validate import URL, OneOf, Range, Regexp
@@ -158,8 +160,9 @@ def _why_held(options: dict) -> str | None:
 
 
 @per_id
-def http_request(user_id: int, key: str, options: dict) -> Failure | None:
-    """One HTTP request to the `url` of the options, `{id}` replaced by the ID.
+async def http_request(user_id: int, key: str, options: dict) -> Failure | None:
+    """One HTTP request to the `url` of the options, `{id}` replaced by the ID, awaited
+    on the slot job's event loop.
 
     It carries the ID's `Idempotency-Key` (the deployment's id, its task and position:
     the same on every attempt), so a downstream that deduplicates by key knows a
@@ -188,40 +191,45 @@ def http_request(user_id: int, key: str, options: dict) -> Failure | None:
     headers = {"Idempotency-Key": key, "Host": target.host_header}
     if authorization:
         headers["Authorization"] = authorization
-    return _call(target, options, headers, shown)
+    return await _call(target, options, headers, shown)
 
 
-def _call(target: Destination, options: dict, headers: dict, shown: str) -> Failure | None:
+async def _call(target: Destination, options: dict, headers: dict, shown: str) -> Failure | None:
     """Call the checked addresses in turn, the next only when one refused to connect (as
     a connection to the name would), always asking for the URL's host (Host, and SNI
     for https, against which its certificate is verified)."""
     timeout = options["timeout"]
     host = wire_host(target.url)
-    client = _client(timeout, host)
-    extensions = {"sni_hostname": host}
+    session = _session(timeout, host)
+    deadline = time.monotonic() + (HTTP_CALL_PHASES - 1) * timeout
     for address in target.addresses:
+        where = yarl.URL(str(target.at(address)), encoded=True)
         try:
-            with client.stream(
-                options["method"], target.at(address), headers=headers, extensions=extensions
+            async with session.request(
+                options["method"],
+                where,
+                headers=headers,
+                server_hostname=host if where.scheme == "https" else None,
+                allow_redirects=False,
             ) as answer:
-                _read_briefly(answer, time.monotonic() + (HTTP_CALL_PHASES - 1) * timeout)
-        except httpx.ConnectError as exc:
+                await _read_briefly(answer, deadline)
+        except aiohttp.ClientConnectorError as exc:
             refused = exc
             continue
-        except httpx.TimeoutException:
+        except TimeoutError:
             return Failure(f"timed out calling {shown}")
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             return Failure(f"{type(exc).__name__} calling {shown}: {exc}")
         return _verdict(answer, shown)
     return Failure(f"ConnectError calling {shown}: {refused}")
 
 
-def _verdict(answer: httpx.Response, shown: str) -> Failure | None:
+def _verdict(answer: aiohttp.ClientResponse, shown: str) -> Failure | None:
     """2xx is done; 429 and 503 refuse the call for now, for as long as their
     Retry-After says; 408, 425 and the other 5xx are failures worth another attempt;
     anything else fails the ID for good."""
-    status = answer.status_code
-    if answer.is_success:
+    status = answer.status
+    if 200 <= status < 300:
         return None
     message = f"HTTP {status} from {shown}"
     if status in REFUSING_HTTP:
@@ -291,21 +299,33 @@ HTTP_CALL_PHASES = 4
 ANSWER_BYTES = 64 * 1024
 
 
-def _read_briefly(answer: httpx.Response, deadline: float) -> None:
+async def _read_briefly(answer: aiohttp.ClientResponse, deadline: float) -> None:
     """Read the answer, but no more than ANSWER_BYTES and not past the deadline: a
     downstream that trickles its answer cannot stretch a call beyond its budget. An
     answer cut short closes its connection instead of returning it to the pool."""
     read = 0
-    for chunk in answer.iter_raw():
-        read += len(chunk)
-        if read > ANSWER_BYTES or time.monotonic() > deadline:
-            return
+    try:
+        async with asyncio.timeout_at(_loop_time_of(deadline)):
+            async for chunk in answer.content.iter_any():
+                read += len(chunk)
+                if read > ANSWER_BYTES:
+                    answer.close()
+                    return
+    except TimeoutError:
+        answer.close()
 
 
-def _prepare(options: dict) -> None:
-    """The pooled client of the limit's host, and its addresses resolved (kept for
-    RESOLVE_CACHE_SECONDS): made before the slot's first turn, not by its first calls
-    at once. A URL that is refused or does not resolve is left to the calls to say."""
+def _loop_time_of(moment: float) -> float:
+    """A time.monotonic() moment on the running loop's clock."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (moment - time.monotonic())
+
+
+async def _prepare(options: dict) -> None:
+    """The pooled session of the limit's host, and its addresses resolved (kept for
+    RESOLVE_CACHE_SECONDS): made on the slot job's loop before the slot's first turn,
+    not by its first calls at once. A URL that is refused or does not resolve is left
+    to the calls to say."""
     template = options.get("url")
     if not template:
         return
@@ -315,36 +335,47 @@ def _prepare(options: dict) -> None:
         )
     except (NotAllowed, OSError):
         return
-    _client(options.get("timeout", 10.0), wire_host(target.url))
+    _session(options.get("timeout", 10.0), wire_host(target.url))
+
+
+async def _close(options: dict) -> None:
+    """Close the sessions this loop opened: the loop ends with its slot job."""
+    loop = asyncio.get_running_loop()
+    mine = [key for key in _clients if key[0] is loop]
+    for key in mine:
+        await _clients.pop(key).close()
 
 
 http_request.options_schema = HttpOptions
 http_request.prepare = _prepare
+http_request.close = _close
 http_request.longest_call = lambda options: HTTP_CALL_PHASES * options.get("timeout", 10.0)
 http_request.why_held = _why_held
 
 
-_clients: dict[tuple, httpx.Client] = {}
-_clients_lock = threading.Lock()
+# Pooled sessions by (event loop, size, timeout, host called).
+_clients: dict[tuple, aiohttp.ClientSession] = {}
 
 
-def _client(timeout: float, host: str) -> httpx.Client:
-    """One pooled client per process, settings, timeout and host called (a forked job
-    must not share its parent's sockets; a TLS connection made for one host name is
-    never reused for another that shares its address), holding up to
-    PROCESSOR_CONCURRENCY keep-alive connections. No header rides on the client: a
-    secret goes only with the calls under its prefix."""
-    size = current_app.config["PROCESSOR_CONCURRENCY"]
-    key = (os.getpid(), size, timeout, host)
-    with _clients_lock:
-        if key not in _clients:
-            limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-            _clients[key] = httpx.Client(
-                # A transport of its own: httpx then follows no proxy the environment
-                # names, which would carry the call, and its Authorization, from another
-                # network than the one the address was checked for (NO_PROXY would never
-                # match, the host being an address). SSL_CERT_FILE still applies.
-                transport=httpx.HTTPTransport(limits=limits),
-                timeout=timeout,
-            )
-        return _clients[key]
+def _session(timeout: float, host: str) -> aiohttp.ClientSession:
+    """One pooled session per event loop, settings, timeout and host called (a session
+    belongs to its loop; a TLS connection made for one host name is never reused for
+    another that shares its address), holding up to PROCESSOR_ASYNC_CONCURRENCY
+    keep-alive connections. No header rides on the session: a secret goes only with
+    the calls under its prefix. aiohttp follows no proxy the environment names (it
+    would carry the call, and its Authorization, from another network than the one
+    the address was checked for), and its certificates are the system's, or
+    SSL_CERT_FILE's, as the session is made."""
+    size = current_app.config["PROCESSOR_ASYNC_CONCURRENCY"]
+    key = (asyncio.get_running_loop(), size, timeout, host)
+    if key not in _clients:
+        connector = aiohttp.TCPConnector(
+            limit=size, limit_per_host=size, ssl=ssl.create_default_context()
+        )
+        _clients[key] = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout),
+            trust_env=False,
+            auto_decompress=False,
+        )
+    return _clients[key]

@@ -16,11 +16,10 @@ from service.core.extensions import db
 from service.dispatch.slot_runs import run_slot
 from service.planning.windows import plan_stored_task
 from service.processors import builtin
-from service.processors.builtin import http_request
 from service.processors.contract import MAX_ERROR_CHARS
 
 from ..downstream import Record, Server
-from ..helpers import FIRST_SLOT, PAST, add_limit, assignment_rows, submit
+from ..helpers import FIRST_SLOT, PAST, add_limit, assignment_rows, call_http_request, submit
 
 OPTIONS = {"method": "POST", "timeout": 2.0}
 
@@ -137,7 +136,7 @@ def test_an_https_call_to_the_checked_address_verifies_the_certificate_of_the_na
         app.config["DOWNSTREAM_RESOLVER"] = resolving({"localhost": ["127.0.0.2"]})
         with app.app_context():
             options = {**OPTIONS, "url": f"https://localhost:{server.port}/users/{{id}}"}
-            verdict = http_request(1, "key", options)
+            verdict = call_http_request(1, "key", options)
     if named == "localhost":
         assert verdict is None
         assert record.hosts == [f"localhost:{server.port}"]
@@ -155,7 +154,7 @@ def test_a_url_that_the_settings_no_longer_allow_is_not_called(make_app, downstr
     record, port, url = downstream
     app = make_app(DOWNSTREAM_URLS="http://crm.internal/")
     with app.test_request_context():
-        verdict = http_request(7, "key", {**OPTIONS, "url": url})
+        verdict = call_http_request(7, "key", {**OPTIONS, "url": url})
     assert verdict.retry is False
     assert verdict.message.startswith(
         f"not called: http://127.0.0.1:{port}/users/7 names 127.0.0.1, a loopback address"
@@ -166,7 +165,7 @@ def test_a_url_that_the_settings_no_longer_allow_is_not_called(make_app, downstr
 def test_a_name_that_does_not_resolve_is_retried(make_app):
     app = app_resolving(make_app, "http://partner.test/", {})
     with app.test_request_context():
-        verdict = http_request(7, "key", {**OPTIONS, "url": "http://partner.test/u/{id}"})
+        verdict = call_http_request(7, "key", {**OPTIONS, "url": "http://partner.test/u/{id}"})
     assert verdict.retry is True
     assert verdict.message.startswith("cannot resolve the host of http://partner.test/u/7: ")
 

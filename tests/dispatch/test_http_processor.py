@@ -1,5 +1,6 @@
 """The HTTP processor against a local server standing in for the downstream."""
 
+import asyncio
 import time
 from datetime import timedelta
 
@@ -118,7 +119,7 @@ def test_calls_overlap_on_reused_connections_with_the_authorization_header(make_
             make_app,
             url,
             PACING=False,
-            PROCESSOR_CONCURRENCY=8,
+            PROCESSOR_ASYNC_CONCURRENCY=8,
             PROCESSOR_HTTP_AUTHORIZATION="Bearer s3cret",
         )
         with app.app_context():
@@ -213,6 +214,14 @@ def test_the_pooled_client_is_made_before_the_slots_first_turn(make_app, downstr
     _, url = downstream
     app = http_app(make_app, url, PROCESSOR_HTTP_TIMEOUT=7.5)
     builtin._clients.clear()
+
+    async def prepared_then_closed():
+        await builtin.http_request.prepare({"url": url, "timeout": 7.5})
+        made = [key[2:] for key in builtin._clients]
+        await builtin.http_request.close({})
+        return made
+
     with app.app_context():
-        builtin.http_request.prepare({"url": url, "timeout": 7.5})
-    assert [key[2:] for key in builtin._clients] == [(7.5, "127.0.0.1")]
+        made = asyncio.run(prepared_then_closed())
+    assert made == [(7.5, "127.0.0.1")]
+    assert builtin._clients == {}  # the loop's sessions end with it

@@ -13,10 +13,9 @@ from service.core.extensions import db
 from service.dispatch.slot_runs import run_slot
 from service.limits.store import DEFAULT
 from service.planning.windows import plan_stored_task
-from service.processors.builtin import http_request
 
 from ..downstream import Record, Server
-from ..helpers import FIRST_SLOT, PAST, add_limit, submit
+from ..helpers import FIRST_SLOT, PAST, add_limit, call_http_request, submit
 from ..processes import free_port
 
 
@@ -57,7 +56,7 @@ def test_a_secret_goes_only_to_urls_under_its_prefix(make_app):
                 },
             )
             stored = {"url": their_url, "method": "POST", "timeout": 2.0, "authorization": "OURS"}
-            verdict = http_request(4, "key", stored)
+            verdict = call_http_request(4, "key", stored)
     assert authorizations(ours) == {1: "Bearer our-s3cret", 2: "Bearer our-s3cret"}
     assert authorizations(theirs) == {3: None}
     assert refused.status_code == 422

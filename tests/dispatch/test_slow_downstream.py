@@ -88,7 +88,7 @@ def test_a_slot_too_big_for_one_job_is_shared_by_helpers(make_app):
         "WINDOW_SLOTS": 3,
         "PLAN_LEAD_SECONDS": 0.5,
         "RPM": 120,
-        "PROCESSOR_CONCURRENCY": 3,
+        "PROCESSOR_ASYNC_CONCURRENCY": 3,
     }
     record = Record(latency=0.2)
     with make_app(**settings).app_context():
@@ -103,4 +103,4 @@ def test_a_slot_too_big_for_one_job_is_shared_by_helpers(make_app):
         users = len({user_id for _, user_id, _, _ in record.calls})
     assert (len(record.calls), users) == (120, 120)  # each ID called once
     span = max(arrived for arrived, *_ in record.calls) - slot.timestamp()
-    assert span < 6.5, span  # one job alone would take 8 s
+    assert span < 7.5, span  # one job alone would take 8 s
