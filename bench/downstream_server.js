@@ -1,7 +1,8 @@
 // A downstream that is never the bottleneck: it answers every call after LATENCY_MS,
 // records when each call arrived and the ID in its path, and hands the record over at
-// GET /_record (then forgets it). Node's one thread waits on timers, not on CPU, so a
-// thousand calls a second cost it little.
+// GET /_record (then forgets it). GET /_count says how many calls it holds and when the
+// last one came, forgetting nothing, so that a caller can wait for them cheaply. Node's
+// one thread waits on timers, not on CPU, so a thousand calls a second cost it little.
 "use strict";
 const http = require("http");
 const { performance } = require("perf_hooks");
@@ -25,6 +26,12 @@ const server = http.createServer((request, response) => {
     connections = 0;
     response.writeHead(200, { "content-type": "application/json" });
     response.end(body);
+    return;
+  }
+  if (request.url === "/_count") {
+    const last = arrivals.length ? arrivals[arrivals.length - 1][0] : null;
+    response.writeHead(200, { "content-type": "application/json" });
+    response.end(JSON.stringify({ arrivals: arrivals.length, last }));
     return;
   }
   const id = Number(request.url.split("/").pop().split("?")[0]);
