@@ -1,6 +1,7 @@
 """Processors for the tests, named in ID_PROCESSOR or a limit like the built-in ones."""
 
 import asyncio
+import threading
 import time
 
 from flask import current_app
@@ -147,6 +148,7 @@ async def note_call_start_async(user_id, key):
 @per_id
 async def fail_odd_async(user_id, key):
     """Fails the odd IDs by returning a failure, raises on multiples of ten."""
+    call_threads.add(threading.current_thread().name)
     if user_id % 10 == 0:
         raise ValueError(f"no user {user_id}")
     return Failure("odd") if user_id % 2 else None
@@ -162,6 +164,15 @@ hang_async.longest_call = lambda options: 0.3
 
 
 @per_id
+async def time_out_by_itself(user_id, key):
+    """A call whose own wait for its downstream times out, well within its longest."""
+    await asyncio.wait_for(asyncio.sleep(10), timeout=0.05)
+
+
+time_out_by_itself.longest_call = lambda options: 5.0
+
+
+@per_id
 async def stop_the_worker_at_3(user_id, key):
     """As a worker's warm stop would, asks the slot job to stop at ID 3's call."""
     async_call_starts[user_id] = time.time()
@@ -170,8 +181,7 @@ async def stop_the_worker_at_3(user_id, key):
     await asyncio.sleep(0.05)
 
 
-# How many times the loop's own app context was seen by an async call, and whether
-# a session there is another than the slot job's.
+# (the app's name, the id of the session) as each call of `note_app_context` saw them.
 async_contexts: list = []
 
 
@@ -180,9 +190,14 @@ async def note_app_context(user_id, key):
     async_contexts.append((current_app.name, id(db.session())))
 
 
+# The threads that calls of `fail_odd_sync` and `fail_odd_async` ran on.
+call_threads: set = set()
+
+
 @per_id
 def fail_odd_sync(user_id, key):
     """`fail_odd_async`, written as a plain function: the thread pool calls it."""
+    call_threads.add(threading.current_thread().name)
     if user_id % 10 == 0:
         raise ValueError(f"no user {user_id}")
     return Failure("odd") if user_id % 2 else None

@@ -66,8 +66,10 @@ def calls_for(
 ):
     if is_async(processor):
         kind = LoopCalls
+    elif is_per_id(processor):
+        kind = ConcurrentCalls
     else:
-        kind = ConcurrentCalls if is_per_id(processor) else GroupCalls
+        kind = GroupCalls
     return kind(slot, claimer, processor, clock, max_attempts, slot_seconds)
 
 
@@ -349,10 +351,12 @@ class LoopCalls(ConcurrentCalls):
             self.waiting.discard(task)
         try:
             ended.set_result(await self._call_now(item, turn))
-        except asyncio.CancelledError:  # the job is ending: nothing more is recorded
-            ended.set_result(NOT_CALLED)
         finally:
             self.room.release()
+            # Cancelled mid-call, the job is ending: nothing more is recorded. Whatever
+            # ended the task, the slot job must not wait for it for ever.
+            if not ended.done():
+                ended.set_result(NOT_CALLED)
 
     async def _call_now(self, item: Claim, turn: float) -> Ended | object:
         if self.abandoned or self.holding or claimers.stop_requested():
@@ -368,14 +372,17 @@ class LoopCalls(ConcurrentCalls):
             async with limit:
                 verdict = await self.processor(item.user_id, key, **self.extra)
             failure = as_failure(verdict)
-        except TimeoutError:
-            if not limit.expired():
-                raise
-            failure = Failure(f"the call lasted longer than its longest, {self.longest:g} s")
-        except Exception as exc:  # a processor's bug fails its ID, not the slot
-            log.exception("processor failed on ID %s", item.user_id)
-            failure = Failure(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            failure = self._failure_of(item, exc, limit.expired())
         return Ended(failure, self.clock.now())
+
+    def _failure_of(self, item: Claim, exc: Exception, cut_short: bool) -> Failure:
+        """A call cut short after its longest, or a processor's exception (its own
+        TimeoutError among them): the ID's failure, not the slot's."""
+        if cut_short and isinstance(exc, TimeoutError):
+            return Failure(f"the call lasted longer than its longest, {self.longest:g} s")
+        log.error("processor failed on ID %s", item.user_id, exc_info=exc)
+        return Failure(f"{type(exc).__name__}: {exc}")
 
     def _cancel_waiting(self) -> None:
         """Calls not yet started are not made (their IDs are handed back)."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from collections import Counter
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -201,7 +200,7 @@ async def _call(target: Destination, options: dict, headers: dict, shown: str) -
     timeout = options["timeout"]
     host = wire_host(target.url)
     session = _session(timeout, host)
-    deadline = time.monotonic() + (HTTP_CALL_PHASES - 1) * timeout
+    deadline = asyncio.get_running_loop().time() + (HTTP_CALL_PHASES - 1) * timeout
     for address in target.addresses:
         where = yarl.URL(str(target.at(address)), encoded=True)
         try:
@@ -300,12 +299,13 @@ ANSWER_BYTES = 64 * 1024
 
 
 async def _read_briefly(answer: aiohttp.ClientResponse, deadline: float) -> None:
-    """Read the answer, but no more than ANSWER_BYTES and not past the deadline: a
-    downstream that trickles its answer cannot stretch a call beyond its budget. An
-    answer cut short closes its connection instead of returning it to the pool."""
+    """Read the answer, but no more than ANSWER_BYTES and not past the deadline (on the
+    loop's clock): a downstream that trickles its answer cannot stretch a call beyond
+    its budget. An answer cut short closes its connection instead of returning it to
+    the pool."""
     read = 0
     try:
-        async with asyncio.timeout_at(_loop_time_of(deadline)):
+        async with asyncio.timeout_at(deadline):
             async for chunk in answer.content.iter_any():
                 read += len(chunk)
                 if read > ANSWER_BYTES:
@@ -313,12 +313,6 @@ async def _read_briefly(answer: aiohttp.ClientResponse, deadline: float) -> None
                     return
     except TimeoutError:
         answer.close()
-
-
-def _loop_time_of(moment: float) -> float:
-    """A time.monotonic() moment on the running loop's clock."""
-    loop = asyncio.get_running_loop()
-    return loop.time() + (moment - time.monotonic())
 
 
 async def _prepare(options: dict) -> None:

@@ -9,7 +9,6 @@ from sqlalchemy import text
 
 from service.core.extensions import db
 from service.dispatch import claimers
-from service.dispatch.calls import ConcurrentCalls, LoopCalls, calls_for
 from service.dispatch.slot_runs import run_slot
 from service.limits.store import DEFAULT
 from service.planning.windows import plan_stored_task
@@ -66,32 +65,26 @@ def test_async_calls_start_at_their_own_turns_and_overlap(make_app):
     assert sorted(late)[len(late) // 2] < 0.1  # on time, not queued behind earlier calls
 
 
-@pytest.mark.parametrize("name", ["fail_odd_sync", "fail_odd_async"])
-def test_a_sync_and_an_async_processor_record_the_same_outcomes(make_app, name):
+@pytest.mark.parametrize(
+    ("name", "threads"), [("fail_odd_sync", "processor_"), ("fail_odd_async", "processor-loop")]
+)
+def test_a_sync_and_an_async_processor_record_the_same_outcomes(make_app, name, threads):
+    """The same verdicts, the same records; the plain one is called on the pool's
+    threads, the async one on the slot job's loop."""
     app = make_app(ID_PROCESSOR=f"tests.processors:{name}", MAX_ATTEMPTS=3, SLOT_SECONDS=1)
+    processors.call_threads.clear()
     with app.app_context():
         task_id, run = run_past_slot(range(1, 11))
         rows = outcomes(task_id)
+    assert is_async(load_processor(f"tests.processors:{name}")) == name.endswith("async")
     assert (run.claimed, run.done, run.failed) == (10, 4, 6)
     assert [user_id for user_id, status, _, _ in rows if status == "done"] == [2, 4, 6, 8]
     errors = {user_id: error for user_id, status, _, error in rows if status == "retrying"}
-    assert errors == {
-        1: "odd",
-        3: "odd",
-        5: "odd",
-        7: "odd",
-        9: "odd",
-        10: "ValueError: no user 10",
-    }
+    odd = dict.fromkeys([1, 3, 5, 7, 9], "odd")
+    assert errors == {**odd, 10: "ValueError: no user 10"}
     assert {attempts for _, _, attempts, _ in rows} == {1}
-
-
-def test_an_async_processor_runs_on_the_loop_a_sync_one_on_threads(make_app):
-    make_app()
-    assert is_async(load_processor("tests.processors:fail_odd_async"))
-    assert not is_async(load_processor("tests.processors:fail_odd_sync"))
-    assert calls_for.__module__ == LoopCalls.__module__
-    assert issubclass(LoopCalls, ConcurrentCalls)
+    assert processors.call_threads
+    assert all(thread.startswith(threads) for thread in processors.call_threads)
 
 
 def test_an_async_call_is_cut_short_after_its_longest_call(make_app):
@@ -105,6 +98,17 @@ def test_an_async_call_is_cut_short_after_its_longest_call(make_app):
     assert {error for _, _, _, error in rows} == {"the call lasted longer than its longest, 0.3 s"}
     assert {status for _, status, _, _ in rows} == {"retrying"}
     assert took < 5  # not the minute each call would have taken
+
+
+def test_a_processors_own_timeout_fails_its_id_as_any_exception(make_app):
+    """A TimeoutError of the processor's own (its wait for its downstream), not the
+    slot job's cut: the ID fails with it, and the slot job goes on to its end."""
+    app = make_app(ID_PROCESSOR="tests.processors:time_out_by_itself", SLOT_SECONDS=1)
+    with app.app_context():
+        task_id, run = run_past_slot([1, 2])
+        rows = outcomes(task_id)
+    assert (run.done, run.failed) == (0, 2)
+    assert {error for _, _, _, error in rows} == {"TimeoutError: "}
 
 
 def test_a_stop_hands_back_the_ids_whose_calls_have_not_begun(make_app, monkeypatch):
