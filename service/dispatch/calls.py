@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 # out IDs or waiting for the next turn or for the last calls: an ID shows its outcome
 # within about this of its call's end.
 RECORD_EVERY_SECONDS = 0.25
+# A per-ID processor's group is checked and handed over this long before its turn, and
+# each call then starts at its own turn: the check's round trip to PostgreSQL, and a busy
+# machine's delay in waking the slot job's thread, come out of this lead instead of
+# making the call late. The claim's expiry is checked again at the call itself.
+HAND_AHEAD_SECONDS = 0.1
 # What a call that was not made (its claim could have run out mid-call) gives back.
 NOT_CALLED = object()
 
@@ -75,6 +80,9 @@ def calls_for(
 
 class _Calls:
     """How a slot job hands its claimed IDs to its limit's processor."""
+
+    # How long before its turn a group is handed over.
+    lead = 0.0
 
     def __init__(
         self,
@@ -137,9 +145,11 @@ class ConcurrentCalls(_Calls):
 
     No call is made that could overlap another of the same ID: each group is checked
     against the claimer's lock and rows right before it is handed to the pool (one
-    query), and a call starts only while its claim holds for longer than the longest
-    call the processor may make.
+    query, HAND_AHEAD_SECONDS before the group's turn), and a call starts only while its
+    claim holds for longer than the longest call the processor may make.
     """
+
+    lead = HAND_AHEAD_SECONDS
 
     def __init__(self, *args):
         super().__init__(*args)

@@ -73,9 +73,10 @@ def paced_groups(
     clock: Clock,
     stopping: Callable[[], bool],
     meanwhile: Callable[[], object] = lambda: None,
+    lead: float = 0.0,
 ) -> Iterator[tuple[float, list[T]]]:
-    """Yield the items in groups, each once its first member's turn has come, with that
-    turn (the caller can tell how far behind it runs).
+    """Yield the items in groups, each `lead` seconds before its first member's turn,
+    with that turn (the caller can tell how far behind it runs).
 
     Item k's turn is `first_turn + k * step`; members whose turns fall within
     PACING_TICK_SECONDS of the group's first go with it. Stops early on a stop request.
@@ -84,10 +85,10 @@ def paced_groups(
     index = 0
     while index < len(items) and not stopping():
         turn = first_turn + index * step
-        clock.wait_until(turn, stopping, meanwhile)
+        clock.wait_until(turn - lead, stopping, meanwhile)
         if stopping():
             return
-        now = clock.seconds()
+        now = clock.seconds() + lead
         end = index + 1
         while end < len(items) and first_turn + end * step <= now + PACING_TICK_SECONDS:
             end += 1

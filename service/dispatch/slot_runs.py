@@ -219,7 +219,7 @@ class _Claims:
         if batch.claims:
             mark_tasks_running({c.task_id for c in batch.claims})
         step = batch.step if current_app.config["PACING"] else 0.0
-        for turn, group in _groups(batch, self.clock, self.calls.record_due):
+        for turn, group in _groups(batch, self.clock, self.calls):
             self.calls.hand(group, turn, step)
             self.helping.note(self.calls.behind(turn))
         return len(batch.claims), False
@@ -366,9 +366,15 @@ def _batch_size_unless_paused(slot: SlotOfLimit, slot_seconds: int) -> int | Non
     return max(1, min(CLAIM_BATCH, round(CLAIM_AHEAD_SECONDS / step)))
 
 
-def _groups(batch: Batch, clock: Clock, meanwhile: Callable[[], object]):
+def _groups(batch: Batch, clock: Clock, calls):
     if not current_app.config["PACING"]:
         return [(clock.seconds(), batch.claims)]
     return paced_groups(
-        batch.claims, batch.first_turn, batch.step, clock, claimers.stop_requested, meanwhile
+        batch.claims,
+        batch.first_turn,
+        batch.step,
+        clock,
+        claimers.stop_requested,
+        calls.record_due,
+        calls.lead,
     )
