@@ -393,6 +393,39 @@ def _drop_waiting_job(scheduler: Scheduler, job_id: str) -> bool:
     return scheduled or job is not None
 
 
+def run_slot_again(limit_name: str, slot: datetime, at: datetime) -> None:
+    """Schedule a slot's job (the one running now, which is stepping aside) to run again
+    at `at`, under its own id: reconcile sees the slot's job waiting. With Redis away
+    nothing is scheduled, and reconcile queues the slot again."""
+    try:
+        get_scheduler().enqueue_at(
+            at,
+            SLOT_JOB,
+            *_slot_job_args(limit_name, slot),
+            job_id=slot_job_id(limit_name, slot),
+            timeout=_slot_job_timeout(),
+            job_result_ttl=RESULT_TTL_SECONDS,
+        )
+    except RedisError:
+        log.warning("could not schedule slot %s of %s again; reconciling will", slot, limit_name)
+
+
+def run_slot_now(limit_name: str, slot: datetime) -> bool:
+    """Move a slot's job that rq-scheduler holds (it stepped aside) to the front of the
+    queue; True if it was there. With Redis away it comes back at its time."""
+    job_id = slot_job_id(limit_name, slot)
+    try:
+        job = _job(job_id)
+        # Taken from the schedule only if still there: rq-scheduler may be moving it too.
+        if job is None or not get_redis().zrem(get_scheduler().scheduled_jobs_key, job_id):
+            return False
+        get_queue(SLOTS_QUEUE).enqueue_job(job, at_front=True)
+    except RedisError:
+        log.warning("could not run slot %s of %s now; it runs at its time", slot, limit_name)
+        return False
+    return True
+
+
 def add_slot_helper(limit_name: str, slot: datetime, most: int) -> bool:
     """Queue one more job for a limit's slot that is under way, ahead of later slots,
     unless `most` helpers are waiting or running already; True if one was added. With

@@ -19,6 +19,7 @@ them. Each kind here has a namespace of its own, carried in its key:
 | SLOT | bigint, session, shared | a slot job's own connection | the slot is being run |
 | IDEMPOTENCY_KEY | two keys, transaction | a request with the header | one answer per key |
 | REPLAN | two keys, transaction | a chunk of a re-plan | one re-plan of a limit at a time |
+| LIMIT_RUNNER | two keys, session | a slot job's own connection | one slot of a limit at a time |
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ CLAIMER = 0x5108
 SLOT = 0x5109
 IDEMPOTENCY_KEY = 0x510A
 REPLAN = 0x510B
+LIMIT_RUNNER = 0x510C
 
 
 def _bigint_key(namespace: int, limit_id: int, number: int) -> int:
@@ -68,4 +70,10 @@ HELD_TWO_KEY_LOCKS = (
 HELD_BIGINT_LOCKS = (
     "SELECT classid::bigint << 32 | objid::bigint AS key FROM pg_locks "
     f"WHERE objsubid = 1 AND classid::bigint >> 15 = :ns AND {_IN_THIS_DATABASE}"
+)
+# Whether a session other than the asking one holds the one-bigint lock :slot.
+BIGINT_LOCK_HELD_ELSEWHERE = (
+    "SELECT EXISTS (SELECT FROM pg_locks WHERE objsubid = 1 "
+    "AND (classid::bigint << 32 | objid::bigint) = :slot AND pid <> pg_backend_pid() "
+    f"AND {_IN_THIS_DATABASE})"
 )

@@ -71,8 +71,10 @@ class Claimer:
 
     def __init__(self, claimer_id: int, limit_id: int, slot: datetime):
         self.id = claimer_id
+        self._limit_id = limit_id
         self._slot_key = locks.slot_key(limit_id, slot)
         self._holder = None
+        self._leading = False
         self.take_again()
 
     def take_again(self) -> None:
@@ -87,8 +89,31 @@ class Claimer:
         if not store.take_claimer_locks(holder, self.id, self._slot_key):
             holder.close()
             raise ClaimerLockBusy(f"claimer {self.id}'s lock is still held by another session")
+        if self._leading:  # best effort: the limit's turns still come in one sequence
+            store.take_runner_lock(holder, self._limit_id)
         holder.commit()
         self._holder = holder
+
+    def lead(self) -> bool:
+        """Whether this job may hand out its limit's turns now: it holds the limit's
+        runner lock (no other slot of the limit is handing out turns), or a job of its
+        own slot holds it (this one is a helper, and joins that run)."""
+        self._leading = store.take_runner_lock(self._holder, self._limit_id)
+        joining = not self._leading and store.slot_run_elsewhere(self._holder, self._slot_key)
+        self._holder.commit()
+        return self._leading or joining
+
+    def stop_leading(self) -> bool:
+        """Every turn of this job's slot is handed out: the limit's next slot may lead.
+        True if this job was leading."""
+        if not self._leading:
+            return False
+        self._leading = False
+        # A connection that died dropped the lock with it; the ride-out takes a new one.
+        with contextlib.suppress(Exception):
+            store.drop_runner_lock(self._holder, self._limit_id)
+            self._holder.commit()
+        return True
 
     def _answers(self) -> bool:
         try:

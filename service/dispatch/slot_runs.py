@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from flask import current_app
 
@@ -26,7 +26,7 @@ from service.dispatch.claimers import Claimer, ClaimerLockBusy
 from service.dispatch.claims import Batch, claim, deployment_id, mark_tasks_running
 from service.dispatch.outcomes import start_replan
 from service.dispatch.pacing import SYSTEM_CLOCK, Clock, paced_groups, step_of
-from service.jobs import add_slot_helper
+from service.jobs import add_slot_helper, run_slot_again, run_slot_now
 from service.limits import rates
 from service.limits import store as limits
 from service.limits.settings import shared
@@ -53,6 +53,16 @@ RIDE_OUT_FIRST_WAIT = 0.5
 RIDE_OUT_LONGEST_WAIT = 2.0
 # A claim of a processor whose calls may last long outlives its longest call by this.
 CLAIM_MARGIN_SECONDS = 5.0
+# A slot job whose limit's turns are being handed out by another of its slots (a late
+# one, or one whose last turns reach just past this one's start) waits this long for
+# them to end, then steps aside: it gives its worker up, to be run again once the turns
+# of the slots before it are expected to be handed out (at least STEP_ASIDE_SECONDS, at
+# most STEP_ASIDE_LONGEST_SECONDS from now), or as soon as the slot leading ends. A
+# limit's late slots hold one worker between them, not every worker.
+LEAD_WAIT_SECONDS = 0.3
+LEAD_POLL_SECONDS = 0.05
+STEP_ASIDE_SECONDS = 2.0
+STEP_ASIDE_LONGEST_SECONDS = 30.0
 # A slot job this far behind its turns asks for a helper, at most once per HELP_EVERY.
 HELP_WHEN_BEHIND_SECONDS = 0.5
 HELP_EVERY_SECONDS = 2.0
@@ -74,6 +84,7 @@ class SlotRun:
     stopped_before_start: bool = False  # its worker was asked to stop while it waited
     held: bool = False  # its limit's destination is not allowed here: it never began
     refused: int = 0  # calls the downstream refused for now, to be planned again
+    stepped_aside: bool = False  # another slot of its limit ran: it is run again later
 
     @property
     def processed(self) -> int:
@@ -91,6 +102,11 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
     asks before each claim: the IDs left stay pending for the resume to plan again; nor
     when its limit is held (service/limits/held.py). PostgreSQL going away mid-slot is
     ridden out: the job waits for it and goes on.
+
+    One slot of a limit hands out the limit's turns at a time (they come in one
+    sequence anyway): a job that finds another slot of its limit doing so for longer
+    than LEAD_WAIT_SECONDS steps aside, and is run again STEP_ASIDE_SECONDS later,
+    rather than holding a worker that another limit's slot may need.
     """
     limit = limits.find(limit_name)
     if limit is None:  # deleted: none of its IDs was waiting
@@ -114,8 +130,13 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
         # A stop asked for before the slot began ends the wait early: not lateness.
         early = clock.seconds() < start.timestamp()
         lateness = max(0.0, clock.seconds() - start.timestamp())
+        if not early and not _wait_to_lead(claimer, clock):
+            calls.finish()
+            return _step_aside(slot, round(lateness, 3), slot_seconds)
         try:
             claimed, paused = runner.run()
+            if claimer.stop_leading():
+                _hand_lead_on(slot)
             handed_back = runner.finish()
         except BaseException:
             # A bug, a stop while PostgreSQL is away, or the job's time is up: no call
@@ -254,6 +275,48 @@ class _Claims:
         self.claimer.take_again()
         self.calls.record_finished()
         claimers.release_held_by(self.claimer.id)
+
+
+def _wait_to_lead(claimer: Claimer, clock: Clock) -> bool:
+    """Whether this job may hand out its limit's turns, once another slot of the limit
+    has ended handing out its own, waiting LEAD_WAIT_SECONDS at most. Without pacing
+    there is no sequence of turns to wait for."""
+    if not current_app.config["PACING"]:
+        return True
+    give_up_at = clock.seconds() + LEAD_WAIT_SECONDS
+    while not claimer.lead():
+        if clock.seconds() >= give_up_at or claimers.stop_requested():
+            return False
+        clock.sleep(LEAD_POLL_SECONDS)
+    return True
+
+
+def _step_aside(slot: SlotOfLimit, lateness: float, slot_seconds: int) -> SlotRun:
+    ahead = store.slots_of_turns_before(slot.limit_id, slot.start) * slot_seconds
+    db.session.commit()
+    wait = min(max(ahead, STEP_ASIDE_SECONDS), STEP_ASIDE_LONGEST_SECONDS)
+    again = datetime.now(UTC) + timedelta(seconds=wait)
+    run_slot_again(slot.limit_name, slot.start, again)
+    log.info(
+        "slot %s of %s: stepped aside, another slot of its limit is handing out its "
+        "turns; run again at %s",
+        slot.start.isoformat(),
+        slot.limit_name,
+        again.isoformat(),
+        extra={"fields": {"limit": slot.limit_name, "slot": slot.start.isoformat()}},
+    )
+    return SlotRun(slot.limit_name, slot.start, 0, 0, 0, 0, lateness, stepped_aside=True)
+
+
+def _hand_lead_on(slot: SlotOfLimit) -> None:
+    """Every turn of this slot is handed out: the earliest other slot of the limit that
+    has begun and holds pending IDs (one that stepped aside) is run now, not when it
+    was to come back."""
+    waiting = store.slots_with_pending_ids(slot.limit_id, datetime.now(UTC))
+    db.session.commit()
+    others = [start for start in waiting if start != slot.start]
+    if others:
+        run_slot_now(slot.limit_name, min(others))
 
 
 def _hold(slot: SlotOfLimit, reason: str) -> SlotRun:

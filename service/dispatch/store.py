@@ -85,6 +85,11 @@ NEW_CLAIMER = text("SELECT nextval('claimer_ids')")
 TAKE_CLAIMER_LOCK = text("SELECT pg_try_advisory_lock(:ns, :claimer)")
 SHARE_SLOT_LOCK = text("SELECT pg_advisory_lock_shared(:slot)")
 RUNNING_SLOTS = text(locks.HELD_BIGINT_LOCKS)
+TAKE_RUNNER_LOCK = text("SELECT pg_try_advisory_lock(:ns, :limit_id)")
+DROP_RUNNER_LOCK = text("SELECT pg_advisory_unlock(:ns, :limit_id)")
+# Whether a session other than this one holds the slot's lock: a job of the slot is
+# running already, which a helper joins.
+SLOT_RUN_ELSEWHERE = text(locks.BIGINT_LOCK_HELD_ELSEWHERE)
 DEPLOYMENT = text("SELECT id FROM deployment")
 NEW_DEPLOYMENT = text("INSERT INTO deployment DEFAULT VALUES ON CONFLICT DO NOTHING")
 # The live claimers are read inside the statement, after its snapshot: a claimer takes
@@ -150,6 +155,15 @@ UNPLANNED_TASKS = text("SELECT id, total FROM id_tasks WHERE status = ANY(:unpla
 SERVER_STARTED_WITHIN = text("SELECT pg_postmaster_start_time() > clock_timestamp() - :grace")
 MARK_LATE = text("UPDATE slots SET late = true WHERE limit_id = :l AND slot_start = ANY(:late)")
 # One index probe per slot (a loose index scan), so no counter can hide one.
+# How many slots' worth of turns the pending IDs of a limit's slots before :slot take:
+# each slot's pending IDs over its load.
+SLOTS_OF_TURNS_BEFORE = text(
+    "SELECT coalesce(sum(p.n::float / greatest(s.load, 1)), 0) FROM ("
+    "  SELECT slot_start, count(*) AS n FROM assignments "
+    "  WHERE limit_id = :limit AND status = :pending AND slot_start < :slot "
+    "  GROUP BY slot_start) AS p "
+    "JOIN slots AS s ON s.limit_id = :limit AND s.slot_start = p.slot_start"
+)
 SLOTS_WITH_PENDING_IDS = text(
     "WITH RECURSIVE pending(slot_start) AS ("
     "  (SELECT slot_start FROM assignments "
@@ -218,6 +232,20 @@ def take_claimer_locks(holder, claimer: int, slot_key: int) -> bool:
     if taken:
         holder.execute(SHARE_SLOT_LOCK, {"slot": slot_key})
     return taken
+
+
+def take_runner_lock(holder, limit_id: int) -> bool:
+    return holder.execute(
+        TAKE_RUNNER_LOCK, {"ns": locks.LIMIT_RUNNER, "limit_id": limit_id}
+    ).scalar()
+
+
+def drop_runner_lock(holder, limit_id: int) -> None:
+    holder.execute(DROP_RUNNER_LOCK, {"ns": locks.LIMIT_RUNNER, "limit_id": limit_id})
+
+
+def slot_run_elsewhere(holder, slot_key: int) -> bool:
+    return holder.execute(SLOT_RUN_ELSEWHERE, {"slot": slot_key}).scalar()
 
 
 def running_slot_keys() -> set[int]:
@@ -295,6 +323,11 @@ def server_started_within(grace: timedelta) -> bool:
 
 def mark_late(limit_id: int, slots: list[datetime]) -> None:
     db.session.execute(MARK_LATE, {"l": limit_id, "late": slots})
+
+
+def slots_of_turns_before(limit_id: int, slot: datetime) -> float:
+    params = {"limit": limit_id, "slot": slot, "pending": AssignmentStatus.PENDING}
+    return db.session.execute(SLOTS_OF_TURNS_BEFORE, params).scalar()
 
 
 def slots_with_pending_ids(limit_id: int, until: datetime) -> list[datetime]:
