@@ -312,8 +312,15 @@ def _hand_lead_on(slot: SlotOfLimit) -> None:
     """Every turn of this slot is handed out: the earliest other slot of the limit that
     has begun and holds pending IDs (one that stepped aside) is run now, not when it
     was to come back."""
-    waiting = store.slots_with_pending_ids(slot.limit_id, datetime.now(UTC))
-    db.session.commit()
+    try:
+        waiting = store.slots_with_pending_ids(slot.limit_id, datetime.now(UTC))
+        db.session.commit()
+    except Exception as error:
+        if not is_database_outage(error):
+            raise
+        # Those that stepped aside come back at their time; this slot rides it out next.
+        forget_session()
+        return
     others = [start for start in waiting if start != slot.start]
     if others:
         run_slot_now(slot.limit_name, min(others))
