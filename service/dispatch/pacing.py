@@ -74,13 +74,14 @@ def paced_groups(
     stopping: Callable[[], bool],
     meanwhile: Callable[[], object] = lambda: None,
     lead: float = 0.0,
+    tick: float = PACING_TICK_SECONDS,
 ) -> Iterator[tuple[float, list[T]]]:
     """Yield the items in groups, each `lead` seconds before its first member's turn,
     with that turn (the caller can tell how far behind it runs).
 
-    Item k's turn is `first_turn + k * step`; members whose turns fall within
-    PACING_TICK_SECONDS of the group's first go with it. Stops early on a stop request.
-    `meanwhile` is called while waiting for a turn.
+    Item k's turn is `first_turn + k * step`; members whose turns fall within `tick` of
+    the group's first go with it. Stops early on a stop request. `meanwhile` is called
+    while waiting for a turn.
     """
     index = 0
     while index < len(items) and not stopping():
@@ -90,7 +91,7 @@ def paced_groups(
             return
         now = clock.seconds() + lead
         end = index + 1
-        while end < len(items) and first_turn + end * step <= now + PACING_TICK_SECONDS:
+        while end < len(items) and first_turn + end * step <= now + tick:
             end += 1
         yield turn, list(items[index:end])
         index = end

@@ -53,13 +53,14 @@ RIDE_OUT_FIRST_WAIT = 0.5
 RIDE_OUT_LONGEST_WAIT = 2.0
 # A claim of a processor whose calls may last long outlives its longest call by this.
 CLAIM_MARGIN_SECONDS = 5.0
-# A slot job whose limit's turns are being handed out by another of its slots (a late
-# one, or one whose last turns reach just past this one's start) waits this long for
-# them to end, then steps aside: it gives its worker up, to be run again once the turns
-# of the slots before it are expected to be handed out (at least STEP_ASIDE_SECONDS, at
-# most STEP_ASIDE_LONGEST_SECONDS from now), or as soon as the slot leading ends. A
-# limit's late slots hold one worker between them, not every worker.
-LEAD_WAIT_SECONDS = 0.3
+# A slot job whose limit's turns are being handed out by another of its slots steps
+# aside: it gives its worker up, to be run again once the turns of the slots before it
+# are expected to be handed out (at least STEP_ASIDE_SECONDS, at most
+# STEP_ASIDE_LONGEST_SECONDS from now), or as soon as the slot leading ends. When less
+# than LEAD_WAIT_SECONDS of turns are left before it (the slot before it is handing out
+# its last ones), it waits that long for them first. A limit's late slots hold one
+# worker between them, not every worker.
+LEAD_WAIT_SECONDS = 1.0
 LEAD_POLL_SECONDS = 0.05
 STEP_ASIDE_SECONDS = 2.0
 STEP_ASIDE_LONGEST_SECONDS = 30.0
@@ -130,9 +131,10 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
         # A stop asked for before the slot began ends the wait early: not lateness.
         early = clock.seconds() < start.timestamp()
         lateness = max(0.0, clock.seconds() - start.timestamp())
-        if not early and not _wait_to_lead(claimer, clock):
+        ahead = None if early else _wait_to_lead(claimer, slot, clock, slot_seconds)
+        if ahead is not None:
             calls.finish()
-            return _step_aside(slot, round(lateness, 3), slot_seconds)
+            return _step_aside(slot, round(lateness, 3), ahead)
         try:
             claimed, paused = runner.run()
             if claimer.stop_leading():
@@ -277,23 +279,26 @@ class _Claims:
         claimers.release_held_by(self.claimer.id)
 
 
-def _wait_to_lead(claimer: Claimer, clock: Clock) -> bool:
-    """Whether this job may hand out its limit's turns, once another slot of the limit
-    has ended handing out its own, waiting LEAD_WAIT_SECONDS at most. Without pacing
-    there is no sequence of turns to wait for."""
-    if not current_app.config["PACING"]:
-        return True
-    give_up_at = clock.seconds() + LEAD_WAIT_SECONDS
-    while not claimer.lead():
-        if clock.seconds() >= give_up_at or claimers.stop_requested():
-            return False
-        clock.sleep(LEAD_POLL_SECONDS)
-    return True
-
-
-def _step_aside(slot: SlotOfLimit, lateness: float, slot_seconds: int) -> SlotRun:
+def _wait_to_lead(claimer: Claimer, slot: SlotOfLimit, clock: Clock, slot_seconds: int):
+    """None once this job may hand out its limit's turns; else the seconds of turns that
+    the pending IDs of the limit's slots before this one still take, for which it steps
+    aside. It waits, LEAD_WAIT_SECONDS at most, only when those come to less than that
+    (the slot before it handing out its last turns); a backlog, it leaves at once.
+    Without pacing there is no sequence of turns to wait for."""
+    if not current_app.config["PACING"] or claimer.lead():
+        return None
     ahead = store.slots_of_turns_before(slot.limit_id, slot.start) * slot_seconds
     db.session.commit()
+    if ahead < LEAD_WAIT_SECONDS:
+        give_up_at = clock.seconds() + LEAD_WAIT_SECONDS
+        while clock.seconds() < give_up_at and not claimers.stop_requested():
+            clock.sleep(LEAD_POLL_SECONDS)
+            if claimer.lead():
+                return None
+    return ahead
+
+
+def _step_aside(slot: SlotOfLimit, lateness: float, ahead: float) -> SlotRun:
     wait = min(max(ahead, STEP_ASIDE_SECONDS), STEP_ASIDE_LONGEST_SECONDS)
     again = datetime.now(UTC) + timedelta(seconds=wait)
     run_slot_again(slot.limit_name, slot.start, again)
@@ -447,4 +452,5 @@ def _groups(batch: Batch, clock: Clock, calls):
         claimers.stop_requested,
         calls.record_due,
         calls.lead,
+        calls.tick,
     )
