@@ -105,9 +105,9 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
     ridden out: the job waits for it and goes on.
 
     One slot of a limit hands out the limit's turns at a time (they come in one
-    sequence anyway): a job that finds another slot of its limit doing so for longer
-    than LEAD_WAIT_SECONDS steps aside, and is run again STEP_ASIDE_SECONDS later,
-    rather than holding a worker that another limit's slot may need.
+    sequence anyway): a job that finds another slot of its limit doing so steps aside,
+    to be run again when the turns before its own are expected to be done, rather than
+    holding a worker that another limit's slot may need.
     """
     limit = limits.find(limit_name)
     if limit is None:  # deleted: none of its IDs was waiting

@@ -154,7 +154,6 @@ TASK_OUTCOMES = {
 UNPLANNED_TASKS = text("SELECT id, total FROM id_tasks WHERE status = ANY(:unplanned) ORDER BY id")
 SERVER_STARTED_WITHIN = text("SELECT pg_postmaster_start_time() > clock_timestamp() - :grace")
 MARK_LATE = text("UPDATE slots SET late = true WHERE limit_id = :l AND slot_start = ANY(:late)")
-# One index probe per slot (a loose index scan), so no counter can hide one.
 # How many slots' worth of turns the pending IDs of a limit's slots before :slot take:
 # each slot's pending IDs over its load.
 SLOTS_OF_TURNS_BEFORE = text(
@@ -164,6 +163,7 @@ SLOTS_OF_TURNS_BEFORE = text(
     "  GROUP BY slot_start) AS p "
     "JOIN slots AS s ON s.limit_id = :limit AND s.slot_start = p.slot_start"
 )
+# One index probe per slot (a loose index scan), so no counter can hide one.
 SLOTS_WITH_PENDING_IDS = text(
     "WITH RECURSIVE pending(slot_start) AS ("
     "  (SELECT slot_start FROM assignments "
