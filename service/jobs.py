@@ -251,13 +251,20 @@ def schedule_slots(
     schedules it later.
     """
     reach = (planned_at or datetime.now(UTC)) + schedule_ahead()
-    near = sorted(slot for slot in slots if slot <= reach)
+    near = in_queue_order([slot for slot in slots if slot <= reach], datetime.now(UTC))
     try:
         scheduler = get_scheduler()
         return sum(ensure_slot_job(scheduler, limit_name, slot) for slot in near)
     except RedisError:
         log.warning("could not schedule slot jobs; reconciling will")
         return 0
+
+
+def in_queue_order(slots: Iterable[datetime], now: datetime) -> list[datetime]:
+    """The order in which to give slots their jobs so that overdue ones, each queued at
+    the front, end up earliest first: those begun latest first, then the others."""
+    begun = sorted((slot for slot in slots if slot <= now), reverse=True)
+    return begun + sorted(slot for slot in slots if slot > now)
 
 
 def drop_far_slot_jobs(reach: datetime) -> int:

@@ -24,6 +24,7 @@ from service.jobs import (
     ensure_slot_job,
     forget_lost_job,
     get_scheduler,
+    in_queue_order,
     planning_is_queued,
     planning_job_id,
     replan_is_queued,
@@ -84,7 +85,7 @@ def reconcile(after_outage: bool = False, now: datetime | None = None) -> dict[s
             continue
         slots = [
             slot
-            for slot in store.slots_with_pending_ids(limit.id, reach)
+            for slot in in_queue_order(store.slots_with_pending_ids(limit.id, reach), now)
             # A slot whose job holds its lock is running: never a second job for it.
             # Without the lock, a job Redis calls started is dead once its slot has
             # begun (before, it may still be starting up).

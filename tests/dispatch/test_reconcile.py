@@ -60,6 +60,18 @@ def test_reconcile_rebuilds_what_redis_lost(rpm3):
     assert reconcile()["slot jobs added"] == 0  # nothing twice
 
 
+def test_overdue_slots_are_queued_earliest_first(rpm3):
+    # 9 IDs at RPM 3: three slots, all long past, planned in one go and then again by
+    # reconcile once Redis lost them; each is queued at the front.
+    plan_stored_task(submit(range(1, 10), overflow="defer"), now=PAST)
+    overdue = [FIRST_SLOT + timedelta(minutes=m) for m in range(3)]
+    in_order = [slot_job_id(DEFAULT, slot) for slot in overdue]
+    assert get_queue(SLOTS_QUEUE).job_ids == in_order
+    get_redis().flushall()
+    assert reconcile()["slot jobs added"] == 3
+    assert get_queue(SLOTS_QUEUE).job_ids == in_order
+
+
 def test_reconcile_releases_claims_of_a_dead_worker(make_app):
     app = make_app(RPM=3, PACING=False, CLAIM_TIMEOUT_SECONDS=1)
     with app.app_context():
