@@ -313,24 +313,15 @@ def ensure_slot_job(
     forget_lost_job(job_id)
     now = now or datetime.now(UTC)
     due = slot - timedelta(seconds=EARLY_SECONDS)
-    timeout = _slot_job_timeout()
     if due > now:
-        # Aware UTC only: rq-scheduler reads a naive time as UTC, RQ as local time.
-        scheduler.enqueue_at(
-            due,
-            SLOT_JOB,
-            *_slot_job_args(limit_name, slot),
-            job_id=job_id,
-            timeout=timeout,
-            job_result_ttl=RESULT_TTL_SECONDS,
-        )
+        _schedule_slot_job(scheduler, limit_name, slot, due)
     else:
         # A slot already under way (or overdue) goes ahead of slots yet to start.
         get_queue(SLOTS_QUEUE).enqueue(
             SLOT_JOB,
             *_slot_job_args(limit_name, slot),
             job_id=job_id,
-            job_timeout=timeout,
+            job_timeout=_slot_job_timeout(),
             result_ttl=RESULT_TTL_SECONDS,
             at_front=slot <= now,
         )
@@ -400,19 +391,24 @@ def _drop_waiting_job(scheduler: Scheduler, job_id: str) -> bool:
     return scheduled or job is not None
 
 
+def _schedule_slot_job(scheduler: Scheduler, limit_name: str, slot: datetime, due: datetime):
+    # Aware UTC only: rq-scheduler reads a naive time as UTC, RQ as local time.
+    scheduler.enqueue_at(
+        due,
+        SLOT_JOB,
+        *_slot_job_args(limit_name, slot),
+        job_id=slot_job_id(limit_name, slot),
+        timeout=_slot_job_timeout(),
+        job_result_ttl=RESULT_TTL_SECONDS,
+    )
+
+
 def run_slot_again(limit_name: str, slot: datetime, at: datetime) -> None:
     """Schedule a slot's job (the one running now, which is stepping aside) to run again
     at `at`, under its own id: reconcile sees the slot's job waiting. With Redis away
     nothing is scheduled, and reconcile queues the slot again."""
     try:
-        get_scheduler().enqueue_at(
-            at,
-            SLOT_JOB,
-            *_slot_job_args(limit_name, slot),
-            job_id=slot_job_id(limit_name, slot),
-            timeout=_slot_job_timeout(),
-            job_result_ttl=RESULT_TTL_SECONDS,
-        )
+        _schedule_slot_job(get_scheduler(), limit_name, slot, at)
     except RedisError:
         log.warning("could not schedule slot %s of %s again; reconciling will", slot, limit_name)
 

@@ -89,9 +89,9 @@ def paced_groups(
         clock.wait_until(turn - lead, stopping, meanwhile)
         if stopping():
             return
-        now = clock.seconds() + lead
+        handed_until = clock.seconds() + lead + tick
         end = index + 1
-        while end < len(items) and first_turn + end * step <= now + tick:
+        while end < len(items) and first_turn + end * step <= handed_until:
             end += 1
         yield turn, list(items[index:end])
         index = end

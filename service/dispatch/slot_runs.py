@@ -56,10 +56,10 @@ CLAIM_MARGIN_SECONDS = 5.0
 # A slot job whose limit's turns are being handed out by another of its slots steps
 # aside: it gives its worker up, to be run again once the turns of the slots before it
 # are expected to be handed out (at least STEP_ASIDE_SECONDS, at most
-# STEP_ASIDE_LONGEST_SECONDS from now), or as soon as the slot leading ends. When less
-# than LEAD_WAIT_SECONDS of turns are left before it (the slot before it is handing out
-# its last ones), it waits that long for them first. A limit's late slots hold one
-# worker between them, not every worker.
+# STEP_ASIDE_LONGEST_SECONDS from now), or as soon as the slot leading ends. At its
+# slot's start, when less than LEAD_WAIT_SECONDS of turns are left before it (the slot
+# before it is handing out its last ones), it waits that long for them first. A limit's
+# late slots hold one worker between them, not every worker.
 LEAD_WAIT_SECONDS = 1.0
 LEAD_POLL_SECONDS = 0.05
 STEP_ASIDE_SECONDS = 2.0
@@ -131,7 +131,7 @@ def run_slot(limit_name: str, start: datetime, clock: Clock = SYSTEM_CLOCK) -> S
         # A stop asked for before the slot began ends the wait early: not lateness.
         early = clock.seconds() < start.timestamp()
         lateness = max(0.0, clock.seconds() - start.timestamp())
-        ahead = None if early else _wait_to_lead(claimer, slot, clock, slot_seconds)
+        ahead = None if early else _wait_to_lead(claimer, slot, clock, slot_seconds, lateness)
         if ahead is not None:
             calls.finish()
             return _step_aside(slot, round(lateness, 3), ahead)
@@ -279,17 +279,21 @@ class _Claims:
         claimers.release_held_by(self.claimer.id)
 
 
-def _wait_to_lead(claimer: Claimer, slot: SlotOfLimit, clock: Clock, slot_seconds: int):
+def _wait_to_lead(
+    claimer: Claimer, slot: SlotOfLimit, clock: Clock, slot_seconds: int, lateness: float
+):
     """None once this job may hand out its limit's turns; else the seconds of turns that
     the pending IDs of the limit's slots before this one still take, for which it steps
-    aside. It waits, LEAD_WAIT_SECONDS at most, only when those come to less than that
-    (the slot before it handing out its last turns); a backlog, it leaves at once.
-    Without pacing there is no sequence of turns to wait for."""
+    aside. It waits, LEAD_WAIT_SECONDS at most, only at its slot's start when those come
+    to less than that (the slot before it handing out its last turns). A late slot (one
+    that stepped aside before, or behind a backlog) leaves at once: the slot leading
+    hands the lead on when it ends, and a worker waiting for it is one that another
+    limit's slot may need. Without pacing there is no sequence of turns to wait for."""
     if not current_app.config["PACING"] or claimer.lead():
         return None
     ahead = store.slots_of_turns_before(slot.limit_id, slot.start) * slot_seconds
     db.session.commit()
-    if ahead < LEAD_WAIT_SECONDS:
+    if ahead < LEAD_WAIT_SECONDS and lateness < LEAD_WAIT_SECONDS:
         give_up_at = clock.seconds() + LEAD_WAIT_SECONDS
         while clock.seconds() < give_up_at and not claimers.stop_requested():
             clock.sleep(LEAD_POLL_SECONDS)

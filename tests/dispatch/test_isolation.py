@@ -6,6 +6,7 @@ backlog of late slots holds one worker, and another limit's slot on time finds o
 And the planning lane plans a task while every other worker paces a slot."""
 
 import time
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -51,27 +52,24 @@ def pending_in(slot: datetime) -> int:
     ).scalar()
 
 
-class LockHolder:
-    """A connection of another job holding an advisory lock (two keys, or one)."""
-
-    def __init__(self, *keys: int, shared: bool = False):
-        self.connection = hold_lock(*keys, shared=shared) if keys else db.engine.connect()
-
-    def close(self) -> None:
-        # Closed for good, not returned to the pool: that is what drops its locks.
-        self.connection.invalidate()
-        self.connection.close()
-
-
-def hold_lock(*keys: int, shared: bool = False):
+@contextmanager
+def another_job_holding(*keys: int, shared: bool = False, wait: bool = True):
+    """A connection of another job holding an advisory lock (two keys, or one); yields
+    whether it got it. Closed for good at the end, not returned to the pool: that is
+    what drops its locks."""
     connection = db.engine.connect()
-    take = "pg_advisory_lock_shared" if shared else "pg_advisory_lock"
+    take = "pg_advisory_lock" if wait else "pg_try_advisory_lock"
+    take += "_shared" if shared else ""
     placeholders = ", ".join(f":k{n}" for n in range(len(keys)))
-    connection.execute(
-        text(f"SELECT {take}({placeholders})"), {f"k{n}": key for n, key in enumerate(keys)}
-    )
-    connection.commit()
-    return connection
+    try:
+        taken = connection.execute(
+            text(f"SELECT {take}({placeholders})"), {f"k{n}": key for n, key in enumerate(keys)}
+        ).scalar()
+        connection.commit()
+        yield taken is not False
+    finally:
+        connection.invalidate()
+        connection.close()
 
 
 def due_in(job_id: str) -> float | None:
@@ -84,11 +82,8 @@ def due_in(job_id: str) -> float | None:
 
 def test_a_slot_steps_aside_while_another_of_its_limit_leads(two_second_slots):
     first, second, third = two_second_slots
-    leader = LockHolder(locks.LIMIT_RUNNER, limit_id())
-    try:
+    with another_job_holding(locks.LIMIT_RUNNER, limit_id()):
         run = run_slot(DEFAULT, third)
-    finally:
-        leader.close()
     assert run.stepped_aside and run.claimed == 0
     assert pending_in(third) == 10  # nothing claimed, nothing lost
     # Back when the 20 IDs of the two slots before it have had their turns: 2 slots, 4 s
@@ -101,24 +96,19 @@ def test_a_slot_steps_aside_while_another_of_its_limit_leads(two_second_slots):
 
 def test_a_slot_that_steps_aside_first_comes_back_after_the_shortest_wait(two_second_slots):
     first, _, _ = two_second_slots
-    leader = LockHolder(locks.LIMIT_RUNNER, limit_id())
-    try:
+    with another_job_holding(locks.LIMIT_RUNNER, limit_id()):
         assert run_slot(DEFAULT, first).stepped_aside
-    finally:
-        leader.close()
     assert 0.5 < due_in(slot_job_id(DEFAULT, first)) <= 2.1  # nothing is before it: 2 s
 
 
 def test_a_helper_joins_the_run_of_its_own_slot(two_second_slots):
     first, _, _ = two_second_slots
     # The slot's first job: it leads the limit and holds the slot's shared lock.
-    leader = LockHolder(locks.LIMIT_RUNNER, limit_id())
-    slot_lock = LockHolder(locks.slot_key(limit_id(), first), shared=True)
-    try:
+    with (
+        another_job_holding(locks.LIMIT_RUNNER, limit_id()),
+        another_job_holding(locks.slot_key(limit_id(), first), shared=True),
+    ):
         run = run_slot(DEFAULT, first)
-    finally:
-        leader.close()
-        slot_lock.close()
     assert (run.stepped_aside, run.done) == (False, 10)
 
 
@@ -135,15 +125,8 @@ def test_the_slot_leading_hands_the_lead_to_the_earliest_one_that_stepped_aside(
     assert due_in(slot_job_id(DEFAULT, second)) is None
     assert due_in(slot_job_id(DEFAULT, third)) is not None  # its turn comes after
     # And the lead is free again: another job can take it at once.
-    other = LockHolder()
-    try:
-        taken = other.connection.execute(
-            text("SELECT pg_try_advisory_lock(:ns, :l)"),
-            {"ns": locks.LIMIT_RUNNER, "l": limit_id()},
-        ).scalar()
-    finally:
-        other.close()
-    assert taken
+    with another_job_holding(locks.LIMIT_RUNNER, limit_id(), wait=False) as taken:
+        assert taken
 
 
 @pytest.mark.slow
