@@ -81,11 +81,13 @@ def bare_copy_seconds(count: int) -> float:
     with (
         raw_connection().cursor() as cur,
         cur.copy(
-            "COPY assignments (task_id, position, user_id, limit_id, slot_start, status) FROM STDIN"
+            "COPY assignments (task_id, position, user_id, limit_id, slot_start, status, "
+            "task_day) FROM STDIN"
         ) as copy,
     ):
+        day = datetime.now(UTC).date()
         for position in range(count):
-            copy.write_row((1, position, 1_000_000_000 + position, limit_id, slot, "pending"))
+            copy.write_row((1, position, 1_000_000_000 + position, limit_id, slot, "pending", day))
     db.session.commit()
     return time.perf_counter() - started
 

@@ -24,6 +24,8 @@ from logging.config import fileConfig
 from alembic import context
 from flask import current_app
 
+from service.core.partitions import not_a_partition
+
 config = context.config
 # Keep the loggers the app configured: alembic's defaults would silence them.
 fileConfig(config.config_file_name, disable_existing_loggers=False)
@@ -90,6 +92,7 @@ def run_offline() -> None:
         target_metadata=target_metadata,
         literal_binds=True,
         transaction_per_migration=True,
+        include_name=not_a_partition,
     )
     for statement in _timeouts():
         context.execute(statement)
@@ -135,7 +138,12 @@ def _migrate_once(options: dict) -> None:
             # Not in a transaction when alembic takes the connection, or it would run
             # every revision inside that one.
             connection.commit()
-            context.configure(connection=connection, target_metadata=target_metadata, **options)
+            context.configure(
+                connection=connection,
+                target_metadata=target_metadata,
+                include_name=not_a_partition,
+                **options,
+            )
             with context.begin_transaction():
                 context.run_migrations()
         except Exception as error:

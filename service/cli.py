@@ -4,6 +4,7 @@ Flask-Migrate)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,10 +18,18 @@ from marshmallow import ValidationError
 from rq import Queue
 from sqlalchemy.exc import IntegrityError
 
+from service.core import partitions
 from service.core.errors import DomainError, unique_violation
 from service.core.extensions import db, get_redis, worker_redis
 from service.core.models import DEFAULT_MAX_REFUSALS, Limit, Overflow
-from service.core.outages import keep_running, quiet_library_tracebacks, wait_for_servers
+from service.core.outages import (
+    describe,
+    forget_session,
+    is_outage,
+    keep_running,
+    quiet_library_tracebacks,
+    wait_for_servers,
+)
 from service.dispatch.reconcile import reconcile
 from service.dispatch.worker import serve
 from service.jobs import ALL_QUEUES, SLOTS_QUEUE, ServiceScheduler
@@ -32,10 +41,13 @@ from service.limits.settings import SettingsConflict
 from service.planning import horizon
 from service.planning import resume as pausing
 from service.planning.reading import ids_by_slot, plan_between
+from service.retention import services as retention
 from service.tasks.ids import InvalidIds, stream_ids
 from service.tasks.services import submit_task
 from service.web import idempotency, tokens
 from service.web.schemas import LimitCreateSchema
+
+log = logging.getLogger(__name__)
 
 # rq-scheduler polls every 60 s by default, which would start slots up to a minute late.
 SCHEDULER_INTERVAL_SECONDS = 1
@@ -97,9 +109,23 @@ def scheduler_command(burst: bool) -> None:
 
 
 def _maintenance(after_outage: bool = False) -> None:
-    # Keys first: deleting them needs only PostgreSQL, reconcile needs Redis too.
+    # Keys and days first: they need only PostgreSQL, reconcile needs Redis too.
     idempotency.delete_expired()
+    _keep_days()
     reconcile(after_outage)
+
+
+def _keep_days() -> None:
+    """Retention, which a failure of must not keep reconcile from running: a lock not
+    granted in time, or an outage, is tried again at the next run."""
+    try:
+        retention.keep_days()
+    except Exception as error:
+        forget_session()
+        if is_outage(error) or partitions.lock_not_granted(error):
+            log.warning("retention deferred to the next run: %s", describe(error))
+        else:
+            log.exception("retention failed; tried again at the next run")
 
 
 def _agree_with_the_deployment() -> None:
@@ -193,6 +219,26 @@ def plan_reconcile() -> None:
     jobs queued again."""
     for what, count in reconcile().items():
         click.echo(f"{what}: {count}")
+
+
+@plan_group.command("retention")
+@click.option(
+    "--as-of",
+    "moment",
+    type=click.DateTime(MOMENT_FORMATS),
+    help="Judge what is past RETENTION_DAYS as at this moment, UTC (default: now).",
+)
+def plan_retention(moment: datetime | None) -> None:
+    """Make the days' partitions ahead, and drop the days of IDs whose tasks all
+    finished RETENTION_DAYS ago (the scheduler does both as it reconciles)."""
+    upkeep = retention.keep_days(moment.replace(tzinfo=UTC) if moment else None)
+    click.echo(f"partitions made: {_days(upkeep.made)}")
+    click.echo(f"days removed: {_days(upkeep.removed)} ({upkeep.tasks} tasks)")
+    click.echo(f"slots deleted: {upkeep.slots}; re-plan events deleted: {upkeep.events}")
+
+
+def _days(days: list) -> str:
+    return ", ".join(day.isoformat() for day in days) or "none"
 
 
 def render_window(

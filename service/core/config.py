@@ -117,6 +117,8 @@ class Config:
     MAX_CONTENT_LENGTH: int = 16 * 1024 * 1024
     # A POST's Idempotency-Key and its first answer are kept at least this long.
     IDEMPOTENCY_KEY_HOURS: int = 24
+    # A day's IDs are dropped once every task of that day finished at least this long ago.
+    RETENTION_DAYS: int = 30
     # "text" for people reading a terminal, "json" for a log collector.
     LOG_FORMAT: str = "text"
     # The names the environment gave; the others took their defaults.
@@ -154,6 +156,7 @@ class Config:
             "PROCESSOR_CONCURRENCY",
             "PROCESSOR_ASYNC_CONCURRENCY",
             "IDEMPOTENCY_KEY_HOURS",
+            "RETENTION_DAYS",
             "DATABASE_CONNECT_TIMEOUT_SECONDS",
         )
         for name in positive:

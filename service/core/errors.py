@@ -27,6 +27,10 @@ class Conflict(DomainError):
     limit that holds pending IDs, a name taken)."""
 
 
+class Gone(DomainError):
+    """What the request names existed, and has been removed for good (retention)."""
+
+
 class Refused(DomainError):
     """The request's content is refused: a value, a field, a processor."""
 

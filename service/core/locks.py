@@ -20,6 +20,7 @@ them. Each kind here has a namespace of its own, carried in its key:
 | IDEMPOTENCY_KEY | two keys, transaction | a request with the header | one answer per key |
 | REPLAN | two keys, transaction | a chunk of a re-plan | one re-plan of a limit at a time |
 | LIMIT_RUNNER | two keys, session | a slot job's own connection | one slot of a limit at a time |
+| PARTITIONS | two keys, transaction or session | partition upkeep | one add (0), one drop (1) |
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ SLOT = 0x5109
 IDEMPOTENCY_KEY = 0x510A
 REPLAN = 0x510B
 LIMIT_RUNNER = 0x510C
+PARTITIONS = 0x510D
 
 
 def _bigint_key(namespace: int, limit_id: int, number: int) -> int:

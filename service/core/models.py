@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -176,6 +177,10 @@ class IdTask(db.Model):
     last_slot: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Why a refused task was not planned.
     error: Mapped[str | None] = mapped_column(Text)
+    # When it reached a finished status: its IDs are kept RETENTION_DAYS from then.
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When its day's IDs were dropped (service/retention/): its `/ids/` are gone.
+    ids_removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     date_created: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
@@ -196,6 +201,11 @@ class IdTask(db.Model):
     @property
     def limit_name(self) -> str | None:
         return self.limit.name if self.limit else None
+
+    @property
+    def day(self) -> date:
+        """The UTC day it was created: its IDs' partition of `assignments`."""
+        return self.date_created.astimezone(UTC).date()
 
 
 class AssignmentStatus(StrEnum):
@@ -251,6 +261,11 @@ class Assignment(db.Model):
     No foreign key to id_tasks: rows arrive by the million through COPY, where a key
     check per row would cost more than the rest of the write; only the planner, holding
     the task's row lock, writes here.
+
+    Partitioned by `task_day`, the UTC day its task was created, one partition a day
+    (service/core/partitions.py): a task never changes its day, so re-plans and retries
+    never move a row between partitions, and a day's partition goes whole once its tasks
+    are finished and old (service/retention/).
     """
 
     __tablename__ = "assignments"
@@ -274,10 +289,13 @@ class Assignment(db.Model):
             "claimed_at",
             postgresql_where=text("status = 'running'"),
         ),
+        {"postgresql_partition_by": "RANGE (task_day)"},
     )
 
     task_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Its task's: part of the key, as a partitioned table's key must hold its partition's.
+    task_day: Mapped[date] = mapped_column(Date, primary_key=True)
     user_id: Mapped[int] = mapped_column(BigInteger)
     # The task's limit, kept here so that a slot's claims read one index.
     limit_id: Mapped[int] = mapped_column(Integer)

@@ -137,11 +137,15 @@ ADD_SLOT_OUTCOMES = text(
     "UPDATE slots SET done = done + :d, failed = failed + :f "
     "WHERE limit_id = :l AND slot_start = :s"
 )
+# A task's IDs are kept RETENTION_DAYS from its `finished_at` (service/retention/).
 COUNT_ON_TASK = text(
     "UPDATE id_tasks SET done = done + :d, failed = failed + :f, "
     "  status = CASE WHEN status = :cancelled THEN status "
     "    WHEN done + :d + failed + :f < total THEN :running "
-    "    WHEN failed + :f > 0 THEN :failed ELSE :done END "
+    "    WHEN failed + :f > 0 THEN :failed ELSE :done END, "
+    "  finished_at = CASE WHEN status = :cancelled THEN finished_at "
+    "    WHEN done + :d + failed + :f < total THEN NULL "
+    "    ELSE coalesce(finished_at, clock_timestamp()) END "
     "WHERE id = :t"
 )
 # The statuses a task's counters move it to.

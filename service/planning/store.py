@@ -46,7 +46,8 @@ ADD_LOADS = text(
 )
 # COPY needs psycopg's own cursor: the one statement here in its style.
 COPY_ASSIGNMENTS = (
-    "COPY assignments (task_id, position, user_id, limit_id, slot_start, status) FROM STDIN"
+    "COPY assignments (task_id, position, user_id, limit_id, slot_start, status, task_day) "
+    "FROM STDIN"
 )
 # A retried ID keeps its retry_at: a re-plan never moves it before that.
 MOVE_TO_SLOT = text(
@@ -112,8 +113,8 @@ def add_loads(limit_id: int, used: list[tuple[datetime, int]]) -> None:
 
 
 def copy_assignments(rows: Iterator[tuple]) -> None:
-    """New rows (task_id, position, user_id, limit_id, slot, status), streamed into one
-    COPY that PostgreSQL ingests while Python computes the next ones."""
+    """New rows (task_id, position, user_id, limit_id, slot, status, task_day), streamed
+    into one COPY that PostgreSQL ingests while Python computes the next ones."""
     with raw_connection().cursor() as cur, cur.copy(COPY_ASSIGNMENTS) as copy:
         write_row = copy.write_row
         for row in rows:

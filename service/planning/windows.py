@@ -14,11 +14,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 
-from sqlalchemy import update
+from sqlalchemy import func, update
 
-from service.core import locks
+from service.core import locks, partitions
 from service.core.errors import NotFound
 from service.core.extensions import db
 from service.core.models import UNPLANNED, AssignmentStatus, IdTask, Limit, Overflow, TaskStatus
@@ -65,6 +65,8 @@ def plan_stored_task(task_id: int, now: datetime | None = None) -> PlanOutcome:
     if task.status not in UNPLANNED:
         db.session.rollback()
         return PlanOutcome(task_id, skipped=f"already {task.status}")
+    # Made ahead by the scheduler; made here when the scheduler was away.
+    partitions.ensure_day(task.day)
     planner = WindowPlanner(
         task.limit_id,
         task.overflow,
@@ -93,12 +95,13 @@ def _plan_ids(task: IdTask, planner: WindowPlanner) -> None:
     # committed and cannot change meanwhile: changing them takes the task row lock.
     with db.engine.connect() as reader:
         ids = read_ids(reader, ID_CHUNKS, task.id)
-        planner.plan(ids, _copy_writer(task.id, task.limit_id))
+        planner.plan(ids, _copy_writer(task.id, task.limit_id, task.day))
 
 
 def _refuse(task: IdTask, refusal: PastTheHorizon) -> PlanOutcome:
     task.status = TaskStatus.REFUSED
     task.error = f"not planned: {refusal.message}"
+    task.finished_at = func.now()
     db.session.commit()
     return PlanOutcome(task.id, skipped=task.error)
 
@@ -113,18 +116,19 @@ def _mark_planning(task_id: int) -> None:
     db.session.commit()
 
 
-def _copy_writer(task_id: int, limit_id: int) -> Writer:
-    """New assignments, one COPY per window."""
+def _copy_writer(task_id: int, limit_id: int, day: date) -> Writer:
+    """New assignments, one COPY per window, into the partition of the task's day."""
 
     def write(pairs: Iterator, slots: list[datetime]) -> list[int]:
         counts = [0] * len(slots)
         slot_texts = [slot.isoformat() for slot in slots]
         pending = str(AssignmentStatus.PENDING)
+        day_text = day.isoformat()
 
         def rows() -> Iterator[tuple]:
             for (position, user_id), index in pairs:
                 counts[index] += 1
-                yield task_id, position, user_id, limit_id, slot_texts[index], pending
+                yield task_id, position, user_id, limit_id, slot_texts[index], pending, day_text
 
         store.copy_assignments(rows())
         return counts

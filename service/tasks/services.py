@@ -8,7 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from datetime import datetime
 
-from service.core.errors import Conflict
+from sqlalchemy import func
+
+from service.core.errors import Conflict, Gone
 from service.core.extensions import db
 from service.core.models import FINISHED, AssignmentStatus, IdTask, Overflow, TaskStatus
 from service.jobs import drop_idle_slot_jobs, enqueue_planning
@@ -88,6 +90,12 @@ def update_task(task_id: int, changes: dict, admit: Admission = _admit_any) -> I
         if name in changes and changes[name] != getattr(task, name)
     }
     replan = "ids" in changes or bool(new_rules)
+    if replan and task.ids_removed_at is not None:
+        # Its day's partition is gone for good: retention never gives a day back.
+        raise Conflict(
+            f"task {task.id}'s IDs were removed on {task.ids_removed_at.isoformat()} "
+            "(RETENTION_DAYS): it cannot be planned again; submit a new task"
+        )
     # A finished task may have lost its limit: the name is then None.
     old_limit, left = (task.limit_id, task.limit_name), set()
     if replan:
@@ -96,7 +104,7 @@ def update_task(task_id: int, changes: dict, admit: Admission = _admit_any) -> I
             setattr(task, name, value)
         if "ids" in changes:
             store.replace_ids(task, changes["ids"])
-        task.status, task.error = TaskStatus.RECEIVED, None
+        task.status, task.error, task.finished_at = TaskStatus.RECEIVED, None, None
         admit(task)
     db.session.commit()
     if replan:
@@ -113,7 +121,7 @@ def cancel_task(task_id: int) -> None:
     if task.status in FINISHED and task.status != TaskStatus.REFUSED:
         raise Conflict(f"task {task_id} has already finished ({task.status})")
     left = store.release_pending(task, AssignmentStatus.CANCELLED)
-    task.status, task.error = TaskStatus.CANCELLED, None
+    task.status, task.error, task.finished_at = TaskStatus.CANCELLED, None, func.now()
     db.session.commit()
     drop_idle_slot_jobs(task.limit_id, task.limit_name, left)
 
@@ -123,6 +131,12 @@ def list_task_ids(
 ) -> tuple[list[dict], int]:
     """A page of the task's IDs in submission order, with slot and outcome."""
     task = store.get_task(task_id)
+    if task.ids_removed_at is not None:
+        raise Gone(
+            f"the IDs of task {task_id} were removed on {task.ids_removed_at.isoformat()}, "
+            "RETENTION_DAYS after it finished; the task keeps its counts and first and "
+            "last slot"
+        )
     if task.planned:
         return store.planned_ids(task, offset, limit, status, slot)
     return store.received_ids(task, offset, limit, status, slot)

@@ -13,6 +13,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from werkzeug.exceptions import (
     BadRequest,
     Conflict,
+    Gone,
     HTTPException,
     MethodNotAllowed,
     NotFound,
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 HTTP_ANSWERS = (
     (domain.NotFound, NotFound),
     (domain.Conflict, Conflict),
+    (domain.Gone, Gone),
     (domain.TooLarge, RequestEntityTooLarge),
     (domain.Refused, UnprocessableEntity),
 )

@@ -336,6 +336,16 @@ class TaskSummarySchema(RowSchema):
             "past the horizon, MAX_PLAN_DAYS); null otherwise"
         },
     )
+    finished_at = fields.DateTime(
+        allow_none=True, metadata={"description": "when it finished; null until it has"}
+    )
+    ids_removed_at = fields.DateTime(
+        allow_none=True,
+        metadata={
+            "description": "when its IDs were removed, RETENTION_DAYS after it finished: "
+            "its /ids/ then answer 410 Gone; null while they are kept"
+        },
+    )
     ids_url = fields.Method("_ids_url")
 
     def _ids_url(self, task) -> str:

@@ -20,6 +20,7 @@ from alembic.script import ScriptDirectory
 from flask import Flask, current_app
 from sqlalchemy import text
 
+from service.core import partitions
 from service.core.config import HTTP_PROCESSOR
 from service.core.extensions import db
 
@@ -44,7 +45,10 @@ def test_the_models_match_the_migrations(app):
     from alembic.migration import MigrationContext
 
     with app.app_context(), db.engine.connect() as connection:
-        differences = compare_metadata(MigrationContext.configure(connection), db.metadata)
+        context = MigrationContext.configure(
+            connection, opts={"include_name": partitions.not_a_partition}
+        )
+        differences = compare_metadata(context, db.metadata)
     assert differences == []
 
 
@@ -334,13 +338,26 @@ def test_an_upgrade_of_a_million_ids_never_holds_up_the_service_for_a_second(scr
         flask_migrate.upgrade(revision="0012")
         rewrite_seconds = time.perf_counter() - started
         widened = _limit_columns()
+        # 0018 rewrites assignments again, into its days' partitions.
+        flask_migrate.upgrade(revision="0017")
+        rows_before = db.session.scalar(text("SELECT count(*) FROM assignments"))
+        db.session.commit()
+        started = time.perf_counter()
+        flask_migrate.upgrade(revision="0018")
+        partition_seconds = time.perf_counter() - started
+        rows_after = db.session.scalar(
+            text("SELECT count(*) FROM assignments WHERE tableoid <> 'assignments'::regclass")
+        )
+        db.session.commit()
     longest, kind = max(traffic.durations)
     print(
         f"\n{BIG_ROWS:,} IDs filled in {filled:.1f} s; upgrade 0007 -> {LAST_WITHOUT_REWRITE} "
         f"took {upgrade_seconds:.1f} s; the other connection ran {during} statements "
         f"meanwhile, the longest ({kind}) {longest * 1000:.0f} ms; 0012 then rewrote the "
-        f"tables in {rewrite_seconds:.1f} s"
+        f"tables in {rewrite_seconds:.1f} s; 0018 moved {rows_after:,} rows into their days' "
+        f"partitions in {partition_seconds:.1f} s"
     )
+    assert rows_after == rows_before
     assert traffic.errors == []
     assert version == LAST_WITHOUT_REWRITE
     assert index == BY_LIMIT
@@ -866,3 +883,99 @@ def test_a_downgrade_below_0016_refuses_while_a_limit_holds_a_learned_rate(scrat
         flask_migrate.upgrade()
         assert _version() == _head()
         assert client.get("/limits/partner/").json["learned_rpm"] == 40
+
+
+ASSIGNMENT_COLUMNS = (
+    "task_id, position, user_id, limit_id, slot_start, status, attempts, error, "
+    "finished_at, claimed_at, claimed_by, retry_at, claimed_until, refusals, replanned_in"
+)
+ID_STATUSES = ("pending", "running", "done", "failed", "cancelled", "retrying")
+
+
+def _task_at_0016(connection, created: str, status: str) -> int:
+    return connection.execute(
+        text(
+            "INSERT INTO id_tasks (task_name, limit_id, overflow, status, total, duplicates, "
+            "planned, done, failed, date_created) "
+            f"VALUES ('t', {DEFAULT_LIMIT}, 'spread', :status, 6, 0, 6, 0, 0, :created) "
+            "RETURNING id"
+        ),
+        {"status": status, "created": created},
+    ).scalar()
+
+
+def _assignment_at_0016(connection, task_id: int, position: int, status: str) -> None:
+    connection.execute(
+        text(
+            f"INSERT INTO assignments ({ASSIGNMENT_COLUMNS}) VALUES (:task, :position, "
+            f":position + 100, {DEFAULT_LIMIT}, '2026-11-04 10:00+00', CAST(:status AS text), "
+            "1, 'why', CASE WHEN CAST(:status AS text) IN ('done', 'failed') "
+            "THEN '2026-11-04 10:00:30+00'::timestamptz END, now(), 3, now(), now(), 2, NULL)"
+        ),
+        {"task": task_id, "position": position, "status": status},
+    )
+
+
+def _all_assignments(extra: str = "") -> list[tuple]:
+    with db.engine.connect() as connection:
+        rows = connection.execute(
+            text(f"SELECT {ASSIGNMENT_COLUMNS}{extra} FROM assignments ORDER BY task_id, position")
+        )
+        return [tuple(row) for row in rows]
+
+
+def test_0018_moves_every_id_into_the_partition_of_its_tasks_day_and_back(scratch):
+    with scratch.app.app_context():
+        flask_migrate.upgrade(revision="0016")
+        with db.engine.begin() as connection:
+            late = _task_at_0016(connection, "2026-11-02 23:30+00", "running")
+            early = _task_at_0016(connection, "2026-11-03 00:10+00", "done")
+            for position, status in enumerate(ID_STATUSES):
+                _assignment_at_0016(connection, late, position, status)
+            for position in range(2):
+                _assignment_at_0016(connection, early, position, "done")
+            _assignment_at_0016(connection, 10**9, 0, "pending")  # its task is gone
+        before = _all_assignments()
+
+        flask_migrate.upgrade()
+        after = _all_assignments(", task_day, tableoid::regclass::text")
+        with db.engine.connect() as connection:
+            finished = dict(connection.execute(text("SELECT id, finished_at FROM id_tasks")).all())
+            partitioned = connection.execute(
+                text("SELECT relkind FROM pg_class WHERE relname = 'assignments'")
+            ).scalar()
+
+        flask_migrate.downgrade(revision="0016")
+        back = _all_assignments()
+
+    assert partitioned == "p"
+    assert [row[:-2] for row in after] == before
+    days = {row[0]: (row[-2].isoformat(), row[-1]) for row in after}
+    assert days == {
+        late: ("2026-11-02", "assignments_20261102"),
+        early: ("2026-11-03", "assignments_20261103"),
+        10**9: ("2026-11-04", "assignments_20261104"),
+    }
+    assert finished[late] is None
+    assert finished[early] == at("2026-11-04 10:00:30")
+    assert back == before
+
+
+def test_a_downgrade_below_0017_refuses_while_a_tasks_ids_were_removed(scratch):
+    app = scratch.app
+    runner = app.test_cli_runner()
+    with app.app_context():
+        flask_migrate.upgrade()
+        with db.engine.begin() as connection:
+            task_id = _task_at_0016(connection, "2026-11-02 10:00+00", "done")
+            connection.execute(
+                text("UPDATE id_tasks SET ids_removed_at = now() WHERE id = :t"), {"t": task_id}
+            )
+        result = runner.invoke(args=["db", "downgrade", "0016"])
+        assert result.exit_code == 1
+        assert "downgrade below 0017 refused: 1 tasks had their IDs removed" in result.output
+        assert _version() == "0017"  # 0018's downgrade loses nothing: it went on
+        with db.engine.begin() as connection:
+            connection.execute(text("DELETE FROM id_tasks"))
+        flask_migrate.downgrade(revision="0016")
+        assert _version() == "0016"

@@ -20,7 +20,7 @@ LAYERS = [
     {"tasks"},
     {"planning"},
     {"dispatch"},
-    {"ops"},
+    {"ops", "retention"},
     {"web"},
     {"cli"},
     {"app"},  # service/__init__.py: the app factory

@@ -190,6 +190,7 @@ class TaskIds(MethodView):
     @blp.response(200, TaskIdSchema(many=True))
     @blp.paginate()
     @blp.alt_response(404, response="DEFAULT_ERROR")
+    @blp.alt_response(410, response="DEFAULT_ERROR", description="removed after RETENTION_DAYS")
     def get(self, query, task_id, pagination_parameters):
         """The task's IDs in submission order, with slot, status and outcome"""
         page, pagination_parameters.item_count = tasks.list_task_ids(
