@@ -14,9 +14,11 @@ It prints, per task: its IDs' claim-plus-record throughput (IDs over the time fr
 first recorded to the last), the p99 of a claim of `CLAIM_BATCH` pending IDs of the slot
 being run (the claim's own statement, timed from a connection of the bench's own every
 0.1 s and rolled back, so it takes nothing), and the dead tuples of the day's partition.
-Then the database's size before, at the peak and after retention (`keep_days` as of
-RETENTION_DAYS and two days after now, then a plain VACUUM as autovacuum would run), the
-dead tuples at the end and EXPLAIN ANALYZE of the claim on the last slot.
+The server's autovacuum is switched on for the run if it is off (`--autovacuum-as-is`
+leaves it), and back after. Then the database's size before, at the peak and after
+retention (`keep_days` as of RETENTION_DAYS and two days after now, then a plain VACUUM
+as autovacuum would run), the dead tuples at the end and EXPLAIN ANALYZE of the claim on
+the last slot.
 
 It empties the tables and the Redis database it is given: use ones of its own.
 """
@@ -24,10 +26,12 @@ It empties the tables and the Redis database it is given: use ones of its own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -103,6 +107,12 @@ class ClaimProbe(threading.Thread):
 
 def database_size() -> int:
     return db.session.scalar(text("SELECT pg_database_size(current_database())"))
+
+
+def users_size() -> int:
+    """The users' table with its indexes and TOAST: the product's data, which retention
+    leaves alone, and which record_user's updates make grow until vacuum reuses them."""
+    return db.session.scalar(text("SELECT pg_total_relation_size('users')"))
 
 
 def dead_tuples() -> dict[str, tuple[int, int]]:
@@ -183,22 +193,46 @@ def megabytes(size: int) -> str:
     return f"{size / 2**20:,.0f} MB"
 
 
+@contextlib.contextmanager
+def autovacuum_on(leave_as_is: bool) -> Iterator[str]:
+    """The server's autovacuum on for the run, as a deployment has it, then as it was: a
+    server set up for tests may have it off, and without it dead rows pile up for ever.
+    It is a setting of the whole server, changed with ALTER SYSTEM (a superuser's)."""
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        was = connection.execute(text("SHOW autovacuum")).scalar()
+        if was == "on" or leave_as_is:
+            yield was
+            return
+        connection.execute(text("ALTER SYSTEM SET autovacuum = on"))
+        connection.execute(text("SELECT pg_reload_conf()"))
+        try:
+            yield "on for this run (it was off)"
+        finally:
+            connection.execute(text("ALTER SYSTEM RESET autovacuum"))
+            connection.execute(text("SELECT pg_reload_conf()"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--ids", type=int, default=1_000_000, help="IDs per task")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--autovacuum-as-is",
+        action="store_true",
+        help="leave the server's autovacuum as it is, off included",
+    )
     args = parser.parse_args()
     os.environ.update({name: str(value) for name, value in SETTINGS.items()})
     app = create_app()
-    with app.app_context():
+    with app.app_context(), autovacuum_on(args.autovacuum_as_is) as autovacuum:
         flask_migrate.upgrade(directory=str(ROOT / "migrations"))
         reset(args.ids)
-        before = database_size()
+        before, users_before = database_size(), users_size()
         print(
             f"{args.tasks} tasks of {args.ids:,} IDs, {args.workers} workers, record_user, "
-            f"pacing off, {PER_SLOT:,} IDs a 1-s slot, {os.cpu_count()} CPUs; "
-            f"database {megabytes(before)} with the users made",
+            f"pacing off, {PER_SLOT:,} IDs a 1-s slot, {os.cpu_count()} CPUs, autovacuum "
+            f"{autovacuum}; database {megabytes(before)} with the users made",
             flush=True,
         )
         processes = [start(["scheduler"], SETTINGS)]
@@ -234,7 +268,7 @@ def main() -> None:
                     f"dead tuples in the partitions {dead:,}",
                     flush=True,
                 )
-            peak = database_size()
+            peak, users_peak = database_size(), users_size()
             end_tuples = dead_tuples()
             explained = explain_claim(task.limit_id)
         finally:
@@ -244,7 +278,7 @@ def main() -> None:
         retention_now = datetime.now(UTC) + timedelta(days=app.config["RETENTION_DAYS"] + 2)
         upkeep = keep_days(now=retention_now)
         vacuum()
-        after = database_size()
+        after, users_after = database_size(), users_size()
     first, last = rows[0], rows[-1]
     print(f"\nlast task's throughput over the first's: {last[1] / first[1]:.2f}")
     print(f"last task's claim p99 over the first's:  {last[2] / first[2]:.2f}")
@@ -252,6 +286,12 @@ def main() -> None:
         f"database: {megabytes(before)} before, {megabytes(peak)} at the peak, "
         f"{megabytes(after)} after retention ({after / before:.2f} of before; "
         f"days removed {[day.isoformat() for day in upkeep.removed]}, {upkeep.tasks} tasks)"
+    )
+    rest = (before - users_before, peak - users_peak, after - users_after)
+    print(
+        f"without users: {megabytes(rest[0])} before, {megabytes(rest[1])} at the peak, "
+        f"{megabytes(rest[2])} after ({rest[2] / rest[0]:.2f} of before); users: "
+        f"{megabytes(users_before)}, {megabytes(users_peak)}, {megabytes(users_after)}"
     )
     print("live and dead tuples at the end, before retention:")
     for name, (live, dead) in end_tuples.items():

@@ -58,6 +58,19 @@ def _finished_days_ago(task_id: int, days: int) -> None:
     db.session.commit()
 
 
+def _add_events(finished_days_ago: list[int]) -> None:
+    for days in finished_days_ago:
+        db.session.execute(
+            text(
+                "INSERT INTO limit_events (limit_id, kind, reason, from_rpm, to_rpm, finished_at) "
+                "SELECT id, 'lowered', :reason, 10, 7, clock_timestamp() - :ago FROM limits "
+                "WHERE name = 'default'"
+            ),
+            {"reason": f"finished {days} days ago", "ago": timedelta(days=days)},
+        )
+    db.session.commit()
+
+
 def _load_and_done(plan: dict, slot: datetime) -> tuple[int, int]:
     [shown] = [s for w in plan["windows"] for s in w["slots"] if s["start"] == slot.isoformat()]
     return shown["load"], shown["done"]
@@ -119,7 +132,9 @@ def test_retention_drops_the_day_whose_tasks_finished_long_ago_and_keeps_the_res
     with app.app_context():
         old_slots = _slots_of(old)
         [recent_slot] = _slots_of(recent)
+        _add_events(finished_days_ago=[40, 5])
         upkeep = keep_days()
+        events_left = db.session.scalars(text("SELECT reason FROM limit_events ORDER BY id")).all()
         left = partitions.partition_days()
         task = db.session.get(IdTask, old)
         counts = (task.status, task.total, task.done, task.failed, task.planned)
@@ -133,6 +148,9 @@ def test_retention_drops_the_day_whose_tasks_finished_long_ago_and_keeps_the_res
     assert counts == ("done", 3, 3, 0, 3)
     assert first_last == (old_slots[0], old_slots[-1])
     assert stored_ids == 0
+    assert (upkeep.events, events_left) == (1, ["finished 5 days ago"])
+    page = client.get(f"/plan/tasks/{old}").get_data(as_text=True)
+    assert "Its IDs were removed on" in page
 
     gone = client.get(f"/celery_ids_tasks/{old}/ids/")
     assert gone.status_code == 410
