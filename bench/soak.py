@@ -265,7 +265,7 @@ def main() -> None:
                 print(
                     f"task {k + 1:>2}: {rate:>8,.0f} IDs/s claimed and recorded, claim p99 "
                     f"{p99:6.2f} ms ({len(claims)} probes), planned in {planned:5.1f} s, "
-                    f"dead tuples in the partitions {dead:,}",
+                    f"dead tuples in the partitions {dead:,}, users {megabytes(users_size())}",
                     flush=True,
                 )
             peak, users_peak = database_size(), users_size()

@@ -36,6 +36,8 @@ STORAGE = (
 # next run of the scheduler tries again.
 LOCK_TIMEOUT = "2s"
 LOCK_NOT_AVAILABLE = "55P03"
+# The longest a drop may take: the scheduler runs it between its polls.
+DROP_TIMEOUT = "30s"
 
 PARTITIONS = text(
     "SELECT c.relname, i.inhdetachpending FROM pg_inherits AS i "
@@ -133,6 +135,8 @@ def drop_day(day: date) -> bool:
         if not connection.execute(TAKE_DROP_LOCK).scalar():
             return False
         connection.execute(text(f"SET lock_timeout = '{LOCK_TIMEOUT}'"))
+        # A concurrent detach waits for the transactions using `assignments` to end.
+        connection.execute(text(f"SET statement_timeout = '{DROP_TIMEOUT}'"))
         try:
             pending = partition_days(connection).get(day)
             if pending is not None:
@@ -141,5 +145,6 @@ def drop_day(day: date) -> bool:
             connection.execute(text(f"DROP TABLE IF EXISTS {name}"))
         finally:
             connection.execute(text("RESET lock_timeout"))
+            connection.execute(text("RESET statement_timeout"))
             connection.execute(DROP_DROP_LOCK)
     return True

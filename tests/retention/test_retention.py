@@ -238,3 +238,48 @@ def test_the_cli_runs_retention_as_of_a_moment(make_app):
         _finished_days_ago(task_id, 60)
     result = runner.invoke(args=["plan", "retention"])
     assert "days removed: 2026-01-05 (1 tasks)" in result.output, result.output
+
+
+def test_the_schedulers_maintenance_keeps_the_days_and_goes_on_when_that_fails(
+    app, monkeypatch, caplog
+):
+    from service import cli
+
+    tomorrow = datetime.now(UTC).date() + timedelta(days=1)
+    reconciled = []
+    monkeypatch.setattr(cli, "reconcile", lambda after_outage: reconciled.append(after_outage))
+    with app.app_context():
+        partitions.drop_day(tomorrow)
+        cli._maintenance()
+        made_again = tomorrow in partitions.partition_days()
+
+        def broken(now=None):
+            raise RuntimeError("retention broke")
+
+        monkeypatch.setattr(cli.retention, "keep_days", broken)
+        cli._maintenance()
+    assert made_again
+    assert reconciled == [False, False]  # reconcile ran after the failed retention too
+    assert "retention failed" in caplog.text
+
+
+def test_a_drop_held_up_by_a_reader_gives_up_and_the_next_run_finishes_it(make_app):
+    """A transaction still reading `assignments` holds up the concurrent detach past its
+    lock timeout: the day is left detached half way, and the next run finishes it."""
+    app = make_app(**SETTINGS)
+    with app.app_context():
+        task_id = _task_of_day(DAYS[0], [1, 2])
+        _finished_days_ago(task_id, 40)
+        with db.engine.connect() as reader:
+            reader.execute(text("SELECT count(*) FROM assignments")).scalar()
+            with pytest.raises(Exception) as held_up:
+                keep_days()
+            reader.rollback()
+        half_way = partitions.partition_days().get(DAYS[0])
+        db.session.rollback()
+        upkeep = keep_days()
+        days = partitions.partition_days()
+    assert partitions.lock_not_granted(held_up.value)
+    assert half_way is True  # detached, pending its finish
+    assert upkeep.removed == [DAYS[0]]
+    assert DAYS[0] not in days
