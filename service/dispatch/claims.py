@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from flask import current_app
 
@@ -34,6 +34,7 @@ class Claim:
     attempts: int  # before this one
     claimed_at: datetime  # tells this claim from a later one of the same ID
     refusals: int = 0  # the downstream's refusals of it in a row, before this call
+    task_day: date | None = None  # its task's day: the partition its row is in
     # time.monotonic() until which the claim surely holds (it was taken no earlier
     # than this process's moment before the claim, for `life`).
     holds_until: float = math.inf
@@ -130,5 +131,7 @@ def claim_keys(group: list[Claim]) -> dict[str, list]:
     return {
         "tasks": [item.task_id for item in group],
         "positions": [item.position for item in group],
+        "days": [item.task_day for item in group],
+        "day_set": sorted({item.task_day for item in group}),
         "claimed": [item.claimed_at for item in group],
     }

@@ -8,35 +8,43 @@ to its caller.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from sqlalchemy import text
 
 from service.core import locks
 from service.core.extensions import db
-from service.core.models import UNPLANNED, AssignmentStatus, TaskStatus
+from service.core.models import FINISHED, UNPLANNED, AssignmentStatus, TaskStatus
 
-# A group's claims as rows (task_id, position, claimed_at), from three bound arrays.
+# A group's claims as rows (task_id, position, task_day, claimed_at), from four bound
+# arrays. The day names the row's partition: joined on it, each key probes its own
+# partition's index (run-time pruning), not every day's kept.
 CLAIM_KEYS = (
-    "unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
-    "CAST(:claimed AS timestamptz[])) AS k(task_id, position, claimed_at)"
+    "unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), CAST(:days AS date[]), "
+    "CAST(:claimed AS timestamptz[])) AS k(task_id, position, task_day, claimed_at)"
 )
-# The row under the claim `k` names, still running under it.
+# The row under the claim `k` names, still running under it. The group's days as a
+# bound list, too: the planner then plans their partitions only (statements are never
+# prepared, so each is planned, and a plan of every day kept costs more than the work).
 STILL_UNDER_CLAIM = (
-    "a.task_id = k.task_id AND a.position = k.position "
+    "a.task_id = k.task_id AND a.position = k.position AND a.task_day = k.task_day "
+    "AND a.task_day = ANY(CAST(:day_set AS date[])) "
     "AND a.status = :running AND a.claimed_at = k.claimed_at"
 )
 RUNNING = {"running": AssignmentStatus.RUNNING}
 
 CLAIM = text(
     "WITH picked AS ("
-    "  SELECT task_id, position FROM assignments"
+    "  SELECT task_id, position, task_day FROM assignments"
     "  WHERE limit_id = :limit AND slot_start = :slot AND status = :pending"
+    "    AND task_day BETWEEN :first_day AND :last_day"
     "  ORDER BY task_id, position LIMIT :size FOR UPDATE SKIP LOCKED) "
     "UPDATE assignments AS a SET status = :running, claimed_at = clock_timestamp(), "
     "  claimed_by = :claimer, claimed_until = clock_timestamp() + :life "
     "FROM picked WHERE a.task_id = picked.task_id AND a.position = picked.position "
-    "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.claimed_at, a.refusals"
+    "  AND a.task_day = picked.task_day AND a.task_day BETWEEN :first_day AND :last_day "
+    "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.claimed_at, a.refusals, "
+    "  a.task_day"
 )
 # Every slot of a limit takes its turns from the limit's one sequence (kept on its row
 # of learned_rates), each claim reserving its IDs' turns after the last reserved, at its
@@ -67,6 +75,11 @@ RESERVE_TURNS = text(
     "    + make_interval(secs => :n * (SELECT seconds FROM step)) "
     "  RETURNING r.next_turn_at) "
     "SELECT turns.next_turn_at, step.paced AS load FROM turns, step"
+)
+# Pending rows belong to unfinished tasks only: the days from the oldest such task's
+# to today hold every row a claim of the limit can take.
+OLDEST_UNFINISHED = text(
+    "SELECT min(date_created) FROM id_tasks WHERE limit_id = :limit AND status <> ALL(:finished)"
 )
 MARK_TASKS_RUNNING = text(
     "UPDATE id_tasks SET status = :running WHERE id = ANY(:ids) AND status = :scheduled"
@@ -126,10 +139,12 @@ WRITE_OUTCOMES = text(
     "  finished_at = CASE WHEN k.status = :retrying THEN NULL "
     "    ELSE coalesce(k.ended_at, clock_timestamp()) END "
     "FROM unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
+    "            CAST(:days AS date[]), "
     "            CAST(:claimed AS timestamptz[]), CAST(:statuses AS text[]), "
     "            CAST(:errors AS text[]), CAST(:retry_at AS timestamptz[]), "
     "            CAST(:ended_at AS timestamptz[]), CAST(:attempt AS boolean[])) "
-    "  AS k(task_id, position, claimed_at, status, error, retry_at, ended_at, attempt) "
+    "  AS k(task_id, position, task_day, claimed_at, status, error, retry_at, ended_at, "
+    "       attempt) "
     f"WHERE {STILL_UNDER_CLAIM} "
     "RETURNING a.task_id, a.position, a.user_id, a.attempts, a.status"
 )
@@ -186,10 +201,24 @@ SLOTS_WITH_PENDING_IDS = text(
 def claim_pending(limit_id: int, slot: datetime, claimer: int, size: int, life: timedelta):
     """Up to `size` pending rows of a limit's slot, in plan order, now running under the
     claimer; rows another claim has locked are skipped."""
+    first_day, last_day = _days_with_pending(limit_id)
     params = {"limit": limit_id, "slot": slot, "size": size, "claimer": claimer, "life": life}
+    days = {"first_day": first_day, "last_day": last_day}
     return db.session.execute(
-        CLAIM, {**params, "pending": AssignmentStatus.PENDING, **RUNNING}
+        CLAIM, {**params, **days, "pending": AssignmentStatus.PENDING, **RUNNING}
     ).all()
+
+
+def _days_with_pending(limit_id: int) -> tuple[date, date]:
+    """The days whose partitions may hold the limit's pending rows: a literal range, so
+    that the claim is planned for those partitions only. Tomorrow is in it for a clock
+    of this machine behind the database's."""
+    oldest = db.session.scalar(
+        OLDEST_UNFINISHED, {"limit": limit_id, "finished": [str(s) for s in FINISHED]}
+    )
+    today = datetime.now(UTC).date()
+    first = oldest.astimezone(UTC).date() if oldest is not None else today
+    return min(first, today), today + timedelta(days=1)
 
 
 def reserve_turns(limit_id: int, slot: datetime, claimed: int, **timing):

@@ -197,7 +197,9 @@ def _write(outcome: Replan, cursor: _Cursor, moves: list[tuple], slot_length) ->
             deltas[slot] += 1
             moved += 1
         latest[row.task_id] = max(latest.get(row.task_id, slot), slot)
-    store.replace_rows(outcome.event_id, [(r.task_id, r.position, slot) for r, slot in moves])
+    store.replace_rows(
+        outcome.event_id, [(r.task_id, r.position, r.task_day, slot) for r, slot in moves]
+    )
     store.shift_loads(outcome.limit_id, deltas)
     store.push_last_slots(latest)
     store.add_moved(outcome.event_id, moved)

@@ -9,7 +9,7 @@ and leaves it to its caller.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from sqlalchemy import text
 
@@ -180,7 +180,7 @@ REPLAN_IS_CURRENT = text(
 # The task's not_before is a subquery, not a join: read for the rows taken only, it
 # keeps the plan an index range read that stops at the LIMIT.
 REPLAN_SOURCES = (
-    "SELECT a.task_id, a.position, a.user_id, a.slot_start, greatest("
+    "SELECT a.task_id, a.position, a.task_day, a.user_id, a.slot_start, greatest("
     "    (SELECT t.not_before FROM id_tasks AS t WHERE t.id = a.task_id), a.retry_at"
     "  ) AS earliest "
     "FROM assignments AS a "
@@ -200,11 +200,12 @@ REPLAN_ROOM = text(
     "  ) AS later "
     "FROM slots AS s WHERE s.limit_id = :limit AND s.slot_start BETWEEN :first AND :last"
 )
+# Joined on the day too: each row is looked for in its own partition only.
 REPLACE_ROWS = text(
     "UPDATE assignments AS a SET slot_start = to_timestamp(m.slot), replanned_in = :event "
     "FROM unnest(CAST(:tasks AS bigint[]), CAST(:positions AS int[]), "
-    "  CAST(:slots AS bigint[])) AS m(task_id, position, slot) "
-    "WHERE a.task_id = m.task_id AND a.position = m.position"
+    "  CAST(:days AS date[]), CAST(:slots AS bigint[])) AS m(task_id, position, task_day, slot) "
+    "WHERE a.task_id = m.task_id AND a.position = m.position AND a.task_day = m.task_day"
 )
 # Loads moved from slot to slot, their rows locked in time order as planners do.
 SHIFT_LOADS = text(
@@ -271,15 +272,16 @@ def replan_room(
     return {row.slot_start: row.load - row.later for row in rows}
 
 
-def replace_rows(event_id: int, moves: list[tuple[int, int, datetime]]) -> None:
-    """Rows (task, position) into new slots, marked as placed by the re-plan."""
+def replace_rows(event_id: int, moves: list[tuple[int, int, date, datetime]]) -> None:
+    """Rows (task, position, task day) into new slots, marked as placed by the re-plan."""
     db.session.execute(
         REPLACE_ROWS,
         {
             "event": event_id,
-            "tasks": [task for task, _, _ in moves],
-            "positions": [position for _, position, _ in moves],
-            "slots": [int(slot.timestamp()) for _, _, slot in moves],
+            "tasks": [task for task, _, _, _ in moves],
+            "positions": [position for _, position, _, _ in moves],
+            "days": [day for _, _, day, _ in moves],
+            "slots": [int(slot.timestamp()) for _, _, _, slot in moves],
         },
     )
 

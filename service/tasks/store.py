@@ -117,7 +117,8 @@ def handed_out(task_id: int) -> bool:
 
 
 def planned_ids(task, offset, limit, status, slot):
-    filters = [Assignment.task_id == task.id]
+    # The task's day names its partition: one index is read, not every day's.
+    filters = [Assignment.task_id == task.id, Assignment.task_day == task.day]
     if status:
         filters.append(Assignment.status == status)
     if slot:
@@ -137,7 +138,7 @@ def planned_ids(task, offset, limit, status, slot):
         }
         for row in rows
     ]
-    if len(filters) == 1:
+    if len(filters) == 2:
         return items, task.total
     return items, db.session.scalar(select(func.count()).select_from(Assignment).where(*filters))
 

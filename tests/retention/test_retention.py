@@ -283,3 +283,61 @@ def test_a_drop_held_up_by_a_reader_gives_up_and_the_next_run_finishes_it(make_a
     assert half_way is True  # detached, pending its finish
     assert upkeep.removed == [DAYS[0]]
     assert DAYS[0] not in days
+
+
+def _partitions_read(statement: str, params: dict) -> set[str]:
+    """The partitions of `assignments` that a statement's plan actually read."""
+    [[plan]] = db.session.execute(text(f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}"), params).all()
+    db.session.rollback()
+    read, nodes = set(), [plan[0]["Plan"]]
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.get("Plans", []))
+        name = node.get("Relation Name", "")
+        if name.startswith("assignments_") and node.get("Actual Loops", 0) > 0:
+            read.add(name)
+    return read
+
+
+def test_claimed_rows_carry_their_day_and_a_move_reads_only_that_partition(make_app):
+    """With a month of days kept, rows named by key are looked for in their task's day
+    only: a re-plan's move of a group costs what it costs with one day kept. (Without
+    the day in the join, each key was looked for in every day's primary key.)"""
+    from service.dispatch import claims
+    from service.planning import store as planning_store
+
+    app = make_app(**SETTINGS)
+    with app.app_context():
+        task_id = _task_of_day(DAYS[0], [1, 2, 3], run=False)
+        partitions.ensure_days(DAYS[0] + timedelta(days=n) for n in range(1, 30))
+        # Days with rows of their own, as a month of work leaves them.
+        db.session.execute(
+            text(
+                "INSERT INTO assignments (task_id, position, user_id, limit_id, slot_start, "
+                "status, task_day) "
+                "SELECT 1000 + d, p, p, 1, :start + d * interval '1 day', 'done', "
+                "CAST(:first AS date) + d FROM generate_series(1, 29) AS d, "
+                "generate_series(1, 2000) AS p"
+            ),
+            {"start": midnight(DAYS[0]), "first": DAYS[0]},
+        )
+        db.session.commit()
+        with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as admin:
+            admin.execute(text("ANALYZE assignments"))
+        [slot] = _slots_of(task_id)
+        limit_id = db.session.get(IdTask, task_id).limit_id
+        batch = claims.claim(limit_id, slot, 7, 10, slot_seconds=1)
+        keys = claims.claim_keys(batch.claims)
+        moved = _partitions_read(
+            planning_store.REPLACE_ROWS.text,
+            {
+                "event": 1,
+                "tasks": keys["tasks"],
+                "positions": keys["positions"],
+                "days": keys["days"],
+                "slots": [int(slot.timestamp())] * 3,
+            },
+        )
+    assert len(batch.claims) == 3
+    assert {claim.task_day for claim in batch.claims} == {DAYS[0]}
+    assert moved == {"assignments_20260105"}, moved
