@@ -24,6 +24,7 @@ from logging.config import fileConfig
 from alembic import context
 from flask import current_app
 
+from service.core.outages import lock_not_granted
 from service.core.partitions import not_a_partition
 
 config = context.config
@@ -38,7 +39,6 @@ config.set_main_option(
     "sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%")
 )
 
-LOCK_NOT_AVAILABLE = "55P03"
 DURATION = re.compile(r"\d+(\.\d+)?\s*(us|ms|s|min|h|d)?")
 RELATIVE = re.compile(r"[+-]\d+$")
 
@@ -114,14 +114,6 @@ class LockNotGranted(Exception):
         return text if len(text) <= 120 else text[:117] + "..."
 
 
-def _lock_not_granted(error: BaseException | None) -> bool:
-    while error is not None:
-        if getattr(error, "sqlstate", None) == LOCK_NOT_AVAILABLE:
-            return True
-        error = getattr(error, "orig", None) or error.__cause__
-    return False
-
-
 def _migrate_once(options: dict) -> None:
     applied = []
     callbacks = options.get("on_version_apply") or []
@@ -147,7 +139,7 @@ def _migrate_once(options: dict) -> None:
             with context.begin_transaction():
                 context.run_migrations()
         except Exception as error:
-            if not _lock_not_granted(error):
+            if not lock_not_granted(error):
                 raise
             # The failed revision was rolled back; those before it are committed.
             try:

@@ -18,7 +18,6 @@ from marshmallow import ValidationError
 from rq import Queue
 from sqlalchemy.exc import IntegrityError
 
-from service.core import partitions
 from service.core.errors import DomainError, unique_violation
 from service.core.extensions import db, get_redis, worker_redis
 from service.core.models import DEFAULT_MAX_REFUSALS, Limit, Overflow
@@ -27,6 +26,7 @@ from service.core.outages import (
     forget_session,
     is_outage,
     keep_running,
+    lock_not_granted,
     quiet_library_tracebacks,
     wait_for_servers,
 )
@@ -122,7 +122,7 @@ def _keep_days() -> None:
         retention.keep_days()
     except Exception as error:
         forget_session()
-        if is_outage(error) or partitions.lock_not_granted(error):
+        if is_outage(error) or lock_not_granted(error):
             log.warning("retention deferred to the next run: %s", describe(error))
         else:
             log.exception("retention failed; tried again at the next run")

@@ -76,6 +76,18 @@ def _driver_says_connection(error: BaseException | None) -> bool:
     )
 
 
+LOCK_NOT_AVAILABLE = "55P03"
+
+
+def lock_not_granted(error: BaseException | None) -> bool:
+    """Whether a statement gave up waiting for a lock (lock_timeout), however wrapped."""
+    while error is not None:
+        if getattr(error, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+            return True
+        error = getattr(error, "orig", None) or error.__cause__
+    return False
+
+
 def describe(error: BaseException) -> str:
     """An error in one short line, for a log line that says why a server is away."""
     text = str(getattr(error, "orig", None) or error).strip().splitlines()

@@ -35,7 +35,6 @@ STORAGE = (
 # A change of the partitions waits this long for its lock at most, then gives up: the
 # next run of the scheduler tries again.
 LOCK_TIMEOUT = "2s"
-LOCK_NOT_AVAILABLE = "55P03"
 # The longest a drop may take: the scheduler runs it between its polls.
 DROP_TIMEOUT = "30s"
 
@@ -49,15 +48,6 @@ LOCK_PARTITIONS = text(f"SELECT pg_advisory_xact_lock({locks.PARTITIONS}, 0)")
 # two droppers apart.
 TAKE_DROP_LOCK = text(f"SELECT pg_try_advisory_lock({locks.PARTITIONS}, 1)")
 DROP_DROP_LOCK = text(f"SELECT pg_advisory_unlock({locks.PARTITIONS}, 1)")
-
-
-def lock_not_granted(error: BaseException) -> bool:
-    """Whether a change of the partitions gave up waiting for its lock (LOCK_TIMEOUT)."""
-    while error is not None:
-        if getattr(error, "sqlstate", None) == LOCK_NOT_AVAILABLE:
-            return True
-        error = getattr(error, "orig", None) or error.__cause__
-    return False
 
 
 def not_a_partition(name: str | None, type_: str, parent_names) -> bool:

@@ -78,9 +78,11 @@ RESERVE_TURNS = text(
 )
 # Pending rows belong to unfinished tasks only: the days from the oldest such task's
 # to today hold every row a claim of the limit can take.
+# Read through the index on status: unfinished tasks are few, finished ones are years.
 OLDEST_UNFINISHED = text(
-    "SELECT min(date_created) FROM id_tasks WHERE limit_id = :limit AND status <> ALL(:finished)"
+    "SELECT min(date_created) FROM id_tasks WHERE status = ANY(:unfinished) AND limit_id = :limit"
 )
+UNFINISHED = [str(status) for status in TaskStatus if status not in FINISHED]
 MARK_TASKS_RUNNING = text(
     "UPDATE id_tasks SET status = :running WHERE id = ANY(:ids) AND status = :scheduled"
 )
@@ -213,9 +215,7 @@ def _days_with_pending(limit_id: int) -> tuple[date, date]:
     """The days whose partitions may hold the limit's pending rows: a literal range, so
     that the claim is planned for those partitions only. Tomorrow is in it for a clock
     of this machine behind the database's."""
-    oldest = db.session.scalar(
-        OLDEST_UNFINISHED, {"limit": limit_id, "finished": [str(s) for s in FINISHED]}
-    )
+    oldest = db.session.scalar(OLDEST_UNFINISHED, {"limit": limit_id, "unfinished": UNFINISHED})
     today = datetime.now(UTC).date()
     first = oldest.astimezone(UTC).date() if oldest is not None else today
     return min(first, today), today + timedelta(days=1)

@@ -9,6 +9,7 @@ from sqlalchemy import text
 from service.core import partitions
 from service.core.extensions import db
 from service.core.models import IdTask
+from service.core.outages import lock_not_granted
 from service.dispatch.slot_runs import run_slot
 from service.limits.store import DEFAULT
 from service.planning.windows import plan_stored_task
@@ -279,7 +280,7 @@ def test_a_drop_held_up_by_a_reader_gives_up_and_the_next_run_finishes_it(make_a
         db.session.rollback()
         upkeep = keep_days()
         days = partitions.partition_days()
-    assert partitions.lock_not_granted(held_up.value)
+    assert lock_not_granted(held_up.value)
     assert half_way is True  # detached, pending its finish
     assert upkeep.removed == [DAYS[0]]
     assert DAYS[0] not in days
